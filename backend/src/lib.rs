@@ -1,0 +1,1 @@
+//! vutap: a vhost-user-net backend on macvtap/tap.
