@@ -1,0 +1,1 @@
+//! vhost-user-net frontend (the VMM side), for tests and benchmarks.

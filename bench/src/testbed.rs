@@ -1,0 +1,1 @@
+//! Test bed: netns/veth/macvtap topologies and QEMU guests.
