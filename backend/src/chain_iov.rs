@@ -1,0 +1,107 @@
+//! Turns a descriptor chain into host iovecs that point straight into guest memory, so frames
+//! move between the tap and the guest with no copy. Every descriptor is checked (direction,
+//! count, length, overflow) and every address resolved through the memory map: a chain that
+//! points outside guest memory is rejected, never followed.
+
+use std::ops::Deref;
+
+use thiserror::Error;
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
+
+use crate::memory::GuestMem;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BadChain {
+    #[error(transparent)]
+    Shape(#[from] ChainError),
+    #[error("descriptor {addr:#x}+{len} is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+}
+
+/// A raw `iovec`, sendable between our own threads: it only ever points into guest memory that
+/// outlives the batch using it.
+#[derive(Clone, Copy, Debug)]
+#[repr(transparent)]
+pub struct IoVec(pub libc::iovec);
+
+// SAFETY: an IoVec is plain data (pointer + length); the worker that builds it is the only user.
+unsafe impl Send for IoVec {}
+
+impl IoVec {
+    pub fn len(&self) -> usize {
+        self.0.iov_len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.iov_len == 0
+    }
+    pub fn base(&self) -> *mut u8 {
+        self.0.iov_base as *mut u8
+    }
+}
+
+/// Appends the chain's buffers to `iovs` and returns the chain's byte count. On error `iovs` is
+/// restored to its length on entry.
+pub fn collect_iovecs<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMem,
+    direction: Direction,
+    limits: ChainLimits,
+    iovs: &mut Vec<IoVec>,
+) -> Result<u32, BadChain>
+where
+    M: Deref<Target = GuestMem>,
+{
+    let start = iovs.len();
+    let result = (|| {
+        let mut check = ChainCheck::new(direction, limits);
+        for desc in chain {
+            check.push(desc.len(), desc.is_write_only())?;
+            push_region_iovecs(mem, desc.addr(), desc.len(), iovs)?;
+        }
+        Ok(check.finish()?)
+    })();
+    if result.is_err() {
+        iovs.truncate(start);
+    }
+    result
+}
+
+/// Appends iovecs covering `addr..addr+len`, split where the range crosses memory regions.
+fn push_region_iovecs(mem: &GuestMem, addr: GuestAddress, len: u32, iovs: &mut Vec<IoVec>) -> Result<(), BadChain> {
+    let outside = || BadChain::OutsideMemory { addr: addr.0, len };
+    if len == 0 {
+        return Ok(());
+    }
+    for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
+        let slice = slice.map_err(|_| outside())?;
+        iovs.push(IoVec(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void, iov_len: slice.len() }));
+    }
+    Ok(())
+}
+
+/// Copies `bytes` into the buffers of `iovs` starting `offset` bytes in (used to write
+/// `num_buffers`, which may straddle two buffers in a hostile layout). Returns false if the
+/// buffers are too short.
+pub fn write_at(iovs: &[IoVec], mut offset: usize, bytes: &[u8]) -> bool {
+    let mut src = bytes;
+    for iov in iovs {
+        if src.is_empty() {
+            break;
+        }
+        if offset >= iov.len() {
+            offset -= iov.len();
+            continue;
+        }
+        let n = (iov.len() - offset).min(src.len());
+        // SAFETY: `iov` points into mapped guest memory of at least `iov.len()` bytes (built by
+        // `collect_iovecs` from a checked slice); `offset + n <= iov.len()`, so the copy stays
+        // inside it. Guest memory may be written concurrently by the guest, which is why the
+        // ring protocol, not Rust aliasing, orders these accesses.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), iov.base().add(offset), n) };
+        src = &src[n..];
+        offset = 0;
+    }
+    src.is_empty()
+}

@@ -1,0 +1,54 @@
+//! A network device vutap serves: its tap queues and what the guest is told about it.
+//! It outlives connections; each connection gets a fresh [`crate::session::Session`] over it.
+
+use std::sync::Arc;
+
+use vutap_virtio::features::offered_features;
+use vutap_virtio::NetConfig;
+
+use crate::metrics::PairMetrics;
+use crate::tap::{Tap, TapKind, TapQueue};
+
+pub struct Device {
+    pub name: String,
+    pub queues: Vec<Arc<TapQueue>>,
+    pub kind: TapKind,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+    pub metrics: Vec<Arc<PairMetrics>>,
+}
+
+impl Device {
+    pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Self {
+        let pairs = tap.queues.len();
+        Device {
+            name: tap.name.clone().unwrap_or_else(|| "tap".into()),
+            queues: tap.queues.into_iter().map(Arc::new).collect(),
+            kind: tap.kind,
+            mac,
+            mtu,
+            metrics: (0..pairs).map(|_| Arc::new(PairMetrics::default())).collect(),
+        }
+    }
+
+    pub fn queue_pairs(&self) -> usize {
+        self.queues.len()
+    }
+
+    pub fn offered_features(&self) -> u64 {
+        offered_features()
+    }
+
+    pub fn config(&self) -> NetConfig {
+        NetConfig { mac: self.mac, link_up: true, max_queue_pairs: self.queue_pairs() as u16, mtu: self.mtu }
+    }
+
+    /// Detaches every tap queue: nobody reads them until a guest starts the pair again.
+    pub fn detach_all(&self) {
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Err(e) = q.set_attached(false) {
+                log::warn!("queue pair {i}: {e}");
+            }
+        }
+    }
+}

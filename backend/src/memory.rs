@@ -1,0 +1,81 @@
+//! Guest memory as the frontend shares it (SET_MEM_TABLE), and the VMM-address translation
+//! SET_VRING_ADDR needs.
+
+use std::fs::File;
+
+use thiserror::Error;
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+
+pub type GuestMem = GuestMemoryMmap<()>;
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+
+/// The most regions a frontend may share (QEMU's limit for SET_MEM_TABLE is 8).
+pub const MAX_REGIONS: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("mem table has {regions} regions and {files} fds")]
+    FdMismatch { regions: usize, files: usize },
+    #[error("mem table has {0} regions, more than {MAX_REGIONS}")]
+    TooManyRegions(usize),
+    #[error("mmap of region {index} (gpa {gpa:#x}, {size} bytes) failed: {reason}")]
+    Map { index: usize, gpa: u64, size: u64, reason: String },
+    #[error("mem table regions overlap or are invalid: {0}")]
+    Layout(String),
+    #[error("VMM address {0:#x} is in no shared region")]
+    UnknownVmmAddress(u64),
+}
+
+/// Where one region lives for the frontend (its user address) and for the guest (its GPA).
+#[derive(Debug, Clone, Copy)]
+struct AddrMapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa: u64,
+}
+
+/// The shared memory plus the table to translate the frontend's addresses.
+#[derive(Debug, Clone)]
+pub struct SharedMemory {
+    pub mem: GuestMem,
+    mappings: Vec<AddrMapping>,
+}
+
+impl SharedMemory {
+    /// Maps every region's fd. Any error leaves nothing mapped.
+    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemoryError> {
+        if regions.len() != files.len() {
+            return Err(MemoryError::FdMismatch { regions: regions.len(), files: files.len() });
+        }
+        if regions.len() > MAX_REGIONS {
+            return Err(MemoryError::TooManyRegions(regions.len()));
+        }
+        let mut mapped = Vec::with_capacity(regions.len());
+        let mut mappings = Vec::with_capacity(regions.len());
+        for (index, (region, file)) in regions.iter().zip(files).enumerate() {
+            let map_err = |reason: String| MemoryError::Map {
+                index,
+                gpa: region.guest_phys_addr,
+                size: region.memory_size,
+                reason,
+            };
+            let mmap = region.mmap_region(file).map_err(|e| map_err(e.to_string()))?;
+            let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
+                .ok_or_else(|| map_err("region wraps the address space".into()))?;
+            mapped.push(guest_region);
+            mappings.push(AddrMapping { vmm_addr: region.user_addr, size: region.memory_size, gpa: region.guest_phys_addr });
+        }
+        let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))?;
+        Ok(SharedMemory { mem, mappings })
+    }
+
+    /// The guest-physical address of a frontend (VMM) user address, as used by SET_VRING_ADDR.
+    pub fn vmm_to_gpa(&self, vmm_addr: u64) -> Result<u64, MemoryError> {
+        self.mappings
+            .iter()
+            .find(|m| vmm_addr >= m.vmm_addr && vmm_addr - m.vmm_addr < m.size)
+            .map(|m| m.gpa + (vmm_addr - m.vmm_addr))
+            .ok_or(MemoryError::UnknownVmmAddress(vmm_addr))
+    }
+}

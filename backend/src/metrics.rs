@@ -1,0 +1,49 @@
+//! Per-queue-pair counters. The workers count locally and add to these atomics once per batch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($name:ident: $doc:literal),* $(,)?) => {
+        /// Counters of one queue pair (monotonic for the life of the process).
+        #[derive(Debug, Default)]
+        pub struct PairMetrics { $(#[doc = $doc] pub $name: AtomicU64,)* }
+
+        /// A plain copy of [`PairMetrics`], also used as the worker's local tally.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct PairCounts { $(pub $name: u64,)* }
+
+        impl PairMetrics {
+            pub fn add(&self, c: &PairCounts) {
+                $(if c.$name != 0 { self.$name.fetch_add(c.$name, Ordering::Relaxed); })*
+            }
+            pub fn snapshot(&self) -> PairCounts {
+                PairCounts { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl PairCounts {
+            /// (name, value) pairs, for logs and exporters.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    tx_frames: "frames written to the tap",
+    tx_bytes: "bytes written to the tap (virtio_net_hdr included)",
+    tx_dropped: "guest frames the tap refused (counted, chain returned)",
+    tx_bad_chains: "malformed TX chains (returned with length 0)",
+    tx_eagain: "times the tap was full and TX waited for EPOLLOUT",
+    tx_batches: "TX batches processed",
+    rx_frames: "frames delivered to the guest",
+    rx_bytes: "bytes delivered to the guest (virtio_net_hdr included)",
+    rx_dropped: "frames read from the tap but not deliverable (too big, truncated)",
+    rx_bad_chains: "malformed RX chains (returned with length 0)",
+    rx_no_buffers: "times RX stopped for lack of guest buffers",
+    rx_batches: "RX batches processed",
+    kicks: "kick eventfd wake-ups (both rings)",
+    interrupts: "call eventfd signals sent (both rings)",
+    tap_errors: "hard tap errors (device gone or broken)",
+}

@@ -1,0 +1,407 @@
+//! Opening macvtaps and taps, one non-blocking fd per queue pair, and their typed ioctls.
+//!
+//! A SPEC is `/dev/tapN` (a macvtap's character device), an interface name (a macvtap is
+//! resolved to its `/dev/tap<ifindex>`, anything else opened through `/dev/net/tun` as a
+//! multi-queue tap, created if missing), or `fd:3,4` (fds inherited from a manager).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+
+const IFF_TAP: u16 = 0x0002;
+const IFF_NO_PI: u16 = 0x1000;
+const IFF_VNET_HDR: u16 = 0x4000;
+const IFF_MULTI_QUEUE: u16 = 0x0100;
+const IFF_ATTACH_QUEUE: u16 = 0x0200;
+const IFF_DETACH_QUEUE: u16 = 0x0400;
+
+#[derive(Debug, Error)]
+pub enum TapError {
+    #[error("tap spec {0:?} is empty or malformed (expected /dev/tapN, an interface name, or fd:N[,N...])")]
+    BadSpec(String),
+    #[error("no such network device {0:?} (create it first, e.g. `ip link add link LOWER name {0} type macvtap mode bridge`)")]
+    NoSuchDevice(String),
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, #[source] source: io::Error },
+    #[error("{0} is not a tap/macvtap character device")]
+    NotATap(PathBuf),
+    #[error("TUNSETIFF on {name}: {source}{hint}")]
+    SetIff { name: String, hint: &'static str, #[source] source: io::Error },
+    #[error("inherited fd {fd} is not a tap/macvtap: {source}")]
+    InheritedNotTap { fd: RawFd, #[source] source: io::Error },
+    #[error("{count} fds given for {queues} queue pairs: pass exactly one fd per queue pair")]
+    FdCount { count: usize, queues: usize },
+    #[error("TUNSETVNETHDRSZ {len}: {source}")]
+    SetVnetHdrSz { len: usize, #[source] source: io::Error },
+    #[error("TUNSETOFFLOAD {flags:#x}: {source}")]
+    SetOffload { flags: u32, #[source] source: io::Error },
+    #[error("TUNSETQUEUE ({action}): {source}")]
+    SetQueue { action: &'static str, #[source] source: io::Error },
+    #[error("reading {path}: {source}")]
+    Sysfs { path: PathBuf, #[source] source: io::Error },
+}
+
+/// `struct ifreq` as the tun ioctls use it: a name and the flags of the union.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: u16,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn new(name: &str, flags: u16) -> Self {
+        let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, _pad: [0; 22] };
+        let n = name.len().min(libc::IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req
+    }
+
+    fn name(&self) -> String {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+fn ioctl_ifreq(fd: RawFd, request: libc::c_ulong, req: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `req` is a valid, properly sized `struct ifreq` that lives across the call; the
+    // tun/tap ioctls used here read or write only within it.
+    let ret = unsafe { libc::ioctl(fd, request as _, req as *mut IfReq) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn ioctl_int(fd: RawFd, request: libc::c_ulong, value: &libc::c_int) -> io::Result<()> {
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid for the call.
+    let ret = unsafe { libc::ioctl(fd, request as _, value as *const libc::c_int) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// What kind of device the queues belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapKind {
+    /// A macvtap: the guest must use its MAC.
+    Macvtap,
+    /// A tun/tap device.
+    Tap,
+}
+
+/// One queue (fd) of a tap or macvtap, non-blocking, with a virtio_net_hdr prefix on every frame.
+#[derive(Debug)]
+pub struct TapQueue {
+    fd: OwnedFd,
+}
+
+impl AsRawFd for TapQueue {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl TapQueue {
+    /// Sets the virtio_net_hdr length the tap reads and writes (10 or 12).
+    pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
+        ioctl_int(self.as_raw_fd(), TUNSETVNETHDRSZ, &(len as libc::c_int))
+            .map_err(|source| TapError::SetVnetHdrSz { len, source })
+    }
+
+    /// Tells the tap which offloads (`TUN_F_*`) the reader copes with.
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) };
+        if ret < 0 {
+            return Err(TapError::SetOffload { flags, source: io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+
+    /// Attaches (true) or detaches (false) this queue. A queue nobody reads must be detached,
+    /// or the flows that hash to it are silently lost. Re-attaching an attached queue (or the
+    /// reverse) is not an error.
+    pub fn set_attached(&self, attached: bool) -> Result<(), TapError> {
+        let (flag, action) = if attached { (IFF_ATTACH_QUEUE, "attach") } else { (IFF_DETACH_QUEUE, "detach") };
+        let mut req = IfReq::new("", flag);
+        match ioctl_ifreq(self.as_raw_fd(), TUNSETQUEUE, &mut req) {
+            // EINVAL: already in that state (tun and macvtap both say so).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(source) => Err(TapError::SetQueue { action, source }),
+            Ok(()) => Ok(()),
+        }
+    }
+}
+
+/// All queues of one device plus what we learnt about it.
+#[derive(Debug)]
+pub struct Tap {
+    pub queues: Vec<TapQueue>,
+    pub kind: TapKind,
+    /// Interface name, when known.
+    pub name: Option<String>,
+    /// The interface's MAC (a macvtap's is the one the guest must use).
+    pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u16>,
+}
+
+/// Parsed form of the `--tap` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapSpec {
+    DevPath(PathBuf),
+    Name(String),
+    Fds(Vec<RawFd>),
+}
+
+impl std::str::FromStr for TapSpec {
+    type Err = TapError;
+
+    fn from_str(s: &str) -> Result<Self, TapError> {
+        let bad = || TapError::BadSpec(s.to_string());
+        if let Some(list) = s.strip_prefix("fd:") {
+            let fds: Result<Vec<RawFd>, _> = list.split(',').map(|f| f.trim().parse::<RawFd>()).collect();
+            let fds = fds.map_err(|_| bad())?;
+            if fds.is_empty() || fds.iter().any(|&fd| fd < 0) {
+                return Err(bad());
+            }
+            return Ok(TapSpec::Fds(fds));
+        }
+        if s.starts_with('/') {
+            return Ok(TapSpec::DevPath(PathBuf::from(s)));
+        }
+        if s.is_empty() || s.len() >= libc::IFNAMSIZ || s.contains('/') || s.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        Ok(TapSpec::Name(s.to_string()))
+    }
+}
+
+fn sysfs_net(name: &str) -> PathBuf {
+    Path::new("/sys/class/net").join(name)
+}
+
+fn read_sysfs(path: &Path) -> Result<String, TapError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|source| TapError::Sysfs { path: path.to_path_buf(), source })
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Reads MAC and MTU of an interface from sysfs.
+fn link_info(name: &str) -> (Option<[u8; 6]>, Option<u16>) {
+    let mac = read_sysfs(&sysfs_net(name).join("address")).ok().and_then(|s| parse_mac(&s));
+    let mtu = read_sysfs(&sysfs_net(name).join("mtu")).ok().and_then(|s| s.parse().ok());
+    (mac, mtu)
+}
+
+fn is_macvtap(name: &str) -> bool {
+    sysfs_net(name).join("macvtap").is_dir()
+}
+
+/// The interface whose ifindex is N, for `/dev/tapN`.
+fn name_for_ifindex(ifindex: u32) -> Option<String> {
+    let entries = std::fs::read_dir("/sys/class/net").ok()?;
+    entries.flatten().find_map(|e| {
+        let idx = std::fs::read_to_string(e.path().join("ifindex")).ok()?;
+        (idx.trim().parse::<u32>().ok()? == ifindex).then(|| e.file_name().to_string_lossy().into_owned())
+    })
+}
+
+fn open_nonblocking(path: &Path) -> Result<File, TapError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| TapError::Open { path: path.to_path_buf(), source })
+}
+
+/// Opens a macvtap's character device `queues` times.
+fn open_macvtap_dev(path: &Path, queues: usize) -> Result<Tap, TapError> {
+    let meta = std::fs::metadata(path).map_err(|source| TapError::Open { path: path.to_path_buf(), source })?;
+    if !meta.file_type().is_char_device() {
+        return Err(TapError::NotATap(path.to_path_buf()));
+    }
+    let name = path
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.strip_prefix("tap"))
+        .and_then(|n| n.parse().ok())
+        .and_then(name_for_ifindex);
+    let mut tap_queues = Vec::with_capacity(queues);
+    for _ in 0..queues {
+        let file = open_nonblocking(path)?;
+        let mut req = IfReq::new("", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+        ioctl_ifreq(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| TapError::SetIff {
+            name: path.display().to_string(),
+            hint: "",
+            source,
+        })?;
+        tap_queues.push(TapQueue { fd: file.into() });
+    }
+    let (mac, mtu) = name.as_deref().map(link_info).unwrap_or((None, None));
+    Ok(Tap { queues: tap_queues, kind: TapKind::Macvtap, name, mac, mtu })
+}
+
+/// The `/dev/tapN` node of a macvtap, created from sysfs if udev has not made it.
+fn macvtap_dev_path(name: &str) -> Result<PathBuf, TapError> {
+    let ifindex = read_sysfs(&sysfs_net(name).join("ifindex"))?;
+    let path = PathBuf::from(format!("/dev/tap{ifindex}"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let devnum = read_sysfs(&sysfs_net(name).join("macvtap").join(format!("tap{ifindex}")).join("dev"))?;
+    let (major, minor) = devnum.split_once(':').ok_or_else(|| TapError::NotATap(path.clone()))?;
+    let (major, minor): (u32, u32) = (
+        major.parse().map_err(|_| TapError::NotATap(path.clone()))?,
+        minor.parse().map_err(|_| TapError::NotATap(path.clone()))?,
+    );
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| TapError::NotATap(path.clone()))?;
+    // SAFETY: `cpath` is a valid NUL-terminated path; mknod does not retain it.
+    let ret = unsafe { libc::mknod(cpath.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(major, minor)) };
+    if ret < 0 {
+        return Err(TapError::Open { path, source: io::Error::last_os_error() });
+    }
+    Ok(path)
+}
+
+/// Opens (creating it if missing) the multi-queue tap `name` `queues` times.
+fn open_tun(name: &str, queues: usize) -> Result<Tap, TapError> {
+    let mut tap_queues = Vec::with_capacity(queues);
+    let mut actual = name.to_string();
+    for _ in 0..queues {
+        let file = open_nonblocking(Path::new("/dev/net/tun"))?;
+        let mut req = IfReq::new(&actual, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE);
+        ioctl_ifreq(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| {
+            let hint = match source.raw_os_error() {
+                Some(libc::EINVAL) => " (the existing device is not a multi_queue tap: recreate it with `ip tuntap add NAME mode tap multi_queue vnet_hdr`)",
+                Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN or the tap's owner)",
+                Some(libc::EBUSY) => " (the tap is in use by a non-multi-queue owner)",
+                _ => "",
+            };
+            TapError::SetIff { name: actual.clone(), hint, source }
+        })?;
+        actual = req.name();
+        tap_queues.push(TapQueue { fd: file.into() });
+    }
+    let (mac, mtu) = link_info(&actual);
+    Ok(Tap { queues: tap_queues, kind: TapKind::Tap, name: Some(actual), mac, mtu })
+}
+
+/// Adopts inherited fds: checks each is a tap or macvtap, makes it non-blocking with a vnet header.
+fn adopt_fds(fds: &[RawFd], queues: usize) -> Result<Tap, TapError> {
+    if fds.len() != queues {
+        return Err(TapError::FdCount { count: fds.len(), queues });
+    }
+    let mut tap_queues = Vec::with_capacity(queues);
+    let mut name = None;
+    for &fd in fds {
+        let mut req = IfReq::new("", 0);
+        ioctl_ifreq(fd, TUNGETIFF, &mut req).map_err(|source| TapError::InheritedNotTap { fd, source })?;
+        let wanted = req.flags | IFF_VNET_HDR;
+        name.get_or_insert_with(|| req.name());
+        // SAFETY: the fd was handed to us by the parent to own; we take ownership exactly once.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        set_nonblocking(fd).map_err(|source| TapError::InheritedNotTap { fd, source })?;
+        if req.flags & IFF_VNET_HDR == 0 {
+            let mut set = IfReq::new(&req.name(), wanted);
+            ioctl_ifreq(fd, TUNSETIFF, &mut set)
+                .map_err(|source| TapError::SetIff { name: req.name(), hint: " (fd lacks IFF_VNET_HDR)", source })?;
+        }
+        tap_queues.push(TapQueue { fd: owned });
+    }
+    let kind = match name.as_deref() {
+        Some(n) if is_macvtap(n) => TapKind::Macvtap,
+        _ => TapKind::Tap,
+    };
+    let (mac, mtu) = name.as_deref().map(link_info).unwrap_or((None, None));
+    Ok(Tap { queues: tap_queues, kind, name, mac, mtu })
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Opens `queues` queues of the device named by `spec`. Every queue starts detached, so no
+    /// traffic is swallowed by a queue before its worker reads it.
+    pub fn open(spec: &TapSpec, queues: usize) -> Result<Tap, TapError> {
+        let tap = match spec {
+            TapSpec::DevPath(path) => open_macvtap_dev(path, queues)?,
+            TapSpec::Name(name) if is_macvtap(name) => open_macvtap_dev(&macvtap_dev_path(name)?, queues)?,
+            TapSpec::Name(name) => {
+                if !sysfs_net(name).exists() && !Path::new("/dev/net/tun").exists() {
+                    return Err(TapError::NoSuchDevice(name.clone()));
+                }
+                open_tun(name, queues)?
+            }
+            TapSpec::Fds(fds) => adopt_fds(fds, queues)?,
+        };
+        for q in &tap.queues {
+            q.set_attached(false)?;
+        }
+        Ok(tap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_tap_spec_parse() {
+        assert_eq!("/dev/tap7".parse::<TapSpec>().unwrap(), TapSpec::DevPath("/dev/tap7".into()));
+        assert_eq!("mvt0".parse::<TapSpec>().unwrap(), TapSpec::Name("mvt0".into()));
+        assert_eq!("fd:3,4".parse::<TapSpec>().unwrap(), TapSpec::Fds(vec![3, 4]));
+        assert!("fd:".parse::<TapSpec>().is_err());
+        assert!("fd:3,x".parse::<TapSpec>().is_err());
+        assert!("".parse::<TapSpec>().is_err());
+        assert!("a-name-that-is-too-long".parse::<TapSpec>().is_err());
+    }
+
+    #[test]
+    fn test_parse_and_format_mac() {
+        let mac = parse_mac("52:54:00:ab:CD:0f").unwrap();
+        assert_eq!(mac, [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]);
+        assert_eq!(format_mac(&mac), "52:54:00:ab:cd:0f");
+        assert_eq!(parse_mac("52:54:00:ab:cd"), None);
+        assert_eq!(parse_mac("52:54:00:ab:cd:0f:00"), None);
+        assert_eq!(parse_mac("zz:54:00:ab:cd:0f"), None);
+    }
+}

@@ -1,0 +1,237 @@
+//! The vhost-user front door: listen on (or connect to) the socket, and serve each frontend
+//! connection with a fresh [`Session`], one after another, for the life of the process.
+//!
+//! Messages are parsed by vhost's `BackendReqHandler`, with one exception handled here first:
+//! QEMU's virtio-net sends SET_VRING_ENABLE *before* SET_FEATURES (and QEMU 10 waits for its
+//! ack). vhost rejects it without a reply, which would hang QEMU 10 and leave the first queue
+//! pair disabled. So each header is peeked; an early enable is consumed, recorded and acked here.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use thiserror::Error;
+use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use crate::device::Device;
+use crate::session::Session;
+
+const HDR_SIZE: usize = 12;
+const VERSION_MASK: u32 = 0x3;
+const REPLY_FLAG: u32 = 0x4;
+const NEED_REPLY_FLAG: u32 = 0x8;
+/// vhost-user's limit on a message body.
+const MAX_MSG_SIZE: u32 = 0x1000;
+
+#[derive(Debug, Error)]
+pub enum SocketError {
+    #[error("socket path {0} is in use by a running process (another vutap or VMM is listening there)")]
+    InUse(PathBuf),
+    #[error("cannot bind {path}: {source}")]
+    Bind { path: PathBuf, #[source] source: io::Error },
+    #[error("cannot remove stale socket {path}: {source}")]
+    RemoveStale { path: PathBuf, #[source] source: io::Error },
+}
+
+/// Binds the server socket, replacing a stale socket file but never a live one.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, SocketError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|source| SocketError::RemoveStale { path: path.to_path_buf(), source })?;
+    }
+    UnixListener::bind(path).map_err(|source| SocketError::Bind { path: path.to_path_buf(), source })
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum ConnectionEnd {
+    /// The frontend closed the socket (VM shut down, rebooted, or restarted).
+    Disconnected,
+    /// The frontend broke the protocol; we closed the socket.
+    ProtocolError(String),
+}
+
+/// Peeks the next message header; None at end of stream.
+fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: `buf` is valid for writes of its length for the duration of the call.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_PEEK | libc::MSG_WAITALL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(if n == 0 { None } else { Some(n as usize) });
+    }
+}
+
+fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the remaining part of `buf` is valid for writes.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr() as *mut libc::c_void, buf.len() - got, 0) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => got += n as usize,
+        }
+    }
+    Ok(())
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+
+/// Consumes an early SET_VRING_ENABLE, records it, and acks it if asked.
+fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32) -> io::Result<()> {
+    let mut msg = [0u8; HDR_SIZE + 8];
+    recv_exact(stream.as_raw_fd(), &mut msg)?;
+    let (index, num) = (u32_at(&msg, 12), u32_at(&msg, 16));
+    let result = match num {
+        0 | 1 => session.lock().unwrap_or_else(|p| p.into_inner()).set_enable(index, num == 1).map_err(|e| e.to_string()),
+        _ => Err(format!("enable value {num} is not 0 or 1")),
+    };
+    match &result {
+        Ok(()) => debug!("early SET_VRING_ENABLE index={index} enable={num} recorded until SET_FEATURES"),
+        Err(e) => warn!("early SET_VRING_ENABLE index={index}: {e}"),
+    }
+    if flags & NEED_REPLY_FLAG != 0 {
+        let mut reply = [0u8; HDR_SIZE + 8];
+        reply[0..4].copy_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
+        reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
+        let mut w: &UnixStream = stream;
+        io::Write::write_all(&mut w, &reply)?;
+    }
+    Ok(())
+}
+
+/// Errors after which the message was fully consumed and the stream is still in step, so the
+/// connection can go on (the frontend got a failure ack if it asked for one).
+fn is_recoverable(e: &VhostError) -> bool {
+    matches!(
+        e,
+        VhostError::ReqHandlerError(_)
+            | VhostError::InvalidParam
+            | VhostError::InvalidOperation(_)
+            | VhostError::InactiveFeature(_)
+            | VhostError::InactiveOperation(_)
+            | VhostError::InvalidMessage
+            | VhostError::IncorrectFds
+            | VhostError::FeatureMismatch
+    )
+}
+
+/// Serves one frontend connection until it closes or breaks the protocol.
+pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
+    let control = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => return ConnectionEnd::ProtocolError(format!("cannot dup connection: {e}")),
+    };
+    let session = Arc::new(Mutex::new(Session::new(dev)));
+    let mut handler = BackendReqHandler::from_stream(stream, session.clone());
+    let fd = control.as_raw_fd();
+    let mut hdr = [0u8; HDR_SIZE];
+    loop {
+        match peek(fd, &mut hdr) {
+            Ok(None) => return ConnectionEnd::Disconnected,
+            Ok(Some(n)) if n < HDR_SIZE => return ConnectionEnd::Disconnected,
+            Ok(Some(_)) => {}
+            Err(e) => return ConnectionEnd::ProtocolError(format!("socket error: {e}")),
+        }
+        let (code, flags, size) = (u32_at(&hdr, 0), u32_at(&hdr, 4), u32_at(&hdr, 8));
+        // A header we cannot trust means we cannot find the next message: close.
+        if flags & VERSION_MASK != 0x1 || flags & REPLY_FLAG != 0 || size > MAX_MSG_SIZE {
+            return ConnectionEnd::ProtocolError(format!("malformed header: request {code}, flags {flags:#x}, size {size}"));
+        }
+        let early_enable = code == FrontendReq::SET_VRING_ENABLE as u32
+            && size == 8
+            && !session.lock().unwrap_or_else(|p| p.into_inner()).features_acked();
+        if early_enable {
+            if let Err(e) = handle_early_enable(&control, &session, flags) {
+                return ConnectionEnd::ProtocolError(format!("early SET_VRING_ENABLE: {e}"));
+            }
+            continue;
+        }
+        match handler.handle_request() {
+            Ok(()) => {}
+            Err(VhostError::Disconnected) | Err(VhostError::PartialMessage) => return ConnectionEnd::Disconnected,
+            Err(e) if is_recoverable(&e) => warn!("request {code} failed: {e}"),
+            Err(e) => return ConnectionEnd::ProtocolError(format!("request {code}: {e}")),
+        }
+    }
+}
+
+/// How vutap reaches its frontend.
+#[derive(Debug, Clone)]
+pub enum SocketMode {
+    /// vutap listens; the VMM connects (and may reconnect).
+    Server(PathBuf),
+    /// vutap connects to a listening VMM, and reconnects when the VMM restarts.
+    Client(PathBuf),
+}
+
+/// Serves frontends forever (or once, with `once`), one connection after another.
+pub fn serve(mode: &SocketMode, dev: Arc<Device>, once: bool) -> Result<(), SocketError> {
+    let listener = match mode {
+        SocketMode::Server(path) => Some(bind_socket(path)?),
+        SocketMode::Client(_) => None,
+    };
+    loop {
+        let stream = match (&listener, mode) {
+            (Some(l), SocketMode::Server(path)) => {
+                info!("listening on {}", path.display());
+                match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        error!("accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                }
+            }
+            (_, SocketMode::Client(path)) => connect_retrying(path),
+            _ => unreachable!("a server always has a listener"),
+        };
+        info!("frontend connected");
+        match serve_connection(stream, dev.clone()) {
+            ConnectionEnd::Disconnected => info!("frontend disconnected; queue state dropped"),
+            ConnectionEnd::ProtocolError(e) => error!("closing connection: {e}"),
+        }
+        if once {
+            return Ok(());
+        }
+    }
+}
+
+fn connect_retrying(path: &Path) -> UnixStream {
+    let mut logged = false;
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(e) => {
+                if !logged {
+                    info!("waiting for the frontend at {} ({e})", path.display());
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! One thread per queue pair: an epoll loop over the tap fd, the two kick eventfds and a stop
+//! eventfd, running the TX and RX batch loops in turn.
+//!
+//! On each wake it drains each direction until the ring is empty, the tap would block, or the
+//! batch budget runs out; does one used-ring update per batch; signals the guest at most once
+//! per batch; then re-enables notifications and re-checks before sleeping.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{debug, error, warn};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vutap_virtio::Features;
+
+use crate::memory::GuestMem;
+use crate::metrics::{PairCounts, PairMetrics};
+use crate::rx::{RxLoop, RxOutcome};
+use crate::tap::TapQueue;
+use crate::tx::{TxLoop, TxOutcome};
+
+/// Frames per direction per batch: enough to amortise the used-ring update and the interrupt,
+/// small enough that RX and TX take turns often.
+pub const BATCH_BUDGET: usize = 64;
+
+const TOKEN_STOP: u64 = 1;
+const TOKEN_RX_KICK: u64 = 2;
+const TOKEN_TX_KICK: u64 = 3;
+const TOKEN_TAP: u64 = 4;
+
+/// The call eventfd of a ring; the frontend may replace it while the ring runs.
+pub type CallFd = Arc<Mutex<Option<EventFd>>>;
+
+pub struct RingSetup {
+    pub queue: Queue,
+    pub kick: EventFd,
+    pub call: CallFd,
+}
+
+pub struct WorkerSetup {
+    pub pair: usize,
+    pub tap: Arc<TapQueue>,
+    pub mem: GuestMem,
+    pub features: Features,
+    pub mtu: u16,
+    pub rx: RingSetup,
+    pub tx: RingSetup,
+    pub metrics: Arc<PairMetrics>,
+}
+
+/// What a stopped worker hands back: the rings' positions (for GET_VRING_BASE) and kick fds.
+pub struct StoppedPair {
+    pub rx: Queue,
+    pub tx: Queue,
+    pub rx_kick: EventFd,
+    pub tx_kick: EventFd,
+}
+
+pub struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<StoppedPair>,
+}
+
+impl Worker {
+    pub fn spawn(setup: WorkerSetup) -> io::Result<Worker> {
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop_for_thread = stop.try_clone()?;
+        let pair = setup.pair;
+        let thread = std::thread::Builder::new()
+            .name(format!("vutap-q{pair}"))
+            .spawn(move || PairLoop::new(setup, stop_for_thread).run())?;
+        Ok(Worker { stop, thread })
+    }
+
+    /// Stops the thread and takes the rings back. Held RX chains are returned to the ring first.
+    pub fn stop(self) -> Option<StoppedPair> {
+        if let Err(e) = self.stop.write(1) {
+            error!("cannot signal worker to stop: {e}");
+        }
+        match self.thread.join() {
+            Ok(stopped) => Some(stopped),
+            Err(_) => {
+                error!("queue worker panicked; its ring positions are lost");
+                None
+            }
+        }
+    }
+}
+
+fn epoll_add(epoll: &Epoll, fd: &impl AsRawFd, token: u64, events: EventSet) -> io::Result<()> {
+    epoll.ctl(ControlOperation::Add, fd.as_raw_fd(), EpollEvent::new(events, token))
+}
+
+fn signal(call: &CallFd, counts: &mut PairCounts) {
+    let guard = call.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(fd) = guard.as_ref() {
+        if let Err(e) = fd.write(1) {
+            debug!("call eventfd write failed: {e}");
+        } else {
+            counts.interrupts += 1;
+        }
+    }
+}
+
+struct PairLoop {
+    setup: WorkerSetup,
+    stop: EventFd,
+    tx: TxLoop,
+    rx: RxLoop,
+    counts: PairCounts,
+    tx_pending: bool,
+    tx_blocked: bool,
+    tx_broken: bool,
+    rx_pending: bool,
+    rx_waiting_buffers: bool,
+    rx_broken: bool,
+    tap_gone: bool,
+    tap_interest: Option<EventSet>,
+}
+
+impl PairLoop {
+    fn new(setup: WorkerSetup, stop: EventFd) -> Self {
+        let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len());
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu);
+        PairLoop {
+            setup,
+            stop,
+            tx,
+            rx,
+            counts: PairCounts::default(),
+            // The guest may have queued frames/buffers before we started: look once.
+            tx_pending: true,
+            tx_blocked: false,
+            tx_broken: false,
+            rx_pending: true,
+            rx_waiting_buffers: false,
+            rx_broken: false,
+            tap_gone: false,
+            tap_interest: None,
+        }
+    }
+
+    fn run(mut self) -> StoppedPair {
+        if let Err(e) = self.event_loop() {
+            error!("queue pair {}: event loop failed: {e}", self.setup.pair);
+        }
+        let mem = &self.setup.mem;
+        if self.rx.return_held(&mut self.setup.rx.queue, mem) {
+            signal(&self.setup.rx.call, &mut self.counts);
+        }
+        self.setup.metrics.add(&self.counts);
+        StoppedPair { rx: self.setup.rx.queue, tx: self.setup.tx.queue, rx_kick: self.setup.rx.kick, tx_kick: self.setup.tx.kick }
+    }
+
+    fn event_loop(&mut self) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        epoll_add(&epoll, &self.stop, TOKEN_STOP, EventSet::IN)?;
+        epoll_add(&epoll, &self.setup.rx.kick, TOKEN_RX_KICK, EventSet::IN)?;
+        epoll_add(&epoll, &self.setup.tx.kick, TOKEN_TX_KICK, EventSet::IN)?;
+        self.update_tap_interest(&epoll)?;
+        // RX kicks only matter when we run out of buffers; suppress them until then.
+        let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let timeout = if self.has_pending_work() { 0 } else { -1 };
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => return Ok(()),
+                    TOKEN_RX_KICK => {
+                        let _ = self.setup.rx.kick.read();
+                        self.counts.kicks += 1;
+                        self.rx_waiting_buffers = false;
+                        self.rx_pending = true;
+                        let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
+                    }
+                    TOKEN_TX_KICK => {
+                        let _ = self.setup.tx.kick.read();
+                        self.counts.kicks += 1;
+                        self.tx_pending = true;
+                    }
+                    TOKEN_TAP => {
+                        let set = ev.event_set();
+                        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                            self.rx_pending = true;
+                        }
+                        if set.contains(EventSet::OUT) {
+                            self.tx_blocked = false;
+                            self.tx_pending = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            self.run_tx();
+            self.run_rx();
+            self.update_tap_interest(&epoll)?;
+            self.setup.metrics.add(&self.counts);
+            self.counts = PairCounts::default();
+        }
+    }
+
+    fn has_pending_work(&self) -> bool {
+        (self.tx_pending && !self.tx_blocked && !self.tx_broken && !self.tap_gone)
+            || (self.rx_pending && !self.rx_waiting_buffers && !self.rx_broken && !self.tap_gone)
+    }
+
+    fn run_tx(&mut self) {
+        if !self.tx_pending || self.tx_blocked || self.tx_broken || self.tap_gone {
+            return;
+        }
+        let mem = &self.setup.mem;
+        let queue = &mut self.setup.tx.queue;
+        let _ = queue.disable_notification(mem);
+        let (outcome, notify) = self.tx.process(queue, mem, &*self.setup.tap, &mut self.counts);
+        if notify {
+            signal(&self.setup.tx.call, &mut self.counts);
+        }
+        match outcome {
+            TxOutcome::Idle => {
+                // Re-enable kicks, then look again: the guest may have added a frame between
+                // our last pop and the enable.
+                self.tx_pending = queue.enable_notification(mem).unwrap_or(false);
+            }
+            TxOutcome::MoreWork => self.tx_pending = true,
+            TxOutcome::Blocked => {
+                self.tx_blocked = true;
+                self.tx_pending = true;
+            }
+            TxOutcome::TapGone(e) => self.mark_tap_gone(&e),
+            TxOutcome::RingBroken(why) => {
+                error!("queue pair {}: TX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
+                self.tx_broken = true;
+            }
+        }
+    }
+
+    fn run_rx(&mut self) {
+        if !self.rx_pending || self.rx_waiting_buffers || self.rx_broken || self.tap_gone {
+            return;
+        }
+        let mem = &self.setup.mem;
+        let queue = &mut self.setup.rx.queue;
+        let (outcome, notify) = self.rx.process(queue, mem, &*self.setup.tap, &mut self.counts);
+        if notify {
+            signal(&self.setup.rx.call, &mut self.counts);
+        }
+        match outcome {
+            RxOutcome::Idle => self.rx_pending = false,
+            RxOutcome::MoreWork => self.rx_pending = true,
+            RxOutcome::NoBuffers => {
+                // Ask for a kick when buffers come, then re-check for ones that raced the enable.
+                if queue.enable_notification(mem).unwrap_or(false) {
+                    self.rx_pending = true;
+                } else {
+                    self.rx_waiting_buffers = true;
+                }
+            }
+            RxOutcome::TapGone(e) => self.mark_tap_gone(&e),
+            RxOutcome::RingBroken(why) => {
+                error!("queue pair {}: RX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
+                self.rx_broken = true;
+            }
+        }
+    }
+
+    fn mark_tap_gone(&mut self, e: &io::Error) {
+        if !self.tap_gone {
+            warn!("queue pair {}: tap failed ({e}); this queue pair stops moving frames", self.setup.pair);
+        }
+        self.tap_gone = true;
+    }
+
+    /// Polls the tap for reading only while RX can take frames, and for writing only while TX
+    /// is blocked on it, so a level-triggered tap never makes the loop spin.
+    fn update_tap_interest(&mut self, epoll: &Epoll) -> io::Result<()> {
+        let mut want = EventSet::empty();
+        if !self.tap_gone {
+            if !self.rx_waiting_buffers && !self.rx_broken {
+                want |= EventSet::IN;
+            }
+            if self.tx_blocked {
+                want |= EventSet::OUT;
+            }
+        }
+        let fd = self.setup.tap.as_raw_fd();
+        match (self.tap_interest, want.is_empty()) {
+            (Some(cur), false) if cur == want => {}
+            (Some(_), false) => epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(want, TOKEN_TAP))?,
+            (None, false) => epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(want, TOKEN_TAP))?,
+            (Some(_), true) => epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())?,
+            (None, true) => {}
+        }
+        self.tap_interest = if want.is_empty() { None } else { Some(want) };
+        Ok(())
+    }
+}
