@@ -1,1 +1,0 @@
-//! vhost-user-net frontend (the VMM side), for tests and benchmarks.

@@ -1,0 +1,431 @@
+//! The frontend against a real vhost-user-net backend: DPDK's vhost PMD in `dpdk-testpmd`,
+//! forwarding between the vhost port and a tap it creates. Frames the frontend sends must come
+//! out of the tap byte for byte (seen with AF_PACKET), and frames written to the tap must
+//! arrive on the frontend's RX queue. Needs root and dpdk-testpmd; skipped (with a message)
+//! otherwise.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vutap_bench::frontend::features::{F_VERSION_1, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
+use vutap_bench::frontend::{
+    rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr,
+};
+
+const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
+/// IEEE local experimental ethertype: nothing else on the tap uses it, so kernel chatter
+/// (IPv6 ND, etc.) is told apart from test frames.
+const ETHERTYPE: u16 = 0x88b5;
+const MAGIC: &[u8; 8] = b"VUTAPFE!";
+
+/// testpmd polls with a busy core; run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A running testpmd with a vhost-user server socket and a tap; killed and cleaned on drop.
+struct Testpmd {
+    child: Child,
+    socket: PathBuf,
+    tap: String,
+    prefix: String,
+    log: PathBuf,
+}
+
+impl Testpmd {
+    fn start(queues: u16) -> Testpmd {
+        let id = format!("{}x{}", std::process::id() % 100_000, NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let socket = PathBuf::from(format!("/tmp/vutap-fe-{id}.sock"));
+        let tap = format!("vfe{id}");
+        assert!(tap.len() <= 15, "interface name too long: {tap}");
+        let prefix = format!("vutapfe{id}");
+        let _ = std::fs::remove_file(&socket);
+        let log_path = PathBuf::from(format!("/tmp/vutap-fe-{id}.log"));
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(TESTPMD)
+            .args(["-l", "0-1", "--no-huge", "-m", "1024", "--no-pci", "--file-prefix", &prefix])
+            .arg("--vdev")
+            .arg(format!("net_vhost0,iface={},queues={queues}", socket.display()))
+            .arg("--vdev")
+            .arg(format!("net_tap0,iface={tap}"))
+            .args(["--", "--forward-mode=io", "--auto-start", "--stats-period", "60"])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dpdk-testpmd");
+        let mut t = Testpmd { child, socket, tap, prefix, log: log_path };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(t.socket.exists() && ifindex(&t.tap).is_some()) {
+            if let Ok(Some(st)) = t.child.try_wait() {
+                panic!("testpmd exited early ({st}); see /tmp/vutap-fe-{id}.log");
+            }
+            assert!(Instant::now() < deadline, "testpmd did not come up; see /tmp/vutap-fe-{id}.log");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Quieten the tap: no IPv6 autoconf/ND traffic.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.tap), "1");
+        t
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.prefix));
+        if ifindex(&self.tap).is_some() {
+            let _ = Command::new("ip").args(["link", "del", &self.tap]).status();
+        }
+        // Keep testpmd's log only when the test failed, for the post-mortem.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+fn ifindex(name: &str) -> Option<i32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: c is a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i as i32)
+}
+
+/// An AF_PACKET socket bound to one interface, seeing every frame on it.
+struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketSocket {
+    fn bind(ifname: &str) -> PacketSocket {
+        let ifindex = ifindex(ifname).expect("interface exists");
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2) call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex;
+        // SAFETY: sll is a valid sockaddr_ll and its exact size is passed.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
+        PacketSocket { fd, ifindex }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = self.ifindex;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: frame is a valid buffer of frame.len() bytes; sll is valid with its size.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(r, frame.len() as isize, "sendto: {}", io::Error::last_os_error());
+    }
+
+    /// Next frame carrying our ethertype and magic that arrived *on* the interface (not one we
+    /// sent), within `timeout`.
+    fn recv_test_frame(&self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: buf and sll are valid for writes of the given sizes.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut sll as *mut libc::sockaddr_ll).cast(),
+                    &mut sl,
+                )
+            };
+            if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if is_test_frame(f) {
+                return Some(f.to_vec());
+            }
+        }
+    }
+}
+
+fn is_test_frame(f: &[u8]) -> bool {
+    f.len() >= 22 && f[12..14] == ETHERTYPE.to_be_bytes() && &f[14..22] == MAGIC
+}
+
+/// A `len`-byte Ethernet frame with our ethertype, magic, a sequence number and a pattern.
+fn test_frame(len: usize, seq: u32) -> Vec<u8> {
+    let mut f = Vec::with_capacity(len);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0xfe, 0x01]); // dst: locally administered
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0xfe, 0x02]); // src
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend_from_slice(MAGIC);
+    f.extend_from_slice(&seq.to_be_bytes());
+    let mut x = seq.wrapping_mul(2654435761);
+    while f.len() < len {
+        x = x.wrapping_mul(1103515245).wrapping_add(12345);
+        f.push((x >> 16) as u8);
+    }
+    f.truncate(len);
+    f
+}
+
+fn runnable() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new(TESTPMD).exists() {
+        eprintln!("skipping: needs root and {TESTPMD}");
+        return false;
+    }
+    true
+}
+
+fn connect(pmd: &Testpmd, opts: FrontendOptions) -> NetFrontend {
+    let fe = NetFrontend::connect(&pmd.socket, opts).expect("handshake with DPDK vhost");
+    // testpmd starts forwarding once it sees the device ready; give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    fe
+}
+
+/// Sends `frames` on TX and checks each comes out of the tap unchanged, in order.
+fn check_tx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>], shape: TxShape) {
+    for f in frames {
+        fe.send_frame_shaped(0, &VirtioNetHdr::default(), f, shape).expect("send_frame");
+        let got = sock.recv_test_frame(Duration::from_secs(5)).expect("frame out of the tap");
+        assert_eq!(got.len(), f.len(), "length of frame seq {:?}", &f[22..26]);
+        assert!(got == *f, "TX frame differs ({shape:?})");
+    }
+    // Every chain must come back as used.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut done = 0;
+    while done < frames.len() && Instant::now() < deadline {
+        done += fe.reclaim_tx(0).expect("reclaim");
+    }
+    assert_eq!(done, frames.len(), "TX chains returned by the backend");
+    assert_eq!(fe.queue(tx_queue(0)).unwrap().descriptors_in_flight(), 0);
+}
+
+/// Writes `frames` into the tap and checks each arrives on RX unchanged, in order.
+fn check_rx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>]) {
+    for f in frames {
+        sock.send(f);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = loop {
+            let left = deadline.checked_duration_since(Instant::now()).expect("frame on RX in time");
+            let fr = fe.recv_frame(0, left).expect("recv_frame").expect("frame on RX");
+            if is_test_frame(&fr.payload) {
+                break fr;
+            }
+        };
+        assert_eq!(got.payload.len(), f.len());
+        assert!(got.payload == *f, "RX frame differs");
+        assert_eq!(got.hdr.gso_type, 0);
+        assert!(got.num_buffers >= 1);
+    }
+}
+
+fn sizes() -> Vec<Vec<u8>> {
+    [60usize, 1514, 60, 1514, 61, 1000]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| test_frame(l, i as u32))
+        .collect()
+}
+
+#[test]
+fn test_frontend_dpdk_both_directions_cloud_hypervisor_order() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let sock = PacketSocket::bind(&pmd.tap);
+    let mut fe = connect(&pmd, FrontendOptions::default());
+    let acked = fe.acked_features();
+    eprintln!(
+        "offered {:#x} acked {acked:#x} protocol {:?} queues {:?}",
+        fe.offered_features(),
+        fe.protocol_features(),
+        fe.backend_queue_num()
+    );
+    assert_ne!(acked & F_VERSION_1, 0, "DPDK offers VERSION_1");
+    assert_eq!(fe.hdr_len(), 12);
+    if let Some(cfg) = fe.config().expect("GET_CONFIG") {
+        eprintln!("config {cfg:?}");
+    }
+    check_tx(&mut fe, &sock, &sizes(), TxShape::default());
+    check_rx(&mut fe, &sock, &sizes());
+    let s = fe.stats();
+    assert_eq!(s.tx_frames, 6);
+    assert!(s.rx_frames >= 6);
+}
+
+#[test]
+fn test_frontend_dpdk_qemu_order_and_chain_shapes() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let sock = PacketSocket::bind(&pmd.tap);
+    let opts = FrontendOptions { order: HandshakeOrder::Qemu, ..FrontendOptions::default() };
+    let mut fe = connect(&pmd, opts);
+    let frames = sizes();
+    check_tx(&mut fe, &sock, &frames, TxShape { split: TxSplit::HeaderApart, indirect: false });
+    check_tx(&mut fe, &sock, &frames, TxShape { split: TxSplit::Every(100), indirect: false });
+    if fe.acked_features() & RING_F_INDIRECT_DESC != 0 {
+        check_tx(&mut fe, &sock, &frames, TxShape { split: TxSplit::Every(512), indirect: true });
+    } else {
+        eprintln!("backend did not take INDIRECT_DESC; indirect shape not exercised");
+    }
+    check_rx(&mut fe, &sock, &frames);
+}
+
+#[test]
+fn test_frontend_dpdk_rx_without_mergeable_split_buffers() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let sock = PacketSocket::bind(&pmd.tap);
+    let opts = FrontendOptions {
+        requested_features: FrontendOptions::default().requested_features & !(NET_F_MRG_RXBUF | RING_F_EVENT_IDX),
+        rx_buf_len: 1526,
+        rx_segments: 3, // each RX buffer is a 3-descriptor chain
+        ..FrontendOptions::default()
+    };
+    let mut fe = connect(&pmd, opts);
+    assert_eq!(fe.acked_features() & (NET_F_MRG_RXBUF | RING_F_EVENT_IDX), 0);
+    check_rx(&mut fe, &sock, &sizes());
+    check_tx(&mut fe, &sock, &sizes(), TxShape::default());
+}
+
+#[test]
+fn test_frontend_dpdk_small_rx_buffers_merge() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let sock = PacketSocket::bind(&pmd.tap);
+    // 512-byte buffers: a 1514-byte frame must be spread over 3+ buffers via num_buffers.
+    let opts = FrontendOptions { rx_buf_len: 512, ..FrontendOptions::default() };
+    let mut fe = connect(&pmd, opts);
+    assert_ne!(fe.acked_features() & NET_F_MRG_RXBUF, 0);
+    let f = test_frame(1514, 77);
+    sock.send(&f);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        let left = deadline.checked_duration_since(Instant::now()).expect("in time");
+        let fr = fe.recv_frame(0, left).unwrap().expect("frame");
+        if is_test_frame(&fr.payload) {
+            break fr;
+        }
+    };
+    assert!(got.num_buffers >= 3, "num_buffers {}", got.num_buffers);
+    assert!(got.payload == f);
+}
+
+#[test]
+fn test_frontend_dpdk_batch_throughput_and_vring_base() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let mut fe = connect(&pmd, FrontendOptions::default());
+    let frames: Vec<Vec<u8>> = (0..64).map(|i| test_frame(60, i)).collect();
+    let hdr = VirtioNetHdr::default();
+    let total = 200_000u64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        fe.reclaim_tx(0).unwrap();
+        let n = fe.send_batch(0, &hdr, &frames).unwrap();
+        sent += n as u64;
+        if n == 0 {
+            std::hint::spin_loop();
+        }
+    }
+    while fe.stats().tx_completed < total && start.elapsed() < Duration::from_secs(30) {
+        fe.reclaim_tx(0).unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let s = fe.stats();
+    eprintln!(
+        "TX {} frames of 60 B in {secs:.3}s = {:.0} pps, {} kicks",
+        s.tx_completed,
+        s.tx_completed as f64 / secs,
+        s.tx_kicks
+    );
+    assert_eq!(s.tx_completed, total);
+    assert!(s.tx_kicks < total, "batching kicks at most once per batch");
+    // Stopping the TX ring reports where the backend stopped: all frames consumed.
+    let base = fe.get_vring_base(tx_queue(0)).expect("GET_VRING_BASE");
+    assert_eq!(base, (total % 65536) as u32);
+    let rx_base = fe.get_vring_base(rx_queue(0)).expect("GET_VRING_BASE rx");
+    eprintln!("rx vring base {rx_base}");
+}
+
+#[test]
+fn test_frontend_dpdk_reconnect() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(1);
+    let sock = PacketSocket::bind(&pmd.tap);
+    let fe = connect(&pmd, FrontendOptions::default());
+    fe.disconnect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut fe = connect(&pmd, FrontendOptions::default());
+    check_tx(&mut fe, &sock, &sizes()[..2], TxShape::default());
+    check_rx(&mut fe, &sock, &sizes()[..2]);
+}
