@@ -184,7 +184,7 @@ impl PacketSocket {
                     &mut sl,
                 )
             };
-            if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+            if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING {
                 continue;
             }
             let f = &buf[..n as usize];

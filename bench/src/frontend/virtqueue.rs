@@ -542,4 +542,24 @@ mod tests {
         assert!(!need_event(7, 6, 5));
         assert!(need_event(0xffff, 1, 0xfffe));
     }
+
+    #[test]
+    fn raw_descriptors_reach_the_rings_untracked() {
+        let mut q = queue(false);
+        let d = Descriptor { addr: 0xdead_0000, len: 7, flags: VIRTQ_DESC_F_NEXT, next: 5 };
+        q.add_raw_descriptors(&[(3, d)], &[3, 9]);
+        assert_eq!(read_desc(&q, 3), d);
+        let mut ring = [0u8; 8];
+        q.memory().read(q.layout().avail + 2, &mut ring);
+        assert_eq!(ring[0..2], 2u16.to_le_bytes(), "avail.idx");
+        assert_eq!(ring[2..4], 3u16.to_le_bytes());
+        assert_eq!(ring[4..6], 9u16.to_le_bytes(), "out-of-range head written as given");
+        assert_eq!(q.num_free(), 8, "raw writes do not touch the free list");
+        device_use(&q, 0, 9, 0);
+        assert_eq!(q.pop_used(), Some(UsedElem { id: 9, len: 0, known: false }));
+        assert_eq!(q.num_free(), 8);
+        q.set_avail_idx_raw(1000);
+        q.memory().read(q.layout().avail + 2, &mut ring[..2]);
+        assert_eq!(ring[0..2], 1000u16.to_le_bytes());
+    }
 }
