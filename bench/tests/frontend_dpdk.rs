@@ -429,3 +429,25 @@ fn test_frontend_dpdk_reconnect() {
     check_tx(&mut fe, &sock, &sizes()[..2], TxShape::default());
     check_rx(&mut fe, &sock, &sizes()[..2]);
 }
+
+#[test]
+fn test_frontend_dpdk_two_queue_pairs_qemu_order() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !runnable() {
+        return;
+    }
+    let pmd = Testpmd::start(2);
+    let sock = PacketSocket::bind(&pmd.tap);
+    // Pair 0 is enabled early (before SET_FEATURES), pair 1 after the rings are set up.
+    let opts = FrontendOptions { queue_pairs: 2, order: HandshakeOrder::Qemu, ..FrontendOptions::default() };
+    let mut fe = connect(&pmd, opts);
+    for pair in [1u16, 0] {
+        for (i, len) in [60usize, 1514].into_iter().enumerate() {
+            let f = test_frame(len, 100 * u32::from(pair) + i as u32);
+            fe.send_frame(pair, &VirtioNetHdr::default(), &f).expect("send_frame");
+            let got = sock.recv_test_frame(Duration::from_secs(5)).expect("frame out of the tap");
+            assert!(got == f, "TX frame from pair {pair} differs");
+        }
+    }
+    assert!(fe.send_frame(2, &VirtioNetHdr::default(), &[0; 60]).is_err(), "no pair 2");
+}
