@@ -23,6 +23,9 @@ pub mod used_ring;
 pub mod vhost_user;
 pub mod worker;
 
+#[cfg(test)]
+mod test_utils;
+
 use std::sync::Arc;
 
 use thiserror::Error;

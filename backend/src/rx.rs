@@ -116,10 +116,11 @@ impl RxLoop {
         Ok(true)
     }
 
-    /// The iovecs one read may fill: the held chains that together can take the largest frame.
-    fn read_iov_count(&self) -> usize {
+    /// The iovecs one read may fill, and their capacity: the held chains that together can take
+    /// the largest frame.
+    fn read_window(&self) -> (usize, usize) {
         if !self.mergeable {
-            return self.held.front().map_or(0, |c| c.iov_count);
+            return self.held.front().map_or((0, 0), |c| (c.iov_count, c.capacity));
         }
         let mut capacity = 0;
         let mut iovs = 0;
@@ -130,13 +131,14 @@ impl RxLoop {
                 break;
             }
         }
-        iovs
+        (iovs, capacity)
     }
 
     /// Completes the first chains for a frame of `n` bytes. Returns false if it cannot be
     /// delivered (it was truncated), leaving the chains held for the next frame.
-    fn deliver(&mut self, n: usize, counts: &mut PairCounts) -> bool {
-        if n < self.hdr_len {
+    fn deliver(&mut self, n: usize, read_capacity: usize, counts: &mut PairCounts) -> bool {
+        // Shorter than a header, or longer than what the read could hold (the tap truncated it).
+        if n < self.hdr_len || n > read_capacity {
             return false;
         }
         let (chains, last_len) = if self.mergeable {
@@ -186,7 +188,7 @@ impl RxLoop {
                     break;
                 }
             }
-            let iov_count = self.read_iov_count();
+            let (iov_count, read_capacity) = self.read_window();
             let iovs = &self.held_iovs.make_contiguous()[..iov_count];
             match tap.read_frame(iovs) {
                 Ok(0) => {
@@ -197,7 +199,7 @@ impl RxLoop {
                 }
                 Ok(n) => {
                     trace!("rx frame len={n}");
-                    if !self.deliver(n, counts) {
+                    if !self.deliver(n, read_capacity, counts) {
                         counts.rx_dropped += 1;
                     }
                 }
@@ -250,5 +252,180 @@ impl RxLoop {
             notify = self.used.publish(queue, mem).unwrap_or(false);
         }
         notify
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::*;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vutap_virtio::features::{bit, offered_features};
+
+    const SIZE: u16 = 64;
+
+    fn features(mergeable: bool, gso: bool) -> Features {
+        let mut f = bit(VIRTIO_F_VERSION_1);
+        if mergeable {
+            f |= bit(VIRTIO_NET_F_MRG_RXBUF);
+        }
+        if gso {
+            f |= bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
+        }
+        Features::negotiate(offered_features(), f).unwrap()
+    }
+
+    fn read(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    /// Posts `n` single-descriptor RX buffers of `len` bytes, 0x1000 apart... or 0x10000 for big ones.
+    fn post(mq: &MockSplitQueue<GuestMem>, first_slot: u16, n: u16, len: u32) -> Vec<u64> {
+        let stride = u64::from(len).next_multiple_of(0x1000);
+        (0..n)
+            .map(|i| {
+                let addr = DATA_BASE + u64::from(first_slot + i) * stride;
+                add_chain(mq, first_slot + i, &[(addr, len, true)]);
+                addr
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_rx_mergeable_frame_spans_buffers_with_num_buffers() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let addrs = post(&mq, 0, 4, 1000);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let f = frame(2500, 7);
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(f.clone()));
+        let mut counts = PairCounts::default();
+        // MTU 3000 without GSO: the largest frame is 3030 bytes, so reads span four buffers.
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 3000);
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        // One 1000-byte buffer is left: too little for the next largest frame.
+        assert!(matches!(outcome, RxOutcome::NoBuffers));
+        assert!(notify);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 1000), (1, 1000), (2, 500)]);
+        let mut got = read(&mem, addrs[0], 1000);
+        got.extend(read(&mem, addrs[1], 1000));
+        got.extend(read(&mem, addrs[2], 500));
+        assert_eq!(&got[12..], &f[12..], "payload arrives byte for byte");
+        assert_eq!(&got[10..12], &[3, 0], "num_buffers says 3");
+        assert_eq!((counts.rx_frames, counts.rx_bytes), (1, 2500));
+    }
+
+    #[test]
+    fn test_rx_small_frames_leave_unused_chains_held_then_returned() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 4, 1000);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().extend([TapStep::Frame(frame(60, 1)), TapStep::Frame(frame(80, 2))]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 60), (1, 80)]);
+        assert_eq!(q.next_avail(), 4, "chains were popped ahead");
+        rx.return_held(&mut q, &mem);
+        assert_eq!(q.next_avail(), 2, "unused chains go back to the ring");
+    }
+
+    #[test]
+    fn test_rx_non_mergeable_uses_one_chain_per_frame() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let addrs = post(&mq, 0, 2, 65562);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let big = frame(65000, 3);
+        tap.read_script.borrow_mut().extend([TapStep::Frame(big.clone()), TapStep::Frame(frame(1514, 4))]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, true), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 65000), (1, 1514)]);
+        let got = read(&mem, addrs[0], 65000);
+        assert_eq!(&got[12..], &big[12..]);
+        assert_eq!(&got[10..12], &[1, 0], "num_buffers is 1 without MRG_RXBUF");
+    }
+
+    #[test]
+    fn test_rx_without_buffers_waits() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 1, 1000); // 1000 < 1530 bytes needed for the largest frame
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(60, 1)));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::NoBuffers));
+        assert!(!notify);
+        assert_eq!(tap.read_script.borrow().len(), 1, "nothing was read from the tap");
+        assert_eq!(counts.rx_no_buffers, 1);
+    }
+
+    #[test]
+    fn test_rx_truncated_frame_is_dropped_and_buffers_kept() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 2, 1600);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().extend([TapStep::Frame(frame(5000, 1)), TapStep::Frame(frame(100, 2))]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.rx_dropped, 1);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 100)], "the next frame reuses the buffer");
+    }
+
+    #[test]
+    fn test_rx_bad_chain_is_returned_empty() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 2000, false)]); // read-only in RX
+        add_chain(&mq, 1, &[(DATA_BASE + 0x1000, 2000, true)]);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 2)));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.rx_bad_chains, 1);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 100)]);
+    }
+
+    #[test]
+    fn test_rx_event_idx_interrupts_only_when_asked() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 4, 2000);
+        // used_event (after the avail ring) = 5: the guest wants an interrupt only past entry 5.
+        let used_event_addr = mq.avail_addr().0 + 4 + 2 * u64::from(SIZE);
+        mem.write_obj(5u16, GuestAddress(used_event_addr)).unwrap();
+        let mut q = queue(&mq, true);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 1)));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500);
+        let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(!notify, "used_event not reached");
+        mem.write_obj(0u16, GuestAddress(used_event_addr)).unwrap();
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 2)));
+        let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(!notify, "used_event 0 was passed in an earlier batch");
+        mem.write_obj(2u16, GuestAddress(used_event_addr)).unwrap();
+        tap.read_script.borrow_mut().extend([TapStep::Frame(frame(100, 3)), TapStep::Frame(frame(100, 4))]);
+        let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(notify, "used_event 2 is crossed by this batch");
     }
 }

@@ -128,3 +128,130 @@ impl TxLoop {
         (outcome, notify)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const SIZE: u16 = 16;
+
+    fn put(mem: &GuestMem, addr: u64, bytes: &[u8]) {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn test_tx_frames_arrive_byte_for_byte_and_complete_in_one_batch() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let (f1, f2) = (frame(60, 1), frame(1514, 2));
+        put(&mem, DATA_BASE, &f1);
+        // Second frame: header in one descriptor, payload split over two more.
+        put(&mem, DATA_BASE + 0x1000, &f2[..12]);
+        put(&mem, DATA_BASE + 0x2000, &f2[12..700]);
+        put(&mem, DATA_BASE + 0x3000, &f2[700..]);
+        add_chain(&mq, 0, &[(DATA_BASE, 60, false)]);
+        add_chain(&mq, 1, &[(DATA_BASE + 0x1000, 12, false), (DATA_BASE + 0x2000, 688, false), (DATA_BASE + 0x3000, 814, false)]);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let (outcome, notify) = TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::Idle));
+        assert!(notify, "no NO_INTERRUPT flag: the guest wants an interrupt");
+        assert_eq!(*tap.written.borrow(), vec![f1, f2]);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0)]);
+        assert_eq!((counts.tx_frames, counts.tx_bytes, counts.tx_batches), (2, 60 + 1514, 1));
+    }
+
+    #[test]
+    fn test_tx_eagain_keeps_chain_and_resumes() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        for i in 0..3u16 {
+            put(&mem, DATA_BASE + u64::from(i) * 0x1000, &frame(100, i as u8));
+            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x1000, 100, false)]);
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.write_script.borrow_mut().extend([TapStep::Accept, TapStep::Fail(libc::EAGAIN)]);
+        let mut tx = TxLoop::new(64, SIZE, 12);
+        let mut counts = PairCounts::default();
+        let (outcome, _) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::Blocked));
+        assert_eq!(q.next_avail(), 1, "the refused chain is put back");
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0)]);
+        let (outcome, _) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::Idle));
+        let written = tap.written.borrow();
+        assert_eq!(written.len(), 3);
+        assert_eq!(written[1], frame(100, 1), "order is kept across the EAGAIN");
+        assert_eq!(used_entries(&mq, &mem, SIZE).len(), 3);
+        assert_eq!((counts.tx_eagain, counts.tx_frames), (1, 3));
+    }
+
+    #[test]
+    fn test_tx_refused_frame_is_counted_and_returned() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 100, false)]);
+        add_chain(&mq, 1, &[(DATA_BASE, 100, false)]);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.write_script.borrow_mut().push_back(TapStep::Fail(libc::EINVAL));
+        let mut counts = PairCounts::default();
+        TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!((counts.tx_dropped, counts.tx_frames), (1, 1));
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn test_tx_bad_chains_are_returned_without_touching_the_tap() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 12, false), (DATA_BASE + 0x100, 50, true)]); // writable in TX
+        add_chain(&mq, 2, &[(DATA_BASE, 8, false)]); // shorter than the header
+        add_chain(&mq, 3, &[(0xFFFF_FFF0_0000, 100, false)]); // outside guest memory
+        add_chain(&mq, 4, &[(DATA_BASE + 0x10_0000 - 10, 100, false)]); // ok: inside
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.tx_bad_chains, 3);
+        assert_eq!(tap.written.borrow().len(), 1);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn test_tx_budget_limits_a_batch() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        for i in 0..5u16 {
+            add_chain(&mq, i, &[(DATA_BASE, 60, false)]);
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut tx = TxLoop::new(3, SIZE, 12);
+        assert!(matches!(tx.process(&mut q, &mem, &tap, &mut counts).0, TxOutcome::MoreWork));
+        assert_eq!(used_entries(&mq, &mem, SIZE).len(), 3);
+        assert!(matches!(tx.process(&mut q, &mem, &tap, &mut counts).0, TxOutcome::Idle));
+        assert_eq!((counts.tx_frames, counts.tx_batches), (5, 2));
+    }
+
+    #[test]
+    fn test_tx_tap_gone_puts_chain_back() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 60, false)]);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.write_script.borrow_mut().push_back(TapStep::Fail(libc::EBADFD));
+        let mut counts = PairCounts::default();
+        let (outcome, _) = TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::TapGone(_)));
+        assert_eq!(q.next_avail(), 0);
+        assert!(used_entries(&mq, &mem, SIZE).is_empty());
+    }
+}

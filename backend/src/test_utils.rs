@@ -1,0 +1,125 @@
+//! Test helpers: guest memory, a mock split queue, and a scripted tap.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::chain_iov::IoVec;
+use crate::memory::GuestMem;
+use crate::tap_io::TapIo;
+
+/// Where the mock rings' data buffers start (rings live below it).
+pub const DATA_BASE: u64 = 0x10_0000;
+
+pub fn guest_memory() -> GuestMem {
+    GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+/// Writes descriptors chained in order (NEXT set on all but the last) starting at table slot
+/// `slot`, and makes the chain available.
+pub fn add_chain(q: &MockSplitQueue<GuestMem>, slot: u16, bufs: &[(u64, u32, bool)]) {
+    let descs: Vec<RawDescriptor> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, &(addr, len, writable))| {
+            let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, slot + i as u16 + 1))
+        })
+        .collect();
+    q.add_desc_chains(&descs, slot).unwrap();
+}
+
+pub fn queue(q: &MockSplitQueue<GuestMem>, event_idx: bool) -> Queue {
+    let mut queue: Queue = q.create_queue().unwrap();
+    queue.set_event_idx(event_idx);
+    queue
+}
+
+/// The used ring's entries (id, len) up to its published index.
+pub fn used_entries(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16) -> Vec<(u32, u32)> {
+    let base = q.used_addr().0;
+    let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
+    (0..idx)
+        .map(|i| {
+            let slot = base + 4 + u64::from(i % size) * 8;
+            (mem.read_obj(GuestAddress(slot)).unwrap(), mem.read_obj(GuestAddress(slot + 4)).unwrap())
+        })
+        .collect()
+}
+
+/// What the scripted tap does on its next call.
+#[derive(Debug)]
+pub enum TapStep {
+    /// Accept a write / deliver these bytes on read.
+    Frame(Vec<u8>),
+    Accept,
+    Fail(i32),
+}
+
+/// A tap that records written frames and plays a script for reads and writes.
+#[derive(Default)]
+pub struct MockTap {
+    pub written: RefCell<Vec<Vec<u8>>>,
+    pub write_script: RefCell<VecDeque<TapStep>>,
+    pub read_script: RefCell<VecDeque<TapStep>>,
+}
+
+fn gather(iovs: &[IoVec]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for iov in iovs {
+        // SAFETY: test iovecs point into the test's guest memory, valid for their length.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(iov.base(), iov.len()) });
+    }
+    out
+}
+
+impl TapIo for MockTap {
+    fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        match self.write_script.borrow_mut().pop_front().unwrap_or(TapStep::Accept) {
+            TapStep::Fail(errno) => Err(io::Error::from_raw_os_error(errno)),
+            _ => {
+                let frame = gather(iovs);
+                let n = frame.len();
+                self.written.borrow_mut().push(frame);
+                Ok(n)
+            }
+        }
+    }
+
+    fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        match self.read_script.borrow_mut().pop_front() {
+            None => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+            Some(TapStep::Fail(errno)) => Err(io::Error::from_raw_os_error(errno)),
+            Some(TapStep::Accept) => Ok(0),
+            Some(TapStep::Frame(bytes)) => {
+                // Like tun: copy what fits, report the whole length.
+                let mut left = &bytes[..];
+                for iov in iovs {
+                    let n = left.len().min(iov.len());
+                    // SAFETY: as in `gather`; the destination is valid for `iov.len()` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
+                    left = &left[n..];
+                }
+                Ok(bytes.len())
+            }
+        }
+    }
+}
+
+/// A frame: a 12-byte header with `gso_type` marker then `len - 12` payload bytes of a pattern.
+pub fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    for (i, b) in f.iter_mut().enumerate().skip(12) {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(seed);
+    }
+    f
+}
