@@ -1,1 +1,0 @@
-//! Test bed: netns/veth/macvtap topologies and QEMU guests.
