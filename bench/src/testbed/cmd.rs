@@ -1,0 +1,34 @@
+//! Running host commands (`ip`, `ss`, ...) with errors that say which command failed and why.
+
+use std::process::{Command, Stdio};
+
+use super::{io_err, Error, Result};
+
+fn render(prog: &str, args: &[&str]) -> String {
+    std::iter::once(prog).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
+}
+
+/// Runs `prog args...`, returns its stdout; a non-zero exit is an error carrying stderr.
+pub fn run(prog: &str, args: &[&str]) -> Result<String> {
+    let shown = render(prog, args);
+    let out = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(format!("spawn `{shown}`")))?;
+    if !out.status.success() {
+        return Err(Error::Command {
+            cmd: shown,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command for cleanup: failures are logged, not returned (the object may already be gone).
+pub fn run_quiet(prog: &str, args: &[&str]) {
+    if let Err(e) = run(prog, args) {
+        log::debug!("cleanup: {e}");
+    }
+}

@@ -1,0 +1,362 @@
+//! A tiny busybox guest under TCG QEMU with one virtio-net NIC, driven over its serial console.
+//!
+//! The NIC is either QEMU's own tap backend on a macvtap (`-netdev tap,fds=...`) or a vhost-user
+//! socket served by vutap. Guest memory is always a shared memfd so both variants run the same
+//! machine (vhost-user requires it).
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::console::Console;
+use super::iperf::IperfResult;
+use super::{ensure_guest_built, io_err, workspace_root, Error, Result};
+
+/// Printed by scripts/guest-init once the shell is about to read the console.
+const READY_MARKER: &str = "__VUTAP_GUEST_READY__";
+
+/// Which of the two unpacked QEMU builds under `.deps/` to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QemuVersion {
+    /// Debian bookworm's QEMU 7.2.
+    V7,
+    /// bookworm-backports' QEMU 10.0.
+    V10,
+}
+
+impl QemuVersion {
+    fn dir(self) -> PathBuf {
+        workspace_root().join(match self {
+            QemuVersion::V7 => ".deps/qemu7",
+            QemuVersion::V10 => ".deps/qemu10",
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            QemuVersion::V7 => "7.2",
+            QemuVersion::V10 => "10.0",
+        }
+    }
+}
+
+impl fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// The guest's network backend.
+#[derive(Debug, Clone)]
+pub enum Nic {
+    /// QEMU's built-in tap backend on a (mac)vtap character device, opened once per queue pair.
+    QemuTap { tap_path: PathBuf, queues: u16, mac: String },
+    /// A vhost-user-net backend listening on `socket`.
+    VhostUser { socket: PathBuf, queues: u16, mac: String },
+}
+
+impl Nic {
+    pub fn queues(&self) -> u16 {
+        match self {
+            Nic::QemuTap { queues, .. } | Nic::VhostUser { queues, .. } => *queues,
+        }
+    }
+
+    fn mac(&self) -> &str {
+        match self {
+            Nic::QemuTap { mac, .. } | Nic::VhostUser { mac, .. } => mac,
+        }
+    }
+}
+
+/// How to boot a guest.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    pub qemu: QemuVersion,
+    pub nic: Nic,
+    pub smp: u16,
+    pub mem_mb: u32,
+    pub boot_timeout: Duration,
+    /// Where `qemu.log` (stderr) and `console.log` (serial) go.
+    pub log_dir: PathBuf,
+}
+
+impl GuestConfig {
+    /// 2 vCPUs, 512 MiB, 60 s to boot (TCG on a busy 2-core host can be slow).
+    pub fn new(qemu: QemuVersion, nic: Nic, log_dir: PathBuf) -> GuestConfig {
+        GuestConfig { qemu, nic, smp: 2, mem_mb: 512, boot_timeout: Duration::from_secs(60), log_dir }
+    }
+}
+
+/// Result of a guest `ping`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PingResult {
+    pub transmitted: u32,
+    pub received: u32,
+    pub avg_ms: Option<f64>,
+}
+
+/// A running guest; `Drop` kills QEMU.
+pub struct Guest {
+    child: Child,
+    // Declared after `child` on purpose: dropped after `Drop::drop` killed QEMU, so the reader
+    // thread sees EOF.
+    console: Console,
+    pub config: GuestConfig,
+    /// Time from spawning QEMU to the ready marker.
+    pub boot_time: Duration,
+}
+
+impl Guest {
+    /// Boots the guest and waits for its shell.
+    pub fn boot(config: GuestConfig) -> Result<Guest> {
+        let (kernel, initrd) = ensure_guest_built()?;
+        let dir = config.qemu.dir();
+        let qemu_bin = dir.join("usr/bin/qemu-system-x86_64");
+        if !qemu_bin.exists() {
+            return Err(Error::Setup(format!(
+                "{} missing: run scripts/install-deps.sh",
+                qemu_bin.display()
+            )));
+        }
+        std::fs::create_dir_all(&config.log_dir)
+            .map_err(io_err(format!("create {}", config.log_dir.display())))?;
+        let qemu_log = config.log_dir.join("qemu.log");
+        let stderr = File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
+        let console_log = config.log_dir.join("console.log");
+        let console_file =
+            File::create(&console_log).map_err(io_err(format!("create {}", console_log.display())))?;
+
+        let mut cmd = Command::new(&qemu_bin);
+        cmd.env("QEMU_MODULE_DIR", dir.join("usr/lib/x86_64-linux-gnu/qemu"));
+        cmd.args(["-L", path_str(&dir.join("usr/share/qemu"))?]);
+        cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"]);
+        cmd.args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
+        cmd.args(["-accel", "tcg", "-smp", &config.smp.to_string()]);
+        let mem = format!("{}M", config.mem_mb);
+        cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+        cmd.args(["-numa", "node,memdev=mem", "-m", &mem]);
+        cmd.args(["-kernel", path_str(&kernel)?, "-initrd", path_str(&initrd)?]);
+        cmd.args(["-append", "console=ttyS0 quiet panic=-1"]);
+        let tap_fds = add_nic_args(&mut cmd, &config)?;
+        if !tap_fds.is_empty() {
+            let raw: Vec<RawFd> = tap_fds.iter().map(|f| f.as_raw_fd()).collect();
+            // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
+            // is async-signal-safe. `raw` holds fds that stay open in the parent (owned by
+            // `tap_fds`, alive until after spawn) and are all >= FD_BASE, so dup2 onto 3.. never
+            // clobbers a source fd still to be copied. dup2 clears FD_CLOEXEC on the target, so
+            // exactly fds 3..3+n survive into QEMU.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (i, fd) in raw.iter().enumerate() {
+                        if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
+        drop(tap_fds); // QEMU holds its own copies now.
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            return Err(Error::Setup("QEMU stdio pipes missing".into()));
+        };
+        let console = Console::new(stdin, stdout, console_file);
+        let mut guest = Guest { child, console, config, boot_time: Duration::ZERO };
+        if let Err(e) = guest.console.wait_for(READY_MARKER, 0, guest.config.boot_timeout) {
+            let log = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+            return Err(Error::Setup(format!("guest did not boot: {e}\nqemu.log:\n{log}")));
+        }
+        guest.boot_time = started.elapsed();
+        // Throwaway command: makes sure the shell itself is reading (not just /init).
+        guest.run("true", Duration::from_secs(20))?;
+        Ok(guest)
+    }
+
+    /// Runs a one-line shell command in the guest; returns `(exit status, output)`.
+    pub fn run(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String)> {
+        self.console.run(cmd, timeout)
+    }
+
+    /// Like [`Guest::run`] but a non-zero exit is an error.
+    pub fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
+        let (code, out) = self.run(cmd, timeout)?;
+        if code != 0 {
+            return Err(Error::Command { cmd: format!("(guest) {cmd}"), status: code.to_string(), stderr: out });
+        }
+        Ok(out)
+    }
+
+    /// Brings eth0 up with `ip/prefix`.
+    pub fn configure_ip(&mut self, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+        let t = Duration::from_secs(20);
+        self.run_ok(&format!("ip addr add {ip}/{prefix} dev eth0"), t)?;
+        self.run_ok("ip link set eth0 up", t)?;
+        Ok(())
+    }
+
+    /// `ethtool -L eth0 combined n`: how many queue pairs the guest driver uses.
+    pub fn set_channels(&mut self, n: u16) -> Result<()> {
+        self.run_ok(&format!("ethtool -L eth0 combined {n}"), Duration::from_secs(20)).map(drop)
+    }
+
+    /// Pings `ip` `count` times (0.2 s apart). A run with lost replies is not an error.
+    pub fn ping(&mut self, ip: Ipv4Addr, count: u32) -> Result<PingResult> {
+        let timeout = Duration::from_secs(10 + 2 * count as u64);
+        let (_, out) = self.run(&format!("ping -c {count} -i 0.2 -W 2 {ip}"), timeout)?;
+        parse_ping(&out)
+    }
+
+    /// Runs an iperf3 client against `server:port` for `secs` with `streams` parallel streams;
+    /// `reverse` makes the server send (peer → guest).
+    pub fn iperf3(
+        &mut self,
+        server: Ipv4Addr,
+        port: u16,
+        secs: u32,
+        streams: u16,
+        reverse: bool,
+    ) -> Result<IperfResult> {
+        let r = if reverse { " -R" } else { "" };
+        let cmd = format!("iperf3 -c {server} -p {port} -t {secs} -P {streams} -i 0 -J --connect-timeout 5000{r}");
+        let (_, out) = self.run(&cmd, Duration::from_secs(secs as u64 + 60))?;
+        IperfResult::parse(&out)
+    }
+
+    /// `poweroff -f` and wait up to `timeout` for QEMU to exit (killed after that).
+    pub fn shutdown(mut self, timeout: Duration) -> Result<()> {
+        self.console.send_line("poweroff -f")?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.child.try_wait().map_err(io_err("wait for QEMU"))?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(Error::Timeout { what: "guest poweroff".into(), after: timeout, tail: self.console.tail(500) })
+    }
+
+    /// QEMU's stderr so far.
+    pub fn qemu_log(&self) -> String {
+        std::fs::read_to_string(self.config.log_dir.join("qemu.log")).unwrap_or_default()
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// First fd number the tap fds are moved to before fork (see the SAFETY note in `boot`).
+const FD_BASE: RawFd = 64;
+
+/// Appends `-netdev/-device` (and `-chardev`) for the NIC; returns the tap fds to pass as 3, 4, ...
+fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>> {
+    let q = config.nic.queues().max(1);
+    let mut fds = Vec::new();
+    match &config.nic {
+        Nic::QemuTap { tap_path, .. } => {
+            for _ in 0..q {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(tap_path)
+                    .map_err(io_err(format!("open {}", tap_path.display())))?;
+                fds.push(dup_above(&f, FD_BASE)?);
+            }
+            let list: Vec<String> = (0..q).map(|i| (3 + i).to_string()).collect();
+            let fd_arg = if q == 1 { "fd=3".to_string() } else { format!("fds={}", list.join(":")) };
+            cmd.args(["-netdev", &format!("tap,id=n0,{fd_arg},vhost=off")]);
+        }
+        Nic::VhostUser { socket, .. } => {
+            cmd.args(["-chardev", &format!("socket,id=c0,path={}", path_str(socket)?)]);
+            cmd.args(["-netdev", &format!("vhost-user,id=n0,chardev=c0,queues={q}")]);
+        }
+    }
+    // romfile= : no iPXE option ROM, we boot with -kernel and it only costs boot time.
+    let mut dev = format!("virtio-net-pci,netdev=n0,mac={},romfile=", config.nic.mac());
+    if q > 1 {
+        dev.push_str(",mq=on");
+    }
+    let vhost_user = matches!(config.nic, Nic::VhostUser { .. });
+    if vhost_user && config.qemu == QemuVersion::V7 {
+        // QEMU 7.2 under TCG segfaults with a vhost-user NIC using MSI-X: use INTx.
+        dev.push_str(",vectors=0");
+    } else if q > 1 {
+        dev.push_str(&format!(",vectors={}", 2 * q + 2));
+    }
+    cmd.args(["-device", &dev]);
+    Ok(fds)
+}
+
+/// Duplicates `f` to the lowest free fd >= `min` (close-on-exec set).
+fn dup_above(f: &File, min: RawFd) -> Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a valid open fd borrowed from `f`; no memory is touched.
+    let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if fd < 0 {
+        return Err(io_err("dup tap fd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by fcntl, is open, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
+}
+
+/// Parses busybox ping's summary: "N packets transmitted, M packets received" and
+/// "round-trip min/avg/max = a/b/c ms".
+fn parse_ping(out: &str) -> Result<PingResult> {
+    let bad = || Error::Parse { what: "ping output".into(), detail: out.trim().to_string() };
+    let line = out.lines().find(|l| l.contains("packets transmitted")).ok_or_else(bad)?;
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let [transmitted, received] = nums[..] else { return Err(bad()) };
+    let avg_ms = out
+        .lines()
+        .find_map(|l| l.split_once("min/avg/max = "))
+        .and_then(|(_, v)| v.split('/').nth(1))
+        .and_then(|s| s.trim().parse().ok());
+    Ok(PingResult { transmitted, received, avg_ms })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_busybox_ping() {
+        let out = "PING 10.77.1.1 (10.77.1.1): 56 data bytes\n64 bytes from 10.77.1.1: seq=0 ttl=64 time=1.2 ms\n\n\
+                   --- 10.77.1.1 ping statistics ---\n3 packets transmitted, 2 packets received, 33% packet loss\n\
+                   round-trip min/avg/max = 0.9/1.250/1.6 ms\n";
+        let p = parse_ping(out).unwrap();
+        assert_eq!((p.transmitted, p.received), (3, 2));
+        assert_eq!(p.avg_ms, Some(1.25));
+        let none = "--- x ping statistics ---\n2 packets transmitted, 0 packets received, 100% packet loss\n";
+        assert_eq!(parse_ping(none).unwrap().received, 0);
+        assert!(parse_ping("ping: sendto: Network unreachable").is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! Test bed: netns/veth/macvtap topologies and TCG QEMU guests for end-to-end runs.
+//!
+//! - [`topo`]: a peer network namespace behind a veth pair with macvtaps on the host end
+//!   ([`Topology`]), plus an iperf3 server in that namespace ([`IperfServer`]).
+//! - [`guest`]: a tiny busybox guest under QEMU 7.2 or 10.0 (TCG), driven over its serial console
+//!   ([`Guest`]).
+//! - [`vutap`]: the `vutap` daemon as a child process ([`Vutap`]).
+//! - [`iperf`]: parsing of `iperf3 -J` reports.
+//! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
+//!
+//! Everything here needs root. Every guard deletes what it made on `Drop`, including on panic.
+
+pub mod cmd;
+pub mod console;
+pub mod guest;
+pub mod iperf;
+pub mod scenario;
+pub mod topo;
+pub mod vutap;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub use guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion};
+pub use iperf::IperfResult;
+pub use scenario::{Backend, Outcome, Scenario};
+pub use topo::{IperfServer, MacvtapMode, Tap, Topology};
+pub use vutap::Vutap;
+
+/// Errors of the test bed. Each carries enough context to tell which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("command `{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("timed out after {after:?} waiting for {what}; last output:\n{tail}")]
+    Timeout {
+        what: String,
+        after: Duration,
+        tail: String,
+    },
+    #[error("{what} exited early ({status}); see {log}")]
+    Exited {
+        what: String,
+        status: String,
+        log: String,
+    },
+    #[error("cannot parse {what}: {detail}")]
+    Parse { what: String, detail: String },
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Wraps an `io::Error` with what we were doing.
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
+
+/// The workspace root, found from this crate's manifest dir so the harness works from any clone.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench crate lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Directory for logs of one run: `<workspace>/results/tmp/<name>` (git-ignored).
+pub fn log_dir(name: &str) -> Result<PathBuf> {
+    let dir = workspace_root().join("results/tmp").join(name);
+    std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+    Ok(dir)
+}
+
+/// A short suffix unique within this host for this process's lifetime: pid plus a counter.
+/// Kept short because interface names are limited to 15 bytes.
+pub(crate) fn unique_suffix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:x}{:x}", std::process::id() & 0xfffff, n & 0xff)
+}
+
+/// Builds the guest kernel and initramfs if needed (`scripts/build-guest.sh` is idempotent) and
+/// returns `(vmlinuz, initrd)`.
+pub fn ensure_guest_built() -> Result<(PathBuf, PathBuf)> {
+    // One build at a time, even when tests boot guests from several threads.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let root = workspace_root();
+    let script = root.join("scripts/build-guest.sh");
+    cmd::run("bash", &[script.to_str().unwrap_or_default()])?;
+    let dir = root.join(".deps/guest");
+    Ok((dir.join("vmlinuz"), dir.join("initrd.img")))
+}
