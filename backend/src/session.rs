@@ -178,7 +178,9 @@ impl Session {
             self.vrings[pair * 2].base = stopped.rx.next_avail();
             self.vrings[pair * 2 + 1].base = stopped.tx.next_avail();
         }
-        info!("queue pair {pair} stopped");
+        let counts = self.dev.metrics[pair].snapshot();
+        let summary: Vec<String> = counts.fields().iter().filter(|(_, v)| *v != 0).map(|(k, v)| format!("{k}={v}")).collect();
+        info!("queue pair {pair} stopped; totals: {}", summary.join(" "));
     }
 
     fn stop_all(&mut self) {
