@@ -1,0 +1,186 @@
+//! `vutap-vm`: real-guest runs of vutap against QEMU's own tap backend.
+//!
+//! `vutap-vm demo` builds one netns/veth/macvtap topology, then for each QEMU version boots the
+//! test guest through vutap and through QEMU's tap backend on the same /dev/tapN, pings the peer
+//! namespace, runs iperf3 both ways, prints a markdown table and writes `results/demo.json`.
+//! Needs root.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use vutap_bench::testbed::{workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology};
+
+#[derive(Parser)]
+#[command(about = "End-to-end runs of vutap with real QEMU guests")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// vutap vs QEMU's tap backend: ping + iperf3 both directions, markdown table + JSON.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    #[arg(long, value_enum, default_value = "both")]
+    qemu: QemuChoice,
+    #[arg(long, value_enum, default_value = "both")]
+    backend: BackendChoice,
+    /// Queue pairs (the guest uses that many channels and iperf3 streams).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Where to write the JSON results (relative paths are under the workspace root).
+    #[arg(long, default_value = "results/demo.json")]
+    json: std::path::PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QemuChoice {
+    #[value(name = "7")]
+    V7,
+    #[value(name = "10")]
+    V10,
+    Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    Vutap,
+    QemuTap,
+    Both,
+}
+
+/// One line of the table / JSON.
+#[derive(Serialize)]
+struct Row {
+    backend: Backend,
+    qemu: &'static str,
+    queues: u16,
+    direction: &'static str,
+    gbps: f64,
+    /// vutap Gbit/s over qemu-tap Gbit/s for the same QEMU, queues and direction (vutap rows).
+    ratio_vs_qemu_tap: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    seconds: u32,
+    outcomes: Vec<Outcome>,
+    rows: Vec<Row>,
+    /// Runs that failed, as "backend qemu: error".
+    failures: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().cmd {
+        Cmd::Demo(args) => demo(args),
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let qemus: &[QemuVersion] = match args.qemu {
+        QemuChoice::V7 => &[QemuVersion::V7],
+        QemuChoice::V10 => &[QemuVersion::V10],
+        QemuChoice::Both => &[QemuVersion::V7, QemuVersion::V10],
+    };
+    let backends: &[Backend] = match args.backend {
+        BackendChoice::Vutap => &[Backend::Vutap],
+        BackendChoice::QemuTap => &[Backend::QemuTap],
+        BackendChoice::Both => &[Backend::Vutap, Backend::QemuTap],
+    };
+    let topo = match Topology::new(1, MacvtapMode::Bridge) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("vutap-vm: topology: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tap = topo.taps[0].clone();
+    eprintln!("topology: netns {} peer {} guest {} on {} ({})", topo.netns, topo.peer_ip, tap.guest_ip, tap.dev.display(), tap.mac);
+
+    let mut outcomes = Vec::new();
+    let mut failures = Vec::new();
+    for &qemu in qemus {
+        for &backend in backends {
+            let name = format!("demo-{backend}-q{}-{}q", qemu.label(), args.queues);
+            eprintln!("== {backend} on QEMU {qemu}, {} queue pair(s)", args.queues);
+            let s = Scenario { qemu, backend, queues: args.queues, ping_count: 5, iperf_secs: args.seconds, streams: 1 };
+            match s.run(&topo, &tap, &name) {
+                Ok(o) => {
+                    eprintln!(
+                        "   boot {:.1} s, ping {}/{}, guest->peer {:.2} Gbit/s, peer->guest {:.2} Gbit/s",
+                        o.boot_secs, o.ping.received, o.ping.transmitted, o.tx.received_gbps, o.rx.received_gbps
+                    );
+                    outcomes.push(o);
+                }
+                Err(e) => {
+                    eprintln!("   FAILED: {e}");
+                    failures.push(format!("{backend} {qemu}: {e}"));
+                }
+            }
+        }
+    }
+    let rows = rows(&outcomes);
+    print_table(&rows);
+    let report = Report { seconds: args.seconds, outcomes, rows, failures };
+    let path = if args.json.is_absolute() { args.json.clone() } else { workspace_root().join(&args.json) };
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()));
+    match written {
+        Ok(()) => eprintln!("wrote {}", path.display()),
+        Err(e) => eprintln!("vutap-vm: write {}: {e}", path.display()),
+    }
+    if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn rows(outcomes: &[Outcome]) -> Vec<Row> {
+    let gbps = |o: &Outcome, dir: &str| if dir == "guest->peer" { o.tx.received_gbps } else { o.rx.received_gbps };
+    let mut rows = Vec::new();
+    for o in outcomes {
+        for dir in ["guest->peer", "peer->guest"] {
+            let baseline = outcomes
+                .iter()
+                .find(|b| b.backend == Backend::QemuTap && b.qemu == o.qemu && b.queues == o.queues);
+            let ratio = match (o.backend, baseline) {
+                (Backend::Vutap, Some(b)) if gbps(b, dir) > 0.0 => Some(gbps(o, dir) / gbps(b, dir)),
+                _ => None,
+            };
+            rows.push(Row {
+                backend: o.backend,
+                qemu: o.qemu.label(),
+                queues: o.queues,
+                direction: dir,
+                gbps: gbps(o, dir),
+                ratio_vs_qemu_tap: ratio,
+            });
+        }
+    }
+    rows
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| backend | qemu | queues | direction | Gbit/s | vutap/qemu-tap |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        let ratio = r.ratio_vs_qemu_tap.map_or("-".to_string(), |x| format!("{x:.2}"));
+        let backend = match r.backend {
+            Backend::Vutap => "vutap",
+            Backend::QemuTap => "qemu-tap",
+        };
+        println!("| {backend} | {} | {} | {} | {:.2} | {ratio} |", r.qemu, r.queues, r.direction, r.gbps);
+    }
+}
