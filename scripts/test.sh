@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every vutap test: unit tests, integration tests (netns, veth, macvtap, tap), the
+# DPDK-peer frontend tests, the bench smoke run, and end-to-end QEMU 7.2 / 10.0 guests.
+# Needs root (network namespaces, macvtaps, /dev/net/tun). Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "scripts/test.sh: run as root (the tests create netns, veths, macvtaps and taps)" >&2; exit 1; }
+bash scripts/install-deps.sh
+bash scripts/build-guest.sh
+# Release build: the end-to-end tests and the bench smoke run spawn target/release/vutap.
+cargo build --release --workspace --bins
+cargo test --release --workspace "$@"
