@@ -18,16 +18,41 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
     let topo = Topology::new(1, MacvtapMode::Bridge).expect("create netns/veth/macvtap topology");
     let tap = topo.taps[0].clone();
     let name = format!("e2e-{backend}-q{}-{queues}q", qemu.label());
-    let scenario = Scenario { qemu, backend, queues, ping_count: 3, iperf_secs: 2, streams: queues };
-    let out = scenario.run(&topo, &tap, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let scenario = Scenario {
+        qemu,
+        backend,
+        queues,
+        ping_count: 3,
+        iperf_secs: 2,
+        streams: queues,
+    };
+    let out = scenario
+        .run(&topo, &tap, &name)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     eprintln!(
         "{name}: boot {:.1} s, ping {}/{} avg {:?} ms, tx {:.3} Gbit/s, rx {:.3} Gbit/s",
-        out.boot_secs, out.ping.received, out.ping.transmitted, out.ping.avg_ms,
-        out.tx.received_gbps, out.rx.received_gbps
+        out.boot_secs,
+        out.ping.received,
+        out.ping.transmitted,
+        out.ping.avg_ms,
+        out.tx.received_gbps,
+        out.rx.received_gbps
     );
-    assert!(out.ping.received > 0, "{name}: no ping replies: {:?}", out.ping);
-    assert!(out.tx.received_gbps > 0.0, "{name}: no guest->peer throughput: {:?}", out.tx);
-    assert!(out.rx.received_gbps > 0.0, "{name}: no peer->guest throughput: {:?}", out.rx);
+    assert!(
+        out.ping.received > 0,
+        "{name}: no ping replies: {:?}",
+        out.ping
+    );
+    assert!(
+        out.tx.received_gbps > 0.0,
+        "{name}: no guest->peer throughput: {:?}",
+        out.tx
+    );
+    assert!(
+        out.rx.received_gbps > 0.0,
+        "{name}: no peer->guest throughput: {:?}",
+        out.rx
+    );
 }
 
 #[test]
@@ -55,6 +80,16 @@ fn test_e2e_vutap_qemu10_2q() {
 #[test]
 fn test_e2e_qemutap_qemu7_1q() {
     e2e(QemuVersion::V7, Backend::QemuTap, 1);
+}
+
+#[test]
+fn test_e2e_qemutap_qemu7_2q() {
+    e2e(QemuVersion::V7, Backend::QemuTap, 2);
+}
+
+#[test]
+fn test_e2e_qemutap_qemu10_1q() {
+    e2e(QemuVersion::V10, Backend::QemuTap, 1);
 }
 
 #[test]

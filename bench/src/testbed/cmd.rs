@@ -5,7 +5,10 @@ use std::process::{Command, Stdio};
 use super::{io_err, Error, Result};
 
 fn render(prog: &str, args: &[&str]) -> String {
-    std::iter::once(prog).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
+    std::iter::once(prog)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Runs `prog args...`, returns its stdout; a non-zero exit is an error carrying stderr.

@@ -57,9 +57,17 @@ impl fmt::Display for QemuVersion {
 #[derive(Debug, Clone)]
 pub enum Nic {
     /// QEMU's built-in tap backend on a (mac)vtap character device, opened once per queue pair.
-    QemuTap { tap_path: PathBuf, queues: u16, mac: String },
+    QemuTap {
+        tap_path: PathBuf,
+        queues: u16,
+        mac: String,
+    },
     /// A vhost-user-net backend listening on `socket`.
-    VhostUser { socket: PathBuf, queues: u16, mac: String },
+    VhostUser {
+        socket: PathBuf,
+        queues: u16,
+        mac: String,
+    },
 }
 
 impl Nic {
@@ -91,7 +99,14 @@ pub struct GuestConfig {
 impl GuestConfig {
     /// 2 vCPUs, 512 MiB, 60 s to boot (TCG on a busy 2-core host can be slow).
     pub fn new(qemu: QemuVersion, nic: Nic, log_dir: PathBuf) -> GuestConfig {
-        GuestConfig { qemu, nic, smp: 2, mem_mb: 512, boot_timeout: Duration::from_secs(60), log_dir }
+        GuestConfig {
+            qemu,
+            nic,
+            smp: 2,
+            mem_mb: 512,
+            boot_timeout: Duration::from_secs(60),
+            log_dir,
+        }
     }
 }
 
@@ -129,19 +144,30 @@ impl Guest {
         std::fs::create_dir_all(&config.log_dir)
             .map_err(io_err(format!("create {}", config.log_dir.display())))?;
         let qemu_log = config.log_dir.join("qemu.log");
-        let stderr = File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
+        let stderr =
+            File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
         let console_log = config.log_dir.join("console.log");
-        let console_file =
-            File::create(&console_log).map_err(io_err(format!("create {}", console_log.display())))?;
+        let console_file = File::create(&console_log)
+            .map_err(io_err(format!("create {}", console_log.display())))?;
 
         let mut cmd = Command::new(&qemu_bin);
         cmd.env("QEMU_MODULE_DIR", dir.join("usr/lib/x86_64-linux-gnu/qemu"));
         cmd.args(["-L", path_str(&dir.join("usr/share/qemu"))?]);
         cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"]);
-        cmd.args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
+        cmd.args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+        ]);
         cmd.args(["-accel", "tcg", "-smp", &config.smp.to_string()]);
         let mem = format!("{}M", config.mem_mb);
-        cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
+        cmd.args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
         cmd.args(["-numa", "node,memdev=mem", "-m", &mem]);
         cmd.args(["-kernel", path_str(&kernel)?, "-initrd", path_str(&initrd)?]);
         cmd.args(["-append", "console=ttyS0 quiet panic=-1"]);
@@ -164,20 +190,34 @@ impl Guest {
                 });
             }
         }
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
 
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
         drop(tap_fds); // QEMU holds its own copies now.
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             return Err(Error::Setup("QEMU stdio pipes missing".into()));
         };
         let console = Console::new(stdin, stdout, console_file);
-        let mut guest = Guest { child, console, config, boot_time: Duration::ZERO };
-        if let Err(e) = guest.console.wait_for(READY_MARKER, 0, guest.config.boot_timeout) {
+        let mut guest = Guest {
+            child,
+            console,
+            config,
+            boot_time: Duration::ZERO,
+        };
+        if let Err(e) = guest
+            .console
+            .wait_for(READY_MARKER, 0, guest.config.boot_timeout)
+        {
             let log = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            return Err(Error::Setup(format!("guest did not boot: {e}\nqemu.log:\n{log}")));
+            return Err(Error::Setup(format!(
+                "guest did not boot: {e}\nqemu.log:\n{log}"
+            )));
         }
         guest.boot_time = started.elapsed();
         // Throwaway command: makes sure the shell itself is reading (not just /init).
@@ -194,7 +234,11 @@ impl Guest {
     pub fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
         let (code, out) = self.run(cmd, timeout)?;
         if code != 0 {
-            return Err(Error::Command { cmd: format!("(guest) {cmd}"), status: code.to_string(), stderr: out });
+            return Err(Error::Command {
+                cmd: format!("(guest) {cmd}"),
+                status: code.to_string(),
+                stderr: out,
+            });
         }
         Ok(out)
     }
@@ -209,7 +253,11 @@ impl Guest {
 
     /// `ethtool -L eth0 combined n`: how many queue pairs the guest driver uses.
     pub fn set_channels(&mut self, n: u16) -> Result<()> {
-        self.run_ok(&format!("ethtool -L eth0 combined {n}"), Duration::from_secs(20)).map(drop)
+        self.run_ok(
+            &format!("ethtool -L eth0 combined {n}"),
+            Duration::from_secs(20),
+        )
+        .map(drop)
     }
 
     /// Pings `ip` `count` times (0.2 s apart). A run with lost replies is not an error.
@@ -230,7 +278,9 @@ impl Guest {
         reverse: bool,
     ) -> Result<IperfResult> {
         let r = if reverse { " -R" } else { "" };
-        let cmd = format!("iperf3 -c {server} -p {port} -t {secs} -P {streams} -i 0 -J --connect-timeout 5000{r}");
+        let cmd = format!(
+            "iperf3 -c {server} -p {port} -t {secs} -P {streams} -i 0 -J --connect-timeout 5000{r}"
+        );
         let (_, out) = self.run(&cmd, Duration::from_secs(secs as u64 + 60))?;
         IperfResult::parse(&out)
     }
@@ -240,12 +290,21 @@ impl Guest {
         self.console.send_line("poweroff -f")?;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.child.try_wait().map_err(io_err("wait for QEMU"))?.is_some() {
+            if self
+                .child
+                .try_wait()
+                .map_err(io_err("wait for QEMU"))?
+                .is_some()
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(Error::Timeout { what: "guest poweroff".into(), after: timeout, tail: self.console.tail(500) })
+        Err(Error::Timeout {
+            what: "guest poweroff".into(),
+            after: timeout,
+            tail: self.console.tail(500),
+        })
     }
 
     /// QEMU's stderr so far.
@@ -284,12 +343,22 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
                 fds.push(dup_above(&f, FD_BASE)?);
             }
             let list: Vec<String> = (0..q).map(|i| (3 + i).to_string()).collect();
-            let fd_arg = if q == 1 { "fd=3".to_string() } else { format!("fds={}", list.join(":")) };
+            let fd_arg = if q == 1 {
+                "fd=3".to_string()
+            } else {
+                format!("fds={}", list.join(":"))
+            };
             cmd.args(["-netdev", &format!("tap,id=n0,{fd_arg},vhost=off")]);
         }
         Nic::VhostUser { socket, .. } => {
-            cmd.args(["-chardev", &format!("socket,id=c0,path={}", path_str(socket)?)]);
-            cmd.args(["-netdev", &format!("vhost-user,id=n0,chardev=c0,queues={q}")]);
+            cmd.args([
+                "-chardev",
+                &format!("socket,id=c0,path={}", path_str(socket)?),
+            ]);
+            cmd.args([
+                "-netdev",
+                &format!("vhost-user,id=n0,chardev=c0,queues={q}"),
+            ]);
         }
     }
     // romfile= : no iPXE option ROM, we boot with -kernel and it only costs boot time.
@@ -320,27 +389,40 @@ fn dup_above(f: &File, min: RawFd) -> Result<OwnedFd> {
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
+    p.to_str()
+        .ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
 }
 
 /// Parses busybox ping's summary: "N packets transmitted, M packets received" and
 /// "round-trip min/avg/max = a/b/c ms".
 fn parse_ping(out: &str) -> Result<PingResult> {
-    let bad = || Error::Parse { what: "ping output".into(), detail: out.trim().to_string() };
-    let line = out.lines().find(|l| l.contains("packets transmitted")).ok_or_else(bad)?;
+    let bad = || Error::Parse {
+        what: "ping output".into(),
+        detail: out.trim().to_string(),
+    };
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .ok_or_else(bad)?;
     let nums: Vec<u32> = line
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .take(2)
         .filter_map(|s| s.parse().ok())
         .collect();
-    let [transmitted, received] = nums[..] else { return Err(bad()) };
+    let [transmitted, received] = nums[..] else {
+        return Err(bad());
+    };
     let avg_ms = out
         .lines()
         .find_map(|l| l.split_once("min/avg/max = "))
         .and_then(|(_, v)| v.split('/').nth(1))
         .and_then(|s| s.trim().parse().ok());
-    Ok(PingResult { transmitted, received, avg_ms })
+    Ok(PingResult {
+        transmitted,
+        received,
+        avg_ms,
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,10 @@ pub struct IperfResult {
 impl IperfResult {
     /// Parses the JSON report; `text` may carry other console lines around it.
     pub fn parse(text: &str) -> Result<IperfResult> {
-        let bad = |detail: String| Error::Parse { what: "iperf3 JSON report".into(), detail };
+        let bad = |detail: String| Error::Parse {
+            what: "iperf3 JSON report".into(),
+            detail,
+        };
         let (start, end) = match (text.find('{'), text.rfind('}')) {
             (Some(s), Some(e)) if s < e => (s, e),
             _ => return Err(bad(format!("no JSON object in: {}", text.trim()))),
@@ -51,7 +54,10 @@ mod tests {
         assert!((r.sent_gbps - 2.5).abs() < 1e-9 && (r.received_gbps - 2.4).abs() < 1e-9);
         assert_eq!(r.retransmits, 3);
         let err = r#"{"start":{},"end":{},"error":"unable to connect to server"}"#;
-        assert!(IperfResult::parse(err).unwrap_err().to_string().contains("unable to connect"));
+        assert!(IperfResult::parse(err)
+            .unwrap_err()
+            .to_string()
+            .contains("unable to connect"));
         assert!(IperfResult::parse("iperf3: not found").is_err());
     }
 }

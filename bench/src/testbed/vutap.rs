@@ -40,7 +40,13 @@ impl Vutap {
 
     /// Spawns vutap serving `socket` on `tap` with `queues` queue pairs, `extra` args appended;
     /// waits up to 10 s for the socket to appear. Its stdout+stderr go to `log_dir/vutap.log`.
-    pub fn spawn(socket: &Path, tap: &Path, queues: u16, extra: &[&str], log_dir: &Path) -> Result<Vutap> {
+    pub fn spawn(
+        socket: &Path,
+        tap: &Path,
+        queues: u16,
+        extra: &[&str],
+        log_dir: &Path,
+    ) -> Result<Vutap> {
         let bin = Vutap::binary()?;
         let _ = std::fs::remove_file(socket); // a stale socket would fake readiness
         let log = log_dir.join("vutap.log");
@@ -53,13 +59,20 @@ impl Vutap {
             .arg(tap)
             .args(["--queues", &queues.to_string()])
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(io_err(format!("spawn {}", bin.display())))?;
-        let mut v = Vutap { child, socket: socket.to_path_buf(), log };
+        let mut v = Vutap {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if socket.exists() {
