@@ -41,29 +41,38 @@ impl IoVec {
     }
 }
 
-/// Appends the chain's buffers to `iovs` and returns the chain's byte count. On error `iovs` is
-/// restored to its length on entry.
+/// Appends the chain's buffers to `iovs` (and, if asked, their guest-physical ranges to
+/// `ranges`, for the dirty log) and returns the chain's byte count. On error both are restored
+/// to their lengths on entry.
 pub fn collect_iovecs<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMem,
     direction: Direction,
     limits: ChainLimits,
     iovs: &mut Vec<IoVec>,
+    mut ranges: Option<&mut Vec<(u64, u32)>>,
 ) -> Result<u32, BadChain>
 where
     M: Deref<Target = GuestMem>,
 {
     let start = iovs.len();
+    let ranges_start = ranges.as_ref().map_or(0, |r| r.len());
     let result = (|| {
         let mut check = ChainCheck::new(direction, limits);
         for desc in chain {
             check.push(desc.len(), desc.is_write_only())?;
             push_region_iovecs(mem, desc.addr(), desc.len(), iovs)?;
+            if let Some(r) = ranges.as_mut() {
+                r.push((desc.addr().0, desc.len()));
+            }
         }
         Ok(check.finish()?)
     })();
     if result.is_err() {
         iovs.truncate(start);
+        if let Some(r) = ranges {
+            r.truncate(ranges_start);
+        }
     }
     result
 }

@@ -7,11 +7,13 @@
 //! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
 //! - [`session`]: per-connection state (features, memory, vrings, workers).
 //! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
-//! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`metrics`]: counters.
+//! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
+//!   migration log; [`metrics`]: counters.
 
 pub mod chain_iov;
 pub mod cli;
 pub mod device;
+pub mod dirty_log;
 pub mod memory;
 pub mod metrics;
 pub mod rx;

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::Arc;
 
 use log::{trace, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -14,6 +15,7 @@ use vutap_virtio::mergeable::{chains_needed, used_len};
 use vutap_virtio::{ChainLimits, Direction, Features};
 
 use crate::chain_iov::{collect_iovecs, write_at, IoVec};
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 use crate::metrics::PairCounts;
 use crate::tap_io::TapIo;
@@ -37,13 +39,18 @@ struct HeldChain {
     head: u16,
     capacity: usize,
     iov_count: usize,
+    range_count: usize,
 }
 
 pub struct RxLoop {
     held: VecDeque<HeldChain>,
     held_iovs: VecDeque<IoVec>,
+    /// Guest-physical ranges of the held chains' descriptors, to mark in the dirty log.
+    held_ranges: VecDeque<(u64, u32)>,
     held_capacity: usize,
     scratch: Vec<IoVec>,
+    scratch_ranges: Vec<(u64, u32)>,
+    log: Option<Arc<DirtyLog>>,
     used: UsedBatch,
     budget: usize,
     limits: ChainLimits,
@@ -62,8 +69,11 @@ impl RxLoop {
         RxLoop {
             held: VecDeque::with_capacity(queue_size as usize),
             held_iovs: VecDeque::with_capacity(queue_size as usize),
+            held_ranges: VecDeque::with_capacity(queue_size as usize),
             held_capacity: 0,
             scratch: Vec::with_capacity(32),
+            scratch_ranges: Vec::with_capacity(32),
+            log: None,
             used: UsedBatch::with_capacity(budget * 4),
             budget,
             limits: ChainLimits { max_descriptors: queue_size as usize, max_bytes: u32::MAX, min_bytes: hdr_len as u32 },
@@ -73,6 +83,12 @@ impl RxLoop {
             rewind_ok: true,
             warned_bad_chain: false,
         }
+    }
+
+    /// Logs RX writes in `log` (live migration) from now on.
+    pub fn with_log(mut self, log: Option<Arc<DirtyLog>>) -> Self {
+        self.log = log;
+        self
     }
 
     /// Whether enough buffers are held for the largest frame (one chain without MRG_RXBUF).
@@ -94,10 +110,17 @@ impl RxLoop {
             let Some(chain) = chain else { return Ok(false) };
             let head = chain.head_index();
             self.scratch.clear();
-            match collect_iovecs(chain, mem, Direction::DeviceWrites, self.limits, &mut self.scratch) {
+            self.scratch_ranges.clear();
+            match collect_iovecs(chain, mem, Direction::DeviceWrites, self.limits, &mut self.scratch, Some(&mut self.scratch_ranges)) {
                 Ok(capacity) => {
-                    self.held.push_back(HeldChain { head, capacity: capacity as usize, iov_count: self.scratch.len() });
+                    self.held.push_back(HeldChain {
+                        head,
+                        capacity: capacity as usize,
+                        iov_count: self.scratch.len(),
+                        range_count: self.scratch_ranges.len(),
+                    });
                     self.held_iovs.extend(self.scratch.iter().copied());
+                    self.held_ranges.extend(self.scratch_ranges.iter().copied());
                     self.held_capacity += capacity as usize;
                 }
                 Err(e) => {
@@ -163,6 +186,12 @@ impl RxLoop {
         for i in 0..chains {
             let Some(chain) = self.held.pop_front() else { break };
             self.held_iovs.drain(..chain.iov_count);
+            // Mark after the data is written, so the frontend never copies a page too early.
+            for (gpa, len) in self.held_ranges.drain(..chain.range_count) {
+                if let Some(log) = &self.log {
+                    log.mark(gpa, u64::from(len));
+                }
+            }
             self.held_capacity -= chain.capacity;
             self.used.push(chain.head, used_len(i, chains, last_len, chain.capacity) as u32);
         }
@@ -222,7 +251,7 @@ impl RxLoop {
         if !self.used.is_empty() {
             counts.rx_batches += 1;
         }
-        let notify = match self.used.publish(queue, mem) {
+        let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
             Ok(n) => n,
             Err(e) => {
                 outcome = RxOutcome::RingBroken(format!("used ring write failed: {e}"));
@@ -247,9 +276,10 @@ impl RxLoop {
         }
         self.held.clear();
         self.held_iovs.clear();
+        self.held_ranges.clear();
         self.held_capacity = 0;
         if !self.used.is_empty() {
-            notify = self.used.publish(queue, mem).unwrap_or(false);
+            notify = self.used.publish(queue, mem, self.log.as_deref()).unwrap_or(false);
         }
         notify
     }
@@ -427,5 +457,22 @@ mod tests {
         tap.read_script.borrow_mut().extend([TapStep::Frame(frame(100, 3)), TapStep::Frame(frame(100, 4))]);
         let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(notify, "used_event 2 is crossed by this batch");
+    }
+
+    #[test]
+    fn test_rx_logs_written_buffers_and_used_ring_while_migrating() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let addrs = post(&mq, 0, 3, 2000);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 1)));
+        let (file, log) = memfd_log(4096);
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500).with_log(Some(Arc::new(log)));
+        rx.process(&mut q, &mem, &tap, &mut PairCounts::default());
+        let page = |a: u64| a / crate::dirty_log::LOG_PAGE;
+        assert!(page_marked(&file, page(addrs[0])), "the written buffer's page is marked");
+        assert!(!page_marked(&file, page(addrs[1])), "a held, unwritten buffer is not");
+        assert!(page_marked(&file, page(mq.used_addr().0)), "the used ring is marked");
     }
 }

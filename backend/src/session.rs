@@ -21,6 +21,7 @@ use vutap_virtio::offload::tun_offload_flags;
 use vutap_virtio::Features;
 
 use crate::device::Device;
+use crate::dirty_log::DirtyLog;
 use crate::memory::SharedMemory;
 use crate::used_ring::read_used_idx;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
@@ -54,6 +55,8 @@ pub struct Session {
     memory: Option<SharedMemory>,
     vrings: Vec<Vring>,
     workers: Vec<Option<Worker>>,
+    /// The migration log from SET_LOG_BASE; used while VHOST_F_LOG_ALL is acked.
+    log: Option<Arc<DirtyLog>>,
 }
 
 impl Session {
@@ -66,6 +69,7 @@ impl Session {
             memory: None,
             vrings: (0..pairs * 2).map(|_| Vring::default()).collect(),
             workers: (0..pairs).map(|_| None).collect(),
+            log: None,
         }
     }
 
@@ -160,6 +164,7 @@ impl Session {
             rx: RingSetup { queue: rx_queue, kick: rx_kick, call: self.vrings[rx_i].call.clone() },
             tx: RingSetup { queue: tx_queue, kick: tx_kick, call: self.vrings[tx_i].call.clone() },
             metrics: self.dev.metrics[pair].clone(),
+            log: if features.log_all() { self.log.clone() } else { None },
         };
         let worker = Worker::spawn(setup).map_err(|e| format!("cannot spawn worker: {e}"))?;
         self.workers[pair] = Some(worker);
@@ -335,7 +340,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         Ok(VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
@@ -403,8 +409,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(VhostError::InvalidOperation("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation("dirty logging is not supported yet"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let mapped = DirtyLog::map(&file, size, offset).map_err(|e| handler_error(format!("SET_LOG_BASE ({size} bytes at {offset}): {e}")))?;
+        // Workers hold the previous log (the frontend resizes it as memory grows): restart them.
+        self.stop_all();
+        self.log = Some(Arc::new(mapped));
+        info!("dirty log mapped: {size} bytes");
+        self.reconcile_all();
+        Ok(())
     }
 }
 

@@ -123,3 +123,24 @@ pub fn frame(len: usize, seed: u8) -> Vec<u8> {
     }
     f
 }
+
+/// A dirty log backed by a memfd of `len` bytes, plus the file to read the bitmap back.
+pub fn memfd_log(len: usize) -> (std::fs::File, crate::dirty_log::DirtyLog) {
+    let name = std::ffi::CString::new("vutap-test-log").unwrap();
+    // SAFETY: memfd_create with a valid name; the fd is owned by the File below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh fd we own.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len as u64).unwrap();
+    let log = crate::dirty_log::DirtyLog::map(&file, len as u64, 0).unwrap();
+    (file, log)
+}
+
+/// Whether page `page` is marked in a log file's bitmap.
+pub fn page_marked(file: &std::fs::File, page: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, page / 8).unwrap();
+    b[0] & (1 << (page % 8)) != 0
+}

@@ -1,6 +1,7 @@
 //! The TX batch loop: guest chains -> one `writev` per frame straight from guest memory.
 
 use std::io;
+use std::sync::Arc;
 
 use log::{trace, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -8,6 +9,7 @@ use vutap_virtio::features::{HDR_LEN, MAX_GSO_FRAME};
 use vutap_virtio::{ChainLimits, Direction};
 
 use crate::chain_iov::{collect_iovecs, IoVec};
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 use crate::metrics::PairCounts;
 use crate::tap_io::TapIo;
@@ -39,9 +41,16 @@ pub struct TxLoop {
     budget: usize,
     limits: ChainLimits,
     warned_bad_chain: bool,
+    /// Set while the frontend migrates the guest: used-ring writes are logged.
+    log: Option<Arc<DirtyLog>>,
 }
 
 impl TxLoop {
+    pub fn with_log(mut self, log: Option<Arc<DirtyLog>>) -> Self {
+        self.log = log;
+        self
+    }
+
     pub fn new(budget: usize, queue_size: u16, hdr_len: usize) -> Self {
         TxLoop {
             iovs: Vec::with_capacity(64),
@@ -54,6 +63,7 @@ impl TxLoop {
                 min_bytes: hdr_len as u32,
             },
             warned_bad_chain: false,
+            log: None,
         }
     }
 
@@ -76,7 +86,7 @@ impl TxLoop {
             };
             let head = chain.head_index();
             self.iovs.clear();
-            let len = match collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, &mut self.iovs) {
+            let len = match collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, &mut self.iovs, None) {
                 Ok(len) => len,
                 Err(e) => {
                     counts.tx_bad_chains += 1;
@@ -118,7 +128,7 @@ impl TxLoop {
         if !self.used.is_empty() {
             counts.tx_batches += 1;
         }
-        let notify = match self.used.publish(queue, mem) {
+        let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
             Ok(n) => n,
             Err(e) => {
                 outcome = TxOutcome::RingBroken(format!("used ring write failed: {e}"));

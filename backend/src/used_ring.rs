@@ -8,6 +8,7 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -37,7 +38,7 @@ impl UsedBatch {
 
     /// Writes the batch to the used ring and publishes the new index. Returns whether the guest
     /// wants an interrupt for it. An empty batch publishes nothing and wants none.
-    pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMem) -> Result<bool, vm_memory::GuestMemoryError> {
+    pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMem, log: Option<&DirtyLog>) -> Result<bool, vm_memory::GuestMemoryError> {
         if self.elems.is_empty() {
             return Ok(false);
         }
@@ -59,6 +60,9 @@ impl UsedBatch {
         fence(Ordering::Release);
         mem.store(idx.0.to_le(), GuestAddress(used_ring + 2), Ordering::Release)?;
         queue.set_next_used(idx.0);
+        if let Some(log) = log {
+            log_used_ring(queue, log);
+        }
         // The guest's used_event / flags must be read after our index store is visible.
         fence(Ordering::SeqCst);
         let avail_ring = queue.avail_ring();
@@ -71,6 +75,12 @@ impl UsedBatch {
             Ok(flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
         }
     }
+}
+
+/// Marks the whole used ring (flags, idx, elements, avail_event) in the dirty log: a couple of
+/// pages, cheaper than tracking which slots changed.
+pub fn log_used_ring(queue: &Queue, log: &DirtyLog) {
+    log.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
 }
 
 /// The used index the guest last saw (for resuming a ring after a reconnect).

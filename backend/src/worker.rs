@@ -16,7 +16,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vutap_virtio::Features;
 
+use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
+use crate::used_ring::log_used_ring;
 use crate::metrics::{PairCounts, PairMetrics};
 use crate::rx::{RxLoop, RxOutcome};
 use crate::tap::TapQueue;
@@ -49,6 +51,8 @@ pub struct WorkerSetup {
     pub rx: RingSetup,
     pub tx: RingSetup,
     pub metrics: Arc<PairMetrics>,
+    /// The migration dirty log, while the frontend has VHOST_F_LOG_ALL on.
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 /// What a stopped worker hands back: the rings' positions (for GET_VRING_BASE) and kick fds.
@@ -123,8 +127,8 @@ struct PairLoop {
 
 impl PairLoop {
     fn new(setup: WorkerSetup, stop: EventFd) -> Self {
-        let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len());
-        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu);
+        let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len()).with_log(setup.log.clone());
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu).with_log(setup.log.clone());
         PairLoop {
             setup,
             stop,
@@ -228,6 +232,9 @@ impl PairLoop {
                 // Re-enable kicks, then look again: the guest may have added a frame between
                 // our last pop and the enable.
                 self.tx_pending = queue.enable_notification(mem).unwrap_or(false);
+                if let Some(log) = &self.setup.log {
+                    log_used_ring(queue, log);
+                }
             }
             TxOutcome::MoreWork => self.tx_pending = true,
             TxOutcome::Blocked => {
@@ -257,7 +264,11 @@ impl PairLoop {
             RxOutcome::MoreWork => self.rx_pending = true,
             RxOutcome::NoBuffers => {
                 // Ask for a kick when buffers come, then re-check for ones that raced the enable.
-                if queue.enable_notification(mem).unwrap_or(false) {
+                let more = queue.enable_notification(mem).unwrap_or(false);
+                if let Some(log) = &self.setup.log {
+                    log_used_ring(queue, log);
+                }
+                if more {
                     self.rx_pending = true;
                 } else {
                     self.rx_waiting_buffers = true;

@@ -8,6 +8,9 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 /// vhost-user's own feature bit (not a virtio one): protocol features are negotiated.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
+/// vhost's "log all writes" bit, set by the frontend during live migration.
+pub const VHOST_F_LOG_ALL: u32 = 26;
+
 /// The feature mask for one bit number.
 pub const fn bit(n: u32) -> u64 {
     1u64 << n
@@ -43,6 +46,7 @@ pub const OFFERED_NET_FEATURES: &[u32] = &[
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_F_LOG_ALL,
 ];
 
 /// The offered set as a mask.
@@ -117,6 +121,11 @@ impl Features {
         self.has(VIRTIO_RING_F_EVENT_IDX)
     }
 
+    /// Whether every write to guest memory must be marked in the dirty log (migration).
+    pub fn log_all(self) -> bool {
+        self.has(VHOST_F_LOG_ALL)
+    }
+
     pub fn protocol_features(self) -> bool {
         self.has(VHOST_USER_F_PROTOCOL_FEATURES)
     }
@@ -171,10 +180,10 @@ mod tests {
 
     #[test]
     fn test_negotiate_accepts_linux_driver_set() {
-        let acked = offered_features() & !bit(VHOST_USER_F_PROTOCOL_FEATURES);
+        let acked = offered_features() & !bit(VHOST_USER_F_PROTOCOL_FEATURES) & !bit(VHOST_F_LOG_ALL);
         let f = Features::negotiate(offered_features(), acked).unwrap();
         assert!(f.mrg_rxbuf() && f.event_idx() && f.guest_gso());
-        assert!(!f.protocol_features());
+        assert!(!f.protocol_features() && !f.log_all());
     }
 
     #[test]
