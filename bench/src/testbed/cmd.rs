@@ -1,5 +1,6 @@
 //! Running host commands (`ip`, `ss`, ...) with errors that say which command failed and why.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use super::{io_err, Error, Result};
@@ -33,5 +34,21 @@ pub fn run(prog: &str, args: &[&str]) -> Result<String> {
 pub fn run_quiet(prog: &str, args: &[&str]) {
     if let Err(e) = run(prog, args) {
         log::debug!("cleanup: {e}");
+    }
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it dies, so a test runner killed
+/// hard does not leave TCG guests burning the host's two cores. Callers keep the child's guard
+/// on the spawning thread (all guards here do), since the signal follows that thread's exit.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: runs in the forked child before exec; prctl(PR_SET_PDEATHSIG) is async-signal-safe
+    // and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::cmd::die_with_parent;
 use super::console::Console;
 use super::iperf::IperfResult;
 use super::{ensure_guest_built, io_err, workspace_root, Error, Result};
@@ -190,6 +191,7 @@ impl Guest {
                 });
             }
         }
+        die_with_parent(&mut cmd);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(stderr);

@@ -84,12 +84,13 @@ pub fn log_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// A short suffix unique within this host for this process's lifetime: pid plus a counter.
-/// Kept short because interface names are limited to 15 bytes.
+/// A short suffix unique within this host while this process lives: `<pid>-<counter>` in hex
+/// (pids fit 6 hex digits, so `vt` + suffix + a 2-byte role stays within the 15-byte ifname
+/// limit). The pid lets [`topo`] sweep leftovers of runs that were killed before `Drop` ran.
 pub(crate) fn unique_suffix() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{:x}{:x}", std::process::id() & 0xfffff, n & 0xff)
+    format!("{:x}-{:x}", std::process::id(), n & 0xff)
 }
 
 /// Builds the guest kernel and initramfs if needed (`scripts/build-guest.sh` is idempotent) and

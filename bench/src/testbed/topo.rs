@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::cmd::{run, run_quiet};
+use super::cmd::{die_with_parent, run, run_quiet};
 use super::{io_err, unique_suffix, Error, Result};
 
 /// Macvtap forwarding mode between macvtaps on the same lower.
@@ -67,6 +67,7 @@ impl Topology {
         // them anyway.
         static SUBNET: AtomicU8 = AtomicU8::new(0);
         let subnet = 1 + SUBNET.fetch_add(1, Ordering::Relaxed) % 250;
+        sweep_dead_runs();
         let sfx = unique_suffix();
         let mut topo = Topology {
             netns: format!("vt{sfx}n"),
@@ -171,6 +172,32 @@ impl Drop for Topology {
     }
 }
 
+/// Deletes namespaces and veths named by [`Topology`] for processes that no longer exist (a test
+/// runner killed with SIGKILL never runs `Drop`). Only our exact `vt<pid>-<n>n` pattern matches.
+fn sweep_dead_runs() {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(sfx) = ns.strip_prefix("vt").and_then(|s| s.strip_suffix('n')) else {
+            continue;
+        };
+        let Some((pid, n)) = sfx.split_once('-') else {
+            continue;
+        };
+        let hex = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_hexdigit());
+        let Ok(pid) = u32::from_str_radix(pid, 16) else {
+            continue;
+        };
+        if !hex(n) || pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        log::info!("removing leftovers of dead run {sfx}");
+        run_quiet("ip", &["link", "del", &format!("vt{sfx}l")]);
+        run_quiet("ip", &["netns", "del", ns]);
+    }
+}
+
 fn read_trimmed(path: &Path) -> Result<String> {
     let s = std::fs::read_to_string(path).map_err(io_err(format!("read {}", path.display())))?;
     Ok(s.trim().to_string())
@@ -206,7 +233,9 @@ impl IperfServer {
     fn start(netns: &str, port: u16) -> Result<IperfServer> {
         let port_s = port.to_string();
         // `ip netns exec` execs iperf3 in place, so killing this child kills the server.
-        let child = Command::new("ip")
+        let mut cmd = Command::new("ip");
+        die_with_parent(&mut cmd);
+        let child = cmd
             .args(["netns", "exec", netns, "iperf3", "-s", "-p", &port_s])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::cmd::die_with_parent;
 use super::{io_err, workspace_root, Error, Result};
 
 /// A running `vutap --socket SOCK --tap TAP --queues Q`.
@@ -52,7 +53,9 @@ impl Vutap {
         let log = log_dir.join("vutap.log");
         let out = File::create(&log).map_err(io_err(format!("create {}", log.display())))?;
         let err = out.try_clone().map_err(io_err("dup vutap log fd"))?;
-        let child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        die_with_parent(&mut cmd);
+        let child = cmd
             .arg("--socket")
             .arg(socket)
             .arg("--tap")
