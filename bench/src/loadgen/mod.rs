@@ -1,0 +1,587 @@
+//! `vutap-bench`: a load generator playing the VMM side against any vhost-user-net backend.
+//!
+//! Two arrangements, each measured side by side in one run:
+//! - **macvtap**: vutap on a macvtap whose lower is a veth; the far side is the veth peer in a
+//!   netns (AF_PACKET sink/source there). Ceiling = raw write/read loop on the same /dev/tapN.
+//! - **tap**: a plain multi-queue tap, far side = AF_PACKET on the tap itself in the host. This
+//!   is where DPDK testpmd (vhost PMD + tap PMD, which makes its own tap) is compared: vutap runs
+//!   with `--tap NAME` (creating a multi-queue tap), the ceiling creates its own tap.
+//!
+//! TX: the bench keeps the TX rings full; the far-side sink counts and verifies. RX: a far-side
+//! source floods; the bench recycles RX buffers (mergeable or not) and counts. Throughput is what
+//! arrived and verified; drops = offered - delivered over the window.
+
+pub mod procs;
+pub mod raw;
+pub mod report;
+pub mod vhost;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
+use crate::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
+use crate::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use crate::testbed::{self, cmd, MacvtapMode, Topology};
+use wire::{Counters, PacketSocket, OTHER_MAC, PEER_MAC};
+
+/// The size label of the TSO case.
+pub const TSO_SIZE: u32 = 65536;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub sizes: Vec<u32>,
+    pub pairs: Vec<u16>,
+    /// Sizes that also run with more than one pair.
+    pub multi_sizes: Vec<u32>,
+    pub dirs: Vec<Dir>,
+    pub arrangements: Vec<Arrangement>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub dpdk: bool,
+    /// Also run non-mergeable RX buffers (1 pair).
+    pub nomrg: bool,
+    pub latency: bool,
+    pub latency_samples: usize,
+}
+
+impl Config {
+    pub fn full() -> Self {
+        Config {
+            sizes: vec![64, 1500, 9000, TSO_SIZE],
+            pairs: vec![1, 2, 4],
+            multi_sizes: vec![64, 1500],
+            dirs: vec![Dir::Tx, Dir::Rx],
+            arrangements: vec![Arrangement::Macvtap, Arrangement::Tap],
+            warmup: Duration::from_millis(1000),
+            duration: Duration::from_secs(3),
+            dpdk: true,
+            nomrg: true,
+            latency: true,
+            latency_samples: 2000,
+        }
+    }
+    /// A couple of seconds: 1500 B, one pair, macvtap arrangement, vutap + ceiling.
+    pub fn smoke() -> Self {
+        Config {
+            sizes: vec![1500],
+            pairs: vec![1],
+            multi_sizes: vec![],
+            arrangements: vec![Arrangement::Macvtap],
+            warmup: Duration::from_millis(300),
+            duration: Duration::from_millis(1000),
+            dpdk: false,
+            nomrg: false,
+            latency_samples: 200,
+            ..Config::full()
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dir {
+    Tx,
+    Rx,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrangement {
+    Macvtap,
+    Tap,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Vutap,
+    Dpdk,
+    Ceiling,
+}
+
+/// One measured case.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub arrangement: Arrangement,
+    pub backend: Backend,
+    pub dir: Dir,
+    pub size: u32,
+    pub frame_len: usize,
+    pub pairs: u16,
+    /// "mrg" / "nomrg" for vhost RX, "-" otherwise.
+    pub rxbuf: &'static str,
+    pub secs: f64,
+    pub gbps: f64,
+    pub mpps: f64,
+    pub offered_mpps: f64,
+    pub drops: u64,
+    pub drop_pct: f64,
+    pub bad: u64,
+    /// Backend CPU (vutap/testpmd process, or the raw loop's threads) per delivered frame.
+    pub cpu_ns_per_frame: f64,
+    /// Backend CPU as a fraction of one core.
+    pub cpu_cores: f64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyResult {
+    pub arrangement: Arrangement,
+    pub backend: Backend,
+    pub samples: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub host: String,
+    pub cases: Vec<CaseResult>,
+    pub latency: Vec<LatencyResult>,
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    pub fn find(&self, a: Arrangement, b: Backend, d: Dir, size: u32, pairs: u16, rxbuf: &str) -> Option<&CaseResult> {
+        self.cases.iter().find(|c| {
+            c.arrangement == a && c.backend == b && c.dir == d && c.size == size && c.pairs == pairs && c.rxbuf == rxbuf
+        })
+    }
+}
+
+/// Ethernet frame length for a size label: 64 B on the wire (60 + FCS), MTU-sized for 1500/9000,
+/// the TSO frame for 64 KiB.
+pub fn frame_len(size: u32) -> usize {
+    match size {
+        TSO_SIZE => 14 + 40 + wire::TSO_SEGS * usize::from(wire::TSO_MSS),
+        s if s <= 64 => 60,
+        s => s as usize + 14,
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[vutap-bench] {msg}");
+}
+
+/// Where the far side is.
+struct Far {
+    netns: Option<String>,
+    ifname: String,
+    /// Destination MAC of frames toward the backend (the macvtap's own MAC; anything on a tap).
+    backend_mac: [u8; 6],
+}
+
+fn tso_hdr() -> VirtioNetHdr {
+    VirtioNetHdr {
+        flags: HDR_F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: wire::TSO_MSS,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    }
+}
+
+fn tx_frame(size: u32, src: [u8; 6]) -> (VirtioNetHdr, Vec<u8>) {
+    if size == TSO_SIZE {
+        (tso_hdr(), wire::tso_frame(OTHER_MAC, src))
+    } else {
+        (VirtioNetHdr::default(), wire::udp_frame(frame_len(size), OTHER_MAC, src, 4000, 0))
+    }
+}
+
+/// Counters over the measurement window.
+struct Window {
+    secs: f64,
+    d: wire::Snap,
+    cpu_ns: u64,
+}
+
+fn measure(cfg: &Config, counters: &Counters, cpu: &dyn Fn() -> u64) -> Window {
+    std::thread::sleep(cfg.warmup);
+    let (s0, c0, t0) = (counters.snap(), cpu(), Instant::now());
+    std::thread::sleep(cfg.duration);
+    let (s1, c1, secs) = (counters.snap(), cpu(), t0.elapsed().as_secs_f64());
+    Window {
+        secs,
+        d: wire::Snap {
+            offered_frames: s1.offered_frames - s0.offered_frames,
+            offered_bytes: s1.offered_bytes - s0.offered_bytes,
+            delivered_frames: s1.delivered_frames - s0.delivered_frames,
+            delivered_bytes: s1.delivered_bytes - s0.delivered_bytes,
+            bad: s1.bad - s0.bad,
+        },
+        cpu_ns: c1.saturating_sub(c0),
+    }
+}
+
+struct CaseKey {
+    arrangement: Arrangement,
+    backend: Backend,
+    dir: Dir,
+    size: u32,
+    pairs: u16,
+    rxbuf: &'static str,
+}
+
+fn result(k: &CaseKey, w: Result<Window, String>) -> CaseResult {
+    let mut r = CaseResult {
+        arrangement: k.arrangement,
+        backend: k.backend,
+        dir: k.dir,
+        size: k.size,
+        frame_len: frame_len(k.size),
+        pairs: k.pairs,
+        rxbuf: k.rxbuf,
+        secs: 0.0,
+        gbps: 0.0,
+        mpps: 0.0,
+        offered_mpps: 0.0,
+        drops: 0,
+        drop_pct: 0.0,
+        bad: 0,
+        cpu_ns_per_frame: 0.0,
+        cpu_cores: 0.0,
+        error: None,
+    };
+    match w {
+        Err(e) => r.error = Some(e),
+        Ok(w) => {
+            let d = &w.d;
+            r.secs = w.secs;
+            r.gbps = d.delivered_bytes as f64 * 8.0 / w.secs / 1e9;
+            r.mpps = d.delivered_frames as f64 / w.secs / 1e6;
+            r.offered_mpps = d.offered_frames as f64 / w.secs / 1e6;
+            r.drops = d.offered_frames.saturating_sub(d.delivered_frames);
+            r.drop_pct = if d.offered_frames > 0 { 100.0 * r.drops as f64 / d.offered_frames as f64 } else { 0.0 };
+            r.bad = d.bad;
+            r.cpu_ns_per_frame = if d.delivered_frames > 0 { w.cpu_ns as f64 / d.delivered_frames as f64 } else { 0.0 };
+            r.cpu_cores = w.cpu_ns as f64 / 1e9 / w.secs;
+            if d.delivered_frames == 0 {
+                r.error = Some(format!("no frames delivered ({} offered)", d.offered_frames));
+            }
+        }
+    }
+    progress(&format!(
+        "{:?}/{:?} {:?} {} B x{} {}: {:.3} Gbit/s {:.3} Mpps drops {:.1}% cpu {:.0} ns/frame{}",
+        r.arrangement,
+        r.backend,
+        r.dir,
+        r.size,
+        r.pairs,
+        r.rxbuf,
+        r.gbps,
+        r.mpps,
+        r.drop_pct,
+        r.cpu_ns_per_frame,
+        r.error.as_deref().map(|e| format!(" ERROR {e}")).unwrap_or_default()
+    ));
+    r
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>, String>) -> LatencyResult {
+    let mut out = LatencyResult { arrangement: a, backend: b, samples: 0, p50_us: 0.0, p99_us: 0.0, error: None };
+    match r {
+        Ok(mut v) => {
+            v.sort_unstable();
+            out.samples = v.len();
+            out.p50_us = percentile(&v, 0.5);
+            out.p99_us = percentile(&v, 0.99);
+            if v.is_empty() {
+                out.error = Some("no replies".into());
+            }
+        }
+        Err(e) => out.error = Some(e),
+    }
+    progress(&format!("{a:?}/{b:?} ping-pong 64 B: p50 {:.1} us p99 {:.1} us ({} samples)", out.p50_us, out.p99_us, out.samples));
+    out
+}
+
+/// Frontend options for a case.
+fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
+    let mut o = FrontendOptions { queue_pairs: pairs, ..FrontendOptions::default() };
+    if dir == Dir::Tx && size == TSO_SIZE {
+        o.requested_features |= NET_F_CSUM | NET_F_HOST_TSO4;
+    }
+    if rxbuf == "nomrg" {
+        o.requested_features &= !NET_F_MRG_RXBUF;
+        o.rx_buf_len = 9216;
+    }
+    o
+}
+
+/// One vhost-user case against a backend at `socket` whose CPU `cpu` reads.
+fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn() -> u64) -> Result<Window, String> {
+    let fe = NetFrontend::connect(socket, fe_opts(k.pairs, k.dir, k.size, k.rxbuf)).map_err(|e| format!("connect: {e}"))?;
+    if k.dir == Dir::Tx && k.size == TSO_SIZE && fe.acked_features() & NET_F_HOST_TSO4 == 0 {
+        return Err("backend did not offer HOST_TSO4".into());
+    }
+    if k.rxbuf == "nomrg" && fe.acked_features() & NET_F_MRG_RXBUF != 0 {
+        return Err("MRG_RXBUF still negotiated".into());
+    }
+    std::thread::sleep(Duration::from_millis(200)); // testpmd starts forwarding a bit later
+    let counters = Arc::new(Counters::default());
+    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let guest_mac = far.backend_mac;
+    let (w, res) = match k.dir {
+        Dir::Tx => {
+            let (hdr, frame) = tx_frame(k.size, guest_mac);
+            vhost::prefill_tx(&fe, &hdr, &frame);
+            let expect = (k.size != TSO_SIZE).then_some(frame.len());
+            let _sink = wire::sink(sock, counters.clone(), expect);
+            let drv = vhost::tx(fe, frame.len(), counters.clone());
+            let w = measure(cfg, &counters, cpu);
+            (w, drv.stop())
+        }
+        Dir::Rx => {
+            let frame = wire::udp_frame(frame_len(k.size), guest_mac, PEER_MAC, 10000, 0);
+            let drv = vhost::rx(fe, counters.clone());
+            let _src = wire::source(sock, counters.clone(), frame);
+            let w = measure(cfg, &counters, cpu);
+            drop(_src);
+            (w, drv.stop())
+        }
+    };
+    res.map(|_| w)
+}
+
+fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<std::os::fd::OwnedFd>, far: &Far) -> Result<Window, String> {
+    let counters = Arc::new(Counters::default());
+    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
+        tids.iter().map(|t| procs::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
+    };
+    match k.dir {
+        Dir::Tx => {
+            let (hdr, frame) = tx_frame(k.size, far.backend_mac);
+            let mut h = [0u8; 12];
+            hdr.write_to(&mut h);
+            let expect = (k.size != TSO_SIZE).then_some(frame.len());
+            let _sink = wire::sink(sock, counters.clone(), expect);
+            let lp = raw::tx(fds, h, frame, counters.clone());
+            let w = measure(cfg, &counters, &|| tid_cpu(&lp.tids));
+            lp.stop();
+            Ok(w)
+        }
+        Dir::Rx => {
+            let frame = wire::udp_frame(frame_len(k.size), far.backend_mac, PEER_MAC, 10000, 0);
+            let lp = raw::rx(fds, counters.clone());
+            let _src = wire::source(sock, counters.clone(), frame);
+            let w = measure(cfg, &counters, &|| tid_cpu(&lp.tids));
+            drop(_src);
+            lp.stop();
+            Ok(w)
+        }
+    }
+}
+
+/// Cases (dir, size, rxbuf) for `pairs`.
+fn case_list(cfg: &Config, pairs: u16) -> Vec<(Dir, u32, &'static str)> {
+    let mut v = Vec::new();
+    for &dir in &cfg.dirs {
+        for &size in &cfg.sizes {
+            if pairs > 1 && !cfg.multi_sizes.contains(&size) {
+                continue;
+            }
+            if dir == Dir::Rx && size == TSO_SIZE {
+                continue; // RX 64 KiB: skipped (see the report notes)
+            }
+            v.push((dir, size, if dir == Dir::Rx { "mrg" } else { "-" }));
+            if dir == Dir::Rx && cfg.nomrg && pairs == 1 {
+                v.push((dir, size, "nomrg"));
+            }
+        }
+    }
+    v
+}
+
+fn set_mtu(netns: Option<&str>, ifname: &str, mtu: u32) -> Result<(), String> {
+    let m = mtu.to_string();
+    let r = match netns {
+        Some(ns) => cmd::run("ip", &["-n", ns, "link", "set", ifname, "mtu", &m, "up"]),
+        None => cmd::run("ip", &["link", "set", ifname, "mtu", &m, "up"]),
+    };
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+fn quiet_iface(ifname: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1");
+}
+
+/// Runs every configured case; progress on stderr.
+pub fn run(cfg: &Config) -> Result<Report, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("vutap-bench needs root (netns, macvtap, tap)".into());
+    }
+    let log_dir = testbed::log_dir("bench").map_err(|e| e.to_string())?;
+    let mut rep = Report {
+        host: format!("{} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)),
+        ..Report::default()
+    };
+    let dpdk = cfg.dpdk && Path::new(procs::TESTPMD).exists();
+    if cfg.dpdk && !dpdk {
+        rep.notes.push(format!("{} not found: DPDK comparison skipped", procs::TESTPMD));
+    }
+    let sock_path = PathBuf::from(format!("/tmp/vutap-bench-{}.sock", std::process::id()));
+    for &arr in &cfg.arrangements {
+        match arr {
+            Arrangement::Macvtap => run_macvtap(cfg, &mut rep, &sock_path, &log_dir)?,
+            Arrangement::Tap => run_tap(cfg, &mut rep, &sock_path, &log_dir, dpdk)?,
+        }
+    }
+    Ok(rep)
+}
+
+fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path) -> Result<(), String> {
+    progress("macvtap arrangement: netns + veth + macvtap");
+    let topo = Topology::new(1, MacvtapMode::Bridge).map_err(|e| e.to_string())?;
+    let tap = &topo.taps[0];
+    set_mtu(None, &topo.lower, 9000)?;
+    set_mtu(Some(&topo.netns), &topo.peer, 9000)?;
+    set_mtu(None, &tap.ifname, 9000)?;
+    quiet_iface(&tap.ifname);
+    quiet_iface(&topo.lower);
+    let far = Far {
+        netns: Some(topo.netns.clone()),
+        ifname: topo.peer.clone(),
+        backend_mac: wire::parse_mac(&tap.mac).ok_or("bad macvtap MAC")?,
+    };
+    let spec = tap.dev.display().to_string();
+    for &pairs in &cfg.pairs {
+        let cases = case_list(cfg, pairs);
+        // vutap, one process per pair count, a fresh connection per case.
+        let p = procs::vutap(sock_path, &spec, pairs, log_dir)?;
+        let pid = p.pid().to_string();
+        for &(dir, size, rxbuf) in &cases {
+            let k = CaseKey { arrangement: Arrangement::Macvtap, backend: Backend::Vutap, dir, size, pairs, rxbuf };
+            let w = vhost_case(cfg, &k, sock_path, &far, &|| procs::cpu_ns(&pid));
+            rep.cases.push(result(&k, w));
+        }
+        if cfg.latency && pairs == 1 {
+            rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Vutap, vhost_latency(cfg, sock_path, &far)));
+        }
+        drop(p);
+        for &(dir, size, rxbuf) in &cases {
+            if rxbuf == "nomrg" {
+                continue;
+            }
+            let k = CaseKey { arrangement: Arrangement::Macvtap, backend: Backend::Ceiling, dir, size, pairs, rxbuf: "-" };
+            let w = raw::open_macvtap(&tap.dev, pairs)
+                .map_err(|e| format!("open {}: {e}", tap.dev.display()))
+                .and_then(|fds| ceiling_case(cfg, &k, fds, &far));
+            rep.cases.push(result(&k, w));
+        }
+        if cfg.latency && pairs == 1 {
+            let r = raw::open_macvtap(&tap.dev, 1).map_err(|e| e.to_string()).and_then(|fds| raw_latency(cfg, &fds[0], &far));
+            rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Ceiling, r));
+        }
+    }
+    Ok(())
+}
+
+fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpdk: bool) -> Result<(), String> {
+    progress("tap arrangement: plain multi-queue taps, far side AF_PACKET on the tap in the host");
+    let id = std::process::id() & 0xfffff;
+    for &pairs in &cfg.pairs {
+        let cases = case_list(cfg, pairs);
+        let mut backends = vec![Backend::Vutap];
+        if dpdk {
+            backends.push(Backend::Dpdk);
+        }
+        for b in backends {
+            let name = format!("vb{id:x}{}", if b == Backend::Vutap { "v" } else { "d" });
+            let p = match b {
+                Backend::Vutap => procs::vutap(sock_path, &name, pairs, log_dir),
+                _ => procs::testpmd(sock_path, &name, pairs, log_dir),
+            };
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    rep.notes.push(format!("{b:?} with {pairs} pairs did not start: {e}"));
+                    progress(&format!("{b:?} did not start: {e}"));
+                    continue;
+                }
+            };
+            quiet_iface(&name);
+            set_mtu(None, &name, 9000)?;
+            let far = Far { netns: None, ifname: name.clone(), backend_mac: OTHER_MAC };
+            let pid = p.pid().to_string();
+            for &(dir, size, rxbuf) in &cases {
+                let k = CaseKey { arrangement: Arrangement::Tap, backend: b, dir, size, pairs, rxbuf };
+                let w = vhost_case(cfg, &k, sock_path, &far, &|| procs::cpu_ns(&pid));
+                rep.cases.push(result(&k, w));
+            }
+            if cfg.latency && pairs == 1 {
+                rep.latency.push(latency_result(Arrangement::Tap, b, vhost_latency(cfg, sock_path, &far)));
+            }
+            drop(p);
+            // A non-persistent tap goes with its last fd; wait so names do not clash.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while wire::ifindex(&name).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let name = format!("vb{id:x}c");
+        for &(dir, size, rxbuf) in &cases {
+            if rxbuf == "nomrg" {
+                continue;
+            }
+            let k = CaseKey { arrangement: Arrangement::Tap, backend: Backend::Ceiling, dir, size, pairs, rxbuf: "-" };
+            let w = raw::open_tap(&name, pairs).map_err(|e| format!("create tap {name}: {e}")).and_then(|fds| {
+                quiet_iface(&name);
+                set_mtu(None, &name, 9000)?;
+                let far = Far { netns: None, ifname: name.clone(), backend_mac: OTHER_MAC };
+                ceiling_case(cfg, &k, fds, &far)
+            });
+            rep.cases.push(result(&k, w));
+        }
+        if cfg.latency && pairs == 1 {
+            let r = raw::open_tap(&name, 1).map_err(|e| e.to_string()).and_then(|fds| {
+                quiet_iface(&name);
+                set_mtu(None, &name, 9000)?;
+                let far = Far { netns: None, ifname: name.clone(), backend_mac: OTHER_MAC };
+                raw_latency(cfg, &fds[0], &far)
+            });
+            rep.latency.push(latency_result(Arrangement::Tap, Backend::Ceiling, r));
+        }
+    }
+    Ok(())
+}
+
+fn ping_frame(far: &Far) -> Vec<u8> {
+    wire::udp_frame(60, OTHER_MAC, far.backend_mac, 4000, 0)
+}
+
+fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>, String> {
+    let mut fe = NetFrontend::connect(socket, fe_opts(1, Dir::Rx, 64, "mrg")).map_err(|e| format!("connect: {e}"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let _refl = wire::reflector(sock, far.backend_mac);
+    let budget = cfg.duration.max(Duration::from_secs(1));
+    vhost::ping_pong(&mut fe, &ping_frame(far), cfg.latency_samples, budget)
+}
+
+fn raw_latency(cfg: &Config, fd: &std::os::fd::OwnedFd, far: &Far) -> Result<Vec<u64>, String> {
+    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let _refl = wire::reflector(sock, far.backend_mac);
+    std::thread::sleep(Duration::from_millis(50));
+    let budget = cfg.duration.max(Duration::from_secs(1));
+    Ok(raw::ping_pong(fd, &ping_frame(far), cfg.latency_samples, budget))
+}

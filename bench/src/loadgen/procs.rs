@@ -1,0 +1,142 @@
+//! Backend processes under test (vutap, DPDK testpmd) and CPU time from /proc.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::testbed::Vutap;
+
+/// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID" or "self/task/TID").
+pub fn cpu_ns(path: &str) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{path}/stat")) else { return 0 };
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / hz
+}
+
+/// A child process killed with SIGTERM, then SIGKILL, on drop.
+pub struct Proc {
+    pub child: Child,
+    pub what: &'static str,
+    pub log: PathBuf,
+    cleanup: Vec<PathBuf>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+    fn wait_for(mut self, what: &str, ready: impl Fn() -> bool, timeout: Duration) -> Result<Proc, String> {
+        let deadline = Instant::now() + timeout;
+        while !ready() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!("{} exited early ({st}):\n{}", self.what, self.log_tail()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} not ready ({what}) after {timeout:?}:\n{}", self.what, self.log_tail()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(self)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        for p in &self.cleanup {
+            let _ = std::fs::remove_file(p);
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<Proc, String> {
+    let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+    Ok(Proc { child, what, log: log.to_path_buf(), cleanup: Vec::new() })
+}
+
+/// `vutap --socket SOCK --tap SPEC --queues Q`, ready once the socket exists.
+pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Proc, String> {
+    let bin = Vutap::binary().map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(socket);
+    let args = vec![
+        "--socket".into(),
+        socket.display().to_string(),
+        "--tap".into(),
+        tap.into(),
+        "--queues".into(),
+        queues.to_string(),
+    ];
+    let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")))?;
+    p.cleanup.push(socket.to_path_buf());
+    let s = socket.to_path_buf();
+    p.wait_for("socket", move || s.exists(), Duration::from_secs(10))
+}
+
+pub const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
+
+/// DPDK testpmd: vhost PMD on `socket` forwarding (io mode) to a tap PMD creating `tap`.
+pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Proc, String> {
+    let _ = std::fs::remove_file(socket);
+    let prefix = format!("vutapbench{}", std::process::id());
+    let args: Vec<String> = [
+        "-l",
+        "0-1",
+        "--no-huge",
+        "-m",
+        "1024",
+        "--no-pci",
+        "--file-prefix",
+        &prefix,
+        "--vdev",
+        &format!("net_vhost0,iface={},queues={queues}", socket.display()),
+        "--vdev",
+        &format!("net_tap0,iface={tap}"),
+        "--",
+        "--forward-mode=io",
+        "--auto-start",
+        "--stats-period",
+        "60",
+        &format!("--rxq={queues}"),
+        &format!("--txq={queues}"),
+        "--mbuf-size=10240",
+        "--max-pkt-len=9600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = spawn("dpdk-testpmd", Path::new(TESTPMD), &args, &log_dir.join(format!("testpmd-q{queues}.log")))?;
+    p.cleanup.push(socket.to_path_buf());
+    p.cleanup.push(PathBuf::from(format!("/var/run/dpdk/{prefix}")));
+    let (s, t) = (socket.to_path_buf(), tap.to_string());
+    p.wait_for("socket and tap", move || s.exists() && super::wire::ifindex(&t).is_some(), Duration::from_secs(30))
+}

@@ -1,0 +1,197 @@
+//! The ceiling: the same traffic through a tight write/read loop on the tap fds themselves, no
+//! vhost-user in between. One thread per fd, as a backend would have one worker per pair.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::wire::{is_test_frame, Counters};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: u16 = 0x0002;
+const IFF_NO_PI: u16 = 0x1000;
+const IFF_VNET_HDR: u16 = 0x4000;
+const IFF_MULTI_QUEUE: u16 = 0x0100;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: u16,
+    _pad: [u8; 22],
+}
+
+fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
+    // SAFETY: callers pass a pointer to a properly sized, live argument for `req`.
+    if unsafe { libc::ioctl(fd, req as _, arg) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_hdr_sz(fd: RawFd) -> io::Result<()> {
+    let mut sz: i32 = 12;
+    ioctl_ptr(fd, TUNSETVNETHDRSZ, &mut sz)
+}
+
+/// Opens a macvtap's `/dev/tapN` `queues` times (non-blocking, 12-byte vnet header).
+pub fn open_macvtap(dev: &std::path::Path, queues: u16) -> io::Result<Vec<OwnedFd>> {
+    (0..queues)
+        .map(|_| {
+            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(dev)?;
+            let fd: OwnedFd = f.into();
+            // A macvtap fd starts with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; keep them, set the size.
+            set_hdr_sz(fd.as_raw_fd())?;
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// Creates (or attaches to) multi-queue tap `name` with `queues` fds.
+pub fn open_tap(name: &str, queues: u16) -> io::Result<Vec<OwnedFd>> {
+    (0..queues)
+        .map(|_| {
+            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open("/dev/net/tun")?;
+            let fd: OwnedFd = f.into();
+            let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, _pad: [0; 22] };
+            req.name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+            ioctl_ptr(fd.as_raw_fd(), TUNSETIFF, &mut req)?;
+            set_hdr_sz(fd.as_raw_fd())?;
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// The raw loop's worker threads; their kernel thread ids are published for CPU accounting.
+pub struct RawLoop {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    pub tids: Vec<Arc<AtomicI32>>,
+}
+
+impl RawLoop {
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+fn poll(fd: RawFd, events: i16) {
+    let mut pfd = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, 20) };
+}
+
+/// TX ceiling: each thread writes `vnet_hdr ++ frame` to its fd in a tight loop.
+pub fn tx(fds: Vec<OwnedFd>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counters>) -> RawLoop {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let mut tids = Vec::new();
+    for fd in fds {
+        let (st, c, tid) = (stop.clone(), counters.clone(), Arc::new(AtomicI32::new(0)));
+        tids.push(tid.clone());
+        let mut buf = hdr.to_vec();
+        buf.extend_from_slice(&frame);
+        let len = frame.len() as u64;
+        handles.push(std::thread::spawn(move || {
+            tid.store(gettid(), Ordering::Relaxed);
+            let raw = fd.as_raw_fd();
+            while !st.load(Ordering::Relaxed) {
+                let mut n = 0u64;
+                for _ in 0..32 {
+                    // SAFETY: buf is valid for buf.len() bytes.
+                    let r = unsafe { libc::write(raw, buf.as_ptr().cast(), buf.len()) };
+                    if r < 0 {
+                        break;
+                    }
+                    n += 1;
+                }
+                if n == 0 {
+                    poll(raw, libc::POLLOUT);
+                    continue;
+                }
+                c.offered_frames.fetch_add(n, Ordering::Relaxed);
+                c.offered_bytes.fetch_add(n * len, Ordering::Relaxed);
+            }
+        }));
+    }
+    RawLoop { stop, handles, tids }
+}
+
+/// RX ceiling: each thread reads its fd until EAGAIN, verifying and counting our frames.
+pub fn rx(fds: Vec<OwnedFd>, counters: Arc<Counters>) -> RawLoop {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    let mut tids = Vec::new();
+    for fd in fds {
+        let (st, c, tid) = (stop.clone(), counters.clone(), Arc::new(AtomicI32::new(0)));
+        tids.push(tid.clone());
+        handles.push(std::thread::spawn(move || {
+            tid.store(gettid(), Ordering::Relaxed);
+            let raw = fd.as_raw_fd();
+            let mut buf = vec![0u8; 65536 + 12];
+            while !st.load(Ordering::Relaxed) {
+                let (mut frames, mut bytes) = (0u64, 0u64);
+                for _ in 0..32 {
+                    // SAFETY: buf is valid for writes of buf.len() bytes.
+                    let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+                    if r <= 12 {
+                        break;
+                    }
+                    let f = &buf[12..r as usize];
+                    if is_test_frame(f) {
+                        frames += 1;
+                        bytes += f.len() as u64;
+                    }
+                }
+                if frames == 0 {
+                    poll(raw, libc::POLLIN);
+                    continue;
+                }
+                c.delivered_frames.fetch_add(frames, Ordering::Relaxed);
+                c.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }));
+    }
+    RawLoop { stop, handles, tids }
+}
+
+/// 64 B ping-pong on fd 0: write a frame, busy-read until it comes back. Returns RTTs in ns.
+pub fn ping_pong(fd: &OwnedFd, frame: &[u8], samples: usize, budget: std::time::Duration) -> Vec<u64> {
+    let raw = fd.as_raw_fd();
+    let mut out = vec![0u8; 12];
+    out.extend_from_slice(frame);
+    let mut buf = vec![0u8; 65536 + 12];
+    let mut rtts = Vec::with_capacity(samples);
+    let end = std::time::Instant::now() + budget;
+    while rtts.len() < samples && std::time::Instant::now() < end {
+        let t0 = std::time::Instant::now();
+        // SAFETY: out is valid for out.len() bytes.
+        if unsafe { libc::write(raw, out.as_ptr().cast(), out.len()) } < 0 {
+            continue;
+        }
+        loop {
+            // SAFETY: buf is valid for writes of buf.len() bytes.
+            let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
+            if r > 12 && is_test_frame(&buf[12..r as usize]) {
+                rtts.push(t0.elapsed().as_nanos() as u64);
+                break;
+            }
+            if t0.elapsed() > std::time::Duration::from_millis(200) {
+                break; // lost
+            }
+        }
+    }
+    rtts
+}

@@ -1,0 +1,183 @@
+//! The frontend side of a case: zero-copy TX posting (every TX slot is written once up front,
+//! then chains are re-posted as the backend returns them) and RX buffer recycling that only
+//! looks at the header and the magic, like a guest that hands frames up without copying.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::frontend::features::NET_F_MRG_RXBUF;
+use crate::frontend::{rx_queue, tx_queue, NetFrontend, Segment, VirtioNetHdr};
+
+use super::wire::{is_test_frame, Counters};
+
+/// A driver thread owning the frontend; `stop` returns it (or the error that ended it).
+pub struct Driver {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<NetFrontend, String>>,
+}
+
+impl Driver {
+    pub fn stop(self) -> Result<NetFrontend, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().map_err(|_| "driver thread panicked".to_string())?
+    }
+}
+
+/// Writes `hdr ++ frame` into every slot of every TX queue, so posting needs no copy.
+pub fn prefill_tx(fe: &NetFrontend, hdr: &VirtioNetHdr, frame: &[u8]) {
+    let mut h = [0u8; 12];
+    let hl = fe.hdr_len();
+    hdr.write_to(&mut h[..hl]);
+    for pair in 0..fe.queue_pairs() {
+        let q = fe.queue(tx_queue(pair)).expect("tx queue");
+        for d in 0..q.size() {
+            let gpa = q.slot_gpa(d);
+            fe.memory().write(gpa, &h[..hl]);
+            fe.memory().write(gpa + hl as u64, frame);
+        }
+    }
+}
+
+/// TX: keep every TX ring as full as the backend lets us, counting completions as offered.
+pub fn tx(mut fe: NetFrontend, frame_len: usize, counters: Arc<Counters>) -> Driver {
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("bench-tx".into())
+        .spawn(move || {
+            let seg = [Segment { off: 0, len: (fe.hdr_len() + frame_len) as u32 }];
+            let pairs = fe.queue_pairs();
+            while !st.load(Ordering::Relaxed) {
+                let mut progress = 0u64;
+                for pair in 0..pairs {
+                    let q = fe.queue_mut(tx_queue(pair)).expect("tx queue");
+                    let mut done = 0u64;
+                    while let Some(e) = q.pop_used() {
+                        if !e.known {
+                            return Err(format!("backend returned unknown TX id {}", e.id));
+                        }
+                        done += 1;
+                    }
+                    let mut added = 0;
+                    while added < 128 && q.num_free() > 0 {
+                        q.add_chain(&seg, false).map_err(|e| e.to_string())?;
+                        added += 1;
+                    }
+                    if added > 0 && q.publish() {
+                        q.kick().map_err(|e| e.to_string())?;
+                    }
+                    if done > 0 {
+                        counters.offered_frames.fetch_add(done, Ordering::Relaxed);
+                        counters.offered_bytes.fetch_add(done * frame_len as u64, Ordering::Relaxed);
+                    }
+                    progress += done + added;
+                }
+                if progress == 0 {
+                    // Rings full and nothing returned: let the backend have the CPU.
+                    std::thread::yield_now();
+                }
+            }
+            Ok(fe)
+        })
+        .expect("spawn tx driver");
+    Driver { stop, handle }
+}
+
+/// RX: take frames off every RX ring, verify the first buffer, re-post the buffers.
+pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("bench-rx".into())
+        .spawn(move || {
+            let hl = fe.hdr_len();
+            let buf_len = fe.options().rx_buf_len;
+            let seg = [Segment { off: 0, len: buf_len }];
+            let mrg = fe.acked_features() & NET_F_MRG_RXBUF != 0;
+            let pairs = fe.queue_pairs();
+            let mut peek = [0u8; 64];
+            while !st.load(Ordering::Relaxed) {
+                let (mut frames, mut bytes, mut any) = (0u64, 0u64, false);
+                for pair in 0..pairs {
+                    let q = fe.queue_mut(rx_queue(pair)).expect("rx queue");
+                    let mut reposted = 0;
+                    let mut budget = 256;
+                    while budget > 0 {
+                        let Some(first) = q.pop_used() else { break };
+                        budget -= 1;
+                        if !first.known {
+                            return Err(format!("backend returned unknown RX id {}", first.id));
+                        }
+                        let slot = q.slot_gpa(first.id as u16);
+                        let n = (first.len as usize).min(peek.len());
+                        q.memory().read(slot, &mut peek[..n]);
+                        let nb = if mrg && n >= 12 { u16::from_le_bytes([peek[10], peek[11]]).max(1) } else { 1 };
+                        let mut len = (first.len as usize).saturating_sub(hl);
+                        let ok = n > hl && is_test_frame(&peek[hl..n]);
+                        let mut used = 1;
+                        let deadline = Instant::now() + Duration::from_secs(1);
+                        while used < nb {
+                            match q.pop_used() {
+                                Some(e) => {
+                                    len += e.len as usize;
+                                    used += 1;
+                                }
+                                None if Instant::now() > deadline => {
+                                    return Err(format!("merged frame missing buffers ({used}/{nb})"))
+                                }
+                                None => std::hint::spin_loop(),
+                            }
+                        }
+                        for _ in 0..used {
+                            q.add_chain(&seg, true).map_err(|e| e.to_string())?;
+                            reposted += 1;
+                        }
+                        // Anything else is kernel chatter (ND, ARP): not ours, not counted.
+                        if ok {
+                            frames += 1;
+                            bytes += len as u64;
+                        }
+                        any = true;
+                    }
+                    if reposted > 0 && q.publish() {
+                        q.kick().map_err(|e| e.to_string())?;
+                    }
+                }
+                if !any {
+                    std::thread::yield_now();
+                    continue;
+                }
+                counters.delivered_frames.fetch_add(frames, Ordering::Relaxed);
+                counters.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+            Ok(fe)
+        })
+        .expect("spawn rx driver");
+    Driver { stop, handle }
+}
+
+/// 64 B ping-pong on pair 0: send one frame, busy-poll RX until a test frame comes back.
+pub fn ping_pong(fe: &mut NetFrontend, frame: &[u8], samples: usize, budget: Duration) -> Result<Vec<u64>, String> {
+    let hdr = VirtioNetHdr::default();
+    let mut rtts = Vec::with_capacity(samples);
+    let end = Instant::now() + budget;
+    while rtts.len() < samples && Instant::now() < end {
+        fe.reclaim_tx(0).map_err(|e| e.to_string())?;
+        let t0 = Instant::now();
+        fe.send_frame(0, &hdr, frame).map_err(|e| e.to_string())?;
+        loop {
+            let mut got = false;
+            fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p)).map_err(|e| e.to_string())?;
+            if got {
+                rtts.push(t0.elapsed().as_nanos() as u64);
+                break;
+            }
+            if t0.elapsed() > Duration::from_millis(200) {
+                break;
+            }
+        }
+    }
+    Ok(rtts)
+}
