@@ -1,5 +1,6 @@
 //! Command line: clap arguments, turned into a checked [`Config`] without touching any device.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -12,18 +13,52 @@ use crate::vhost_user::SocketMode;
 pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "vutap", version, about = "vhost-user-net backend that moves a VM's frames to and from a macvtap or tap")]
+#[command(
+    name = "vutap",
+    version,
+    about = "vhost-user-net backend that moves a VM's frames to and from a macvtap or tap",
+    after_help = "`vutap stats ENDPOINT` prints the counters of a running vutap started with --metrics-addr or --metrics-unix."
+)]
 pub struct Args {
     /// vhost-user socket path. vutap listens there (the VMM connects), unless --client.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", requires = "tap", required_unless_present_any = ["device", "config"])]
+    pub socket: Option<PathBuf>,
 
     /// The device: `/dev/tapN` (a macvtap's char device; N is its ifindex), an interface name
     /// (a macvtap is resolved to its /dev/tapN; anything else is opened as a multi-queue tap
     /// through /dev/net/tun, and created if missing), or `fd:3,4` (inherited fds, one per queue
     /// pair).
-    #[arg(long, value_name = "SPEC")]
-    pub tap: String,
+    #[arg(long, value_name = "SPEC", requires = "socket")]
+    pub tap: Option<String>,
+
+    /// Another device to serve, in its own threads and on its own socket (repeatable):
+    /// `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`.
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    pub device: Vec<String>,
+
+    /// A file with one --device spec per line (`#` starts a comment).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Serve Prometheus metrics over HTTP on this address (e.g. 127.0.0.1:9477), at /metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Serve the same metrics text on a unix socket (read by `vutap stats PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_unix: Option<PathBuf>,
+
+    /// Log a one-line traffic summary per device every N seconds.
+    #[arg(long, value_name = "SECS")]
+    pub stats_interval: Option<u64>,
+
+    /// After opening taps and sockets, become this user and drop every capability.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// How often to poll the tap's carrier for the link state, in milliseconds (0: never).
+    #[arg(long, default_value_t = 250, value_name = "MS")]
+    pub link_poll_ms: u64,
 
     /// Queue pairs to offer; one tap fd and one worker thread each.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -92,16 +127,41 @@ pub enum ConfigError {
     Mtu(u16),
     #[error("--tap: {0}")]
     Tap(#[from] TapError),
+    #[error("no device: give --socket and --tap, or --device, or --config")]
+    NoDevice,
+    #[error("--device {spec:?}: {why}")]
+    DeviceSpec { spec: String, why: String },
+    #[error("--config {path}: {why}")]
+    ConfigFile { path: PathBuf, why: String },
 }
 
+/// The single-device form (`--socket --tap ...`) as a [`Config`].
 impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
-        if args.queues == 0 || args.queues > MAX_QUEUE_PAIRS {
-            return Err(ConfigError::Queues(args.queues));
+        let (Some(socket), Some(tap)) = (args.socket, args.tap) else { return Err(ConfigError::NoDevice) };
+        DeviceArgs { socket, tap, queues: args.queues, mac: args.mac, mtu: args.mtu, client: args.client, once: args.once }.check()
+    }
+}
+
+/// The checks of one device's options, shared by the single-device flags and `--device`.
+struct DeviceArgs {
+    socket: PathBuf,
+    tap: String,
+    queues: u16,
+    mac: Option<String>,
+    mtu: Option<u16>,
+    client: bool,
+    once: bool,
+}
+
+impl DeviceArgs {
+    fn check(self) -> Result<Config, ConfigError> {
+        if self.queues == 0 || self.queues > MAX_QUEUE_PAIRS {
+            return Err(ConfigError::Queues(self.queues));
         }
-        let mac = match &args.mac {
+        let mac = match &self.mac {
             Some(s) => {
                 let mac = parse_mac(s).ok_or_else(|| ConfigError::Mac(s.clone()))?;
                 if mac[0] & 1 != 0 {
@@ -111,14 +171,103 @@ impl TryFrom<Args> for Config {
             }
             None => None,
         };
-        if let Some(mtu) = args.mtu {
+        if let Some(mtu) = self.mtu {
             if mtu < 68 {
                 return Err(ConfigError::Mtu(mtu));
             }
         }
-        let tap: TapSpec = args.tap.parse()?;
-        let socket = if args.client { SocketModeCfg::Client(args.socket) } else { SocketModeCfg::Server(args.socket) };
-        Ok(Config { socket, tap, queues: args.queues as usize, mac, mtu: args.mtu, once: args.once })
+        let tap: TapSpec = self.tap.parse()?;
+        let socket = if self.client { SocketModeCfg::Client(self.socket) } else { SocketModeCfg::Server(self.socket) };
+        Ok(Config { socket, tap, queues: self.queues as usize, mac, mtu: self.mtu, once: self.once })
+    }
+}
+
+/// One device of a daemon: its configuration and an optional label for metrics and logs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedDevice {
+    pub name: Option<String>,
+    pub config: Config,
+}
+
+/// Everything `vutap` (the daemon form) was asked to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub devices: Vec<NamedDevice>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_unix: Option<PathBuf>,
+    pub stats_interval: Option<u64>,
+    pub user: Option<String>,
+    pub link_poll_ms: u64,
+}
+
+/// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
+/// the form `fd:3,4` keeps the bare numbers that follow it.
+pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigError> {
+    let bad = |why: String| ConfigError::DeviceSpec { spec: spec.to_string(), why };
+    let (mut socket, mut tap, mut queues, mut mac, mut mtu, mut client, mut name) = (None, None::<String>, 1u16, None, None, false, None);
+    let mut last_key = "";
+    for tok in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (k, v) = match tok.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None if last_key == "tap" && tok.bytes().all(|b| b.is_ascii_digit()) => {
+                if let Some(t) = tap.as_mut() {
+                    t.push(',');
+                    t.push_str(tok);
+                }
+                continue;
+            }
+            None => (tok, ""),
+        };
+        match k {
+            "socket" => socket = Some(PathBuf::from(v)),
+            "tap" => tap = Some(v.to_string()),
+            "queues" => queues = v.parse().map_err(|_| bad(format!("queues={v} is not a number")))?,
+            "mac" => mac = Some(v.to_string()),
+            "mtu" => mtu = Some(v.parse().map_err(|_| bad(format!("mtu={v} is not a number")))?),
+            "client" => client = v.is_empty() || v == "true" || v == "on" || v == "1",
+            "name" => name = Some(v.to_string()),
+            _ => return Err(bad(format!("unknown key {k:?} (socket, tap, queues, mac, mtu, client, name)"))),
+        }
+        last_key = k;
+    }
+    let socket = socket.ok_or_else(|| bad("socket= is missing".into()))?;
+    let tap = tap.ok_or_else(|| bad("tap= is missing".into()))?;
+    let config = DeviceArgs { socket, tap, queues, mac, mtu, client, once }.check().map_err(|e| bad(e.to_string()))?;
+    Ok(NamedDevice { name, config })
+}
+
+impl TryFrom<Args> for DaemonConfig {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let mut devices = Vec::new();
+        if args.socket.is_some() || args.tap.is_some() {
+            devices.push(NamedDevice { name: None, config: Config::try_from(args.clone())? });
+        }
+        for spec in &args.device {
+            devices.push(parse_device_spec(spec, args.once)?);
+        }
+        if let Some(path) = &args.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::ConfigFile { path: path.clone(), why: e.to_string() })?;
+            for line in text.lines() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if !line.is_empty() {
+                    devices.push(parse_device_spec(line, args.once)?);
+                }
+            }
+        }
+        if devices.is_empty() {
+            return Err(ConfigError::NoDevice);
+        }
+        Ok(DaemonConfig {
+            devices,
+            metrics_addr: args.metrics_addr,
+            metrics_unix: args.metrics_unix,
+            stats_interval: args.stats_interval.filter(|s| *s > 0),
+            user: args.user,
+            link_poll_ms: args.link_poll_ms,
+        })
     }
 }
 
@@ -156,7 +305,7 @@ mod tests {
         assert!(matches!(Config::try_from(args(&["--mac", "01:00:5e:00:00:01"])), Err(ConfigError::MulticastMac(_))));
         assert!(matches!(Config::try_from(args(&["--mtu", "10"])), Err(ConfigError::Mtu(10))));
         let mut a = args(&[]);
-        a.tap = "fd:x".into();
+        a.tap = Some("fd:x".into());
         assert!(matches!(Config::try_from(a), Err(ConfigError::Tap(_))));
     }
 }

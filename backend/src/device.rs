@@ -6,7 +6,8 @@ use std::sync::Arc;
 use vutap_virtio::features::offered_features;
 use vutap_virtio::NetConfig;
 
-use crate::metrics::PairMetrics;
+use crate::link_state::LinkState;
+use crate::metrics::{DeviceMetrics, PairMetrics};
 use crate::tap::{Tap, TapKind, TapQueue};
 
 pub struct Device {
@@ -16,13 +17,22 @@ pub struct Device {
     pub mac: [u8; 6],
     pub mtu: u16,
     pub metrics: Vec<Arc<PairMetrics>>,
+    /// How this device is called in metrics and logs (`--device name=`, else the tap's name).
+    pub label: String,
+    /// Carrier of the tap, announced in the config space and to the frontend.
+    pub link: Arc<LinkState>,
+    pub device_metrics: Arc<DeviceMetrics>,
 }
 
 impl Device {
     pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Self {
         let pairs = tap.queues.len();
+        let name = tap.name.clone().unwrap_or_else(|| "tap".into());
         Device {
-            name: tap.name.clone().unwrap_or_else(|| "tap".into()),
+            label: name.clone(),
+            link: Arc::new(LinkState::default()),
+            device_metrics: Arc::new(DeviceMetrics::default()),
+            name,
             queues: tap.queues.into_iter().map(Arc::new).collect(),
             kind: tap.kind,
             mac,
@@ -40,7 +50,7 @@ impl Device {
     }
 
     pub fn config(&self) -> NetConfig {
-        NetConfig { mac: self.mac, link_up: true, max_queue_pairs: self.queue_pairs() as u16, mtu: self.mtu }
+        NetConfig { mac: self.mac, link_up: self.link.is_up(), max_queue_pairs: self.queue_pairs() as u16, mtu: self.mtu }
     }
 
     /// Detaches every tap queue: nobody reads them until a guest starts the pair again.

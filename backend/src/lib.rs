@@ -9,15 +9,24 @@
 //! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
 //! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
 //!   migration log; [`metrics`]: counters.
+//! - Operations: [`daemon`] (several devices, one process), [`signals`] (SIGTERM/SIGINT),
+//!   [`metrics_server`] (Prometheus text) and [`stats`] (`vutap stats`, log summaries),
+//!   [`privilege`] (`--user`), [`link_state`] (carrier -> STATUS and config-change messages).
 
 pub mod chain_iov;
 pub mod cli;
+pub mod daemon;
 pub mod device;
+pub mod link_state;
 pub mod dirty_log;
 pub mod memory;
 pub mod metrics;
+pub mod metrics_server;
+pub mod privilege;
 pub mod rx;
 pub mod session;
+pub mod signals;
+pub mod stats;
 pub mod tap;
 pub mod tap_io;
 pub mod tx;

@@ -26,6 +26,9 @@ macro_rules! counters {
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
             }
+
+            /// (name, help text) of every counter, for exporters.
+            pub const HELP: &'static [(&'static str, &'static str)] = &[$((stringify!($name), $doc),)*];
         }
     };
 }
@@ -46,4 +49,33 @@ counters! {
     kicks: "kick eventfd wake-ups (both rings)",
     interrupts: "call eventfd signals sent (both rings)",
     tap_errors: "hard tap errors (device gone or broken)",
+}
+
+/// Counters of one device, across connections (monotonic for the life of the process).
+#[derive(Debug, Default)]
+pub struct DeviceMetrics {
+    /// Frontend connections accepted (or made, with --client).
+    pub connections: AtomicU64,
+    /// Connections that ended with the frontend closing the socket.
+    pub disconnects: AtomicU64,
+    /// Connections closed by vutap because the frontend broke the protocol.
+    pub protocol_errors: AtomicU64,
+    /// Carrier changes seen on the tap (or the macvtap's lower).
+    pub link_changes: AtomicU64,
+    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG sent to the frontend.
+    pub config_change_msgs: AtomicU64,
+}
+
+impl DeviceMetrics {
+    /// (name, help, value) of every device counter, for exporters.
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 5] {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        [
+            ("connections", "frontend connections accepted or made", l(&self.connections)),
+            ("disconnects", "connections the frontend closed", l(&self.disconnects)),
+            ("protocol_errors", "connections closed because the frontend broke the protocol", l(&self.protocol_errors)),
+            ("link_changes", "carrier changes of the tap or macvtap lower", l(&self.link_changes)),
+            ("config_change_msgs", "config-change messages sent over the backend request channel", l(&self.config_change_msgs)),
+        ]
+    }
 }

@@ -77,6 +77,11 @@ impl Session {
         self.features.is_some()
     }
 
+    /// The protocol features the frontend acked (SET_PROTOCOL_FEATURES), 0 before that.
+    pub fn acked_protocol(&self) -> u64 {
+        self.acked_protocol
+    }
+
     fn vring(&mut self, index: u32) -> VhostResult<&mut Vring> {
         let n = self.vrings.len();
         self.vrings
@@ -341,7 +346,9 @@ impl VhostUserBackendReqHandlerMut for Session {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::LOG_SHMFD)
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            // The channel itself is taken by vhost_user.rs (link-state config changes).
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {

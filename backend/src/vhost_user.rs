@@ -7,18 +7,20 @@
 //! pair disabled. So each header is peeked; an early enable is consumed, recorded and acked here.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::device::Device;
+use crate::link_state::BackendChannel;
 use crate::session::Session;
 
 const HDR_SIZE: usize = 12;
@@ -122,6 +124,91 @@ fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32
     Ok(())
 }
 
+/// Receives exactly `buf.len()` bytes (one message header) and the fd sent with them.
+fn recv_with_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
+    // Room for a few fds; only the first is kept, the others are closed.
+    let mut cmsg = [0u64; 8];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is a valid "empty" value; the pointers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, all alive and writable for the call.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (n as usize) < buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let mut first = None;
+    // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk its control buffer within
+    // msg_controllen, and SCM_RIGHTS data is an array of ints the kernel just installed for us.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c) as *const RawFd;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
+                    if first.is_none() {
+                        first = Some(owned);
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(first)
+}
+
+/// Takes SET_BACKEND_REQ_FD here (vhost's parser would hand us a `Backend` that cannot send
+/// CONFIG_CHANGE_MSG): the channel goes to the device's link state for this connection.
+fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &Device, flags: u32, size: u32) -> io::Result<()> {
+    let mut hdr = [0u8; HDR_SIZE];
+    let fd = recv_with_fd(stream.as_raw_fd(), &mut hdr)?;
+    if size > 0 {
+        let mut body = vec![0u8; size as usize];
+        recv_exact(stream.as_raw_fd(), &mut body)?;
+    }
+    let acked = session.lock().unwrap_or_else(|p| p.into_inner()).acked_protocol();
+    let ok = match fd {
+        Some(fd) if acked & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0 => {
+            let config_acked = acked & VhostUserProtocolFeatures::CONFIG.bits() != 0;
+            dev.link.set_channel(Some(BackendChannel { stream: UnixStream::from(fd), config_acked }));
+            info!("backend request channel set up (CONFIG {})", if config_acked { "negotiated" } else { "not negotiated" });
+            true
+        }
+        Some(_) => {
+            warn!("SET_BACKEND_REQ_FD without the BACKEND_REQ protocol feature; refused");
+            false
+        }
+        None => {
+            warn!("SET_BACKEND_REQ_FD without an fd; refused");
+            false
+        }
+    };
+    if flags & NEED_REPLY_FLAG != 0 {
+        let mut reply = [0u8; HDR_SIZE + 8];
+        reply[0..4].copy_from_slice(&(FrontendReq::SET_BACKEND_REQ_FD as u32).to_le_bytes());
+        reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(!ok).to_le_bytes());
+        let mut w: &UnixStream = stream;
+        io::Write::write_all(&mut w, &reply)?;
+    }
+    Ok(())
+}
+
 /// Errors after which the message was fully consumed and the stream is still in step, so the
 /// connection can go on (the frontend got a failure ack if it asked for one).
 fn is_recoverable(e: &VhostError) -> bool {
@@ -144,7 +231,7 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
         Ok(s) => s,
         Err(e) => return ConnectionEnd::ProtocolError(format!("cannot dup connection: {e}")),
     };
-    let session = Arc::new(Mutex::new(Session::new(dev)));
+    let session = Arc::new(Mutex::new(Session::new(dev.clone())));
     let mut handler = BackendReqHandler::from_stream(stream, session.clone());
     let fd = control.as_raw_fd();
     let mut hdr = [0u8; HDR_SIZE];
@@ -169,6 +256,12 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
             }
             continue;
         }
+        if code == FrontendReq::SET_BACKEND_REQ_FD as u32 {
+            if let Err(e) = handle_backend_req_fd(&control, &session, &dev, flags, size) {
+                return ConnectionEnd::ProtocolError(format!("SET_BACKEND_REQ_FD: {e}"));
+            }
+            continue;
+        }
         match handler.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) | Err(VhostError::PartialMessage) => return ConnectionEnd::Disconnected,
@@ -189,10 +282,22 @@ pub enum SocketMode {
 
 /// Serves frontends forever (or once, with `once`), one connection after another.
 pub fn serve(mode: &SocketMode, dev: Arc<Device>, once: bool) -> Result<(), SocketError> {
-    let listener = match mode {
-        SocketMode::Server(path) => Some(bind_socket(path)?),
-        SocketMode::Client(_) => None,
-    };
+    let listener = open_endpoint(mode)?;
+    serve_on(listener, mode, dev, once);
+    Ok(())
+}
+
+/// Binds the listening socket of a server-mode endpoint (None in client mode), so that it can be
+/// set up before privileges are dropped.
+pub fn open_endpoint(mode: &SocketMode) -> Result<Option<UnixListener>, SocketError> {
+    match mode {
+        SocketMode::Server(path) => Ok(Some(bind_socket(path)?)),
+        SocketMode::Client(_) => Ok(None),
+    }
+}
+
+/// [`serve`] on an endpoint opened by [`open_endpoint`].
+pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool) {
     loop {
         let stream = match (&listener, mode) {
             (Some(l), SocketMode::Server(path)) => {
@@ -210,12 +315,22 @@ pub fn serve(mode: &SocketMode, dev: Arc<Device>, once: bool) -> Result<(), Sock
             _ => unreachable!("a server always has a listener"),
         };
         info!("frontend connected");
-        match serve_connection(stream, dev.clone()) {
-            ConnectionEnd::Disconnected => info!("frontend disconnected; queue state dropped"),
-            ConnectionEnd::ProtocolError(e) => error!("closing connection: {e}"),
+        let m = &dev.device_metrics;
+        m.connections.fetch_add(1, Ordering::Relaxed);
+        let end = serve_connection(stream, dev.clone());
+        dev.link.set_channel(None);
+        match end {
+            ConnectionEnd::Disconnected => {
+                m.disconnects.fetch_add(1, Ordering::Relaxed);
+                info!("frontend disconnected; queue state dropped")
+            }
+            ConnectionEnd::ProtocolError(e) => {
+                m.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                error!("closing connection: {e}")
+            }
         }
         if once {
-            return Ok(());
+            return;
         }
     }
 }
