@@ -211,6 +211,10 @@ fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &De
 
 /// Errors after which the message was fully consumed and the stream is still in step, so the
 /// connection can go on (the frontend got a failure ack if it asked for one).
+///
+/// Not `InvalidMessage`: vhost also returns it right after reading the *header* (unknown request
+/// code, reserved flag bits, unexpected fds), with the body still unread; going on would parse
+/// that body as the next header.
 fn is_recoverable(e: &VhostError) -> bool {
     matches!(
         e,
@@ -219,7 +223,6 @@ fn is_recoverable(e: &VhostError) -> bool {
             | VhostError::InvalidOperation(_)
             | VhostError::InactiveFeature(_)
             | VhostError::InactiveOperation(_)
-            | VhostError::InvalidMessage
             | VhostError::IncorrectFds
             | VhostError::FeatureMismatch
     )
