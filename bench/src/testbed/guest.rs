@@ -95,6 +95,9 @@ pub struct GuestConfig {
     pub boot_timeout: Duration,
     /// Where `qemu.log` (stderr) and `console.log` (serial) go.
     pub log_dir: PathBuf,
+    /// vhost-user only: the chardev reconnects when the backend goes away (QEMU 7.2
+    /// `reconnect=1`, QEMU 10 `reconnect-ms=1000`), so a restarted vutap picks the guest up again.
+    pub chardev_reconnect: bool,
 }
 
 impl GuestConfig {
@@ -107,6 +110,7 @@ impl GuestConfig {
             mem_mb: 512,
             boot_timeout: Duration::from_secs(60),
             log_dir,
+            chardev_reconnect: false,
         }
     }
 }
@@ -355,7 +359,15 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
         Nic::VhostUser { socket, .. } => {
             cmd.args([
                 "-chardev",
-                &format!("socket,id=c0,path={}", path_str(socket)?),
+                &format!(
+                    "socket,id=c0,path={}{}",
+                    path_str(socket)?,
+                    match (config.chardev_reconnect, config.qemu) {
+                        (false, _) => "",
+                        (true, QemuVersion::V7) => ",reconnect=1",
+                        (true, QemuVersion::V10) => ",reconnect-ms=1000",
+                    }
+                ),
             ]);
             cmd.args([
                 "-netdev",

@@ -99,6 +99,37 @@ impl Vutap {
         }
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGKILL`) and, for SIGKILL, reaps the child.
+    pub fn signal(&mut self, sig: libc::c_int) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child's pid, not yet reaped (try_wait returned None),
+            // so the pid cannot have been reused.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        }
+        if sig == libc::SIGKILL {
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the daemon is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
