@@ -236,6 +236,16 @@ pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigEr
     Ok(NamedDevice { name, config })
 }
 
+/// A `--config` file: one `--device` spec per line; `#` starts a comment.
+pub fn parse_config_file(path: &std::path::Path, once: bool) -> Result<Vec<NamedDevice>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ConfigFile { path: path.to_path_buf(), why: e.to_string() })?;
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| parse_device_spec(l, once))
+        .collect()
+}
+
 impl TryFrom<Args> for DaemonConfig {
     type Error = ConfigError;
 
@@ -248,14 +258,7 @@ impl TryFrom<Args> for DaemonConfig {
             devices.push(parse_device_spec(spec, args.once)?);
         }
         if let Some(path) = &args.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::ConfigFile { path: path.clone(), why: e.to_string() })?;
-            for line in text.lines() {
-                let line = line.split('#').next().unwrap_or("").trim();
-                if !line.is_empty() {
-                    devices.push(parse_device_spec(line, args.once)?);
-                }
-            }
+            devices.extend(parse_config_file(path, args.once)?);
         }
         if devices.is_empty() {
             return Err(ConfigError::NoDevice);
@@ -295,6 +298,24 @@ mod tests {
         assert_eq!(c.socket, SocketModeCfg::Client("/tmp/s.sock".into()));
         assert_eq!(c.queues, 4);
         assert_eq!(c.mac, Some([0x52, 0x54, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn test_device_spec() {
+        let d = parse_device_spec("socket=/run/a.sock,tap=fd:3,4,queues=2,client,name=vm0,mtu=9000", false).unwrap();
+        assert_eq!(d.name.as_deref(), Some("vm0"));
+        assert_eq!(d.config.socket, SocketModeCfg::Client("/run/a.sock".into()));
+        assert_eq!(d.config.tap, "fd:3,4".parse().unwrap());
+        assert_eq!((d.config.queues, d.config.mtu), (2, Some(9000)));
+        assert!(matches!(parse_device_spec("tap=mvt0", false), Err(ConfigError::DeviceSpec { .. })));
+        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,colour=red", false), Err(ConfigError::DeviceSpec { .. })));
+        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,queues=0", false), Err(ConfigError::DeviceSpec { .. })));
+        let both = Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
+        assert_eq!(DaemonConfig::try_from(both).unwrap().devices.len(), 2);
+        let only = Args::try_parse_from(["vutap", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
+        assert_eq!(DaemonConfig::try_from(only).unwrap().devices.len(), 1);
+        assert!(Args::try_parse_from(["vutap", "--socket", "/s"]).is_err(), "--socket needs --tap");
+        assert!(Args::try_parse_from(["vutap"]).is_err(), "a device is required");
     }
 
     #[test]
