@@ -128,8 +128,9 @@ pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<
         "60",
         &format!("--rxq={queues}"),
         &format!("--txq={queues}"),
+        // 10 KiB mbufs so 9000 B frames fit one mbuf; a bounded pool fits in -m 1024.
         "--mbuf-size=10240",
-        "--max-pkt-len=9600",
+        "--total-num-mbufs=16384",
     ]
     .iter()
     .map(|s| s.to_string())
