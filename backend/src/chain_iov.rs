@@ -18,6 +18,12 @@ pub enum BadChain {
     Shape(#[from] ChainError),
     #[error("descriptor {addr:#x}+{len} is outside guest memory")]
     OutsideMemory { addr: u64, len: u32 },
+    /// The walk stopped at a descriptor that still had NEXT set: a loop or a chain longer than
+    /// the queue (virtio-queue's TTL ran out), a `next` index outside the table, an unreadable
+    /// or invalid (odd length, nested) indirect table, or a length sum past u32. virtio-queue's
+    /// iterator just ends there, which would make the chain look shorter than it is.
+    #[error("chain cut short after {0} descriptors (loop, longer than the queue, bad next index, bad indirect table or length overflow)")]
+    Truncated(usize),
 }
 
 /// A raw `iovec`, sendable between our own threads: it only ever points into guest memory that
@@ -59,12 +65,18 @@ where
     let ranges_start = ranges.as_ref().map_or(0, |r| r.len());
     let result = (|| {
         let mut check = ChainCheck::new(direction, limits);
+        let (mut count, mut open) = (0usize, false);
         for desc in chain {
+            count += 1;
+            open = desc.has_next();
             check.push(desc.len(), desc.is_write_only())?;
             push_region_iovecs(mem, desc.addr(), desc.len(), iovs)?;
             if let Some(r) = ranges.as_mut() {
                 r.push((desc.addr().0, desc.len()));
             }
+        }
+        if open {
+            return Err(BadChain::Truncated(count));
         }
         Ok(check.finish()?)
     })();

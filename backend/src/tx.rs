@@ -234,6 +234,34 @@ mod tests {
     }
 
     #[test]
+    fn test_tx_loops_and_cut_chains_are_bad_not_shorter() {
+        use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let next = VRING_DESC_F_NEXT as u16;
+        // A descriptor chained to itself: virtio-queue's walk ends after SIZE steps (its TTL),
+        // which without the check would be a 16 x 100-byte frame of the same bytes.
+        mq.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(DATA_BASE, 100, next, 0))], 0).unwrap();
+        // `next` past the table: the walk stops after the first descriptor.
+        mq.add_desc_chains(&[RawDescriptor::from(SplitDescriptor::new(DATA_BASE, 100, next, 999))], 1).unwrap();
+        add_chain(&mq, 2, &[(DATA_BASE, 60, false)]);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.tx_bad_chains, 2);
+        assert_eq!(*tap.written.borrow(), vec![mem_bytes(&mem, DATA_BASE, 60)]);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0), (2, 0)]);
+    }
+
+    fn mem_bytes(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    #[test]
     fn test_tx_budget_limits_a_batch() {
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, SIZE);
