@@ -17,26 +17,33 @@ pub struct Vutap {
 }
 
 impl Vutap {
-    /// The binary to run: `$VUTAP_BIN`, else the newer of `target/{release,debug}/vutap` (honouring
-    /// `$CARGO_TARGET_DIR`).
+    /// The binary to run: `$VUTAP_BIN`, else the `vutap` built with the same profile as the
+    /// running program (a release bench or test runs the release daemon, never a stale debug
+    /// one), else `target/release/vutap`.
     pub fn binary() -> Result<PathBuf> {
         if let Some(p) = std::env::var_os("VUTAP_BIN") {
             return Ok(PathBuf::from(p));
         }
+        // A binary lives in target/<profile>/; a test in target/<profile>/deps/.
+        let exe = std::env::current_exe().map_err(io_err("current_exe"))?;
+        let same_profile = exe
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join("vutap"))
+            .find(|p| p.is_file() && p != &exe);
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_root().join("target"));
-        let newest = ["release", "debug"]
-            .iter()
-            .map(|p| target.join(p).join("vutap"))
-            .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-            .max();
-        newest.map(|(_, p)| p).ok_or_else(|| {
-            Error::Setup(format!(
-                "no vutap binary under {}: run `cargo build --release -p vutap` or set VUTAP_BIN",
-                target.display()
-            ))
-        })
+        same_profile
+            .or_else(|| Some(target.join("release").join("vutap")).filter(|p| p.is_file()))
+            .ok_or_else(|| {
+                Error::Setup(format!(
+                    "no vutap binary beside {} or under {}: run `cargo build --release -p vutap` or set VUTAP_BIN",
+                    exe.display(),
+                    target.display()
+                ))
+            })
     }
 
     /// Spawns vutap serving `socket` on `tap` with `queues` queue pairs, `extra` args appended;
