@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use vutap_bench::testbed::{
-    workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology,
+    seed, workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology,
 };
 
 #[derive(Parser)]
@@ -24,6 +24,42 @@ struct Cli {
 enum Cmd {
     /// vutap vs QEMU's tap backend: ping + iperf3 both directions, markdown table + JSON.
     Demo(DemoArgs),
+    /// The seed experiment (issue 5): internal (guest to guest) and external (guest to host)
+    /// through a bridge-mode macvtap, vutap vs QEMU's tap backend side by side, QEMU 7.2 and 10.0,
+    /// 1 and 2 queue pairs, 1 and 4 streams, both directions; plus the VEPA isolation check.
+    /// Prints markdown tables and writes JSON + an SVG bar chart.
+    Seed(SeedArgs),
+}
+
+#[derive(clap::Args)]
+struct SeedArgs {
+    #[arg(long, value_enum, default_value = "both")]
+    qemu: QemuChoice,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Queue pairs to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    queues: Vec<u16>,
+    /// iperf3 parallel streams to run (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    streams: Vec<u16>,
+    /// Short version (CI): QEMU 10 only, 1 queue pair, 1 stream, 2 s per run, no INTx baseline.
+    #[arg(long)]
+    quick: bool,
+    /// Skip QEMU's tap backend with `vectors=0` on QEMU 7.2 (the like-for-like baseline).
+    #[arg(long)]
+    no_intx: bool,
+    /// Skip the VEPA isolation check.
+    #[arg(long)]
+    no_vepa: bool,
+    /// Outputs (relative paths are under the workspace root).
+    #[arg(long, default_value = "results/seed.json")]
+    json: std::path::PathBuf,
+    #[arg(long, default_value = "results/seed.svg")]
+    svg: std::path::PathBuf,
+    #[arg(long, default_value = "results/seed.md")]
+    markdown: std::path::PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +120,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
         Cmd::Demo(args) => demo(args),
+        Cmd::Seed(args) => seed_cmd(args),
     }
 }
 
@@ -226,4 +263,68 @@ fn print_table(rows: &[Row]) {
             r.qemu, r.queues, r.direction, r.gbps
         );
     }
+}
+
+fn seed_cmd(args: SeedArgs) -> ExitCode {
+    let mut plan = seed::SeedPlan {
+        qemus: match args.qemu {
+            QemuChoice::V7 => vec![QemuVersion::V7],
+            QemuChoice::V10 => vec![QemuVersion::V10],
+            QemuChoice::Both => vec![QemuVersion::V7, QemuVersion::V10],
+        },
+        paths: vec![seed::SeedPath::Internal, seed::SeedPath::External],
+        queues: args.queues.clone(),
+        streams: args.streams.clone(),
+        seconds: args.seconds,
+        intx_baseline: !args.no_intx,
+        vepa_check: !args.no_vepa,
+        tag: "seed".into(),
+    };
+    if args.quick {
+        plan.qemus = vec![QemuVersion::V10];
+        plan.queues = vec![1];
+        plan.streams = vec![1];
+        plan.seconds = 2;
+        plan.intx_baseline = false;
+    }
+    let report = match seed::run(&plan) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vutap-vm seed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let md = seed::markdown(&report);
+    println!("{md}");
+    let out = |p: &std::path::Path, text: String| {
+        let path = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            workspace_root().join(p)
+        };
+        let r = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|_| std::fs::write(&path, text));
+        match r {
+            Ok(()) => eprintln!("wrote {}", path.display()),
+            Err(e) => eprintln!("vutap-vm: write {}: {e}", path.display()),
+        }
+    };
+    out(
+        &args.json,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    );
+    out(&args.svg, seed::svg(&report));
+    out(&args.markdown, md);
+    let holes = report
+        .cells
+        .iter()
+        .any(|c| c.vutap.is_none() || c.qemu_tap.is_none());
+    let vepa_ok = report.vepa.as_ref().is_none_or(|v| v.as_expected());
+    if holes || !vepa_ok {
+        eprintln!("vutap-vm seed: missing numbers or unexpected VEPA result (see above)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }

@@ -98,6 +98,9 @@ pub struct GuestConfig {
     /// vhost-user only: the chardev reconnects when the backend goes away (QEMU 7.2
     /// `reconnect=1`, QEMU 10 `reconnect-ms=1000`), so a restarted vutap picks the guest up again.
     pub chardev_reconnect: bool,
+    /// Give the NIC `vectors=0` (INTx) whatever the backend. QEMU 7.2 under TCG always needs it
+    /// for vhost-user; setting it for QEMU's tap backend too makes a like-for-like comparison.
+    pub force_intx: bool,
 }
 
 impl GuestConfig {
@@ -111,6 +114,7 @@ impl GuestConfig {
             boot_timeout: Duration::from_secs(60),
             log_dir,
             chardev_reconnect: false,
+            force_intx: false,
         }
     }
 }
@@ -381,7 +385,7 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
         dev.push_str(",mq=on");
     }
     let vhost_user = matches!(config.nic, Nic::VhostUser { .. });
-    if vhost_user && config.qemu == QemuVersion::V7 {
+    if (vhost_user && config.qemu == QemuVersion::V7) || config.force_intx {
         // QEMU 7.2 under TCG segfaults with a vhost-user NIC using MSI-X: use INTx.
         dev.push_str(",vectors=0");
     } else if q > 1 {

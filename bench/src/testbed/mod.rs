@@ -7,6 +7,8 @@
 //! - [`vutap`]: the `vutap` daemon as a child process ([`Vutap`]).
 //! - [`iperf`]: parsing of `iperf3 -J` reports.
 //! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
+//! - [`seed`]: the seed's experiment (internal/external, vutap vs QEMU tap, VEPA check), table,
+//!   JSON and SVG (`vutap-vm seed`).
 //!
 //! Everything here needs root. Every guard deletes what it made on `Drop`, including on panic.
 
@@ -15,6 +17,7 @@ pub mod console;
 pub mod guest;
 pub mod iperf;
 pub mod scenario;
+pub mod seed;
 pub mod topo;
 pub mod vutap;
 

@@ -1,0 +1,744 @@
+//! Issue 5: the seed's macvtap experiment with real guests, vutap and QEMU's tap backend side by
+//! side in the same run.
+//!
+//! - **external**: one guest on a bridge-mode macvtap of the veth lower; iperf3 against the server
+//!   in the peer namespace (the seed's "VM to external host").
+//! - **internal**: two guests, each on its own bridge-mode macvtap of the same lower; guest B runs
+//!   `iperf3 -s -D`, guest A the client (the seed's "VM to VM through one macvtap bridge").
+//! - **VEPA check**: two guests on VEPA-mode macvtaps: they reach the peer but not each other,
+//!   until the peer end (the "switch") becomes a bridge port with hairpin on.
+//!
+//! A *group* is one boot of the guest(s) with one backend, QEMU version and queue-pair count; it
+//! runs every stream count and both directions. Groups alternate backends (vutap, then QEMU tap,
+//! then QEMU tap with INTx on 7.2) for the same topology, so noise from other work on the host hits
+//! both sides alike. Under TCG the guests are CPU-bound: internal guests get `-smp 1` each (two
+//! guests on a 2-core host), external ones `-smp 2`.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::guest::{Guest, GuestConfig, Nic, QemuVersion};
+use super::topo::{MacvtapMode, Tap, Topology};
+use super::vutap::Vutap;
+use super::{log_dir, Error, Result};
+
+/// Which of the seed's two measurements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SeedPath {
+    /// Guest to a host behind the lower (peer netns).
+    External,
+    /// Guest to guest through the macvtap bridge.
+    Internal,
+}
+
+impl fmt::Display for SeedPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeedPath::External => "external",
+            SeedPath::Internal => "internal",
+        })
+    }
+}
+
+/// The guest NIC's data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Variant {
+    /// vutap over vhost-user (INTx on QEMU 7.2, MSI-X on 10).
+    Vutap,
+    /// QEMU's tap backend (`-netdev tap,fd=N`), MSI-X.
+    QemuTap,
+    /// QEMU's tap backend with `vectors=0` (INTx): like for like with vutap on QEMU 7.2.
+    QemuTapIntx,
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Variant::Vutap => "vutap",
+            Variant::QemuTap => "qemu-tap",
+            Variant::QemuTapIntx => "qemu-tap-intx",
+        })
+    }
+}
+
+/// iperf3 direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Direction {
+    /// external: guest → host; internal: guest A → guest B.
+    Forward,
+    /// `iperf3 -R`: external: host → guest; internal: B → A.
+    Reverse,
+}
+
+impl Direction {
+    pub fn label(self, path: SeedPath) -> &'static str {
+        match (path, self) {
+            (SeedPath::External, Direction::Forward) => "guest->host",
+            (SeedPath::External, Direction::Reverse) => "host->guest",
+            (SeedPath::Internal, Direction::Forward) => "A->B",
+            (SeedPath::Internal, Direction::Reverse) => "B->A",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedPlan {
+    pub qemus: Vec<QemuVersion>,
+    pub paths: Vec<SeedPath>,
+    pub queues: Vec<u16>,
+    pub streams: Vec<u16>,
+    /// Seconds per iperf3 run.
+    pub seconds: u32,
+    /// Also run QEMU's tap backend with `vectors=0` on QEMU 7.2 (like for like with vutap there).
+    pub intx_baseline: bool,
+    /// Run the VEPA isolation check (on the first QEMU version).
+    pub vepa_check: bool,
+    /// Prefix of the log directories under `results/tmp/`.
+    pub tag: String,
+}
+
+/// One iperf3 number (or why there is none).
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub path: SeedPath,
+    pub qemu: QemuVersion,
+    pub variant: Variant,
+    pub queues: u16,
+    pub streams: u16,
+    pub direction: Direction,
+    /// Receiver-side Gbit/s.
+    pub gbps: Option<f64>,
+    pub retransmits: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// One boot of the guest(s).
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupRun {
+    pub path: SeedPath,
+    pub qemu: QemuVersion,
+    pub variant: Variant,
+    pub queues: u16,
+    pub smp: u16,
+    /// Host load average (1 min) when the group started: the noise from other work.
+    pub loadavg: f64,
+    pub boot_secs: f64,
+    /// internal: whether A's ping of B got replies (bridge mode: it must).
+    pub a_reaches_b: Option<bool>,
+    /// vutap's per-pair totals lines, one per guest and pair (`queue pair N stopped; totals: ...`).
+    pub vutap_totals: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// One row cell of the table: vutap vs the QEMU tap backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub path: SeedPath,
+    pub direction: &'static str,
+    pub qemu: QemuVersion,
+    pub queues: u16,
+    pub streams: u16,
+    pub vutap: Option<f64>,
+    pub qemu_tap: Option<f64>,
+    pub ratio: Option<f64>,
+    /// QEMU tap with `vectors=0` (only when run).
+    pub qemu_tap_intx: Option<f64>,
+    pub ratio_intx: Option<f64>,
+}
+
+/// Result of the VEPA check.
+#[derive(Debug, Clone, Serialize)]
+pub struct VepaCheck {
+    pub qemu: QemuVersion,
+    /// Each VEPA guest pings the peer namespace (the link works).
+    pub a_reaches_peer: bool,
+    pub b_reaches_peer: bool,
+    /// VEPA without a hairpin switch: A → B and B → A (expected: false).
+    pub a_reaches_b: bool,
+    pub b_reaches_a: bool,
+    /// After the peer end becomes a bridge port with `hairpin on`: A → B (expected: true).
+    pub a_reaches_b_with_hairpin: bool,
+    pub error: Option<String>,
+}
+
+impl VepaCheck {
+    /// The seed's claim holds: isolated without hairpin, reachable with it, link fine.
+    pub fn as_expected(&self) -> bool {
+        self.error.is_none()
+            && self.a_reaches_peer
+            && self.b_reaches_peer
+            && !self.a_reaches_b
+            && !self.b_reaches_a
+            && self.a_reaches_b_with_hairpin
+    }
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedReport {
+    pub plan: SeedPlan,
+    pub started_unix: u64,
+    pub duration_secs: f64,
+    pub nproc: usize,
+    pub groups: Vec<GroupRun>,
+    pub measurements: Vec<Measurement>,
+    pub cells: Vec<Cell>,
+    pub vepa: Option<VepaCheck>,
+}
+
+/// Port of the iperf3 servers (peer netns and guest B).
+const IPERF_PORT: u16 = 5201;
+
+/// Runs the whole plan. Failures are recorded in the report, not returned (only a topology that
+/// cannot be built is an error).
+pub fn run(plan: &SeedPlan) -> Result<SeedReport> {
+    let started = Instant::now();
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let topo = Topology::new(2, MacvtapMode::Bridge)?;
+    let _server = topo.iperf_server(IPERF_PORT)?;
+    let mut groups = Vec::new();
+    let mut measurements = Vec::new();
+    for &qemu in &plan.qemus {
+        for &path in &plan.paths {
+            for &queues in &plan.queues {
+                let mut variants = vec![Variant::Vutap, Variant::QemuTap];
+                if plan.intx_baseline && qemu == QemuVersion::V7 {
+                    variants.push(Variant::QemuTapIntx);
+                }
+                for variant in variants {
+                    let (g, ms) = run_group(plan, &topo, path, qemu, variant, queues);
+                    log::info!(
+                        "{path} {variant} QEMU {qemu} {queues}qp: {}",
+                        ms.iter()
+                            .map(|m| m.gbps.map_or("FAIL".into(), |x| format!("{x:.2}")))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    groups.push(g);
+                    measurements.extend(ms);
+                }
+            }
+        }
+    }
+    let vepa = match (plan.vepa_check, plan.qemus.first()) {
+        (true, Some(&qemu)) => Some(vepa_check(qemu, &plan.tag)),
+        _ => None,
+    };
+    let cells = cells(plan, &measurements);
+    Ok(SeedReport {
+        plan: plan.clone(),
+        started_unix,
+        duration_secs: started.elapsed().as_secs_f64(),
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        groups,
+        measurements,
+        cells,
+        vepa,
+    })
+}
+
+/// A booted guest and, for vutap, its daemon. Field order matters: the guest is dropped first.
+struct Node {
+    guest: Guest,
+    vutap: Option<Vutap>,
+}
+
+fn boot_node(
+    qemu: QemuVersion,
+    variant: Variant,
+    queues: u16,
+    smp: u16,
+    tap: &Tap,
+    prefix_len: u8,
+    dir: &Path,
+) -> Result<Node> {
+    std::fs::create_dir_all(dir).map_err(super::io_err(format!("create {}", dir.display())))?;
+    let (nic, vutap) = match variant {
+        Variant::Vutap => {
+            let socket = dir.join("vutap.sock");
+            let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &[], dir)?;
+            let nic = Nic::VhostUser {
+                socket,
+                queues,
+                mac: tap.mac.clone(),
+            };
+            (nic, Some(v))
+        }
+        Variant::QemuTap | Variant::QemuTapIntx => (
+            Nic::QemuTap {
+                tap_path: tap.dev.clone(),
+                queues,
+                mac: tap.mac.clone(),
+            },
+            None,
+        ),
+    };
+    let mut cfg = GuestConfig::new(qemu, nic, dir.to_path_buf());
+    cfg.smp = smp;
+    cfg.force_intx = variant == Variant::QemuTapIntx;
+    let mut guest = Guest::boot(cfg).map_err(|e| match &vutap {
+        Some(v) => Error::Setup(format!("{e}\n--- vutap log:\n{}", v.log_text())),
+        None => e,
+    })?;
+    guest.configure_ip(tap.guest_ip, prefix_len)?;
+    if queues > 1 {
+        guest.set_channels(queues)?;
+    }
+    Ok(Node { guest, vutap })
+}
+
+/// Shuts the guests down, stops the vutaps, and returns their per-pair totals lines.
+fn teardown(nodes: Vec<Node>) -> Vec<String> {
+    let mut totals = Vec::new();
+    for (i, node) in nodes.into_iter().enumerate() {
+        let Node { guest, vutap } = node;
+        if let Err(e) = guest.shutdown(Duration::from_secs(10)) {
+            log::warn!("guest {i}: {e}");
+        }
+        if let Some(v) = vutap {
+            let log = v.log.clone();
+            drop(v);
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let guest_name = if i == 0 { "A" } else { "B" };
+            totals.extend(
+                text.lines()
+                    .filter_map(|l| l.split_once("queue pair "))
+                    .filter(|(_, rest)| rest.contains("stopped; totals:"))
+                    .map(|(_, rest)| format!("guest {guest_name}: pair {rest}")),
+            );
+        }
+    }
+    totals
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn run_group(
+    plan: &SeedPlan,
+    topo: &Topology,
+    path: SeedPath,
+    qemu: QemuVersion,
+    variant: Variant,
+    queues: u16,
+) -> (GroupRun, Vec<Measurement>) {
+    let smp = match path {
+        SeedPath::External => 2,
+        SeedPath::Internal => 1,
+    };
+    let mut group = GroupRun {
+        path,
+        qemu,
+        variant,
+        queues,
+        smp,
+        loadavg: loadavg(),
+        boot_secs: 0.0,
+        a_reaches_b: None,
+        vutap_totals: Vec::new(),
+        error: None,
+    };
+    let name = format!("{}-{path}-{variant}-q{}-{queues}qp", plan.tag, qemu.label());
+    eprintln!(
+        "== {path} | {variant} | QEMU {qemu} | {queues} queue pair(s) | load {:.1}",
+        group.loadavg
+    );
+    let mut measurements = Vec::new();
+    let mut record = |streams, direction, r: std::result::Result<(f64, u64), String>| {
+        let (gbps, retransmits, error) = match r {
+            Ok((g, rt)) => (Some(g), Some(rt), None),
+            Err(e) => (None, None, Some(e)),
+        };
+        measurements.push(Measurement {
+            path,
+            qemu,
+            variant,
+            queues,
+            streams,
+            direction,
+            gbps,
+            retransmits,
+            error,
+        });
+    };
+    let booted = Instant::now();
+    let nodes = (|| -> Result<Vec<Node>> {
+        let dir = log_dir(&name)?;
+        let mut nodes = Vec::new();
+        let n = match path {
+            SeedPath::External => 1,
+            SeedPath::Internal => 2,
+        };
+        for i in 0..n {
+            let sub = if n == 1 {
+                dir.clone()
+            } else {
+                dir.join(["a", "b"][i])
+            };
+            nodes.push(boot_node(
+                qemu,
+                variant,
+                queues,
+                smp,
+                &topo.taps[i],
+                topo.prefix_len,
+                &sub,
+            )?);
+        }
+        Ok(nodes)
+    })();
+    group.boot_secs = booted.elapsed().as_secs_f64();
+    let mut nodes = match nodes {
+        Ok(n) => n,
+        Err(e) => {
+            let msg = format!("boot: {e}");
+            eprintln!("   FAILED {msg}");
+            for &streams in &plan.streams {
+                for direction in [Direction::Forward, Direction::Reverse] {
+                    record(streams, direction, Err(msg.clone()));
+                }
+            }
+            group.error = Some(msg);
+            return (group, measurements);
+        }
+    };
+    let server_ip = match path {
+        SeedPath::External => topo.peer_ip,
+        SeedPath::Internal => topo.taps[1].guest_ip,
+    };
+    if path == SeedPath::Internal {
+        let start = nodes[1].guest.run_ok(
+            &format!("iperf3 -s -D -p {IPERF_PORT} && sleep 1"),
+            Duration::from_secs(20),
+        );
+        if let Err(e) = start {
+            group.error = Some(format!("iperf3 server in guest B: {e}"));
+        }
+        let ping = nodes[0].guest.ping(server_ip, 3);
+        group.a_reaches_b = Some(ping.map(|p| p.received > 0).unwrap_or(false));
+    }
+    for &streams in &plan.streams {
+        for direction in [Direction::Forward, Direction::Reverse] {
+            let reverse = direction == Direction::Reverse;
+            // One retry: a lost connect under a loaded host should not leave a hole in the table.
+            let mut r = Err(String::new());
+            for attempt in 0..2 {
+                r = nodes[0]
+                    .guest
+                    .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
+                    .map(|x| (x.received_gbps, x.retransmits))
+                    .map_err(|e| e.to_string());
+                match &r {
+                    Ok(_) => break,
+                    Err(e) => eprintln!("   iperf3 attempt {attempt}: {e}"),
+                }
+            }
+            if let Ok((g, rt)) = &r {
+                eprintln!(
+                    "   {streams} stream(s) {:<11} {g:6.2} Gbit/s (retr {rt})",
+                    direction.label(path)
+                );
+            }
+            record(streams, direction, r);
+        }
+    }
+    group.vutap_totals = teardown(nodes);
+    for t in &group.vutap_totals {
+        eprintln!("   vutap {t}");
+    }
+    (group, measurements)
+}
+
+/// Builds the table cells from the measurements.
+pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
+    let find = |path, qemu, variant, queues, streams, direction| {
+        ms.iter()
+            .find(|m| {
+                m.path == path
+                    && m.qemu == qemu
+                    && m.variant == variant
+                    && m.queues == queues
+                    && m.streams == streams
+                    && m.direction == direction
+            })
+            .and_then(|m| m.gbps)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for &qemu in &plan.qemus {
+        for &path in &plan.paths {
+            for direction in [Direction::Forward, Direction::Reverse] {
+                for &queues in &plan.queues {
+                    for &streams in &plan.streams {
+                        let args = (path, qemu, queues, streams, direction);
+                        let get = |v| find(args.0, args.1, v, args.2, args.3, args.4);
+                        let (vutap, tap, intx) = (
+                            get(Variant::Vutap),
+                            get(Variant::QemuTap),
+                            get(Variant::QemuTapIntx),
+                        );
+                        out.push(Cell {
+                            path,
+                            direction: direction.label(path),
+                            qemu,
+                            queues,
+                            streams,
+                            vutap,
+                            qemu_tap: tap,
+                            ratio: ratio(vutap, tap),
+                            qemu_tap_intx: intx,
+                            ratio_intx: ratio(vutap, intx),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Two guests on VEPA-mode macvtaps of one lower whose far end is a plain veth (no hairpin):
+/// they must reach the peer but not each other; then the far end becomes a bridge port with
+/// `hairpin on` (a reflective relay) and A must reach B.
+pub fn vepa_check(qemu: QemuVersion, tag: &str) -> VepaCheck {
+    let mut check = VepaCheck {
+        qemu,
+        a_reaches_peer: false,
+        b_reaches_peer: false,
+        a_reaches_b: false,
+        b_reaches_a: false,
+        a_reaches_b_with_hairpin: false,
+        error: None,
+    };
+    eprintln!("== VEPA check (QEMU {qemu}, vutap, 2 guests on VEPA macvtaps)");
+    let r = (|| -> Result<()> {
+        let topo = Topology::new(2, MacvtapMode::Vepa)?;
+        let dir = log_dir(&format!("{tag}-vepa-q{}", qemu.label()))?;
+        let mut a = boot_node(
+            qemu,
+            Variant::Vutap,
+            1,
+            1,
+            &topo.taps[0],
+            topo.prefix_len,
+            &dir.join("a"),
+        )?;
+        let mut b = boot_node(
+            qemu,
+            Variant::Vutap,
+            1,
+            1,
+            &topo.taps[1],
+            topo.prefix_len,
+            &dir.join("b"),
+        )?;
+        let reaches =
+            |n: &mut Node, ip: Ipv4Addr| -> Result<bool> { Ok(n.guest.ping(ip, 3)?.received > 0) };
+        check.a_reaches_peer = reaches(&mut a, topo.peer_ip)?;
+        check.b_reaches_peer = reaches(&mut b, topo.peer_ip)?;
+        check.a_reaches_b = reaches(&mut a, topo.taps[1].guest_ip)?;
+        check.b_reaches_a = reaches(&mut b, topo.taps[0].guest_ip)?;
+        // Make the "switch" (the veth peer) hairpin: a bridge in the peer netns, port in
+        // hairpin mode, so frames from one macvtap come back down the same link to the other.
+        topo.exec_ok(&["ip", "link", "add", "vtbr0", "type", "bridge"])?;
+        topo.exec_ok(&["ip", "link", "set", &topo.peer, "master", "vtbr0"])?;
+        topo.exec_ok(&["ip", "link", "set", "vtbr0", "up"])?;
+        topo.exec_ok(&["bridge", "link", "set", "dev", &topo.peer, "hairpin", "on"])?;
+        check.a_reaches_b_with_hairpin = reaches(&mut a, topo.taps[1].guest_ip)?;
+        teardown(vec![a, b]);
+        Ok(())
+    })();
+    if let Err(e) = r {
+        check.error = Some(e.to_string());
+    }
+    eprintln!(
+        "   VEPA: A->peer {} B->peer {} A->B {} B->A {}; with hairpin switch A->B {}",
+        check.a_reaches_peer,
+        check.b_reaches_peer,
+        check.a_reaches_b,
+        check.b_reaches_a,
+        check.a_reaches_b_with_hairpin
+    );
+    check
+}
+
+/// Markdown: one table per QEMU version, rows path × direction × queue pairs/streams.
+pub fn markdown(report: &SeedReport) -> String {
+    let f = |x: Option<f64>| x.map_or("FAIL".to_string(), |x| format!("{x:.2}"));
+    let r = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}×"));
+    let mut s = String::new();
+    for &qemu in &report.plan.qemus {
+        let intx = report
+            .cells
+            .iter()
+            .any(|c| c.qemu == qemu && c.qemu_tap_intx.is_some());
+        s.push_str(&format!(
+            "**QEMU {qemu}** (Gbit/s, iperf3 receiver side)\n\n"
+        ));
+        if intx {
+            s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio | QEMU tap, INTx | ratio vs INTx |\n|---|---|---|---:|---:|---:|---:|---:|\n");
+        } else {
+            s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio |\n|---|---|---|---:|---:|---:|\n");
+        }
+        for c in report.cells.iter().filter(|c| c.qemu == qemu) {
+            s.push_str(&format!(
+                "| {} | {} | {} / {} | {} | {} | {} |",
+                c.path,
+                c.direction,
+                c.queues,
+                c.streams,
+                f(c.vutap),
+                f(c.qemu_tap),
+                r(c.ratio)
+            ));
+            if intx {
+                s.push_str(&format!(" {} | {} |", f(c.qemu_tap_intx), r(c.ratio_intx)));
+            }
+            s.push('\n');
+        }
+        s.push('\n');
+    }
+    if let Some(v) = &report.vepa {
+        let yn = |b: bool| if b { "yes" } else { "no" };
+        s.push_str(&format!(
+            "**VEPA** (QEMU {}, two vutap guests on VEPA macvtaps of one lower): A→peer {}, B→peer {}, \
+             A→B **{}**, B→A **{}**; after the far end became a bridge port with `hairpin on`: A→B **{}**.{}\n\n",
+            v.qemu,
+            yn(v.a_reaches_peer),
+            yn(v.b_reaches_peer),
+            yn(v.a_reaches_b),
+            yn(v.b_reaches_a),
+            yn(v.a_reaches_b_with_hairpin),
+            v.error.as_ref().map_or(String::new(), |e| format!(" Error: {e}"))
+        ));
+    }
+    let loads: Vec<f64> = report.groups.iter().map(|g| g.loadavg).collect();
+    if !loads.is_empty() {
+        let max = loads.iter().cloned().fold(0.0, f64::max);
+        let min = loads.iter().cloned().fold(f64::MAX, f64::min);
+        s.push_str(&format!(
+            "{} s per iperf3 run, {} guest boots, {:.0} min in all on {} host cores; host load average \
+             (1 min) at group start {min:.1}–{max:.1}.\n",
+            report.plan.seconds,
+            report.groups.len(),
+            report.duration_secs / 60.0,
+            report.nproc
+        ));
+    }
+    s
+}
+
+/// A hand-written SVG bar chart: one panel per QEMU version, a pair of bars (vutap, QEMU tap) per
+/// cell, the ratio above each pair.
+pub fn svg(report: &SeedReport) -> String {
+    let qemus = &report.plan.qemus;
+    let per = |q: QemuVersion| report.cells.iter().filter(move |c| c.qemu == q);
+    let n = qemus
+        .iter()
+        .map(|&q| per(q).count())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let slot = 52.0;
+    let (left, right, top_pad, panel_h, bottom) = (60.0, 20.0, 40.0, 220.0, 70.0);
+    let width = left + right + slot * n as f64;
+    let panel_total = top_pad + panel_h + bottom;
+    let height = 40.0 + panel_total * qemus.len() as f64;
+    let max = report
+        .cells
+        .iter()
+        .flat_map(|c| [c.vutap, c.qemu_tap])
+        .flatten()
+        .fold(0.0, f64::max)
+        .max(0.1);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">vutap vs QEMU tap backend, real TCG guests on a macvtap \
+         (Gbit/s; ratio above)</text>\n\
+         <rect x=\"{:.0}\" y=\"10\" width=\"10\" height=\"10\" fill=\"#1f77b4\"/><text x=\"{:.0}\" y=\"19\">vutap</text>\n\
+         <rect x=\"{:.0}\" y=\"10\" width=\"10\" height=\"10\" fill=\"#ff7f0e\"/><text x=\"{:.0}\" y=\"19\">QEMU tap</text>\n",
+        width - 170.0,
+        width - 156.0,
+        width - 100.0,
+        width - 86.0
+    );
+    for (pi, &q) in qemus.iter().enumerate() {
+        let y0 = 40.0 + panel_total * pi as f64 + top_pad;
+        let base = y0 + panel_h;
+        s.push_str(&format!(
+            "<text x=\"{left}\" y=\"{:.0}\" font-size=\"13\" font-weight=\"bold\">QEMU {q}</text>\n",
+            y0 - 14.0
+        ));
+        for t in 0..=4 {
+            let v = max * t as f64 / 4.0;
+            let y = base - panel_h * t as f64 / 4.0;
+            s.push_str(&format!(
+                "<line x1=\"{left}\" x2=\"{:.0}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{:.0}\" y=\"{:.1}\" text-anchor=\"end\">{v:.1}</text>\n",
+                width - right,
+                left - 4.0,
+                y + 4.0
+            ));
+        }
+        for (i, c) in per(q).enumerate() {
+            let x = left + slot * i as f64;
+            for (k, (v, color)) in [(c.vutap, "#1f77b4"), (c.qemu_tap, "#ff7f0e")]
+                .iter()
+                .enumerate()
+            {
+                let h = v.map_or(0.0, |v| panel_h * v / max);
+                s.push_str(&format!(
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"20\" height=\"{h:.1}\" fill=\"{color}\"/>\n",
+                    x + 5.0 + 21.0 * k as f64,
+                    base - h
+                ));
+            }
+            let ratio = c.ratio.map_or("-".into(), |r| format!("{r:.2}×"));
+            let top = [c.vutap, c.qemu_tap]
+                .iter()
+                .flatten()
+                .fold(0.0, |a: f64, &b| a.max(b));
+            let color = match c.ratio {
+                Some(r) if r < 1.0 => "#c00",
+                _ => "#000",
+            };
+            s.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"{color}\">{ratio}</text>\n",
+                x + 26.0,
+                base - panel_h * top / max - 4.0
+            ));
+            let label = format!("{} {}", &c.path.to_string()[..3], c.direction);
+            s.push_str(&format!(
+                "<text transform=\"translate({:.1},{:.1}) rotate(-45)\" text-anchor=\"end\">{} {}q/{}s</text>\n",
+                x + 30.0,
+                base + 12.0,
+                xml_escape(&label),
+                c.queues,
+                c.streams
+            ));
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
