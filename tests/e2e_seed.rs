@@ -1,0 +1,62 @@
+//! The short version of `vutap-vm seed` (issue 5) for CI: QEMU 10, 1 queue pair, 1 stream, 2 s
+//! per iperf3 run, both topologies (internal: guest to guest through a bridge-mode macvtap;
+//! external: guest to the peer netns), both backends (vutap, QEMU's tap backend), plus the VEPA
+//! isolation check. Every cell must produce a number, bridge-mode guests must reach each other,
+//! VEPA guests must not (until the far end hairpins). About 2 minutes on the 2-core host.
+//!
+//! Needs root, `scripts/install-deps.sh` and a built `vutap` (`cargo build --release -p vutap`).
+
+use vutap_bench::testbed::seed::{self, SeedPath, SeedPlan};
+use vutap_bench::testbed::QemuVersion;
+
+#[test]
+fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let plan = SeedPlan {
+        qemus: vec![QemuVersion::V10],
+        paths: vec![SeedPath::Internal, SeedPath::External],
+        queues: vec![1],
+        streams: vec![1],
+        seconds: 2,
+        intx_baseline: false,
+        vepa_check: true,
+        tag: "e2e-seed".into(),
+    };
+    let report = seed::run(&plan).expect("seed run");
+    eprintln!("{}", seed::markdown(&report));
+    // 2 paths x 2 directions, each with a vutap and a QEMU tap number.
+    assert_eq!(report.cells.len(), 4, "{:?}", report.cells);
+    for c in &report.cells {
+        for (what, v) in [("vutap", c.vutap), ("QEMU tap", c.qemu_tap)] {
+            assert!(
+                v.is_some_and(|g| g > 0.0),
+                "{} {} {what}: no throughput; measurements: {:#?}",
+                c.path,
+                c.direction,
+                report.measurements
+            );
+        }
+    }
+    for g in report.groups.iter().filter(|g| g.path == SeedPath::Internal) {
+        assert_eq!(
+            g.a_reaches_b,
+            Some(true),
+            "bridge mode: guest A must reach guest B ({})",
+            g.variant
+        );
+    }
+    let v = report.vepa.as_ref().expect("VEPA check ran");
+    assert!(v.error.is_none(), "VEPA check failed: {:?}", v.error);
+    assert!(
+        v.a_reaches_peer && v.b_reaches_peer,
+        "VEPA guests must reach the peer: {v:?}"
+    );
+    assert!(
+        !v.a_reaches_b && !v.b_reaches_a,
+        "VEPA guests must not reach each other without a hairpin switch: {v:?}"
+    );
+    assert!(
+        v.a_reaches_b_with_hairpin,
+        "VEPA guests must reach each other through a hairpin switch: {v:?}"
+    );
+}
