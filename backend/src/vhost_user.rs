@@ -228,6 +228,31 @@ fn is_recoverable(e: &VhostError) -> bool {
     )
 }
 
+/// Requests that set up features, memory or rings: refused (connection closed) before SET_OWNER.
+/// The discovery requests (GET_FEATURES, protocol features, GET_QUEUE_NUM, GET_CONFIG,
+/// SET_BACKEND_REQ_FD, GET_MAX_MEM_SLOTS) come before it in QEMU's order and stay allowed.
+fn needs_owner(code: u32) -> bool {
+    use FrontendReq as R;
+    [
+        R::SET_FEATURES,
+        R::SET_MEM_TABLE,
+        R::SET_LOG_BASE,
+        R::SET_LOG_FD,
+        R::SET_VRING_NUM,
+        R::SET_VRING_ADDR,
+        R::SET_VRING_BASE,
+        R::GET_VRING_BASE,
+        R::SET_VRING_KICK,
+        R::SET_VRING_CALL,
+        R::SET_VRING_ERR,
+        R::SET_VRING_ENABLE,
+        R::ADD_MEM_REG,
+        R::REM_MEM_REG,
+    ]
+    .iter()
+    .any(|r| *r as u32 == code)
+}
+
 /// Serves one frontend connection until it closes or breaks the protocol.
 pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
     let control = match stream.try_clone() {
@@ -238,6 +263,7 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
     let mut handler = BackendReqHandler::from_stream(stream, session.clone());
     let fd = control.as_raw_fd();
     let mut hdr = [0u8; HDR_SIZE];
+    let mut owned = false;
     loop {
         match peek(fd, &mut hdr) {
             Ok(None) => return ConnectionEnd::Disconnected,
@@ -249,6 +275,16 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
         // A header we cannot trust means we cannot find the next message: close.
         if flags & VERSION_MASK != 0x1 || flags & REPLY_FLAG != 0 || size > MAX_MSG_SIZE {
             return ConnectionEnd::ProtocolError(format!("malformed header: request {code}, flags {flags:#x}, size {size}"));
+        }
+        // The spec makes SET_OWNER the start of a session: rings, memory and features before it
+        // are a frontend bug (QEMU, Cloud Hypervisor and DPDK all send it first).
+        if !owned && needs_owner(code) {
+            return ConnectionEnd::ProtocolError(format!("request {code} before SET_OWNER"));
+        }
+        if code == FrontendReq::SET_OWNER as u32 {
+            owned = true;
+        } else if code == FrontendReq::RESET_OWNER as u32 {
+            owned = false;
         }
         let early_enable = code == FrontendReq::SET_VRING_ENABLE as u32
             && size == 8
