@@ -49,6 +49,7 @@ counters! {
     kicks: "kick eventfd wake-ups (both rings)",
     interrupts: "call eventfd signals sent (both rings)",
     tap_errors: "hard tap errors (device gone or broken)",
+    rings_broken: "rings stopped because the driver corrupted them (avail index jump, used ring unwritable)",
 }
 
 /// Counters of one device, across connections (monotonic for the life of the process).

@@ -245,6 +245,7 @@ impl PairLoop {
             TxOutcome::RingBroken(why) => {
                 error!("queue pair {}: TX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
                 self.tx_broken = true;
+                self.counts.rings_broken += 1;
             }
         }
     }
@@ -278,6 +279,7 @@ impl PairLoop {
             RxOutcome::RingBroken(why) => {
                 error!("queue pair {}: RX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
                 self.rx_broken = true;
+                self.counts.rings_broken += 1;
             }
         }
     }
