@@ -1,0 +1,277 @@
+//! Helpers of the hardening tests (hostile, faults, soak): a log capture, raw vhost-user
+//! messages on a live connection, and per-thread CPU / fd / thread counts of this process.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+// ------------------------------------------------------------------------------- log capture
+
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static INIT: Once = Once::new();
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let line = format!("{} {}: {}", r.level(), r.target(), r.args());
+        eprintln!("{line}");
+        LINES.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+    }
+    fn flush(&self) {}
+}
+
+/// Installs the capturing logger (before `common::serial`, whose env_logger init then fails
+/// quietly). Info and above are kept and echoed to stderr.
+pub fn capture_logs() {
+    INIT.call_once(|| {
+        if log::set_logger(&Capture).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+    });
+}
+
+/// A position in the captured log.
+pub fn log_mark() -> usize {
+    LINES.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
+/// Whether a line containing `needle` was logged after `mark`, waiting up to `timeout`.
+pub fn logged_since(mark: usize, needle: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains(needle)) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The lines logged after `mark` (for failure messages).
+pub fn log_since(mark: usize) -> String {
+    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].join("\n")
+}
+
+/// Whether any captured line since `mark` reports a panic.
+pub fn panicked_since(mark: usize) -> bool {
+    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains("panicked"))
+}
+
+// ------------------------------------------------------------------------------- raw messages
+
+pub const NEED_REPLY: u32 = 0x1 | 0x8;
+pub const NO_REPLY: u32 = 0x1;
+
+/// Sends one vhost-user message (`code`, `flags`, `body`, `fds`) on `fd` with sendmsg.
+pub fn raw_send(fd: RawFd, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut msg = Vec::with_capacity(12 + body.len());
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&flags.to_le_bytes());
+    msg.extend_from_slice(&size.to_le_bytes());
+    msg.extend_from_slice(body);
+    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
+    let mut cmsg = [0u64; 40];
+    // SAFETY: an all-zero msghdr is valid; pointers set below stay alive for the call.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds);
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+        assert!(space <= std::mem::size_of_val(&cmsg));
+        hdr.msg_control = cmsg.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        // SAFETY: msg_control points at a buffer of `space` bytes; the first cmsghdr fits.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+        }
+    }
+    // SAFETY: hdr points at live iov/cmsg buffers.
+    let n = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    assert_eq!(n as usize, msg.len(), "short sendmsg");
+    Ok(())
+}
+
+/// What came back for a raw message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A reply with this u64 body (0 = success for acks).
+    U64(u64),
+    /// A reply with another body size.
+    Other(u32, Vec<u8>),
+    /// The daemon closed the connection.
+    Closed,
+    /// Nothing within the timeout.
+    Nothing,
+}
+
+/// Reads one reply (header + body) within `timeout`, or sees the close.
+pub fn raw_reply(fd: RawFd, timeout: Duration) -> Reply {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } <= 0 {
+        return Reply::Nothing;
+    }
+    let mut hdr = [0u8; 12];
+    if !read_exact(fd, &mut hdr) {
+        return Reply::Closed;
+    }
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+    let mut body = vec![0u8; size as usize];
+    if !read_exact(fd, &mut body) {
+        return Reply::Closed;
+    }
+    if size == 8 {
+        Reply::U64(u64::from_le_bytes(body[..8].try_into().unwrap()))
+    } else {
+        Reply::Other(size, body)
+    }
+}
+
+fn read_exact(fd: RawFd, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: the rest of buf is valid for writes.
+        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
+}
+
+/// Whether the peer closed `fd` within `timeout` (reads and discards anything before).
+pub fn closed_within(fd: RawFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    loop {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else { return false };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
+            continue;
+        }
+        // SAFETY: buf is valid for writes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET)) {
+            return true;
+        }
+    }
+}
+
+/// A body of `u32` words.
+pub fn words(w: &[u32]) -> Vec<u8> {
+    w.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// A memfd of `len` bytes.
+pub fn memfd(len: u64) -> std::fs::File {
+    let name = std::ffi::CString::new("vutap-hostile").unwrap();
+    // SAFETY: valid name; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd we own.
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+/// A SET_MEM_TABLE body for `(gpa, size, user_addr)` regions (mmap offset 0).
+pub fn mem_table(regions: &[(u64, u64, u64)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    for (gpa, size, ua) in regions {
+        for v in [*gpa, *size, *ua, 0u64] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    b
+}
+
+// ------------------------------------------------------------------------------- process counts
+
+/// CPU ticks (utime + stime) of this process's threads whose name starts with `prefix`.
+pub fn thread_ticks(prefix: &str) -> u64 {
+    let mut total = 0;
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    for t in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // Fields after the name: state is [0]; utime and stime are fields 14 and 15 of stat.
+        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    total
+}
+
+/// Share of one CPU the `prefix` threads used over `window` (1.0 = one core busy).
+pub fn cpu_share(prefix: &str, window: Duration) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let a = thread_ticks(prefix);
+    std::thread::sleep(window);
+    let b = thread_ticks(prefix);
+    (b - a) as f64 / hz / window.as_secs_f64()
+}
+
+/// Open fds of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Threads of this process whose name starts with `prefix`.
+pub fn threads_named(prefix: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .count()
+}
+
+/// Resident set size of this process in KiB.
+pub fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A dup of the connection of a frontend, to send raw messages on.
+pub fn conn_fd(vu: &impl AsRawFd) -> std::os::fd::OwnedFd {
+    // SAFETY: dup of a valid fd; the result is owned below.
+    let fd = unsafe { libc::dup(vu.as_raw_fd()) };
+    assert!(fd >= 0);
+    // SAFETY: fresh fd we own.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
