@@ -98,6 +98,12 @@ pub struct GuestConfig {
     /// vhost-user only: the chardev reconnects when the backend goes away (QEMU 7.2
     /// `reconnect=1`, QEMU 10 `reconnect-ms=1000`), so a restarted vutap picks the guest up again.
     pub chardev_reconnect: bool,
+    /// `-incoming URI` (e.g. `tcp:127.0.0.1:4444`): a live-migration destination. [`Guest::boot`]
+    /// then returns as soon as QEMU runs, without waiting for the shell (the guest arrives
+    /// already booted; its console continues where the source's left off).
+    pub incoming: Option<String>,
+    /// `-monitor unix:PATH,server=on,wait=off`, for [`Guest::hmp`].
+    pub monitor: Option<PathBuf>,
     /// Give the NIC `vectors=0` (INTx) whatever the backend. QEMU 7.2 under TCG always needs it
     /// for vhost-user; setting it for QEMU's tap backend too makes a like-for-like comparison.
     pub force_intx: bool,
@@ -114,6 +120,8 @@ impl GuestConfig {
             boot_timeout: Duration::from_secs(60),
             log_dir,
             chardev_reconnect: false,
+            incoming: None,
+            monitor: None,
             force_intx: false,
         }
     }
@@ -181,6 +189,16 @@ impl Guest {
         cmd.args(["-kernel", path_str(&kernel)?, "-initrd", path_str(&initrd)?]);
         cmd.args(["-append", "console=ttyS0 quiet panic=-1"]);
         let tap_fds = add_nic_args(&mut cmd, &config)?;
+        if let Some(mon) = &config.monitor {
+            let _ = std::fs::remove_file(mon);
+            cmd.args([
+                "-monitor",
+                &format!("unix:{},server=on,wait=off", path_str(mon)?),
+            ]);
+        }
+        if let Some(uri) = &config.incoming {
+            cmd.args(["-incoming", uri]);
+        }
         if !tap_fds.is_empty() {
             let raw: Vec<RawFd> = tap_fds.iter().map(|f| f.as_raw_fd()).collect();
             // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
@@ -220,6 +238,10 @@ impl Guest {
             config,
             boot_time: Duration::ZERO,
         };
+        if guest.config.incoming.is_some() {
+            // Nothing to wait for: the guest's state arrives with the migration.
+            return Ok(guest);
+        }
         if let Err(e) = guest
             .console
             .wait_for(READY_MARKER, 0, guest.config.boot_timeout)
@@ -320,6 +342,28 @@ impl Guest {
     /// QEMU's stderr so far.
     pub fn qemu_log(&self) -> String {
         std::fs::read_to_string(self.config.log_dir.join("qemu.log")).unwrap_or_default()
+    }
+
+    /// Sends a raw line to the guest shell without waiting for anything (e.g. a foreground
+    /// command whose end is awaited with [`Guest::wait_output`], possibly on a migration
+    /// destination's console).
+    pub fn send_line(&mut self, line: &str) -> Result<()> {
+        self.console.send_line(line)
+    }
+
+    /// Waits until `needle` appears in this QEMU's console output (searched from its start).
+    pub fn wait_output(&self, needle: &str, timeout: Duration) -> Result<()> {
+        self.console.wait_for(needle, 0, timeout).map(drop)
+    }
+
+    /// Runs one HMP command on the monitor set up by [`GuestConfig::monitor`].
+    pub fn hmp(&self, cmd: &str, timeout: Duration) -> Result<String> {
+        let mon = self
+            .config
+            .monitor
+            .as_deref()
+            .ok_or_else(|| Error::Setup("guest has no monitor socket".into()))?;
+        super::monitor::hmp(mon, cmd, timeout)
     }
 
     /// Whether QEMU is still running.

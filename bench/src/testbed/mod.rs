@@ -6,6 +6,7 @@
 //!   ([`Guest`]).
 //! - [`vutap`]: the `vutap` daemon as a child process ([`Vutap`]).
 //! - [`iperf`]: parsing of `iperf3 -J` reports.
+//! - [`monitor`]: QEMU's human monitor over a unix socket (live migration).
 //! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
 //! - [`seed`]: the seed's experiment (internal/external, vutap vs QEMU tap, VEPA check), table,
 //!   JSON and SVG (`vutap-vm seed`).
@@ -16,6 +17,7 @@ pub mod cmd;
 pub mod console;
 pub mod guest;
 pub mod iperf;
+pub mod monitor;
 pub mod scenario;
 pub mod seed;
 pub mod topo;
