@@ -84,6 +84,10 @@ pub struct Args {
     #[arg(long)]
     pub once: bool,
 
+    /// Do not install the seccomp allow-lists of the worker and device threads.
+    #[arg(long)]
+    pub no_seccomp: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,

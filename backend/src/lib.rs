@@ -12,6 +12,7 @@
 //! - Operations: [`daemon`] (several devices, one process), [`signals`] (SIGTERM/SIGINT),
 //!   [`metrics_server`] (Prometheus text) and [`stats`] (`vutap stats`, log summaries),
 //!   [`privilege`] (`--user`), [`link_state`] (carrier -> STATUS and config-change messages).
+//! - [`sandbox`]: seccomp allow-lists of the worker and device serving threads (`--no-seccomp`).
 
 pub mod chain_iov;
 pub mod cli;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod metrics_server;
 pub mod privilege;
 pub mod rx;
+pub mod sandbox;
 pub mod session;
 pub mod signals;
 pub mod stats;

@@ -34,6 +34,7 @@ fn main() {
         .parse_default_env()
         .format_timestamp_millis()
         .init();
+    vutap::sandbox::set_enabled(!args.no_seccomp);
     let config = match DaemonConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {

@@ -337,6 +337,7 @@ pub fn open_endpoint(mode: &SocketMode) -> Result<Option<UnixListener>, SocketEr
 
 /// [`serve`] on an endpoint opened by [`open_endpoint`].
 pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool) {
+    crate::sandbox::enter_control();
     loop {
         let stream = match (&listener, mode) {
             (Some(l), SocketMode::Server(path)) => {

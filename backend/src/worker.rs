@@ -75,7 +75,10 @@ impl Worker {
         let pair = setup.pair;
         let thread = std::thread::Builder::new()
             .name(format!("vutap-q{pair}"))
-            .spawn(move || PairLoop::new(setup, stop_for_thread).run())?;
+            .spawn(move || {
+                crate::sandbox::enter_worker();
+                PairLoop::new(setup, stop_for_thread).run()
+            })?;
         Ok(Worker { stop, thread })
     }
 
