@@ -577,6 +577,8 @@ fn test_hostile_kick_storm_then_idle() {
         }
     }
     healthy(&bed, &mut fe, &[0, 1], 10);
+    // The workers that took the storm run under the seccomp worker filter (mode 2).
+    assert_eq!(seccomp_modes("vutap-q"), vec![2, 2]);
     let cpu = cpu_share("vutap-q", Duration::from_secs(1));
     assert!(cpu < 0.05, "workers used {:.0}% of a CPU after a {n}-kick storm", cpu * 100.0);
 }

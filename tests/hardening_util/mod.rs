@@ -275,3 +275,14 @@ pub fn conn_fd(vu: &impl AsRawFd) -> std::os::fd::OwnedFd {
     // SAFETY: fresh fd we own.
     unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
 }
+
+/// The seccomp mode (the `Seccomp:` line of /proc/.../status: 2 = filter) of each thread of this
+/// process whose name starts with `prefix`.
+pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return vec![] };
+    dir.flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|s| s.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .collect()
+}
