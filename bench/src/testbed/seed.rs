@@ -8,11 +8,12 @@
 //! - **VEPA check**: two guests on VEPA-mode macvtaps: they reach the peer but not each other,
 //!   until the peer end (the "switch") becomes a bridge port with hairpin on.
 //!
-//! A *group* is one boot of the guest(s) with one backend, QEMU version and queue-pair count; it
-//! runs every stream count and both directions. Groups alternate backends (vutap, then QEMU tap,
-//! then QEMU tap with INTx on 7.2) for the same topology, so noise from other work on the host hits
-//! both sides alike. Under TCG the guests are CPU-bound: internal guests get `-smp 1` each (two
-//! guests on a 2-core host), external ones `-smp 2`.
+//! A *group* is one boot of the guest(s) with one backend, QEMU version and queue-pair count.
+//! The groups of all backends of one (path, QEMU, queue pairs) block are booted side by side on
+//! their own macvtaps of the same lower (idle TCG guests cost little), then every cell (streams ×
+//! direction) is measured with each backend in turn, the order rotating from cell to cell, so the
+//! noise of other work on the host hits every backend alike. Under TCG the guests are CPU-bound:
+//! internal guests get `-smp 1` each (two busy guests on a 2-core host), external ones `-smp 2`.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -115,6 +116,8 @@ pub struct Measurement {
     pub gbps: Option<f64>,
     pub retransmits: Option<u64>,
     pub error: Option<String>,
+    /// Host load average (1 min) just before this run.
+    pub loadavg: f64,
 }
 
 /// One boot of the guest(s).
@@ -201,29 +204,21 @@ pub fn run(plan: &SeedPlan) -> Result<SeedReport> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let topo = Topology::new(2, MacvtapMode::Bridge)?;
+    // Up to 3 variants x 2 guests, each on its own macvtap of one bridge-mode lower.
+    let topo = Topology::new(6, MacvtapMode::Bridge)?;
     let _server = topo.iperf_server(IPERF_PORT)?;
     let mut groups = Vec::new();
     let mut measurements = Vec::new();
     for &qemu in &plan.qemus {
-        for &path in &plan.paths {
-            for &queues in &plan.queues {
+        for &queues in &plan.queues {
+            for &path in &plan.paths {
                 let mut variants = vec![Variant::Vutap, Variant::QemuTap];
                 if plan.intx_baseline && qemu == QemuVersion::V7 {
                     variants.push(Variant::QemuTapIntx);
                 }
-                for variant in variants {
-                    let (g, ms) = run_group(plan, &topo, path, qemu, variant, queues);
-                    log::info!(
-                        "{path} {variant} QEMU {qemu} {queues}qp: {}",
-                        ms.iter()
-                            .map(|m| m.gbps.map_or("FAIL".into(), |x| format!("{x:.2}")))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    );
-                    groups.push(g);
-                    measurements.extend(ms);
-                }
+                let (gs, ms) = run_block(plan, &topo, path, qemu, queues, &variants);
+                groups.extend(gs);
+                measurements.extend(ms);
             }
         }
     }
@@ -325,139 +320,159 @@ fn loadavg() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn run_group(
+/// One block: the guests of every variant booted side by side (idle TCG guests cost little),
+/// then each cell measured with each variant in turn, the order alternating from cell to cell, so
+/// that the host's noise hits all variants alike.
+fn run_block(
     plan: &SeedPlan,
     topo: &Topology,
     path: SeedPath,
     qemu: QemuVersion,
-    variant: Variant,
     queues: u16,
-) -> (GroupRun, Vec<Measurement>) {
-    let smp = match path {
-        SeedPath::External => 2,
-        SeedPath::Internal => 1,
+    variants: &[Variant],
+) -> (Vec<GroupRun>, Vec<Measurement>) {
+    let (n, smp) = match path {
+        SeedPath::External => (1, 2),
+        SeedPath::Internal => (2, 1),
     };
-    let mut group = GroupRun {
-        path,
-        qemu,
-        variant,
-        queues,
-        smp,
-        loadavg: loadavg(),
-        boot_secs: 0.0,
-        a_reaches_b: None,
-        vutap_totals: Vec::new(),
-        error: None,
-    };
-    let name = format!("{}-{path}-{variant}-q{}-{queues}qp", plan.tag, qemu.label());
-    eprintln!(
-        "== {path} | {variant} | QEMU {qemu} | {queues} queue pair(s) | load {:.1}",
-        group.loadavg
-    );
-    let mut measurements = Vec::new();
-    let mut record = |streams, direction, r: std::result::Result<(f64, u64), String>| {
-        let (gbps, retransmits, error) = match r {
-            Ok((g, rt)) => (Some(g), Some(rt), None),
-            Err(e) => (None, None, Some(e)),
-        };
-        measurements.push(Measurement {
+    let mut groups = Vec::new();
+    let mut booted: Vec<Option<Vec<Node>>> = Vec::new();
+    for (vi, &variant) in variants.iter().enumerate() {
+        let mut group = GroupRun {
             path,
             qemu,
             variant,
             queues,
-            streams,
-            direction,
-            gbps,
-            retransmits,
-            error,
-        });
-    };
-    let booted = Instant::now();
-    let nodes = (|| -> Result<Vec<Node>> {
-        let dir = log_dir(&name)?;
-        let mut nodes = Vec::new();
-        let n = match path {
-            SeedPath::External => 1,
-            SeedPath::Internal => 2,
+            smp,
+            loadavg: loadavg(),
+            boot_secs: 0.0,
+            a_reaches_b: None,
+            vutap_totals: Vec::new(),
+            error: None,
         };
-        for i in 0..n {
-            let sub = if n == 1 {
-                dir.clone()
-            } else {
-                dir.join(["a", "b"][i])
-            };
-            nodes.push(boot_node(
-                qemu,
-                variant,
-                queues,
-                smp,
-                &topo.taps[i],
-                topo.prefix_len,
-                &sub,
-            )?);
-        }
-        Ok(nodes)
-    })();
-    group.boot_secs = booted.elapsed().as_secs_f64();
-    let mut nodes = match nodes {
-        Ok(n) => n,
-        Err(e) => {
-            let msg = format!("boot: {e}");
-            eprintln!("   FAILED {msg}");
-            for &streams in &plan.streams {
-                for direction in [Direction::Forward, Direction::Reverse] {
-                    record(streams, direction, Err(msg.clone()));
-                }
-            }
-            group.error = Some(msg);
-            return (group, measurements);
-        }
-    };
-    let server_ip = match path {
-        SeedPath::External => topo.peer_ip,
-        SeedPath::Internal => topo.taps[1].guest_ip,
-    };
-    if path == SeedPath::Internal {
-        let start = nodes[1].guest.run_ok(
-            &format!("iperf3 -s -D -p {IPERF_PORT} && sleep 1"),
-            Duration::from_secs(20),
+        let name = format!("{}-{path}-{variant}-q{}-{queues}qp", plan.tag, qemu.label());
+        eprintln!(
+            "== boot {path} | {variant} | QEMU {qemu} | {queues} queue pair(s) | smp {smp} | load {:.1}",
+            group.loadavg
         );
-        if let Err(e) = start {
-            group.error = Some(format!("iperf3 server in guest B: {e}"));
+        let t0 = Instant::now();
+        let nodes = (|| -> Result<Vec<Node>> {
+            let dir = log_dir(&name)?;
+            let mut nodes = Vec::new();
+            for i in 0..n {
+                let sub = if n == 1 {
+                    dir.clone()
+                } else {
+                    dir.join(["a", "b"][i])
+                };
+                let tap = &topo.taps[vi * 2 + i];
+                nodes.push(boot_node(
+                    qemu,
+                    variant,
+                    queues,
+                    smp,
+                    tap,
+                    topo.prefix_len,
+                    &sub,
+                )?);
+            }
+            if path == SeedPath::Internal {
+                nodes[1].guest.run_ok(
+                    &format!("iperf3 -s -D -p {IPERF_PORT} && sleep 1"),
+                    Duration::from_secs(20),
+                )?;
+            }
+            Ok(nodes)
+        })();
+        group.boot_secs = t0.elapsed().as_secs_f64();
+        match nodes {
+            Ok(mut nodes) => {
+                if path == SeedPath::Internal {
+                    let b_ip = topo.taps[vi * 2 + 1].guest_ip;
+                    let ping = nodes[0].guest.ping(b_ip, 3);
+                    group.a_reaches_b = Some(ping.map(|p| p.received > 0).unwrap_or(false));
+                }
+                booted.push(Some(nodes));
+            }
+            Err(e) => {
+                eprintln!("   FAILED boot: {e}");
+                group.error = Some(format!("boot: {e}"));
+                booted.push(None);
+            }
         }
-        let ping = nodes[0].guest.ping(server_ip, 3);
-        group.a_reaches_b = Some(ping.map(|p| p.received > 0).unwrap_or(false));
+        groups.push(group);
     }
+    let mut measurements = Vec::new();
+    let mut cell_no = 0usize;
     for &streams in &plan.streams {
         for direction in [Direction::Forward, Direction::Reverse] {
             let reverse = direction == Direction::Reverse;
-            // One retry: a lost connect under a loaded host should not leave a hole in the table.
-            let mut r = Err(String::new());
-            for attempt in 0..2 {
-                r = nodes[0]
-                    .guest
-                    .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
-                    .map(|x| (x.received_gbps, x.retransmits))
-                    .map_err(|e| e.to_string());
+            // Rotate which variant goes first from one cell to the next.
+            let order: Vec<usize> = (0..variants.len())
+                .map(|k| (k + cell_no) % variants.len())
+                .collect();
+            cell_no += 1;
+            for vi in order {
+                let variant = variants[vi];
+                let server_ip = match path {
+                    SeedPath::External => topo.peer_ip,
+                    SeedPath::Internal => topo.taps[vi * 2 + 1].guest_ip,
+                };
+                let load = loadavg();
+                let r = match booted[vi].as_mut() {
+                    None => Err(groups[vi].error.clone().unwrap_or_default()),
+                    Some(nodes) => {
+                        // One retry: a lost connect on a loaded host should not leave a hole.
+                        let mut r = Err(String::new());
+                        for attempt in 0..2 {
+                            r = nodes[0]
+                                .guest
+                                .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
+                                .map(|x| (x.received_gbps, x.retransmits))
+                                .map_err(|e| e.to_string());
+                            match &r {
+                                Ok(_) => break,
+                                Err(e) => eprintln!("   iperf3 attempt {attempt}: {e}"),
+                            }
+                        }
+                        r
+                    }
+                };
                 match &r {
-                    Ok(_) => break,
-                    Err(e) => eprintln!("   iperf3 attempt {attempt}: {e}"),
+                    Ok((g, rt)) => eprintln!(
+                        "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, load {load:.1})",
+                        direction.label(path)
+                    ),
+                    Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
                 }
+                let (gbps, retransmits, error) = match r {
+                    Ok((g, rt)) => (Some(g), Some(rt), None),
+                    Err(e) => (None, None, Some(e)),
+                };
+                measurements.push(Measurement {
+                    path,
+                    qemu,
+                    variant,
+                    queues,
+                    streams,
+                    direction,
+                    gbps,
+                    retransmits,
+                    error,
+                    loadavg: load,
+                });
             }
-            if let Ok((g, rt)) = &r {
-                eprintln!(
-                    "   {streams} stream(s) {:<11} {g:6.2} Gbit/s (retr {rt})",
-                    direction.label(path)
-                );
-            }
-            record(streams, direction, r);
         }
     }
-    group.vutap_totals = teardown(nodes);
-    for t in &group.vutap_totals {
-        eprintln!("   vutap {t}");
+    for (vi, nodes) in booted.into_iter().enumerate() {
+        if let Some(nodes) = nodes {
+            groups[vi].vutap_totals = teardown(nodes);
+            for t in &groups[vi].vutap_totals {
+                eprintln!("   vutap {t}");
+            }
+        }
     }
-    (group, measurements)
+    (groups, measurements)
 }
 
 /// Builds the table cells from the measurements.
