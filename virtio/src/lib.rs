@@ -15,6 +15,9 @@ pub mod hdr;
 pub mod mergeable;
 pub mod offload;
 
+#[cfg(test)]
+mod proptests;
+
 pub use chain::{ChainCheck, ChainError, ChainLimits, Direction};
 pub use config::{ConfigError, NetConfig};
 pub use features::{FeatureError, Features};
