@@ -17,6 +17,7 @@ const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
 
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
@@ -85,7 +86,8 @@ fn ioctl_ifreq(fd: RawFd, request: libc::c_ulong, req: &mut IfReq) -> io::Result
 }
 
 fn ioctl_int(fd: RawFd, request: libc::c_ulong, value: &libc::c_int) -> io::Result<()> {
-    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid for the call.
+    // SAFETY: TUNSETVNETHDRSZ and TUNSETSNDBUF read one int through the pointer, which is valid
+    // for the call.
     let ret = unsafe { libc::ioctl(fd, request as _, value as *const libc::c_int) };
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -130,6 +132,14 @@ impl TapQueue {
             return Err(TapError::SetOffload { flags, source: io::Error::last_os_error() });
         }
         Ok(())
+    }
+
+    /// Sets how many bytes of frames written to this queue may be in flight (not yet freed by
+    /// whoever receives them) before writes return `EAGAIN`. The kernel default is
+    /// `net.core.wmem_default` (~208 KiB, three 64 KiB GSO frames); frames from one macvtap to
+    /// another on the same lower stay charged to the writer until the receiving side reads them.
+    pub fn set_sndbuf(&self, bytes: libc::c_int) -> io::Result<()> {
+        ioctl_int(self.as_raw_fd(), TUNSETSNDBUF, &bytes)
     }
 
     /// Attaches (true) or detaches (false) this queue. A queue nobody reads must be detached,
@@ -375,6 +385,12 @@ impl Tap {
         };
         for q in &tap.queues {
             q.set_attached(false)?;
+            // Like QEMU's tap backend (its default `sndbuf` is INT_MAX): with the kernel's
+            // ~208 KiB default, guest-to-guest TX through a macvtap bridge stalls on EAGAIN
+            // every few GSO frames until the other guest's backend has read them.
+            if let Err(e) = q.set_sndbuf(libc::c_int::MAX) {
+                log::warn!("TUNSETSNDBUF: {e}; keeping the kernel's default send buffer");
+            }
         }
         Ok(tap)
     }
