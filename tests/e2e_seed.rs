@@ -18,6 +18,7 @@ fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {
         queues: vec![1],
         streams: vec![1],
         seconds: 2,
+        rounds: 1,
         intx_baseline: false,
         vepa_check: true,
         tag: "e2e-seed".into(),
@@ -37,7 +38,11 @@ fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {
             );
         }
     }
-    for g in report.groups.iter().filter(|g| g.path == SeedPath::Internal) {
+    for g in report
+        .groups
+        .iter()
+        .filter(|g| g.path == SeedPath::Internal)
+    {
         assert_eq!(
             g.a_reaches_b,
             Some(true),

@@ -38,6 +38,9 @@ struct SeedArgs {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
     seconds: u32,
+    /// Times each cell is measured per backend (interleaved); the table shows the median.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
     /// Queue pairs to run (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     queues: Vec<u16>,
@@ -276,6 +279,7 @@ fn seed_cmd(args: SeedArgs) -> ExitCode {
         queues: args.queues.clone(),
         streams: args.streams.clone(),
         seconds: args.seconds,
+        rounds: args.rounds,
         intx_baseline: !args.no_intx,
         vepa_check: !args.no_vepa,
         tag: "seed".into(),
@@ -285,6 +289,7 @@ fn seed_cmd(args: SeedArgs) -> ExitCode {
         plan.queues = vec![1];
         plan.streams = vec![1];
         plan.seconds = 2;
+        plan.rounds = 1;
         plan.intx_baseline = false;
     }
     let report = match seed::run(&plan) {

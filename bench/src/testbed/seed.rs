@@ -95,6 +95,8 @@ pub struct SeedPlan {
     pub streams: Vec<u16>,
     /// Seconds per iperf3 run.
     pub seconds: u32,
+    /// Times each cell is measured (per backend, interleaved); the table shows the median.
+    pub rounds: u32,
     /// Also run QEMU's tap backend with `vectors=0` on QEMU 7.2 (like for like with vutap there).
     pub intx_baseline: bool,
     /// Run the VEPA isolation check (on the first QEMU version).
@@ -118,6 +120,8 @@ pub struct Measurement {
     pub error: Option<String>,
     /// Host load average (1 min) just before this run.
     pub loadavg: f64,
+    /// 0-based repetition of the cell.
+    pub round: u32,
 }
 
 /// One boot of the guest(s).
@@ -404,63 +408,66 @@ fn run_block(
     }
     let mut measurements = Vec::new();
     let mut cell_no = 0usize;
-    for &streams in &plan.streams {
-        for direction in [Direction::Forward, Direction::Reverse] {
-            let reverse = direction == Direction::Reverse;
-            // Rotate which variant goes first from one cell to the next.
-            let order: Vec<usize> = (0..variants.len())
-                .map(|k| (k + cell_no) % variants.len())
-                .collect();
-            cell_no += 1;
-            for vi in order {
-                let variant = variants[vi];
-                let server_ip = match path {
-                    SeedPath::External => topo.peer_ip,
-                    SeedPath::Internal => topo.taps[vi * 2 + 1].guest_ip,
-                };
-                let load = loadavg();
-                let r = match booted[vi].as_mut() {
-                    None => Err(groups[vi].error.clone().unwrap_or_default()),
-                    Some(nodes) => {
-                        // One retry: a lost connect on a loaded host should not leave a hole.
-                        let mut r = Err(String::new());
-                        for attempt in 0..2 {
-                            r = nodes[0]
-                                .guest
-                                .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
-                                .map(|x| (x.received_gbps, x.retransmits))
-                                .map_err(|e| e.to_string());
-                            match &r {
-                                Ok(_) => break,
-                                Err(e) => eprintln!("   iperf3 attempt {attempt}: {e}"),
+    for round in 0..plan.rounds.max(1) {
+        for &streams in &plan.streams {
+            for direction in [Direction::Forward, Direction::Reverse] {
+                let reverse = direction == Direction::Reverse;
+                // Rotate which variant goes first from one cell to the next.
+                let order: Vec<usize> = (0..variants.len())
+                    .map(|k| (k + cell_no) % variants.len())
+                    .collect();
+                cell_no += 1;
+                for vi in order {
+                    let variant = variants[vi];
+                    let server_ip = match path {
+                        SeedPath::External => topo.peer_ip,
+                        SeedPath::Internal => topo.taps[vi * 2 + 1].guest_ip,
+                    };
+                    let load = loadavg();
+                    let r = match booted[vi].as_mut() {
+                        None => Err(groups[vi].error.clone().unwrap_or_default()),
+                        Some(nodes) => {
+                            // One retry: a lost connect on a loaded host should not leave a hole.
+                            let mut r = Err(String::new());
+                            for attempt in 0..2 {
+                                r = nodes[0]
+                                    .guest
+                                    .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
+                                    .map(|x| (x.received_gbps, x.retransmits))
+                                    .map_err(|e| e.to_string());
+                                match &r {
+                                    Ok(_) => break,
+                                    Err(e) => eprintln!("   iperf3 attempt {attempt}: {e}"),
+                                }
                             }
+                            r
                         }
-                        r
-                    }
-                };
-                match &r {
+                    };
+                    match &r {
                     Ok((g, rt)) => eprintln!(
                         "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, load {load:.1})",
                         direction.label(path)
                     ),
                     Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
                 }
-                let (gbps, retransmits, error) = match r {
-                    Ok((g, rt)) => (Some(g), Some(rt), None),
-                    Err(e) => (None, None, Some(e)),
-                };
-                measurements.push(Measurement {
-                    path,
-                    qemu,
-                    variant,
-                    queues,
-                    streams,
-                    direction,
-                    gbps,
-                    retransmits,
-                    error,
-                    loadavg: load,
-                });
+                    let (gbps, retransmits, error) = match r {
+                        Ok((g, rt)) => (Some(g), Some(rt), None),
+                        Err(e) => (None, None, Some(e)),
+                    };
+                    measurements.push(Measurement {
+                        path,
+                        qemu,
+                        variant,
+                        queues,
+                        streams,
+                        direction,
+                        gbps,
+                        retransmits,
+                        error,
+                        loadavg: load,
+                        round,
+                    });
+                }
             }
         }
     }
@@ -478,8 +485,9 @@ fn run_block(
 /// Builds the table cells from the measurements.
 pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
     let find = |path, qemu, variant, queues, streams, direction| {
-        ms.iter()
-            .find(|m| {
+        let mut v: Vec<f64> = ms
+            .iter()
+            .filter(|m| {
                 m.path == path
                     && m.qemu == qemu
                     && m.variant == variant
@@ -487,7 +495,10 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                     && m.streams == streams
                     && m.direction == direction
             })
-            .and_then(|m| m.gbps)
+            .filter_map(|m| m.gbps)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        median(&v)
     };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
@@ -646,9 +657,10 @@ pub fn markdown(report: &SeedReport) -> String {
         let max = loads.iter().cloned().fold(0.0, f64::max);
         let min = loads.iter().cloned().fold(f64::MAX, f64::min);
         s.push_str(&format!(
-            "{} s per iperf3 run, {} guest boots, {:.0} min in all on {} host cores; host load average \
+            "{} s per iperf3 run, median of {} interleaved run(s) per cell and backend, {} guest boots, {:.0} min in all on {} host cores; host load average \
              (1 min) at group start {min:.1}–{max:.1}.\n",
             report.plan.seconds,
+            report.plan.rounds.max(1),
             report.groups.len(),
             report.duration_secs / 60.0,
             report.nproc
@@ -750,6 +762,15 @@ pub fn svg(report: &SeedReport) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Median (mean of the middle two for an even count); `None` when empty.
+fn median(v: &[f64]) -> Option<f64> {
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 fn xml_escape(s: &str) -> String {
