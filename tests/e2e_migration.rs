@@ -293,7 +293,7 @@ fn ping_gaps(out: &str) -> (u32, Vec<(u32, u64)>) {
         .filter(|w| w[1] > w[0] + 1)
         .map(|w| (w[0] + 1, (w[1] - w[0] - 1) as u64))
         .collect();
-    gaps.sort_by(|a, b| b.1.cmp(&a.1));
+    gaps.sort_by_key(|g| std::cmp::Reverse(g.1));
     gaps.truncate(5);
     (tx, gaps)
 }

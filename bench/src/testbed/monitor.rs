@@ -21,7 +21,11 @@ pub fn hmp(socket: &Path, cmd: &str, timeout: Duration) -> Result<String> {
                 log::debug!("monitor {}: {e}, retrying", socket.display());
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) => return Err(io_err(format!("connect to monitor {}", socket.display()))(e)),
+            Err(e) => {
+                return Err(io_err(format!("connect to monitor {}", socket.display()))(
+                    e,
+                ))
+            }
         }
     };
     s.set_read_timeout(Some(Duration::from_millis(200)))
