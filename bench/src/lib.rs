@@ -7,3 +7,4 @@
 pub mod frontend;
 pub mod testbed;
 pub mod loadgen;
+pub mod packet;

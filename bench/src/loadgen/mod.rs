@@ -28,7 +28,7 @@ use crate::frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use crate::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
 use crate::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 use crate::testbed::{self, cmd, MacvtapMode, Topology};
-use wire::{Counters, PacketSocket, OTHER_MAC, PEER_MAC};
+use wire::{Counters, OTHER_MAC, PEER_MAC};
 
 /// The size label of the TSO case.
 pub const TSO_SIZE: u32 = 65536;
@@ -337,7 +337,7 @@ fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn(
     }
     std::thread::sleep(Duration::from_millis(200)); // testpmd starts forwarding a bit later
     let counters = Arc::new(Counters::default());
-    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let guest_mac = far.backend_mac;
     let (w, res) = match k.dir {
         Dir::Tx => {
@@ -363,7 +363,7 @@ fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn(
 
 fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<std::os::fd::OwnedFd>, far: &Far) -> Result<Window, String> {
     let counters = Arc::new(Counters::default());
-    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
         tids.iter().map(|t| procs::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
     };
@@ -534,7 +534,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             drop(p);
             // A non-persistent tap goes with its last fd; wait so names do not clash.
             let deadline = Instant::now() + Duration::from_secs(3);
-            while wire::ifindex(&name).is_some() && Instant::now() < deadline {
+            while crate::packet::ifindex(&name).is_some() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -572,14 +572,14 @@ fn ping_frame(far: &Far) -> Vec<u8> {
 fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>, String> {
     let mut fe = NetFrontend::connect(socket, fe_opts(1, Dir::Rx, 64, "mrg")).map_err(|e| format!("connect: {e}"))?;
     std::thread::sleep(Duration::from_millis(200));
-    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let _refl = wire::reflector(sock, far.backend_mac);
     let budget = cfg.duration.max(Duration::from_secs(1));
     vhost::ping_pong(&mut fe, &ping_frame(far), cfg.latency_samples, budget)
 }
 
 fn raw_latency(cfg: &Config, fd: &std::os::fd::OwnedFd, far: &Far) -> Result<Vec<u64>, String> {
-    let sock = PacketSocket::open(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let _refl = wire::reflector(sock, far.backend_mac);
     std::thread::sleep(Duration::from_millis(50));
     let budget = cfg.duration.max(Duration::from_secs(1));

@@ -139,5 +139,5 @@ pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<
     p.cleanup.push(socket.to_path_buf());
     p.cleanup.push(PathBuf::from(format!("/var/run/dpdk/{prefix}")));
     let (s, t) = (socket.to_path_buf(), tap.to_string());
-    p.wait_for("socket and tap", move || s.exists() && super::wire::ifindex(&t).is_some(), Duration::from_secs(30))
+    p.wait_for("socket and tap", move || s.exists() && crate::packet::ifindex(&t).is_some(), Duration::from_secs(30))
 }

@@ -1,12 +1,13 @@
-//! The far side of the tap: AF_PACKET sockets (created inside a peer netns when there is one),
-//! the test frames, and the sink / source / reflector threads that count and verify them.
+//! The far side of the tap: its AF_PACKET socket ([`far_socket`], inside the peer netns when
+//! there is one), the test frames, and the sink / source / reflector threads that count and
+//! verify them.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use crate::packet::{PacketOptions, PacketSocket, RecvBatch};
 
 /// Magic at [`MAGIC_OFF`] of every UDP test frame.
 pub const MAGIC: &[u8; 8] = b"VUTAPBN!";
@@ -137,115 +138,11 @@ pub fn is_test_frame(f: &[u8]) -> bool {
     f.len() >= 54 && f[12..14] == [8, 0] && f[23] == 6 && f[36..38] == TSO_PORT.to_be_bytes()
 }
 
-fn last_err(what: &str) -> io::Error {
-    let e = io::Error::last_os_error();
-    io::Error::new(e.kind(), format!("{what}: {e}"))
-}
-
-pub fn ifindex(name: &str) -> Option<i32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i as i32)
-}
-
-fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32) -> io::Result<()> {
-    // SAFETY: v is a valid int for the duration of the call and its size is passed.
-    let r = unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) };
-    if r < 0 {
-        return Err(last_err("setsockopt"));
-    }
-    Ok(())
-}
-
-/// An AF_PACKET socket bound to one interface (seeing only incoming frames), with big buffers.
-pub struct PacketSocket {
-    pub fd: OwnedFd,
-    pub ifindex: i32,
-}
-
-impl PacketSocket {
-    fn open_here(ifname: &str) -> io::Result<PacketSocket> {
-        let ifindex = ifindex(ifname).ok_or_else(|| io::Error::other(format!("no interface {ifname}")))?;
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        if fd < 0 {
-            return Err(last_err("AF_PACKET socket"));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let raw = fd.as_raw_fd();
-        let _ = setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 64 << 20);
-        let _ = setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 16 << 20);
-        // PACKET_IGNORE_OUTGOING (23): do not see what this host sends on the interface.
-        let _ = setsockopt_int(raw, libc::SOL_PACKET, 23, 1);
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex;
-        // SAFETY: sll is a valid sockaddr_ll and its exact size is passed.
-        let r = unsafe {
-            libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        if r != 0 {
-            return Err(last_err("bind AF_PACKET"));
-        }
-        Ok(PacketSocket { fd, ifindex })
-    }
-
-    /// Opens the socket on `ifname` inside network namespace `netns` (None: this one). The
-    /// socket stays in the namespace it was created in, so only the creating thread moves.
-    pub fn open(netns: Option<&str>, ifname: &str) -> io::Result<PacketSocket> {
-        let Some(ns) = netns else { return Self::open_here(ifname) };
-        let path = format!("/var/run/netns/{ns}");
-        let ifname = ifname.to_string();
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path)?;
-            // SAFETY: setns on a valid netns fd; it only affects this short-lived thread.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(last_err("setns"));
-            }
-            Self::open_here(&ifname)
-        })
-        .join()
-        .map_err(|_| io::Error::other("netns thread panicked"))?
-    }
-
-    /// Sends a batch with one sendmmsg; returns how many went.
-    pub fn send_batch(&self, frames: &[Vec<u8>]) -> usize {
-        let mut iovs: Vec<libc::iovec> =
-            frames.iter().map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }).collect();
-        // SAFETY: mmsghdr is plain old data.
-        let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; frames.len()];
-        for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: msgs point at iovs, which point at frames; all outlive the call.
-        let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
-        r.max(0) as usize
-    }
-
-    pub fn send(&self, frame: &[u8]) -> bool {
-        // SAFETY: frame is valid for frame.len() bytes.
-        unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) == frame.len() as isize }
-    }
-
-    /// Waits up to `ms` for something to read.
-    pub fn poll_in(&self, ms: i32) -> bool {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
-    }
-
-    /// Receives one frame without blocking into `buf`; returns its length.
-    pub fn recv(&self, buf: &mut [u8]) -> Option<usize> {
-        // SAFETY: buf is valid for writes of buf.len() bytes.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        (n > 0).then_some(n as usize)
-    }
+/// The loadgen's far-end socket on `ifname` (inside `netns` when there is one): big buffers,
+/// blind to what this host sends.
+pub fn far_socket(netns: Option<&str>, ifname: &str) -> io::Result<PacketSocket> {
+    let opts = PacketOptions { rcvbuf: Some(64 << 20), sndbuf: Some(16 << 20), ignore_outgoing: true };
+    PacketSocket::open(netns, ifname, opts)
 }
 
 /// A far-side thread; stops and joins on drop.
@@ -273,36 +170,16 @@ pub fn sink(sock: PacketSocket, counters: Arc<Counters>, expect_len: Option<usiz
         .spawn(move || {
             const B: usize = 64;
             const SNAP: usize = 64;
-            let mut bufs = vec![[0u8; SNAP]; B];
-            let mut iovs: Vec<libc::iovec> =
-                bufs.iter_mut().map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: SNAP }).collect();
-            // SAFETY: mmsghdr is plain old data.
-            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; B];
+            let mut batch = RecvBatch::new(B, SNAP);
             while !st.load(Ordering::Relaxed) {
-                for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-                    m.msg_hdr.msg_iov = iov;
-                    m.msg_hdr.msg_iovlen = 1;
-                    m.msg_len = 0;
-                }
-                // MSG_TRUNC: msg_len is the real frame length though only SNAP bytes are copied.
-                // SAFETY: msgs/iovs/bufs outlive the call.
-                let n = unsafe {
-                    libc::recvmmsg(
-                        sock.fd.as_raw_fd(),
-                        msgs.as_mut_ptr(),
-                        B as u32,
-                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                        std::ptr::null_mut(),
-                    )
-                };
-                if n <= 0 {
+                let n = sock.recv_batch(&mut batch);
+                if n == 0 {
                     sock.poll_in(20);
                     continue;
                 }
                 let (mut frames, mut bytes, mut bad) = (0u64, 0u64, 0u64);
-                for i in 0..n as usize {
-                    let len = msgs[i].msg_len as usize;
-                    let b = &bufs[i][..len.min(SNAP)];
+                for i in 0..n {
+                    let (b, len) = batch.frame(i);
                     if !is_test_frame(b) {
                         continue; // kernel chatter
                     }
@@ -363,11 +240,11 @@ pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
         .spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !st.load(Ordering::Relaxed) {
-                match sock.recv(&mut buf) {
+                match sock.try_recv(&mut buf) {
                     Some(n) if is_test_frame(&buf[..n]) => {
                         buf[..6].copy_from_slice(&dst);
                         buf[6..12].copy_from_slice(&PEER_MAC);
-                        sock.send(&buf[..n]);
+                        let _ = sock.send(&buf[..n]);
                     }
                     Some(_) => {}
                     None => {
