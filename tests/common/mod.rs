@@ -5,9 +5,6 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::ffi::CString;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,6 +17,7 @@ use vutap::device::Device;
 use vutap::tap::TapSpec;
 use vutap::vhost_user::{bind_socket, serve_connection};
 use vutap_bench::frontend::{FrontendOptions, NetFrontend};
+use vutap_bench::packet;
 use vutap_bench::testbed::{MacvtapMode, Topology};
 
 /// Experimental ethertype of the plain test frames, and their magic.
@@ -43,13 +41,6 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// A short id unique in this process, for interface and socket names.
 pub fn unique() -> String {
     format!("{:x}{:x}", std::process::id() & 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed) & 0xff)
-}
-
-pub fn ifindex(name: &str) -> Option<i32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i as i32)
 }
 
 pub fn sh(prog: &str, args: &[&str]) {
@@ -215,151 +206,48 @@ impl Bed {
 
 // ------------------------------------------------------------------------------- AF_PACKET
 
-/// An AF_PACKET raw socket bound to one interface (of whichever netns it was made in).
-pub struct PacketSocket {
-    fd: OwnedFd,
-    ifindex: i32,
+/// The far end's AF_PACKET socket: [`packet::PacketSocket`] (whose receive calls it derefs to)
+/// with an 8 MiB receive buffer, panicking where that one returns an error.
+pub struct PacketSocket(packet::PacketSocket);
+
+impl std::ops::Deref for PacketSocket {
+    type Target = packet::PacketSocket;
+    fn deref(&self) -> &packet::PacketSocket {
+        &self.0
+    }
 }
 
 impl PacketSocket {
     /// Binds in the calling thread's network namespace.
     pub fn bind(ifname: &str) -> PacketSocket {
-        let ifindex = ifindex(ifname).unwrap_or_else(|| panic!("interface {ifname} exists"));
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let big: libc::c_int = 8 << 20;
-        // SAFETY: setsockopt reads one int from a valid pointer.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                (&big as *const libc::c_int).cast(),
-                4,
-            )
-        };
-        let sll = sockaddr(ifindex, proto, None);
-        // SAFETY: sll is a valid sockaddr_ll and its exact size is passed.
-        let r = unsafe {
-            libc::bind(fd.as_raw_fd(), (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
-        assert_eq!(r, 0, "bind AF_PACKET to {ifname}: {}", io::Error::last_os_error());
-        PacketSocket { fd, ifindex }
+        PacketSocket::open(None, ifname)
     }
 
-    /// Binds to `ifname` inside network namespace `netns` (a socket keeps the namespace it was
-    /// created in, so a short-lived thread enters the namespace, makes it, and hands it back).
+    /// Binds to `ifname` inside network namespace `netns` (the calling thread stays where it is).
     pub fn bind_in_netns(netns: &str, ifname: &str) -> PacketSocket {
-        let path = format!("/var/run/netns/{netns}");
-        let ifname = ifname.to_string();
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid netns fd; only this thread changes namespace.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns {path}: {}", io::Error::last_os_error());
-            PacketSocket::bind(&ifname)
-        })
-        .join()
-        .expect("netns thread")
+        PacketSocket::open(Some(netns), ifname)
+    }
+
+    fn open(netns: Option<&str>, ifname: &str) -> PacketSocket {
+        let opts = packet::PacketOptions { rcvbuf: Some(8 << 20), ..Default::default() };
+        let s = packet::PacketSocket::open(netns, ifname, opts);
+        PacketSocket(s.unwrap_or_else(|e| panic!("AF_PACKET socket on {ifname} (netns {netns:?}): {e}")))
     }
 
     /// Enables PACKET_VNET_HDR: every sent frame is preceded by a 10-byte virtio_net_hdr.
     pub fn set_vnet_hdr(&self) {
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt reads one int from a valid pointer.
-        let r = unsafe {
-            libc::setsockopt(self.fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_VNET_HDR, (&one as *const libc::c_int).cast(), 4)
-        };
-        assert_eq!(r, 0, "PACKET_VNET_HDR: {}", io::Error::last_os_error());
+        self.0.set_vnet_hdr().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Sends `frame` (with its virtio_net_hdr first if `set_vnet_hdr` was called; `dst` is the
     /// frame's destination MAC, `proto` its ethertype).
     pub fn send_raw(&self, bytes: &[u8], dst: [u8; 6], proto: u16) {
-        let sll = sockaddr(self.ifindex, proto.to_be(), Some(dst));
-        // SAFETY: bytes is valid for bytes.len(); sll is valid with its size.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                bytes.as_ptr().cast(),
-                bytes.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, bytes.len() as isize, "sendto ({} bytes): {}", bytes.len(), io::Error::last_os_error());
+        self.0.send_to(bytes, dst, proto).unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn send(&self, frame: &[u8]) {
-        let dst = frame[..6].try_into().unwrap();
-        self.send_raw(frame, dst, u16::from_be_bytes([frame[12], frame[13]]));
+        self.0.send(frame).unwrap_or_else(|e| panic!("{e}"));
     }
-
-    /// Next incoming (not sent by us) frame for which `keep` holds, within `timeout`.
-    pub fn recv_matching(&self, timeout: Duration, keep: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536 + 128];
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
-                continue;
-            }
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: buf and sll are valid for writes of the given sizes.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                    (&mut sll as *mut libc::sockaddr_ll).cast(),
-                    &mut sl,
-                )
-            };
-            if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING as u8 {
-                continue;
-            }
-            assert!(n as usize <= buf.len(), "frame of {n} bytes truncated by the test's buffer");
-            let f = &buf[..n as usize];
-            if keep(f) {
-                return Some(f.to_vec());
-            }
-        }
-    }
-
-    /// All matching frames until none arrives for `quiet` (or `max` are collected).
-    pub fn collect(&self, max: usize, quiet: Duration, keep: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            match self.recv_matching(quiet, &keep) {
-                Some(f) => out.push(f),
-                None => break,
-            }
-        }
-        out
-    }
-}
-
-fn sockaddr(ifindex: i32, proto_be: u16, dst: Option<[u8; 6]>) -> libc::sockaddr_ll {
-    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto_be;
-    sll.sll_ifindex = ifindex;
-    if let Some(d) = dst {
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&d);
-    }
-    sll
 }
 
 // ------------------------------------------------------------------------------- frames
