@@ -4,9 +4,6 @@
 //! arrive on the frontend's RX queue. Needs root and dpdk-testpmd; skipped (with a message)
 //! otherwise.
 
-use std::ffi::CString;
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -17,6 +14,7 @@ use vutap_bench::frontend::features::{F_VERSION_1, NET_F_MRG_RXBUF, RING_F_EVENT
 use vutap_bench::frontend::{
     rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr,
 };
+use vutap_bench::packet::{ifindex, PacketOptions, PacketSocket};
 
 const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
 /// IEEE local experimental ethertype: nothing else on the tap uses it, so kernel chatter
@@ -98,101 +96,9 @@ impl Drop for Testpmd {
     }
 }
 
-fn ifindex(name: &str) -> Option<i32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: c is a valid NUL-terminated string.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (i != 0).then_some(i as i32)
-}
-
-/// An AF_PACKET socket bound to one interface, seeing every frame on it.
-struct PacketSocket {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl PacketSocket {
-    fn bind(ifname: &str) -> PacketSocket {
-        let ifindex = ifindex(ifname).expect("interface exists");
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: plain socket(2) call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
-        // SAFETY: fd is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex;
-        // SAFETY: sll is a valid sockaddr_ll and its exact size is passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "bind AF_PACKET: {}", io::Error::last_os_error());
-        PacketSocket { fd, ifindex }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: frame is a valid buffer of frame.len() bytes; sll is valid with its size.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, frame.len() as isize, "sendto: {}", io::Error::last_os_error());
-    }
-
-    /// Next frame carrying our ethertype and magic that arrived *on* the interface (not one we
-    /// sent), within `timeout`.
-    fn recv_test_frame(&self, timeout: Duration) -> Option<Vec<u8>> {
-        let deadline = Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd for the duration of the call.
-            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
-                continue;
-            }
-            // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: buf and sll are valid for writes of the given sizes.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT,
-                    (&mut sll as *mut libc::sockaddr_ll).cast(),
-                    &mut sl,
-                )
-            };
-            if n <= 0 || sll.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            let f = &buf[..n as usize];
-            if is_test_frame(f) {
-                return Some(f.to_vec());
-            }
-        }
-    }
+/// An AF_PACKET socket on the tap, seeing every frame on it.
+fn tap_socket(pmd: &Testpmd) -> PacketSocket {
+    PacketSocket::open(None, &pmd.tap, PacketOptions::default()).expect("AF_PACKET socket on the tap")
 }
 
 fn is_test_frame(f: &[u8]) -> bool {
@@ -237,7 +143,7 @@ fn connect(pmd: &Testpmd, opts: FrontendOptions) -> NetFrontend {
 fn check_tx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>], shape: TxShape) {
     for f in frames {
         fe.send_frame_shaped(0, &VirtioNetHdr::default(), f, shape).expect("send_frame");
-        let got = sock.recv_test_frame(Duration::from_secs(5)).expect("frame out of the tap");
+        let got = sock.recv_matching(Duration::from_secs(5), is_test_frame).expect("frame out of the tap");
         assert_eq!(got.len(), f.len(), "length of frame seq {:?}", &f[22..26]);
         assert!(got == *f, "TX frame differs ({shape:?})");
     }
@@ -254,7 +160,7 @@ fn check_tx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>], shape
 /// Writes `frames` into the tap and checks each arrives on RX unchanged, in order.
 fn check_rx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>]) {
     for f in frames {
-        sock.send(f);
+        sock.send(f).expect("sendto");
         let deadline = Instant::now() + Duration::from_secs(5);
         let got = loop {
             let left = deadline.checked_duration_since(Instant::now()).expect("frame on RX in time");
@@ -285,7 +191,7 @@ fn test_frontend_dpdk_both_directions_cloud_hypervisor_order() {
         return;
     }
     let pmd = Testpmd::start(1);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     let mut fe = connect(&pmd, FrontendOptions::default());
     let acked = fe.acked_features();
     eprintln!(
@@ -313,7 +219,7 @@ fn test_frontend_dpdk_qemu_order_and_chain_shapes() {
         return;
     }
     let pmd = Testpmd::start(1);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     let opts = FrontendOptions { order: HandshakeOrder::Qemu, ..FrontendOptions::default() };
     let mut fe = connect(&pmd, opts);
     let frames = sizes();
@@ -334,7 +240,7 @@ fn test_frontend_dpdk_rx_without_mergeable_split_buffers() {
         return;
     }
     let pmd = Testpmd::start(1);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     let opts = FrontendOptions {
         requested_features: FrontendOptions::default().requested_features & !(NET_F_MRG_RXBUF | RING_F_EVENT_IDX),
         rx_buf_len: 1526,
@@ -354,13 +260,13 @@ fn test_frontend_dpdk_small_rx_buffers_merge() {
         return;
     }
     let pmd = Testpmd::start(1);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     // 512-byte buffers: a 1514-byte frame must be spread over 3+ buffers via num_buffers.
     let opts = FrontendOptions { rx_buf_len: 512, ..FrontendOptions::default() };
     let mut fe = connect(&pmd, opts);
     assert_ne!(fe.acked_features() & NET_F_MRG_RXBUF, 0);
     let f = test_frame(1514, 77);
-    sock.send(&f);
+    sock.send(&f).expect("sendto");
     let deadline = Instant::now() + Duration::from_secs(5);
     let got = loop {
         let left = deadline.checked_duration_since(Instant::now()).expect("in time");
@@ -422,7 +328,7 @@ fn test_frontend_dpdk_reconnect() {
         return;
     }
     let pmd = Testpmd::start(1);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     let fe = connect(&pmd, FrontendOptions::default());
     fe.disconnect();
     std::thread::sleep(Duration::from_millis(300));
@@ -438,7 +344,7 @@ fn test_frontend_dpdk_two_queue_pairs_qemu_order() {
         return;
     }
     let pmd = Testpmd::start(2);
-    let sock = PacketSocket::bind(&pmd.tap);
+    let sock = tap_socket(&pmd);
     // Pair 0 is enabled early (before SET_FEATURES), pair 1 after the rings are set up.
     let opts = FrontendOptions { queue_pairs: 2, order: HandshakeOrder::Qemu, ..FrontendOptions::default() };
     let mut fe = connect(&pmd, opts);
@@ -446,7 +352,7 @@ fn test_frontend_dpdk_two_queue_pairs_qemu_order() {
         for (i, len) in [60usize, 1514].into_iter().enumerate() {
             let f = test_frame(len, 100 * u32::from(pair) + i as u32);
             fe.send_frame(pair, &VirtioNetHdr::default(), &f).expect("send_frame");
-            let got = sock.recv_test_frame(Duration::from_secs(5)).expect("frame out of the tap");
+            let got = sock.recv_matching(Duration::from_secs(5), is_test_frame).expect("frame out of the tap");
             assert!(got == f, "TX frame from pair {pair} differs");
         }
     }
