@@ -73,6 +73,18 @@ impl Session {
         }
     }
 
+    /// Broadcasts a RARP from `mac` out of the tap (VHOST_USER_SEND_RARP, sent by the frontend
+    /// after a migration so that switches learn the guest's MAC on this port). Uses a queue
+    /// of a running pair: a detached tap queue cannot send.
+    pub fn send_rarp(&self, mac: [u8; 6]) -> Result<(), String> {
+        let pair = self.workers.iter().position(Option::is_some).ok_or("no queue pair is running")?;
+        let hdr_len = self.features.map_or(vutap_virtio::features::HDR_LEN, |f| f.hdr_len());
+        let mut frame = vec![0u8; hdr_len];
+        frame.extend_from_slice(&vutap_virtio::announce::rarp_frame(mac));
+        let iov = crate::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
+        crate::tap_io::TapIo::write_frame(&*self.dev.queues[pair], &[iov]).map(|_| ()).map_err(|e| format!("tap write: {e}"))
+    }
+
     pub fn features_acked(&self) -> bool {
         self.features.is_some()
     }
@@ -347,6 +359,8 @@ impl VhostUserBackendReqHandlerMut for Session {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::RESET_DEVICE
             | VhostUserProtocolFeatures::LOG_SHMFD
+            // SEND_RARP is taken by vhost_user.rs: the migrated guest's announce.
+            | VhostUserProtocolFeatures::RARP
             // The channel itself is taken by vhost_user.rs (link-state config changes).
             | VhostUserProtocolFeatures::BACKEND_REQ)
     }

@@ -99,6 +99,34 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
+/// Sends the REPLY_ACK answer to request `code` if the frontend asked for one (NEED_REPLY).
+fn ack_if_asked(stream: &UnixStream, code: FrontendReq, flags: u32, failed: bool) -> io::Result<()> {
+    if flags & NEED_REPLY_FLAG == 0 {
+        return Ok(());
+    }
+    let mut reply = [0u8; HDR_SIZE + 8];
+    reply[0..4].copy_from_slice(&(code as u32).to_le_bytes());
+    reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
+    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+    reply[12..20].copy_from_slice(&u64::from(failed).to_le_bytes());
+    let mut w: &UnixStream = stream;
+    io::Write::write_all(&mut w, &reply)
+}
+
+/// Consumes SEND_RARP (u64 body: the guest's MAC in its first 6 bytes) and announces the guest.
+fn handle_send_rarp(stream: &UnixStream, session: &Mutex<Session>, flags: u32) -> io::Result<()> {
+    let mut msg = [0u8; HDR_SIZE + 8];
+    recv_exact(stream.as_raw_fd(), &mut msg)?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&msg[12..18]);
+    let result = session.lock().unwrap_or_else(|p| p.into_inner()).send_rarp(mac);
+    match &result {
+        Ok(()) => info!("announced {} with a RARP (SEND_RARP after migration)", crate::tap::format_mac(&mac)),
+        Err(e) => warn!("SEND_RARP for {}: {e}", crate::tap::format_mac(&mac)),
+    }
+    ack_if_asked(stream, FrontendReq::SEND_RARP, flags, result.is_err())
+}
+
 /// Consumes an early SET_VRING_ENABLE, records it, and acks it if asked.
 fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32) -> io::Result<()> {
     let mut msg = [0u8; HDR_SIZE + 8];
@@ -112,16 +140,7 @@ fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32
         Ok(()) => debug!("early SET_VRING_ENABLE index={index} enable={num} recorded until SET_FEATURES"),
         Err(e) => warn!("early SET_VRING_ENABLE index={index}: {e}"),
     }
-    if flags & NEED_REPLY_FLAG != 0 {
-        let mut reply = [0u8; HDR_SIZE + 8];
-        reply[0..4].copy_from_slice(&(FrontendReq::SET_VRING_ENABLE as u32).to_le_bytes());
-        reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&u64::from(result.is_err()).to_le_bytes());
-        let mut w: &UnixStream = stream;
-        io::Write::write_all(&mut w, &reply)?;
-    }
-    Ok(())
+    ack_if_asked(stream, FrontendReq::SET_VRING_ENABLE, flags, result.is_err())
 }
 
 /// Receives exactly `buf.len()` bytes (one message header) and the fd sent with them.
@@ -197,16 +216,7 @@ fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &De
             false
         }
     };
-    if flags & NEED_REPLY_FLAG != 0 {
-        let mut reply = [0u8; HDR_SIZE + 8];
-        reply[0..4].copy_from_slice(&(FrontendReq::SET_BACKEND_REQ_FD as u32).to_le_bytes());
-        reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
-        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-        reply[12..20].copy_from_slice(&u64::from(!ok).to_le_bytes());
-        let mut w: &UnixStream = stream;
-        io::Write::write_all(&mut w, &reply)?;
-    }
-    Ok(())
+    ack_if_asked(stream, FrontendReq::SET_BACKEND_REQ_FD, flags, !ok)
 }
 
 /// Errors after which the message was fully consumed and the stream is still in step, so the
@@ -292,6 +302,12 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
         if early_enable {
             if let Err(e) = handle_early_enable(&control, &session, flags) {
                 return ConnectionEnd::ProtocolError(format!("early SET_VRING_ENABLE: {e}"));
+            }
+            continue;
+        }
+        if code == FrontendReq::SEND_RARP as u32 && size == 8 {
+            if let Err(e) = handle_send_rarp(&control, &session, flags) {
+                return ConnectionEnd::ProtocolError(format!("SEND_RARP: {e}"));
             }
             continue;
         }

@@ -7,7 +7,9 @@
 //! - [`chain`]: checks on a descriptor chain (direction, count, length, overflow).
 //! - [`mergeable`]: spreading a received frame over mergeable RX buffers.
 //! - [`config`]: the bounds-checked virtio-net config space.
+//! - [`announce`]: the RARP frame that announces a migrated guest.
 
+pub mod announce;
 pub mod chain;
 pub mod config;
 pub mod features;

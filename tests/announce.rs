@@ -1,0 +1,57 @@
+//! VHOST_USER_SEND_RARP: after a migration the frontend hands vutap the guest's MAC and vutap
+//! broadcasts a RARP out of the tap, so switches learn the guest on its new port.
+//! Needs root: netns + veth + macvtap.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::*;
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use vutap_bench::frontend::FrontendOptions;
+
+/// Sends SEND_RARP with NEED_REPLY on a dup of the frontend's connection; returns the ack value.
+fn send_rarp(conn_fd: i32, mac: [u8; 6]) -> u64 {
+    // SAFETY: dup of the frontend's open socket fd; the copy is owned by the OwnedFd.
+    let fd = unsafe { libc::dup(conn_fd) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let mut sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&(FrontendReq::SEND_RARP as u32).to_le_bytes());
+    msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version 1 | NEED_REPLY
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    let mut body = [0u8; 8];
+    body[..6].copy_from_slice(&mac);
+    msg.extend_from_slice(&body);
+    sock.write_all(&msg).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = [0u8; 20];
+    sock.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), FrontendReq::SEND_RARP as u32);
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+#[test]
+fn test_announce_send_rarp_reaches_the_peer() {
+    let _g = serial();
+    let bed = Bed::macvtap(1, None, false);
+    let mut opts = FrontendOptions::default();
+    opts.requested_protocol |= VhostUserProtocolFeatures::RARP;
+    let mut fe = bed.daemon.connect(opts);
+    assert!(fe.protocol_features().contains(VhostUserProtocolFeatures::RARP), "vutap offers RARP");
+    let status = send_rarp(fe.vhost().as_raw_fd(), bed.guest_mac);
+    assert_eq!(status, 0, "SEND_RARP acked as done");
+    let mac = bed.guest_mac;
+    let rarp = bed
+        .far
+        .recv_matching(Duration::from_secs(5), |f| f.len() >= 38 && f[12..14] == [0x80, 0x35] && f[6..12] == mac)
+        .expect("a RARP from the guest's MAC reaches the peer");
+    assert_eq!(&rarp[0..6], &[0xff; 6], "broadcast");
+    assert_eq!(&rarp[20..22], &[0, 3], "RARP request-reverse");
+    assert_eq!(&rarp[22..28], &mac, "sender hardware address is the guest's");
+    drop(fe);
+}
