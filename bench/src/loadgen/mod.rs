@@ -361,7 +361,7 @@ fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn(
     res.map(|_| w)
 }
 
-fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<std::os::fd::OwnedFd>, far: &Far) -> Result<Window, String> {
+fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: &Far) -> Result<Window, String> {
     let counters = Arc::new(Counters::default());
     let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
@@ -578,7 +578,7 @@ fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>, Str
     vhost::ping_pong(&mut fe, &ping_frame(far), cfg.latency_samples, budget)
 }
 
-fn raw_latency(cfg: &Config, fd: &std::os::fd::OwnedFd, far: &Far) -> Result<Vec<u64>, String> {
+fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far) -> Result<Vec<u64>, String> {
     let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
     let _refl = wire::reflector(sock, far.backend_mac);
     std::thread::sleep(Duration::from_millis(50));

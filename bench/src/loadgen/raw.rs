@@ -1,69 +1,43 @@
 //! The ceiling: the same traffic through a tight write/read loop on the tap fds themselves, no
 //! vhost-user in between. One thread per fd, as a backend would have one worker per pair.
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use vutap::tap::{Tap, TapQueue, TapSpec};
+
 use super::wire::{is_test_frame, Counters};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const IFF_TAP: u16 = 0x0002;
-const IFF_NO_PI: u16 = 0x1000;
-const IFF_VNET_HDR: u16 = 0x4000;
-const IFF_MULTI_QUEUE: u16 = 0x0100;
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; 16],
-    flags: u16,
-    _pad: [u8; 22],
-}
-
-fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
-    // SAFETY: callers pass a pointer to a properly sized, live argument for `req`.
-    if unsafe { libc::ioctl(fd, req as _, arg) } < 0 {
-        return Err(io::Error::last_os_error());
+/// `queues` queues of `spec` as vutap opens them (non-blocking, IFF_VNET_HDR), then set up as the
+/// raw loops want them: a 12-byte vnet header, the kernel's default send buffer (`Tap::open`
+/// raises it to INT_MAX for the daemon; the ceiling has always measured with the default), and
+/// attached (`Tap::open` leaves them detached).
+fn open(spec: &TapSpec, queues: u16) -> io::Result<Vec<TapQueue>> {
+    let tap = Tap::open(spec, usize::from(queues)).map_err(io::Error::other)?;
+    let wmem_default: libc::c_int = std::fs::read_to_string("/proc/sys/net/core/wmem_default")?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("net.core.wmem_default: {e}")))?;
+    for q in &tap.queues {
+        q.set_vnet_hdr_len(12).map_err(io::Error::other)?;
+        q.set_sndbuf(wmem_default)?;
+        q.set_attached(true).map_err(io::Error::other)?;
     }
-    Ok(())
+    Ok(tap.queues)
 }
 
-fn set_hdr_sz(fd: RawFd) -> io::Result<()> {
-    let mut sz: i32 = 12;
-    ioctl_ptr(fd, TUNSETVNETHDRSZ, &mut sz)
-}
-
-/// Opens a macvtap's `/dev/tapN` `queues` times (non-blocking, 12-byte vnet header).
-pub fn open_macvtap(dev: &std::path::Path, queues: u16) -> io::Result<Vec<OwnedFd>> {
-    (0..queues)
-        .map(|_| {
-            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(dev)?;
-            let fd: OwnedFd = f.into();
-            // A macvtap fd starts with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; keep them, set the size.
-            set_hdr_sz(fd.as_raw_fd())?;
-            Ok(fd)
-        })
-        .collect()
+/// Opens a macvtap's `/dev/tapN` `queues` times.
+pub fn open_macvtap(dev: &Path, queues: u16) -> io::Result<Vec<TapQueue>> {
+    open(&TapSpec::DevPath(dev.to_path_buf()), queues)
 }
 
 /// Creates (or attaches to) multi-queue tap `name` with `queues` fds.
-pub fn open_tap(name: &str, queues: u16) -> io::Result<Vec<OwnedFd>> {
-    (0..queues)
-        .map(|_| {
-            let f = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open("/dev/net/tun")?;
-            let fd: OwnedFd = f.into();
-            let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE, _pad: [0; 22] };
-            req.name[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
-            ioctl_ptr(fd.as_raw_fd(), TUNSETIFF, &mut req)?;
-            set_hdr_sz(fd.as_raw_fd())?;
-            Ok(fd)
-        })
-        .collect()
+pub fn open_tap(name: &str, queues: u16) -> io::Result<Vec<TapQueue>> {
+    open(&TapSpec::Name(name.to_string()), queues)
 }
 
 /// The raw loop's worker threads; their kernel thread ids are published for CPU accounting.
@@ -94,7 +68,7 @@ fn poll(fd: RawFd, events: i16) {
 }
 
 /// TX ceiling: each thread writes `vnet_hdr ++ frame` to its fd in a tight loop.
-pub fn tx(fds: Vec<OwnedFd>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counters>) -> RawLoop {
+pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counters>) -> RawLoop {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut tids = Vec::new();
@@ -130,7 +104,7 @@ pub fn tx(fds: Vec<OwnedFd>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counte
 }
 
 /// RX ceiling: each thread reads its fd until EAGAIN, verifying and counting our frames.
-pub fn rx(fds: Vec<OwnedFd>, counters: Arc<Counters>) -> RawLoop {
+pub fn rx(fds: Vec<TapQueue>, counters: Arc<Counters>) -> RawLoop {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     let mut tids = Vec::new();
@@ -168,7 +142,7 @@ pub fn rx(fds: Vec<OwnedFd>, counters: Arc<Counters>) -> RawLoop {
 }
 
 /// 64 B ping-pong on fd 0: write a frame, busy-read until it comes back. Returns RTTs in ns.
-pub fn ping_pong(fd: &OwnedFd, frame: &[u8], samples: usize, budget: std::time::Duration) -> Vec<u64> {
+pub fn ping_pong(fd: &TapQueue, frame: &[u8], samples: usize, budget: std::time::Duration) -> Vec<u64> {
     let raw = fd.as_raw_fd();
     let mut out = vec![0u8; 12];
     out.extend_from_slice(frame);
