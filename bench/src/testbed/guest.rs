@@ -107,6 +107,10 @@ pub struct GuestConfig {
     /// Give the NIC `vectors=0` (INTx) whatever the backend. QEMU 7.2 under TCG always needs it
     /// for vhost-user; setting it for QEMU's tap backend too makes a like-for-like comparison.
     pub force_intx: bool,
+    /// QEMU tap only: open the queue detached (`TUNSETQUEUE IFF_DETACH_QUEUE`), so it takes no
+    /// frames from the macvtap until [`Guest::set_tap_attached`] — a migration destination's
+    /// second queue on the source's macvtap (QEMU never attaches a single-queue tap itself).
+    pub tap_detached: bool,
 }
 
 impl GuestConfig {
@@ -123,6 +127,7 @@ impl GuestConfig {
             incoming: None,
             monitor: None,
             force_intx: false,
+            tap_detached: false,
         }
     }
 }
@@ -144,6 +149,9 @@ pub struct Guest {
     pub config: GuestConfig,
     /// Time from spawning QEMU to the ready marker.
     pub boot_time: Duration,
+    /// QEMU tap only: our copies of the queue fds QEMU got (same open files), for
+    /// [`Guest::set_tap_attached`].
+    tap_fds: Vec<OwnedFd>,
 }
 
 impl Guest {
@@ -226,7 +234,6 @@ impl Guest {
         let mut child = cmd
             .spawn()
             .map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
-        drop(tap_fds); // QEMU holds its own copies now.
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             return Err(Error::Setup("QEMU stdio pipes missing".into()));
@@ -237,6 +244,7 @@ impl Guest {
             console,
             config,
             boot_time: Duration::ZERO,
+            tap_fds,
         };
         if guest.config.incoming.is_some() {
             // Nothing to wait for: the guest's state arrives with the migration.
@@ -366,6 +374,16 @@ impl Guest {
         super::monitor::hmp(mon, cmd, timeout)
     }
 
+    /// QEMU tap only: attaches (true) or detaches (false) this guest's tap queues on the
+    /// macvtap (`TUNSETQUEUE`), e.g. to hand a macvtap over from a migration source to its
+    /// destination. Already in that state is not an error.
+    pub fn set_tap_attached(&self, attached: bool) -> Result<()> {
+        for fd in &self.tap_fds {
+            set_queue_attached(fd.as_raw_fd(), attached)?;
+        }
+        Ok(())
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -394,6 +412,9 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
                     .write(true)
                     .open(tap_path)
                     .map_err(io_err(format!("open {}", tap_path.display())))?;
+                if config.tap_detached {
+                    set_queue_attached(f.as_raw_fd(), false)?;
+                }
                 fds.push(dup_above(&f, FD_BASE)?);
             }
             let list: Vec<String> = (0..q).map(|i| (3 + i).to_string()).collect();
@@ -437,6 +458,23 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
     }
     cmd.args(["-device", &dev]);
     Ok(fds)
+}
+
+/// `TUNSETQUEUE` with `IFF_ATTACH_QUEUE`/`IFF_DETACH_QUEUE`; EINVAL (already so) is fine.
+fn set_queue_attached(fd: RawFd, attached: bool) -> Result<()> {
+    const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+    // struct ifreq: 16-byte name (empty), then the flags.
+    let mut req = [0u8; 40];
+    let flag: u16 = if attached { 0x0200 } else { 0x0400 };
+    req[16..18].copy_from_slice(&flag.to_ne_bytes());
+    // SAFETY: `req` is a zeroed buffer the size of struct ifreq, alive across the call;
+    // TUNSETQUEUE reads only the flags from it.
+    let ret = unsafe { libc::ioctl(fd, TUNSETQUEUE as _, req.as_mut_ptr()) };
+    let err = std::io::Error::last_os_error();
+    if ret < 0 && err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(io_err(format!("TUNSETQUEUE attach={attached}"))(err));
+    }
+    Ok(())
 }
 
 /// Duplicates `f` to the lowest free fd >= `min` (close-on-exec set).
