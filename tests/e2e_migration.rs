@@ -186,6 +186,10 @@ fn migrate(qemu: QemuVersion) {
     assert!(max_gap * PING_MS < 5000, "peer ping gap {} ms", max_gap * PING_MS);
     if guest_announce {
         assert!(!announces.is_empty(), "GUEST_ANNOUNCE negotiated, yet no gratuitous ARP reached the peer");
+    } else {
+        // Without GUEST_ANNOUNCE, QEMU asks the backend (SEND_RARP) and vutap B broadcasts a RARP.
+        assert!(announces.iter().any(|a| a.starts_with("RARP")), "no RARP reached the peer after migration: {announces:?}\n{lb}");
+        assert!(lb.contains("announced"), "vutap B logged the announce:\n{lb}");
     }
     drop(dst);
     drop((va, vb));
