@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long)]
     pub no_seccomp: bool,
 
+    /// When a tap fails for good (device deleted), exit with status 75 (EX_TEMPFAIL) so a
+    /// supervisor restarts vutap once the device is back. Default: log it, keep serving the
+    /// other queue pairs and devices, and leave that pair stopped until the frontend restarts it.
+    #[arg(long)]
+    pub exit_on_tap_loss: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,

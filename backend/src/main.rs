@@ -35,6 +35,7 @@ fn main() {
         .format_timestamp_millis()
         .init();
     vutap::sandbox::set_enabled(!args.no_seccomp);
+    vutap::worker::set_exit_on_tap_loss(args.exit_on_tap_loss);
     let config = match DaemonConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -23,6 +24,16 @@ use crate::metrics::{PairCounts, PairMetrics};
 use crate::rx::{RxLoop, RxOutcome};
 use crate::tap::TapQueue;
 use crate::tx::{TxLoop, TxOutcome};
+
+/// Exit status for `--exit-on-tap-loss` (EX_TEMPFAIL: a supervisor should restart vutap).
+pub const EXIT_TAP_LOST: i32 = 75;
+
+static EXIT_ON_TAP_LOSS: AtomicBool = AtomicBool::new(false);
+
+/// Process-wide choice of what a worker does when its tap fails for good (`--exit-on-tap-loss`).
+pub fn set_exit_on_tap_loss(exit: bool) {
+    EXIT_ON_TAP_LOSS.store(exit, Ordering::Relaxed);
+}
 
 /// Frames per direction per batch: enough to amortise the used-ring update and the interrupt,
 /// small enough that RX and TX take turns often.
@@ -288,6 +299,11 @@ impl PairLoop {
     }
 
     fn mark_tap_gone(&mut self, e: &io::Error) {
+        if EXIT_ON_TAP_LOSS.load(Ordering::Relaxed) {
+            error!("queue pair {}: tap failed ({e}); exiting with status {EXIT_TAP_LOST} (--exit-on-tap-loss)", self.setup.pair);
+            log::logger().flush();
+            std::process::exit(EXIT_TAP_LOST);
+        }
         if !self.tap_gone {
             warn!("queue pair {}: tap failed ({e}); this queue pair stops moving frames", self.setup.pair);
         }
