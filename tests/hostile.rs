@@ -18,23 +18,24 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hardening_util::*;
+use vhost::vhost_user::message::FrontendReq;
 use vutap_bench::frontend::net::{rx_queue, tx_queue};
+use vutap_bench::frontend::virtqueue::{
+    VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,
+};
 use vutap_bench::frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
 const QSIZE: u16 = 256;
 
-const GET_FEATURES: u32 = 1;
-const SET_OWNER: u32 = 3;
-const SET_MEM_TABLE: u32 = 5;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_BASE: u32 = 10;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_CALL: u32 = 13;
-const SET_VRING_ENABLE: u32 = 18;
+const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
+const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
+const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
+const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
+const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
+const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
+const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
+const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
 
 fn opts(rx_prefill: bool) -> FrontendOptions {
     FrontendOptions { queue_pairs: 2, queue_size: QSIZE, rx_prefill, ..FrontendOptions::default() }

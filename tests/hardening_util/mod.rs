@@ -8,6 +8,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
+use vhost::vhost_user::message::VhostUserHeaderFlag;
+
 // ------------------------------------------------------------------------------- log capture
 
 static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -71,8 +73,9 @@ pub fn panicked_since(mark: usize) -> bool {
 
 // ------------------------------------------------------------------------------- raw messages
 
-pub const NEED_REPLY: u32 = 0x1 | 0x8;
+/// Header flags: protocol version 1, with or without `NEED_REPLY`.
 pub const NO_REPLY: u32 = 0x1;
+pub const NEED_REPLY: u32 = NO_REPLY | VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Sends one vhost-user message (`code`, `flags`, `body`, `fds`) on `fd` with sendmsg.
 pub fn raw_send(fd: RawFd, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
