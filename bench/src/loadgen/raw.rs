@@ -48,6 +48,26 @@ pub struct RawLoop {
 }
 
 impl RawLoop {
+    /// One thread per queue, each running what `work` made for its queue until told to stop.
+    fn spawn<W>(fds: Vec<TapQueue>, mut work: impl FnMut(TapQueue) -> W) -> RawLoop
+    where
+        W: FnOnce(&AtomicBool) + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handles = Vec::new();
+        let mut tids = Vec::new();
+        for fd in fds {
+            let (st, tid) = (stop.clone(), Arc::new(AtomicI32::new(0)));
+            tids.push(tid.clone());
+            let w = work(fd);
+            handles.push(std::thread::spawn(move || {
+                tid.store(gettid(), Ordering::Relaxed);
+                w(&st);
+            }));
+        }
+        RawLoop { stop, handles, tids }
+    }
+
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         for h in self.handles.drain(..) {
@@ -69,17 +89,12 @@ fn poll(fd: RawFd, events: i16) {
 
 /// TX ceiling: each thread writes `vnet_hdr ++ frame` to its fd in a tight loop.
 pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counters>) -> RawLoop {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut handles = Vec::new();
-    let mut tids = Vec::new();
-    for fd in fds {
-        let (st, c, tid) = (stop.clone(), counters.clone(), Arc::new(AtomicI32::new(0)));
-        tids.push(tid.clone());
-        let mut buf = hdr.to_vec();
-        buf.extend_from_slice(&frame);
-        let len = frame.len() as u64;
-        handles.push(std::thread::spawn(move || {
-            tid.store(gettid(), Ordering::Relaxed);
+    let mut out = hdr.to_vec();
+    out.extend_from_slice(&frame);
+    let len = frame.len() as u64;
+    RawLoop::spawn(fds, |fd| {
+        let (c, buf) = (counters.clone(), out.clone());
+        move |st: &AtomicBool| {
             let raw = fd.as_raw_fd();
             while !st.load(Ordering::Relaxed) {
                 let mut n = 0u64;
@@ -98,21 +113,15 @@ pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Count
                 c.offered_frames.fetch_add(n, Ordering::Relaxed);
                 c.offered_bytes.fetch_add(n * len, Ordering::Relaxed);
             }
-        }));
-    }
-    RawLoop { stop, handles, tids }
+        }
+    })
 }
 
 /// RX ceiling: each thread reads its fd until EAGAIN, verifying and counting our frames.
 pub fn rx(fds: Vec<TapQueue>, counters: Arc<Counters>) -> RawLoop {
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut handles = Vec::new();
-    let mut tids = Vec::new();
-    for fd in fds {
-        let (st, c, tid) = (stop.clone(), counters.clone(), Arc::new(AtomicI32::new(0)));
-        tids.push(tid.clone());
-        handles.push(std::thread::spawn(move || {
-            tid.store(gettid(), Ordering::Relaxed);
+    RawLoop::spawn(fds, |fd| {
+        let c = counters.clone();
+        move |st: &AtomicBool| {
             let raw = fd.as_raw_fd();
             let mut buf = vec![0u8; 65536 + 12];
             while !st.load(Ordering::Relaxed) {
@@ -136,9 +145,8 @@ pub fn rx(fds: Vec<TapQueue>, counters: Arc<Counters>) -> RawLoop {
                 c.delivered_frames.fetch_add(frames, Ordering::Relaxed);
                 c.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
             }
-        }));
-    }
-    RawLoop { stop, handles, tids }
+        }
+    })
 }
 
 /// 64 B ping-pong on fd 0: write a frame, busy-read until it comes back. Returns RTTs in ns.
