@@ -151,6 +151,19 @@ pub struct FarThread {
     handle: Option<JoinHandle<()>>,
 }
 
+impl FarThread {
+    /// Runs `body` (given the stop flag) on a thread named `name`.
+    fn spawn(name: &str, body: impl FnOnce(&AtomicBool) + Send + 'static) -> FarThread {
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(&st))
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        FarThread { stop, handle: Some(handle) }
+    }
+}
+
 impl Drop for FarThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -163,96 +176,78 @@ impl Drop for FarThread {
 /// Counts our frames arriving on `sock` into `delivered_*`. `expect_len`: the exact frame length
 /// to verify (None for TSO, where the far side may see segments; bytes are counted then).
 pub fn sink(sock: PacketSocket, counters: Arc<Counters>, expect_len: Option<usize>) -> FarThread {
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name("bench-sink".into())
-        .spawn(move || {
-            const B: usize = 64;
-            const SNAP: usize = 64;
-            let mut batch = RecvBatch::new(B, SNAP);
-            while !st.load(Ordering::Relaxed) {
-                let n = sock.recv_batch(&mut batch);
-                if n == 0 {
-                    sock.poll_in(20);
+    FarThread::spawn("bench-sink", move |st| {
+        const B: usize = 64;
+        const SNAP: usize = 64;
+        let mut batch = RecvBatch::new(B, SNAP);
+        while !st.load(Ordering::Relaxed) {
+            let n = sock.recv_batch(&mut batch);
+            if n == 0 {
+                sock.poll_in(20);
+                continue;
+            }
+            let (mut frames, mut bytes, mut bad) = (0u64, 0u64, 0u64);
+            for i in 0..n {
+                let (b, len) = batch.frame(i);
+                if !is_test_frame(b) {
+                    continue; // kernel chatter
+                }
+                if expect_len.is_some_and(|l| l != len) {
+                    bad += 1;
                     continue;
                 }
-                let (mut frames, mut bytes, mut bad) = (0u64, 0u64, 0u64);
-                for i in 0..n {
-                    let (b, len) = batch.frame(i);
-                    if !is_test_frame(b) {
-                        continue; // kernel chatter
-                    }
-                    if expect_len.is_some_and(|l| l != len) {
-                        bad += 1;
-                        continue;
-                    }
-                    frames += 1;
-                    bytes += len as u64;
-                }
-                counters.delivered_frames.fetch_add(frames, Ordering::Relaxed);
-                counters.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
-                if bad > 0 {
-                    counters.bad.fetch_add(bad, Ordering::Relaxed);
-                }
+                frames += 1;
+                bytes += len as u64;
             }
-        })
-        .expect("spawn sink");
-    FarThread { stop, handle: Some(handle) }
+            counters.delivered_frames.fetch_add(frames, Ordering::Relaxed);
+            counters.delivered_bytes.fetch_add(bytes, Ordering::Relaxed);
+            if bad > 0 {
+                counters.bad.fetch_add(bad, Ordering::Relaxed);
+            }
+        }
+    })
 }
 
 /// Floods `frame` (with the UDP source port varied over 64 values) out of `sock` as fast as it
 /// goes, counting into `offered_*`.
 pub fn source(sock: PacketSocket, counters: Arc<Counters>, frame: Vec<u8>) -> FarThread {
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name("bench-source".into())
-        .spawn(move || {
-            let batch: Vec<Vec<u8>> = (0..64u16)
-                .map(|i| {
-                    let mut f = frame.clone();
-                    set_sport(&mut f, 10000 + i);
-                    f
-                })
-                .collect();
-            let len = frame.len() as u64;
-            while !st.load(Ordering::Relaxed) {
-                let n = sock.send_batch(&batch) as u64;
-                if n == 0 {
-                    std::thread::yield_now();
-                    continue;
-                }
-                counters.offered_frames.fetch_add(n, Ordering::Relaxed);
-                counters.offered_bytes.fetch_add(n * len, Ordering::Relaxed);
+    FarThread::spawn("bench-source", move |st| {
+        let batch: Vec<Vec<u8>> = (0..64u16)
+            .map(|i| {
+                let mut f = frame.clone();
+                set_sport(&mut f, 10000 + i);
+                f
+            })
+            .collect();
+        let len = frame.len() as u64;
+        while !st.load(Ordering::Relaxed) {
+            let n = sock.send_batch(&batch) as u64;
+            if n == 0 {
+                std::thread::yield_now();
+                continue;
             }
-        })
-        .expect("spawn source");
-    FarThread { stop, handle: Some(handle) }
+            counters.offered_frames.fetch_add(n, Ordering::Relaxed);
+            counters.offered_bytes.fetch_add(n * len, Ordering::Relaxed);
+        }
+    })
 }
 
 /// Sends every test frame arriving on `sock` back with the MACs set to `dst` / [`PEER_MAC`].
 pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
-    let stop = Arc::new(AtomicBool::new(false));
-    let st = stop.clone();
-    let handle = std::thread::Builder::new()
-        .name("bench-reflect".into())
-        .spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while !st.load(Ordering::Relaxed) {
-                match sock.try_recv(&mut buf) {
-                    Some(n) if is_test_frame(&buf[..n]) => {
-                        buf[..6].copy_from_slice(&dst);
-                        buf[6..12].copy_from_slice(&PEER_MAC);
-                        let _ = sock.send(&buf[..n]);
-                    }
-                    Some(_) => {}
-                    None => {
-                        sock.poll_in(20);
-                    }
+    FarThread::spawn("bench-reflect", move |st| {
+        let mut buf = vec![0u8; 65536];
+        while !st.load(Ordering::Relaxed) {
+            match sock.try_recv(&mut buf) {
+                Some(n) if is_test_frame(&buf[..n]) => {
+                    buf[..6].copy_from_slice(&dst);
+                    buf[6..12].copy_from_slice(&PEER_MAC);
+                    let _ = sock.send(&buf[..n]);
+                }
+                Some(_) => {}
+                None => {
+                    sock.poll_in(20);
                 }
             }
-        })
-        .expect("spawn reflector");
-    FarThread { stop, handle: Some(handle) }
+        }
+    })
 }
