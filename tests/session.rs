@@ -51,9 +51,11 @@ fn test_reconnect_new_frontend_after_disconnect_gets_traffic() {
         // The macvtap queues are detached while nobody is connected: frames for the guest
         // in between are dropped by the macvtap, not queued into a stale fd.
     }
-    let c = bed.daemon.dev.metrics[0].snapshot();
-    assert!(wait_until(WAIT, || bed.daemon.dev.metrics[0].snapshot().tx_frames == 3), "TX over 3 connections: {c:?}");
-    assert!(bed.daemon.dev.metrics[0].snapshot().rx_frames >= 3, "RX over 3 connections: {c:?}");
+    // Counters are flushed by the worker when its pair stops, which the daemon does after the
+    // disconnect is seen: wait for it rather than read them at once.
+    let counts = || bed.daemon.dev.metrics[0].snapshot();
+    assert!(wait_until(WAIT, || counts().tx_frames == 3), "TX over 3 connections: {:?}", counts());
+    assert!(wait_until(WAIT, || counts().rx_frames >= 3), "RX over 3 connections: {:?}", counts());
 }
 
 #[test]
