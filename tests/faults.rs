@@ -36,7 +36,7 @@ fn test_fault_tap_deleted_under_traffic_logs_and_idles() {
         let _ = fe.send_frame(0, &VirtioNetHdr::default(), &f);
     }
     assert!(logged_since(mark, "tap failed", WAIT), "{}", log_since(mark));
-    assert!(bed.daemon.total(|c| c.tap_errors) >= 1);
+    assert!(wait_until(WAIT, || bed.daemon.total(|c| c.tap_errors) >= 1), "tap error counted");
     let cpu = cpu_share("vutap-q", Duration::from_secs(1));
     assert!(cpu < 0.05, "workers used {:.0}% of a CPU with the tap gone", cpu * 100.0);
     // The frontend can still talk to the daemon and disconnect cleanly.
@@ -86,7 +86,7 @@ fn test_fault_guest_not_reading_bounded_and_in_order() {
     }
     let grown = rss_kib().saturating_sub(rss0);
     assert!(grown < 16 * 1024, "RSS grew by {grown} KiB while the guest was not reading");
-    assert!(bed.daemon.total(|c| c.rx_no_buffers) > 0);
+    assert!(wait_until(WAIT, || bed.daemon.total(|c| c.rx_no_buffers) > 0), "ran out of RX buffers");
     let cpu = cpu_share("vutap-q", Duration::from_millis(500));
     assert!(cpu < 0.05, "workers used {:.0}% of a CPU waiting for buffers", cpu * 100.0);
     // Drain: whatever arrives comes in order.
