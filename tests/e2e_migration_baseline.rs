@@ -23,6 +23,10 @@
 //! console excerpt go to `results/tmp/migration-baseline/summary.txt`.
 //!
 //! Needs root, `scripts/install-deps.sh` and (for `vutap`) a built `vutap` binary.
+//!
+//! Measured (QEMU 7.2, 8 rounds, shared 2-core host): vutap 8 / 8 failed, tap 2 / 8, tap-intx
+//! 2 / 8, the tap failures with the same kernel crashes as vutap's. `migration_memcmp_qemu7`:
+//! 0 differing pages in 5 vutap and 2 tap-intx runs, no crash after `cont` in any of them.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, TcpListener};
@@ -68,11 +72,42 @@ fn migration_baseline_qemu10() {
     baseline(QemuVersion::V10);
 }
 
-fn baseline(qemu: QemuVersion) {
+/// The same migration with the destination started paused (`-S`): once the source reports
+/// "completed", both guests' RAM is saved (`pmemsave`) and compared page by page, then the
+/// destination is continued and checked as in the baseline. A page that differs is a write the
+/// migration lost (the paused source is final: its backend stopped at GET_VRING_BASE).
+/// `VUTAP_BASELINE_RUNS` (default 2), `VUTAP_BASELINE_VARIANTS` (default `vutap,tap-intx`).
+#[test]
+#[ignore = "investigation tool: writes two 512 MiB memory dumps per run under results/tmp"]
+fn migration_memcmp_qemu7() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let runs: usize = std::env::var("VUTAP_BASELINE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
-    let variants: Vec<Variant> = std::env::var("VUTAP_BASELINE_VARIANTS")
-        .unwrap_or_else(|_| "vutap,tap,tap-intx".into())
+    let runs: usize = std::env::var("VUTAP_BASELINE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let variants = variants_from_env("vutap,tap-intx");
+    let root = log_dir("migration-memcmp-7.2").unwrap();
+    let mut lines = Vec::new();
+    for round in 0..runs {
+        for &v in &variants {
+            let dir = root.join(format!("{}-{round}", v.label()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let r = catch_unwind(AssertUnwindSafe(|| memcmp_run(QemuVersion::V7, v, &dir)))
+                .unwrap_or_else(|p| Err(format!("panicked: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())));
+            let line = format!("{} #{round}: {}", v.label(), match &r {
+                Ok(m) => format!("PASS {m}"),
+                Err(e) => format!("FAIL {e}"),
+            });
+            eprintln!("[memcmp] {}", line.lines().next().unwrap_or(""));
+            lines.push(line);
+        }
+    }
+    let summary = lines.join("\n");
+    std::fs::write(root.join("summary.txt"), &summary).unwrap();
+    eprintln!("{summary}");
+}
+
+fn variants_from_env(default: &str) -> Vec<Variant> {
+    std::env::var("VUTAP_BASELINE_VARIANTS")
+        .unwrap_or_else(|_| default.into())
         .split(',')
         .map(|s| match s.trim() {
             "vutap" => Variant::Vutap,
@@ -80,7 +115,131 @@ fn baseline(qemu: QemuVersion) {
             "tap-intx" => Variant::QemuTapIntx,
             other => panic!("unknown variant {other:?} (vutap, tap, tap-intx)"),
         })
-        .collect();
+        .collect()
+}
+
+/// Pages (4 KiB) where two equally long dumps differ: `(gpa, differing bytes, first differing offset)`.
+fn differing_pages(a: &[u8], b: &[u8]) -> Vec<(u64, usize, usize)> {
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, (x, y))| {
+            let n = x.iter().zip(y.iter()).filter(|(p, q)| p != q).count();
+            let first = x.iter().zip(y.iter()).position(|(p, q)| p != q).unwrap_or(0);
+            (i as u64 * 4096, n, first)
+        })
+        .collect()
+}
+
+fn memcmp_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, String> {
+    let topo = Topology::new(1, MacvtapMode::Bridge).map_err(|e| format!("topology: {e}"))?;
+    let tap = topo.taps[0].clone();
+    let (dir_a, dir_b) = (dir.join("src"), dir.join("dst"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let daemons = if v == Variant::Vutap {
+        let va = Vutap::spawn(&dir.join("va.sock"), &tap.dev, 1, &[], &dir_a).map_err(|e| format!("vutap A: {e}"))?;
+        let vb = Vutap::spawn(&dir.join("vb.sock"), &tap.dev, 1, &[], &dir_b).map_err(|e| format!("vutap B: {e}"))?;
+        Some((va, vb))
+    } else {
+        None
+    };
+    let config = |log: &Path, incoming: Option<String>| {
+        let nic = match &daemons {
+            Some((va, vb)) => Nic::VhostUser { socket: if incoming.is_some() { vb.socket.clone() } else { va.socket.clone() }, queues: 1, mac: tap.mac.clone() },
+            None => Nic::QemuTap { tap_path: tap.dev.clone(), queues: 1, mac: tap.mac.clone() },
+        };
+        let mut c = GuestConfig::new(qemu, nic, log.to_path_buf());
+        c.monitor = Some(log.join("monitor.sock"));
+        c.force_intx = v == Variant::QemuTapIntx;
+        c.tap_detached = incoming.is_some() && daemons.is_none();
+        c.start_paused = incoming.is_some();
+        c.incoming = incoming;
+        c
+    };
+    let mut src = Guest::boot(config(&dir_a, None)).map_err(|e| format!("source boot: {e}"))?;
+    src.configure_ip(tap.guest_ip, topo.prefix_len).map_err(|e| e.to_string())?;
+    let port = free_port();
+    let mut dst = Guest::boot(config(&dir_b, Some(format!("tcp:127.0.0.1:{port}")))).map_err(|e| format!("destination start: {e}"))?;
+    if let Some((_, vb)) = &daemons {
+        wait_log(vb, "frontend connected", Duration::from_secs(10))?;
+    } else {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _server = topo.iperf_server(5201).map_err(|e| e.to_string())?;
+    src.send_line(&format!(
+        "iperf3 -c {} -p 5201 -t {IPERF_SECS} -i 1 -J -R --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"",
+        topo.peer_ip
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    src.hmp(&format!("migrate -d tcp:127.0.0.1:{port}"), T).map_err(|e| e.to_string())?;
+    let info = wait_migration(&src, Duration::from_secs(40))?;
+    if !info.contains("completed") {
+        return Err(format!("migration did not complete: {info}"));
+    }
+    // Both paused now: the source for good, the destination until `cont`.
+    let vq = |g: &Guest| {
+        let mut out = g.hmp("info virtio", T).unwrap_or_default();
+        let path = out.lines().find_map(|l| l.split_whitespace().find(|w| w.starts_with("/machine/")).map(str::to_string));
+        if let Some(path) = path {
+            for q in 0..2 {
+                out += &g.hmp(&format!("info virtio-queue-status {path} {q}"), T).unwrap_or_default();
+            }
+        }
+        out
+    };
+    let (vq_src, vq_dst) = (vq(&src), vq(&dst));
+    let (fa, fb) = (dir.join("src.mem"), dir.join("dst.mem"));
+    let size = 512u64 << 20;
+    for (g, f) in [(&src, &fa), (&dst, &fb)] {
+        let out = g.hmp(&format!("pmemsave 0 {size} \"{}\"", f.display()), Duration::from_secs(60)).map_err(|e| e.to_string())?;
+        if out.to_lowercase().contains("error") {
+            return Err(format!("pmemsave: {out}"));
+        }
+    }
+    let (a, b) = (std::fs::read(&fa).map_err(|e| e.to_string())?, std::fs::read(&fb).map_err(|e| e.to_string())?);
+    let diffs = differing_pages(&a, &b);
+    drop((a, b));
+    let _ = std::fs::remove_file(&fa);
+    let _ = std::fs::remove_file(&fb);
+    let diff_text = format!(
+        "{} differing pages: {:?}",
+        diffs.len(),
+        diffs.iter().take(40).map(|(gpa, n, first)| format!("{gpa:#x}:{n}B@{first:#x}")).collect::<Vec<_>>()
+    );
+    std::fs::write(dir.join("memcmp.txt"), format!("{diff_text}\n--- source virtio\n{vq_src}\n--- destination virtio\n{vq_dst}\n")).unwrap();
+
+    if daemons.is_none() {
+        src.set_tap_attached(false).map_err(|e| e.to_string())?;
+        dst.set_tap_attached(true).map_err(|e| e.to_string())?;
+    }
+    dst.hmp("cont", T).map_err(|e| e.to_string())?;
+    drop(src);
+    let finished = dst.wait_output("__IPERF_DONE_", Duration::from_secs(IPERF_SECS + 40)).is_ok();
+    let console = String::from_utf8_lossy(&std::fs::read(dir_b.join("console.log")).unwrap_or_default()).into_owned();
+    let complaints: Vec<&str> = KERNEL_COMPLAINTS.iter().copied().filter(|k| console.contains(k)).collect();
+    let report = if finished { dst.run_ok("cat /tmp/ip.json", T).unwrap_or_default() } else { String::new() };
+    let mbps: Vec<u32> = iperf_intervals(&report).iter().map(|i| i.mbps.round() as u32).collect();
+    if let Some((va, vb)) = &daemons {
+        std::fs::write(dir.join("vutap-logs.txt"), format!("--- A ---\n{}\n--- B ---\n{}", va.log_text(), vb.log_text())).unwrap();
+    }
+    drop(dst);
+    // A stall here may also be the TCP backoff over the seconds the dumps took.
+    let stalled = mbps.iter().skip(1).any(|&m| m == 0);
+    let outcome = format!("{diff_text}; after cont: iperf3 finished {finished}, stalled {stalled}, Mbit/s {mbps:?}, kernel {complaints:?}");
+    if diffs.is_empty() && finished && !stalled && complaints.is_empty() && !report.contains("\"error\"") {
+        Ok(outcome)
+    } else {
+        Err(outcome)
+    }
+}
+
+fn baseline(qemu: QemuVersion) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let runs: usize = std::env::var("VUTAP_BASELINE_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let variants = variants_from_env("vutap,tap,tap-intx");
     let root = log_dir(&format!("migration-baseline-{}", qemu.label())).unwrap();
     let mut results: Vec<(Variant, usize, Result<String, String>)> = Vec::new();
     for round in 0..runs {

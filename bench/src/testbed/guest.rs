@@ -111,6 +111,9 @@ pub struct GuestConfig {
     /// frames from the macvtap until [`Guest::set_tap_attached`] — a migration destination's
     /// second queue on the source's macvtap (QEMU never attaches a single-queue tap itself).
     pub tap_detached: bool,
+    /// `-S`: with [`GuestConfig::incoming`], the destination stays paused after the migration
+    /// (HMP `cont` starts it), e.g. to compare its memory with the source's.
+    pub start_paused: bool,
 }
 
 impl GuestConfig {
@@ -128,6 +131,7 @@ impl GuestConfig {
             monitor: None,
             force_intx: false,
             tap_detached: false,
+            start_paused: false,
         }
     }
 }
@@ -206,6 +210,9 @@ impl Guest {
         }
         if let Some(uri) = &config.incoming {
             cmd.args(["-incoming", uri]);
+        }
+        if config.start_paused {
+            cmd.arg("-S");
         }
         if !tap_fds.is_empty() {
             let raw: Vec<RawFd> = tap_fds.iter().map(|f| f.as_raw_fd()).collect();
