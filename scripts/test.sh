@@ -9,4 +9,4 @@ bash scripts/install-deps.sh
 bash scripts/build-guest.sh
 # Release build: the end-to-end tests and the bench smoke run spawn target/release/vutap.
 cargo build --release --workspace --bins
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"
