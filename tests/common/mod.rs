@@ -248,6 +248,12 @@ impl PacketSocket {
     pub fn send(&self, frame: &[u8]) {
         self.0.send(frame).unwrap_or_else(|e| panic!("{e}"));
     }
+
+    /// Sends `frame` where failing is expected at times (e.g. "Network is down" while a soak
+    /// flaps the tap): no panic, so no backtrace symbolization inflates the process's RSS.
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        self.0.send(frame).is_ok()
+    }
 }
 
 // ------------------------------------------------------------------------------- frames
