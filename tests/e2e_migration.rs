@@ -17,13 +17,16 @@
 //!
 //! Needs root, `scripts/install-deps.sh` and a built `vutap` binary.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod migration_util;
+
+use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
 use vutap_bench::testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 /// The host has 2 cores and each TCG guest wants both: one guest at a time (the destination
@@ -85,7 +88,7 @@ fn migrate(qemu: QemuVersion) {
 
     let _server = topo.iperf_server(5201).unwrap();
     let capture = Capture::start(&topo.netns, &topo.peer, mac_bytes(&tap.mac));
-    let pinger = peer_pinger(&topo.netns, tap.guest_ip, 1400);
+    let pinger = peer_pinger(&topo.netns, tap.guest_ip, 1400, PING_MS);
     // iperf3 runs in the foreground of the guest's shell (PID 1): a background job there made
     // the shell read EOF on the serial console after the migration and exit (kernel panic
     // "Attempted to kill init"). The command line sits in the guest's tty buffer, so the shell
@@ -239,10 +242,6 @@ fn nic_state(g: &mut Guest) -> NicState {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_log(v: &Vutap, needle: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !v.log_text().contains(needle) {
@@ -265,26 +264,6 @@ fn wait_migration(src: &Guest, timeout: Duration) -> String {
     }
 }
 
-/// `"total time: 1305 ms"` (QEMU 7.2: `total time: 1305 milliseconds`) → 1305.
-fn field_ms(info: &str, key: &str) -> Option<u64> {
-    let line = info.lines().find(|l| l.trim_start().to_lowercase().starts_with(key))?;
-    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
-}
-
-/// `busybox ping` from the peer namespace toward the guest, `count` probes every [`PING_MS`].
-fn peer_pinger(netns: &str, ip: Ipv4Addr, count: u32) -> JoinHandle<String> {
-    let (ns, ip) = (netns.to_string(), ip.to_string());
-    let interval = format!("{}", PING_MS as f64 / 1000.0);
-    std::thread::spawn(move || {
-        let o = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "busybox", "ping", "-i", &interval, "-c", &count.to_string(), "-W", "1", &ip])
-            .output()
-            .unwrap();
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-    })
-}
-
-/// `(transmitted, [(first missing seq, run of missing replies)])` from ping's reply lines.
 fn ping_gaps(out: &str) -> (u32, Vec<(u32, u64)>) {
     let mut seqs: Vec<u32> = out
         .lines()
@@ -305,38 +284,6 @@ fn ping_gaps(out: &str) -> (u32, Vec<(u32, u64)>) {
     gaps.sort_by_key(|g| std::cmp::Reverse(g.1));
     gaps.truncate(5);
     (tx, gaps)
-}
-
-#[derive(Debug)]
-struct Interval {
-    start: f64,
-    end: f64,
-    mbps: f64,
-}
-
-/// Per-second sums of an `iperf3 -J` report (`intervals[].sum`).
-fn iperf_intervals(text: &str) -> Vec<Interval> {
-    let (Some(s), Some(e)) = (text.find('{'), text.rfind('}')) else {
-        return Vec::new();
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text[s..=e]) else {
-        return Vec::new();
-    };
-    v["intervals"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| {
-                    let sum = &i["sum"];
-                    Some(Interval {
-                        start: sum["start"].as_f64()?,
-                        end: sum["end"].as_f64()?,
-                        mbps: sum["bits_per_second"].as_f64()? / 1e6,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn mac_bytes(mac: &str) -> [u8; 6] {

@@ -29,12 +29,13 @@
 //! 0 differing pages in 5 vutap and 2 tap-intx runs, no crash after `cont` in any of them.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, TcpListener};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod migration_util;
+
+use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
 use vutap_bench::testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 const T: Duration = Duration::from_secs(20);
@@ -317,7 +318,7 @@ fn one_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, String> 
     }
 
     let _server = topo.iperf_server(5201).map_err(|e| e.to_string())?;
-    let pinger = peer_pinger(&topo.netns, tap.guest_ip, 1400);
+    let pinger = peer_pinger(&topo.netns, tap.guest_ip, 1400, PING_MS);
     src.send_line(&format!(
         "iperf3 -c {} -p 5201 -t {IPERF_SECS} -i 1 -J -R --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"",
         topo.peer_ip
@@ -401,10 +402,6 @@ fn one_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, String> 
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_log(v: &Vutap, needle: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while !v.log_text().contains(needle) {
@@ -431,53 +428,10 @@ fn wait_migration(src: &Guest, timeout: Duration) -> Result<String, String> {
     }
 }
 
-fn field_ms(info: &str, key: &str) -> Option<u64> {
-    let line = info.lines().find(|l| l.trim_start().to_lowercase().starts_with(key))?;
-    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
-}
-
-fn peer_pinger(netns: &str, ip: Ipv4Addr, count: u32) -> JoinHandle<String> {
-    let (ns, ip) = (netns.to_string(), ip.to_string());
-    let interval = format!("{}", PING_MS as f64 / 1000.0);
-    std::thread::spawn(move || {
-        let o = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "busybox", "ping", "-i", &interval, "-c", &count.to_string(), "-W", "1", &ip])
-            .output()
-            .unwrap();
-        format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-    })
-}
-
-/// `(answered, longest run of missing replies)` from ping's reply lines.
 fn ping_stats(out: &str) -> (usize, u64) {
     let mut seqs: Vec<u32> = out.lines().filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     seqs.sort_unstable();
     seqs.dedup();
     let gap = seqs.windows(2).map(|w| (w[1] - w[0] - 1) as u64).max().unwrap_or(0);
     (seqs.len(), gap)
-}
-
-struct Interval {
-    start: f64,
-    mbps: f64,
-}
-
-fn iperf_intervals(text: &str) -> Vec<Interval> {
-    let (Some(s), Some(e)) = (text.find('{'), text.rfind('}')) else {
-        return Vec::new();
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text[s..=e]) else {
-        return Vec::new();
-    };
-    v["intervals"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|i| {
-                    let sum = &i["sum"];
-                    Some(Interval { start: sum["start"].as_f64()?, mbps: sum["bits_per_second"].as_f64()? / 1e6 })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
