@@ -127,3 +127,66 @@ fn test_protocol_unknown_request_code_disconnected_then_proper_frontend() {
     let mut fe = bed.daemon.connect(opts(HandshakeOrder::Qemu));
     traffic(&bed, &mut fe, 1);
 }
+
+/// Bytes the far end's socket has sent that are not freed yet (SIOCOUTQ on a packet socket:
+/// its send-buffer charge). A frame sitting in a tap queue keeps it charged.
+fn unfreed_bytes(s: &PacketSocket) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int to the pointer we pass.
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(r, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+    n
+}
+
+/// Frames that wait on the tap queue of a pair that stops for good (GET_VRING_BASE, as at the
+/// end of a migration) are dropped and counted, which frees their sender's memory. Left on the
+/// detached queue they stayed charged to the sender for as long as vutap ran, and a TCP sender
+/// behind them stalled: it could neither send more nor retransmit a segment "still in a host
+/// queue" (found as a stalled iperf3 after live migration).
+#[test]
+fn test_stopped_pair_frees_frames_left_on_its_tap_queue() {
+    let _g = serial();
+    let bed = Bed::macvtap_serve_forever(1);
+    let mut fe = bed.daemon.connect(FrontendOptions { rx_prefill: false, ..opts(HandshakeOrder::Qemu) });
+    // No RX buffers posted: vutap leaves the frames on the tap queue.
+    for i in 0..20 {
+        bed.far.send(&test_frame(bed.guest_mac, bed.far_mac, 1514, 100 + i));
+    }
+    assert!(wait_until(WAIT, || unfreed_bytes(&bed.far) >= 20 * 1514), "frames queued and charged: {}", unfreed_bytes(&bed.far));
+    fe.get_vring_base(0).expect("GET_VRING_BASE");
+    let counts = || bed.daemon.dev.metrics[0].snapshot();
+    assert!(wait_until(WAIT, || counts().rx_flushed == 20), "20 frames flushed: {:?}", counts());
+    assert!(wait_until(WAIT, || unfreed_bytes(&bed.far) == 0), "sender's memory freed: {}", unfreed_bytes(&bed.far));
+    assert_eq!(counts().rx_frames, 0);
+}
+
+/// A restart of the workers (the frontend re-sends SET_FEATURES, as QEMU does when dirty
+/// logging starts) keeps the tap queue attached: frames queued meanwhile are all delivered.
+#[test]
+fn test_worker_restart_keeps_frames_queued_on_the_tap() {
+    use vhost::VhostBackend;
+    let _g = serial();
+    let bed = Bed::macvtap_serve_forever(1);
+    let mut fe = bed.daemon.connect(FrontendOptions { rx_prefill: false, ..opts(HandshakeOrder::Qemu) });
+    let frames: Vec<_> = (0..10).map(|i| test_frame(bed.guest_mac, bed.far_mac, 1514, 200 + i)).collect();
+    for f in &frames {
+        bed.far.send(f);
+    }
+    assert!(wait_until(WAIT, || unfreed_bytes(&bed.far) >= 10 * 1514), "frames queued");
+    let acked = fe.acked_features();
+    fe.vhost().set_features(acked).expect("SET_FEATURES again");
+    fe.post_rx_buffers(0, 64).expect("post RX buffers");
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while got.len() < frames.len() {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).unwrap_or_else(|| panic!("only {} of 10 frames", got.len()));
+        if let Some(fr) = fe.recv_frame(0, left).expect("recv_frame") {
+            if is_test_frame(&fr.payload) {
+                got.push(fr.payload);
+            }
+        }
+    }
+    assert!(got == frames, "all 10 frames, in order, byte for byte");
+    assert_eq!(bed.daemon.dev.metrics[0].snapshot().rx_flushed, 0);
+}

@@ -53,12 +53,23 @@ impl Device {
         NetConfig { mac: self.mac, link_up: self.link.is_up(), max_queue_pairs: self.queue_pairs() as u16, mtu: self.mtu }
     }
 
-    /// Detaches every tap queue: nobody reads them until a guest starts the pair again.
+    /// Detaches every tap queue and drops what waits on it: nobody reads them until a guest
+    /// starts the pair again (see [`TapQueue::park`]).
     pub fn detach_all(&self) {
-        for (i, q) in self.queues.iter().enumerate() {
-            if let Err(e) = q.set_attached(false) {
-                log::warn!("queue pair {i}: {e}");
+        for pair in 0..self.queues.len() {
+            self.park_queue(pair);
+        }
+    }
+
+    /// Detaches one pair's tap queue and drops (and counts) the frames left on it.
+    pub fn park_queue(&self, pair: usize) {
+        match self.queues[pair].park() {
+            Ok(0) => {}
+            Ok(n) => {
+                log::info!("queue pair {pair}: dropped {n} frame(s) left on the stopped tap queue");
+                self.metrics[pair].add(&crate::metrics::PairCounts { rx_flushed: n as u64, ..Default::default() });
             }
+            Err(e) => log::warn!("queue pair {pair}: {e}"),
         }
     }
 }

@@ -44,6 +44,7 @@ counters! {
     rx_bytes: "bytes delivered to the guest (virtio_net_hdr included)",
     rx_dropped: "frames read from the tap but not deliverable (too big, truncated)",
     rx_bad_chains: "malformed RX chains (returned with length 0)",
+    rx_flushed: "frames left on the tap queue when its pair stopped, read and dropped so their senders can retransmit",
     rx_no_buffers: "times RX stopped for lack of guest buffers",
     rx_batches: "RX batches processed",
     kicks: "kick eventfd wake-ups (both rings)",

@@ -189,13 +189,10 @@ impl Session {
         Ok(())
     }
 
-    /// Stops a pair's worker, detaches its tap queue, and keeps the rings' positions so
-    /// GET_VRING_BASE (or a later restart) resumes where the worker stopped.
-    fn stop_pair(&mut self, pair: usize) {
-        let Some(worker) = self.workers[pair].take() else { return };
-        if let Err(e) = self.dev.queues[pair].set_attached(false) {
-            warn!("queue pair {pair}: {e}");
-        }
+    /// Stops a pair's worker and keeps the rings' positions, so GET_VRING_BASE (or a later
+    /// start) resumes where it stopped. The tap queue stays attached. Returns whether it ran.
+    fn halt_worker(&mut self, pair: usize) -> bool {
+        let Some(worker) = self.workers[pair].take() else { return false };
         if let Some(stopped) = worker.stop() {
             self.vrings[pair * 2].base = stopped.rx.next_avail();
             self.vrings[pair * 2 + 1].base = stopped.tx.next_avail();
@@ -203,6 +200,15 @@ impl Session {
         let counts = self.dev.metrics[pair].snapshot();
         let summary: Vec<String> = counts.fields().iter().filter(|(_, v)| *v != 0).map(|(k, v)| format!("{k}={v}")).collect();
         info!("queue pair {pair} stopped; totals: {}", summary.join(" "));
+        true
+    }
+
+    /// Stops a pair for good: its worker, then its tap queue (detached, and the frames left
+    /// on it dropped so that their senders can retransmit; see `TapQueue::park`).
+    fn stop_pair(&mut self, pair: usize) {
+        if self.halt_worker(pair) {
+            self.dev.park_queue(pair);
+        }
     }
 
     fn stop_all(&mut self) {
@@ -211,10 +217,23 @@ impl Session {
         }
     }
 
-    fn reconcile_all(&mut self) {
-        for pair in 0..self.workers.len() {
+    /// Applies `change` with every worker halted, then starts the pairs that should run. A
+    /// restart (new features, memory table, dirty log, kick fd) keeps the tap queues attached,
+    /// so nothing queued meanwhile is lost; pairs that no longer run are stopped for good.
+    fn restart_pairs(&mut self, pairs: std::ops::Range<usize>, change: impl FnOnce(&mut Self) -> VhostResult<()>) -> VhostResult<()> {
+        let ran: Vec<bool> = pairs.clone().map(|pair| self.halt_worker(pair)).collect();
+        let result = change(self);
+        for (pair, ran) in pairs.zip(ran) {
             self.reconcile_pair(pair);
+            if ran && self.workers[pair].is_none() {
+                self.dev.park_queue(pair);
+            }
         }
+        result
+    }
+
+    fn restart_all(&mut self, change: impl FnOnce(&mut Self) -> VhostResult<()>) -> VhostResult<()> {
+        self.restart_pairs(0..self.workers.len(), change)
     }
 
     /// Forgets everything the frontend set up (RESET_OWNER / RESET_DEVICE).
@@ -269,11 +288,11 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_features(&mut self, acked: u64) -> VhostResult<()> {
         let features = Features::negotiate(self.dev.offered_features(), acked).map_err(|e| handler_error(e.to_string()))?;
         // Running workers use the old header size and offloads: restart them with the new set.
-        self.stop_all();
-        self.apply_offloads(features)?;
-        self.features = Some(features);
-        self.reconcile_all();
-        Ok(())
+        self.restart_all(|s| {
+            s.apply_offloads(features)?;
+            s.features = Some(features);
+            Ok(())
+        })
     }
 
     fn set_mem_table(
@@ -287,9 +306,10 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let memory = SharedMemory::map(regions, files).map_err(|e| handler_error(e.to_string()))?;
         // Workers hold the old mapping; restart them on the new one.
-        self.stop_all();
-        self.memory = Some(memory);
-        self.reconcile_all();
+        self.restart_all(|s| {
+            s.memory = Some(memory);
+            Ok(())
+        })?;
         Ok(None)
     }
 
@@ -333,12 +353,13 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let kick = Self::file_to_eventfd(fd).ok_or_else(|| handler_error("polling mode (no kick fd) is not supported"))?;
         let pair = index as usize / 2;
-        self.stop_pair(pair);
-        let v = self.vring(u32::from(index))?;
-        v.kick = Some(kick);
-        v.started = true;
-        self.reconcile_pair(pair);
-        Ok(())
+        self.vring(u32::from(index))?;
+        self.restart_pairs(pair..pair + 1, |s| {
+            let v = &mut s.vrings[usize::from(index)];
+            v.kick = Some(kick);
+            v.started = true;
+            Ok(())
+        })
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
@@ -433,12 +454,12 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
         let (size, offset) = (log.mmap_size, log.mmap_offset);
         let mapped = DirtyLog::map(&file, size, offset).map_err(|e| handler_error(format!("SET_LOG_BASE ({size} bytes at {offset}): {e}")))?;
-        // Workers hold the previous log (the frontend resizes it as memory grows): restart them.
-        self.stop_all();
-        self.log = Some(Arc::new(mapped));
         info!("dirty log mapped: {size} bytes");
-        self.reconcile_all();
-        Ok(())
+        // Workers hold the previous log (the frontend resizes it as memory grows): restart them.
+        self.restart_all(|s| {
+            s.log = Some(Arc::new(mapped));
+            Ok(())
+        })
     }
 }
 

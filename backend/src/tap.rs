@@ -155,6 +155,37 @@ impl TapQueue {
             Ok(()) => Ok(()),
         }
     }
+
+    /// Detaches this queue and drops the frames still waiting on it; returns how many.
+    ///
+    /// A detached queue keeps what was queued on it, and a queued frame pins its sender's
+    /// socket memory: a local TCP sender (a peer behind the macvtap's lower, another guest)
+    /// then can neither send more (TCP small queues) nor retransmit those segments ("still in
+    /// host queue"), and its stream stalls for as long as vutap keeps the fd open. QEMU's own
+    /// tap backend frees them by closing the fd when the VM stops or migrates away.
+    pub fn park(&self) -> Result<usize, TapError> {
+        self.set_attached(false)?;
+        Ok(self.drain())
+    }
+
+    /// Reads and discards frames until the queue is empty (it is non-blocking).
+    fn drain(&self) -> usize {
+        // A 64 KiB GSO frame plus its virtio_net_hdr fits; anything longer is truncated,
+        // which is as good as dropped.
+        let mut buf = vec![0u8; 65536 + 64];
+        let mut dropped = 0;
+        // Bounded: the queue holds at most tx_queue_len frames, but frames keep coming on an
+        // attached tun queue.
+        for _ in 0..4096 {
+            // SAFETY: reading into a buffer we own, of the length we pass.
+            let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            dropped += 1;
+        }
+        dropped
+    }
 }
 
 /// All queues of one device plus what we learnt about it.
@@ -384,7 +415,8 @@ impl Tap {
             TapSpec::Fds(fds) => adopt_fds(fds, queues)?,
         };
         for q in &tap.queues {
-            q.set_attached(false)?;
+            // Frames queued between open and detach belong to nobody.
+            q.park()?;
             // Like QEMU's tap backend (its default `sndbuf` is INT_MAX): with the kernel's
             // ~208 KiB default, guest-to-guest TX through a macvtap bridge stalls on EAGAIN
             // every few GSO frames until the other guest's backend has read them.
