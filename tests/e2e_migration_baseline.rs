@@ -435,3 +435,53 @@ fn ping_stats(out: &str) -> (usize, u64) {
     let gap = seqs.windows(2).map(|w| (w[1] - w[0] - 1) as u64).max().unwrap_or(0);
     (seqs.len(), gap)
 }
+
+/// Reproducer for the QEMU 10 TCP stall: only the source side of a migration, over and over.
+/// `migrate` to a throttled `exec:cat > /dev/null` turns dirty logging on (SET_FEATURES with
+/// LOG_ALL, SET_LOG_BASE), `migrate_cancel` turns it off again, while the guest runs `iperf3 -R`.
+/// Prints the per-second throughput and the guest's receive counters.
+/// `VUTAP_TOGGLE_VARIANT=tap` runs the same against QEMU's tap backend.
+#[test]
+#[ignore = "investigation tool: ~60 s, see the doc comment"]
+fn migration_log_toggle_qemu10() {
+    let qemu = QemuVersion::V10;
+    let variant = std::env::var("VUTAP_TOGGLE_VARIANT").unwrap_or_else(|_| "vutap".into());
+    let rounds: u32 = std::env::var("VUTAP_TOGGLE_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let dir = log_dir("migration-log-toggle").unwrap();
+    let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
+    let tap = topo.taps[0].clone();
+    let va = if variant == "vutap" { Some(Vutap::spawn(&dir.join("va.sock"), &tap.dev, 1, &[], &dir).unwrap()) } else { None };
+    let nic = match &va {
+        Some(v) => Nic::VhostUser { socket: v.socket.clone(), queues: 1, mac: tap.mac.clone() },
+        None => Nic::QemuTap { tap_path: tap.dev.clone(), queues: 1, mac: tap.mac.clone() },
+    };
+    let mut c = GuestConfig::new(qemu, nic, dir.clone());
+    c.monitor = Some(dir.join("monitor.sock"));
+    let mut g = Guest::boot(c).unwrap();
+    g.configure_ip(tap.guest_ip, topo.prefix_len).unwrap();
+    assert!(g.ping(topo.peer_ip, 2).unwrap().received > 0);
+    let _server = topo.iperf_server(5201).unwrap();
+    let secs = rounds as u64 * 4 + 6;
+    g.send_line(&format!("iperf3 -c {} -p 5201 -t {secs} -i 1 -J -R --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"", topo.peer_ip)).unwrap();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut marks = Vec::new();
+    g.hmp("migrate_set_parameter max-bandwidth 20M", T).unwrap();
+    for _ in 0..rounds {
+        marks.push(format!("on {:.1}", started.elapsed().as_secs_f64()));
+        let out = g.hmp("migrate -d \"exec:cat > /dev/null\"", T).unwrap();
+        assert!(!out.to_lowercase().contains("error"), "{out}");
+        std::thread::sleep(Duration::from_millis(2000));
+        g.hmp("migrate_cancel", T).unwrap();
+        marks.push(format!("off {:.1}", started.elapsed().as_secs_f64()));
+        std::thread::sleep(Duration::from_millis(2000));
+    }
+    g.wait_output("__IPERF_DONE_", Duration::from_secs(60)).unwrap();
+    let report = g.run_ok("cat /tmp/ip.json", T).unwrap();
+    let per_s: Vec<u32> = iperf_intervals(&report).iter().map(|i| i.mbps.round() as u32).collect();
+    let counters = g.run_ok("cat /proc/net/dev; grep -E 'Tcp|Ip' /proc/net/snmp; grep TcpExt /proc/net/netstat", T).unwrap_or_default();
+    println!("variant {variant}\nmarks {marks:?}\niperf3 Mbit/s per s {per_s:?}\n{counters}");
+    if let Some(v) = &va {
+        std::fs::write(dir.join("vutap-log.txt"), v.log_text()).unwrap();
+    }
+}
