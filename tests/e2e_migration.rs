@@ -37,11 +37,27 @@ const T: Duration = Duration::from_secs(20);
 const PING_MS: u64 = 10;
 const IPERF_SECS: u64 = 12;
 
+/// QEMU 7.2 under TCG sometimes corrupts the destination guest's kernel on its own: with its
+/// built-in tap backend too (`e2e_migration_baseline`: 2 of 4 QEMU-tap runs vs 1 of 5 vutap
+/// runs crashed, same signatures). A run that fails *with such a crash on the destination's
+/// console* is retried, up to three runs; any other failure fails the test at once.
 #[test]
-#[ignore = "flaky: in 6 of 12 runs the QEMU 7.2 destination guest broke after the switch (TCP stream stalled with the peer's retransmits unanswered / soft lockup in iperf3 or ksoftirqd / BUG in __kmem_cache_free), while ping kept working; QEMU 10 passed all 6 runs here. See README, Live migration"]
 fn test_e2e_migration_qemu7() {
-    migrate(QemuVersion::V7);
+    let console_log = log_dir("e2e-migration-7.2").unwrap().join("dst/console.log");
+    for attempt in 1..=3 {
+        let _ = std::fs::remove_file(&console_log); // judge each run by its own console only
+        let Err(panic) = std::panic::catch_unwind(|| migrate(QemuVersion::V7)) else { return };
+        let console = std::fs::read(&console_log).unwrap_or_default();
+        let console = String::from_utf8_lossy(&console);
+        match GUEST_KERNEL_CRASH.iter().find(|k| console.contains(*k)) {
+            Some(k) if attempt < 3 => eprintln!("attempt {attempt}: the destination guest's kernel crashed ({k:?}), a QEMU 7.2/TCG failure; retrying"),
+            _ => std::panic::resume_unwind(panic),
+        }
+    }
 }
+
+/// Console lines of a guest kernel that broke (what QEMU 7.2/TCG migrations produce now and then).
+const GUEST_KERNEL_CRASH: &[&str] = &["general protection fault", "BUG:", "Oops", "list_add corruption", "Kernel panic", "soft lockup"];
 
 #[test]
 fn test_e2e_migration_qemu10() {
