@@ -42,6 +42,12 @@ struct Args {
     /// Skip the non-mergeable RX buffer cases.
     #[arg(long)]
     no_nomrg: bool,
+    /// Rounds per case (backends take turns within a round; each reports its median round)
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Do not pin one-pair cases (backend on CPU 0, load on the other CPUs).
+    #[arg(long)]
+    no_pin: bool,
     /// Skip the ping-pong latency runs.
     #[arg(long)]
     no_latency: bool,
@@ -85,6 +91,10 @@ fn main() {
     cfg.dpdk &= !a.no_dpdk;
     cfg.nomrg &= !a.no_nomrg;
     cfg.latency &= !a.no_latency;
+    cfg.pin &= !a.no_pin;
+    if let Some(r) = a.rounds {
+        cfg.rounds = r.max(1);
+    }
     let rep = match loadgen::run(&cfg) {
         Ok(r) => r,
         Err(e) => {

@@ -406,6 +406,19 @@ impl DriverQueue {
         self.has_used()
     }
 
+    /// Asks the device for a call once `pending` more entries are used (at least one), the way
+    /// a Linux guest's TX path waits with `virtqueue_enable_cb_delayed`. Without EVENT_IDX this
+    /// is a call on the next entry. Returns true if that many are already there.
+    pub fn enable_calls_after(&mut self, pending: u16) -> bool {
+        if !self.event_idx {
+            return self.enable_calls();
+        }
+        let pending = pending.max(1);
+        self.used_event().store(self.last_used.wrapping_add(pending - 1), Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.used_idx().wrapping_sub(self.last_used) >= pending
+    }
+
     /// Asks the device not to call (best effort: with EVENT_IDX it is advisory anyway).
     pub fn disable_calls(&mut self) {
         if !self.event_idx {

@@ -2,9 +2,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::placement::Placement;
 use crate::testbed::Vutap;
 
 /// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID" or "self/task/TID").
@@ -70,10 +72,16 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<Proc, String> {
+/// Spawns `bin`; with `cpus`, the process (and every thread it starts) runs only there.
+fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Option<Vec<usize>>) -> Result<Proc, String> {
     let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if let Some(cpus) = cpus {
+        // SAFETY: only sched_setaffinity (async-signal-safe) runs between fork and exec.
+        unsafe { cmd.pre_exec(move || super::placement::pin_current_thread(&cpus)) };
+    }
+    let child = cmd
         .args(args)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
@@ -85,7 +93,7 @@ fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path) -> Result<
 }
 
 /// `vutap --socket SOCK --tap SPEC --queues Q`, ready once the socket exists.
-pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Proc, String> {
+pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc, String> {
     let bin = Vutap::binary().map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(socket);
     let args = vec![
@@ -96,7 +104,7 @@ pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Pr
         "--queues".into(),
         queues.to_string(),
     ];
-    let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")))?;
+    let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")), place.map(|p| p.backend.clone()))?;
     p.cleanup.push(socket.to_path_buf());
     let s = socket.to_path_buf();
     p.wait_for("socket", move || s.exists(), Duration::from_secs(10))
@@ -105,12 +113,18 @@ pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Pr
 pub const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
 
 /// DPDK testpmd: vhost PMD on `socket` forwarding (io mode) to a tap PMD creating `tap`.
-pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<Proc, String> {
+/// Placed (`place`), its forwarding lcore runs on the backend's CPU and its main lcore (stats,
+/// mostly asleep) on the load's; unplaced, on CPUs 0 and 1 as EAL likes.
+pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc, String> {
     let _ = std::fs::remove_file(socket);
     let prefix = format!("vutapbench{}", std::process::id());
+    let (fwd, main) = place.map_or((1, 0), |p| (p.backend[0], p.load[0]));
+    let (lcores, main_lcore) = (format!("{fwd},{main}"), main.to_string());
     let args: Vec<String> = [
         "-l",
-        "0-1",
+        &lcores,
+        "--main-lcore",
+        &main_lcore,
         "--no-huge",
         "-m",
         "1024",
@@ -135,7 +149,9 @@ pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path) -> Result<
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut p = spawn("dpdk-testpmd", Path::new(TESTPMD), &args, &log_dir.join(format!("testpmd-q{queues}.log")))?;
+    // EAL pins its lcores itself; give it every CPU to choose from.
+    let all = super::placement::online_cpus_at_start();
+    let mut p = spawn("dpdk-testpmd", Path::new(TESTPMD), &args, &log_dir.join(format!("testpmd-q{queues}.log")), Some(all))?;
     p.cleanup.push(socket.to_path_buf());
     p.cleanup.push(PathBuf::from(format!("/var/run/dpdk/{prefix}")));
     let (s, t) = (socket.to_path_buf(), tap.to_string());
