@@ -104,6 +104,9 @@ pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Optio
         "--queues".into(),
         queues.to_string(),
     ];
+    // Extra daemon options for experiments (e.g. VUTAP_BENCH_ARGS="--poll-us 50").
+    let mut args = args;
+    args.extend(std::env::var("VUTAP_BENCH_ARGS").unwrap_or_default().split_whitespace().map(String::from));
     let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")), place.map(|p| p.backend.clone()))?;
     p.cleanup.push(socket.to_path_buf());
     let s = socket.to_path_buf();
