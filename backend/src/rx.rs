@@ -42,6 +42,9 @@ struct HeldChain {
     range_count: usize,
 }
 
+/// The largest frame a tap hands out (64 KiB GSO frame plus headers), and then some.
+const SPILL_LEN: usize = 65536 + 64;
+
 pub struct RxLoop {
     held: VecDeque<HeldChain>,
     held_iovs: VecDeque<IoVec>,
@@ -57,6 +60,14 @@ pub struct RxLoop {
     hdr_len: usize,
     mergeable: bool,
     max_frame: usize,
+    /// Catches the part of a frame that does not fit the held buffers. The tap copies what
+    /// fits and reports only that, so without a tail behind the guest's buffers an oversized
+    /// frame (the tap's MTU raised after vutap sized its window) arrived cut short and
+    /// looked whole. With it, `n > capacity` says the frame did not fit.
+    spill: Vec<u8>,
+    /// The held window plus the spill tail, rebuilt for every read.
+    read_iovs: Vec<IoVec>,
+    warned_spill: bool,
     /// False once a bad chain was completed out of order, so rewinding next_avail over the held
     /// chains would hand the guest a completed chain twice.
     rewind_ok: bool,
@@ -80,6 +91,9 @@ impl RxLoop {
             hdr_len,
             mergeable: features.mrg_rxbuf(),
             max_frame: features.max_rx_frame(mtu),
+            spill: vec![0u8; SPILL_LEN],
+            read_iovs: Vec::with_capacity(64),
+            warned_spill: false,
             rewind_ok: true,
             warned_bad_chain: false,
         }
@@ -160,8 +174,12 @@ impl RxLoop {
     /// Completes the first chains for a frame of `n` bytes. Returns false if it cannot be
     /// delivered (it was truncated), leaving the chains held for the next frame.
     fn deliver(&mut self, n: usize, read_capacity: usize, counts: &mut PairCounts) -> bool {
-        // Shorter than a header, or longer than what the read could hold (the tap truncated it).
-        if n < self.hdr_len || n > read_capacity {
+        if n > read_capacity {
+            // It ran into the spill tail: bigger than the buffers held for one frame.
+            self.frame_did_not_fit(n, read_capacity);
+            return false;
+        }
+        if n < self.hdr_len {
             return false;
         }
         let (chains, last_len) = if self.mergeable {
@@ -200,6 +218,21 @@ impl RxLoop {
         true
     }
 
+    /// A frame of `n` bytes met `capacity` bytes of buffers. With mergeable buffers the window
+    /// grows so the next such frame fits (the tap's MTU went up); without, the guest's buffers
+    /// are simply too small for it, as with any NIC.
+    fn frame_did_not_fit(&mut self, n: usize, capacity: usize) {
+        let grow = self.mergeable && n > self.max_frame;
+        if !self.warned_spill {
+            let then = if grow { format!("; holding buffers for {n} bytes per frame from now on") } else { String::new() };
+            warn!("a {n}-byte frame did not fit the {capacity} bytes of guest buffers for one frame (tap MTU above the guest's?): dropped{then} (further ones only counted)");
+            self.warned_spill = true;
+        }
+        if grow {
+            self.max_frame = n;
+        }
+    }
+
     /// Moves up to one budget of frames from the tap to the guest and completes them in one
     /// used-ring update. Returns why it stopped and whether the guest wants an interrupt.
     pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &GuestMem, tap: &T, counts: &mut PairCounts) -> (RxOutcome, bool) {
@@ -218,8 +251,10 @@ impl RxLoop {
                 }
             }
             let (iov_count, read_capacity) = self.read_window();
-            let iovs = &self.held_iovs.make_contiguous()[..iov_count];
-            match tap.read_frame(iovs) {
+            self.read_iovs.clear();
+            self.read_iovs.extend_from_slice(&self.held_iovs.make_contiguous()[..iov_count]);
+            self.read_iovs.push(IoVec(libc::iovec { iov_base: self.spill.as_mut_ptr() as *mut libc::c_void, iov_len: self.spill.len() }));
+            match tap.read_frame(&self.read_iovs) {
                 Ok(0) => {
                     // End of file: the device behind the fd is gone.
                     counts.tap_errors += 1;
@@ -416,6 +451,30 @@ mod tests {
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(counts.rx_dropped, 1);
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 100)], "the next frame reuses the buffer");
+    }
+
+    #[test]
+    fn test_rx_mergeable_frame_above_mtu_is_dropped_then_window_grows() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let addrs = post(&mq, 0, 8, 2048);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        // The tap's MTU was raised to 9000 after vutap sized its window for MTU 1500.
+        let big = frame(5000, 3);
+        tap.read_script.borrow_mut().extend([TapStep::Frame(big.clone()), TapStep::Frame(big.clone())]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.rx_dropped, 1, "the first one did not fit and is not delivered cut short");
+        assert_eq!(counts.rx_frames, 1, "the second one gets enough buffers");
+        let used = used_entries(&mq, &mem, SIZE);
+        assert_eq!(used.len(), 3, "5000 bytes in three 2048-byte buffers: {used:?}");
+        let mut got = read(&mem, addrs[used[0].0 as usize], 2048);
+        got.extend(read(&mem, addrs[used[1].0 as usize], 2048));
+        got.extend(read(&mem, addrs[used[2].0 as usize], 5000 - 4096));
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert!(got[12..] == big[12..], "frame intact");
     }
 
     #[test]

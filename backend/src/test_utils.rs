@@ -101,7 +101,7 @@ impl TapIo for MockTap {
             Some(TapStep::Fail(errno)) => Err(io::Error::from_raw_os_error(errno)),
             Some(TapStep::Accept) => Ok(0),
             Some(TapStep::Frame(bytes)) => {
-                // Like tun: copy what fits, report the whole length.
+                // Like tun (measured): copy what fits, report only what was copied.
                 let mut left = &bytes[..];
                 for iov in iovs {
                     let n = left.len().min(iov.len());
@@ -109,7 +109,7 @@ impl TapIo for MockTap {
                     unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
                     left = &left[n..];
                 }
-                Ok(bytes.len())
+                Ok(bytes.len() - left.len())
             }
         }
     }
