@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn test_check_chain_rejects_too_many_descriptors() {
-        let descs = std::iter::repeat((20, false)).take(5);
+        let descs = std::iter::repeat_n((20, false), 5);
         assert_eq!(check_chain(Direction::DeviceReads, LIMITS, descs), Err(ChainError::TooManyDescriptors { max: 4 }));
     }
 

@@ -40,7 +40,7 @@ mod tests {
     #[test]
     fn test_chains_needed_spans_chains() {
         assert_eq!(chains_needed(1527, [1526, 1526]), Some((2, 1)));
-        assert_eq!(chains_needed(65562, std::iter::repeat(4096).take(17)), Some((17, 65562 - 16 * 4096)));
+        assert_eq!(chains_needed(65562, std::iter::repeat_n(4096, 17)), Some((17, 65562 - 16 * 4096)));
     }
 
     #[test]

@@ -79,11 +79,13 @@ pub fn tx(mut fe: NetFrontend, frame_len: usize, counters: Arc<Counters>) -> Dri
                     // Rings full and nothing returned: sleep until the backend has used 3/4 of
                     // what is in flight, as a Linux guest's stopped TX queue does. Spinning here
                     // would take a core from the backend on a small host.
-                    let ready = (0..pairs).fold(false, |ready, pair| {
+                    // Arm every queue (no short-circuit), then see whether any is ready.
+                    let mut ready = false;
+                    for pair in 0..pairs {
                         let q = fe.queue_mut(tx_queue(pair)).expect("tx queue");
                         let pending = q.descriptors_in_flight() * 3 / 4;
-                        q.enable_calls_after(pending) || ready
-                    });
+                        ready |= q.enable_calls_after(pending);
+                    }
                     if !ready {
                         wait_calls(&fe, (0..pairs).map(tx_queue));
                     }
@@ -159,7 +161,10 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
                 if !any {
                     // Nothing arrived: sleep until the backend calls, like NAPI re-arming the
                     // interrupt when a poll comes back under budget.
-                    let ready = (0..pairs).fold(false, |ready, pair| fe.queue_mut(rx_queue(pair)).expect("rx queue").enable_calls() || ready);
+                    let mut ready = false;
+                    for pair in 0..pairs {
+                        ready |= fe.queue_mut(rx_queue(pair)).expect("rx queue").enable_calls();
+                    }
                     if !ready {
                         wait_calls(&fe, (0..pairs).map(rx_queue));
                     }
