@@ -42,9 +42,6 @@ struct HeldChain {
     range_count: usize,
 }
 
-/// The largest frame a tap hands out (64 KiB GSO frame plus headers), and then some.
-const SPILL_LEN: usize = 65536 + 64;
-
 pub struct RxLoop {
     held: VecDeque<HeldChain>,
     held_iovs: VecDeque<IoVec>,
@@ -91,7 +88,7 @@ impl RxLoop {
             hdr_len,
             mergeable: features.mrg_rxbuf(),
             max_frame: features.max_rx_frame(mtu),
-            spill: vec![0u8; SPILL_LEN],
+            spill: vec![0u8; crate::tap::MAX_READ],
             read_iovs: Vec::with_capacity(64),
             warned_spill: false,
             rewind_ok: true,

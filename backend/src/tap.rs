@@ -105,6 +105,10 @@ pub enum TapKind {
     Tap,
 }
 
+/// The largest frame a tap queue hands out: a 64 KiB GSO frame plus its virtio_net_hdr, and
+/// then some. A read into this many bytes is never cut short.
+pub const MAX_READ: usize = 65536 + 64;
+
 /// One queue (fd) of a tap or macvtap, non-blocking, with a virtio_net_hdr prefix on every frame.
 #[derive(Debug)]
 pub struct TapQueue {
@@ -170,12 +174,9 @@ impl TapQueue {
 
     /// Reads and discards frames until the queue is empty (it is non-blocking).
     fn drain(&self) -> usize {
-        // A 64 KiB GSO frame plus its virtio_net_hdr fits; anything longer is truncated,
-        // which is as good as dropped.
-        let mut buf = vec![0u8; 65536 + 64];
+        let mut buf = vec![0u8; MAX_READ];
         let mut dropped = 0;
-        // Bounded: the queue holds at most tx_queue_len frames, but frames keep coming on an
-        // attached tun queue.
+        // Bounded, in case frames keep coming (the queue itself holds at most tx_queue_len).
         for _ in 0..4096 {
             // SAFETY: reading into a buffer we own, of the length we pass.
             let n = unsafe { libc::read(self.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
