@@ -569,9 +569,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         // vutap idles at no cost between its cases and stays up; testpmd's forwarding lcore
         // spins even when idle, so it runs only for its own case.
         let vp = procs::vutap(sock_path, &vname, pairs, log_dir, place.as_ref())?;
-        quiet_iface(&vname);
-        set_mtu(None, &vname, 9000)?;
-        let vfar = Far { netns: None, ifname: vname.clone(), backend_mac: OTHER_MAC };
+        let vfar = host_tap_far(&vname)?;
         let vpid = vp.pid().to_string();
         for &(dir, size, rxbuf) in &cases {
             let kv = CaseKey { arrangement: Arrangement::Tap, backend: Backend::Vutap, dir, size, pairs, rxbuf };
@@ -585,12 +583,9 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
                     ds.push(dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()));
                 }
                 if ceiling {
-                    let w = raw::open_tap(&cname, pairs).map_err(|e| format!("create tap {cname}: {e}")).and_then(|fds| {
-                        quiet_iface(&cname);
-                        set_mtu(None, &cname, 9000)?;
-                        let far = Far { netns: None, ifname: cname.clone(), backend_mac: OTHER_MAC };
-                        ceiling_case(cfg, &kc, fds, &far, place.as_ref())
-                    });
+                    let w = raw::open_tap(&cname, pairs)
+                        .map_err(|e| format!("create tap {cname}: {e}"))
+                        .and_then(|fds| ceiling_case(cfg, &kc, fds, &host_tap_far(&cname)?, place.as_ref()));
                     wait_gone(&cname);
                     cs.push(w);
                 }
@@ -610,12 +605,9 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
                 wait_gone(&dname);
                 rep.latency.push(latency_result(Arrangement::Tap, Backend::Dpdk, r));
             }
-            let r = raw::open_tap(&cname, 1).map_err(|e| e.to_string()).and_then(|fds| {
-                quiet_iface(&cname);
-                set_mtu(None, &cname, 9000)?;
-                let far = Far { netns: None, ifname: cname.clone(), backend_mac: OTHER_MAC };
-                raw_latency(cfg, &fds[0], &far, place.as_ref())
-            });
+            let r = raw::open_tap(&cname, 1)
+                .map_err(|e| e.to_string())
+                .and_then(|fds| raw_latency(cfg, &fds[0], &host_tap_far(&cname)?, place.as_ref()));
             wait_gone(&cname);
             rep.latency.push(latency_result(Arrangement::Tap, Backend::Ceiling, r));
         }
@@ -628,9 +620,14 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
 /// testpmd serving `socket` with a tap `name` it creates, ready for a case.
 fn start_testpmd(socket: &Path, name: &str, pairs: u16, log_dir: &Path, place: Option<&Placement>) -> Result<(procs::Proc, Far), String> {
     let p = procs::testpmd(socket, name, pairs, log_dir, place)?;
+    Ok((p, host_tap_far(name)?))
+}
+
+/// A tap in the host as the far side of a case: quiet, MTU 9000, frames toward any MAC.
+fn host_tap_far(name: &str) -> Result<Far, String> {
     quiet_iface(name);
     set_mtu(None, name, 9000)?;
-    Ok((p, Far { netns: None, ifname: name.to_string(), backend_mac: OTHER_MAC }))
+    Ok(Far { netns: None, ifname: name.to_string(), backend_mac: OTHER_MAC })
 }
 
 /// One round of a case against a testpmd started for it.
