@@ -24,7 +24,10 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
         queues,
         ping_count: 3,
         iperf_secs: 2,
-        streams: queues,
+        // With several pairs, 8 hashed flows per pair and direction make it all but certain
+        // (a chance of 2^-15 against, per direction) that every pair carries some of them.
+        streams: if queues > 1 { 8 * queues } else { 1 },
+        spread_flows: queues > 1,
     };
     let out = scenario
         .run(&topo, &tap, &name)
@@ -53,6 +56,11 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
         "{name}: no peer->guest throughput: {:?}",
         out.rx
     );
+    eprintln!("{name}: packets per queue pair {:?}", out.per_queue);
+    assert_eq!(out.per_queue.len(), usize::from(queues), "{name}: queue pairs the guest driver uses");
+    for (pair, q) in out.per_queue.iter().enumerate() {
+        assert!(q.rx > 0 && q.tx > 0, "{name}: queue pair {pair} carried nothing one way: {:?}", out.per_queue);
+    }
 }
 
 #[test]

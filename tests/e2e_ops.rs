@@ -128,17 +128,32 @@ fn test_e2e_ops_link_state_qemu10() {
     let mut g = boot(&topo, QemuVersion::V10, &sock, &dir, false);
     ping_ok(&mut g, &topo, "link up");
     assert_eq!(carrier(&g.run_ok("cat /sys/class/net/eth0/carrier", T).unwrap()), "1");
+    let stats = || {
+        let m = std::process::Command::new(Vutap::binary().unwrap()).args(["stats", munix.to_str().unwrap()]).output().unwrap();
+        String::from_utf8_lossy(&m.stdout).to_string()
+    };
     std::process::Command::new("ip").args(["link", "set", &topo.lower, "down"]).status().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let guest_carrier = carrier(&g.run_ok("cat /sys/class/net/eth0/carrier", T).unwrap());
-    let m = std::process::Command::new(Vutap::binary().unwrap()).args(["stats", munix.to_str().unwrap()]).output().unwrap();
-    let table = String::from_utf8_lossy(&m.stdout).to_string();
+    // Once vutap has seen the carrier loss, a frontend that listens would have been told.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stats().contains("link down") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let table = stats();
+    // Watch the guest's carrier for half a second after vutap saw the loss: it never changes.
+    let watch = Instant::now();
+    let mut guest_carrier = carrier(&g.run_ok("cat /sys/class/net/eth0/carrier", T).unwrap());
+    while guest_carrier == "1" && watch.elapsed() < Duration::from_millis(500) {
+        guest_carrier = carrier(&g.run_ok("cat /sys/class/net/eth0/carrier", T).unwrap());
+    }
     std::process::Command::new("ip").args(["link", "set", &topo.lower, "up"]).status().unwrap();
     eprintln!("lower down: vutap says {:?}; QEMU 10 guest carrier {}", table.lines().last(), guest_carrier.trim());
     assert!(table.contains("link down"), "vutap saw the carrier loss: {table}");
     assert!(v.log_text().contains("link down"), "{}", v.log_text());
     assert!(v.log_text().contains("CONFIG not negotiated"), "QEMU set up the backend channel without CONFIG: {}", v.log_text());
     assert_eq!(guest_carrier, "1", "QEMU's virtio-net keeps its own link state");
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stats().contains("link up") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     ping_ok(&mut g, &topo, "link back");
 }

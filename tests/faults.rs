@@ -60,8 +60,8 @@ fn test_fault_lower_down_then_up_resumes() {
     let cpu = cpu_share("vutap-q", Duration::from_secs(1));
     assert!(cpu < 0.05, "workers used {:.0}% of a CPU with the lower down", cpu * 100.0);
     // Every frame the guest queued was completed: sent (and dropped by the kernel) or counted.
-    let c = bed.daemon.dev.metrics[0].snapshot();
-    assert_eq!(c.tx_frames + c.tx_dropped, 51, "{c:?}");
+    let c = || bed.daemon.dev.metrics[0].snapshot();
+    assert!(wait_until(WAIT, || c().tx_frames + c().tx_dropped == 51), "{:?}", c());
     sh("ip", &["link", "set", &lower, "up"]);
     assert!(wait_until(Duration::from_secs(10), || tx(&bed, &mut fe, 1000)), "traffic did not resume after the lower came back");
 }

@@ -16,7 +16,8 @@ use vutap_bench::frontend::{FrontendOptions, HandshakeOrder, NetFrontend, Virtio
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// One frame each way through `fe`, byte for byte.
+/// One frame each way through `fe`, byte for byte. The RX frame may land on any running pair:
+/// the macvtap picks the queue by a flow hash seeded at boot.
 fn traffic(bed: &Bed, fe: &mut NetFrontend, seq: u32) {
     let out = test_frame(bed.far_mac, bed.guest_mac, 1514, seq);
     fe.send_frame(0, &VirtioNetHdr::default(), &out).expect("send_frame");
@@ -27,7 +28,7 @@ fn traffic(bed: &Bed, fe: &mut NetFrontend, seq: u32) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let left = deadline.checked_duration_since(std::time::Instant::now()).expect("RX frame in time");
-        let fr = fe.recv_frame(0, left).expect("recv_frame").expect("RX frame");
+        let (_pair, fr) = fe.recv_frame_any(left).expect("recv_frame").expect("RX frame");
         if is_test_frame(&fr.payload) {
             assert!(fr.payload == inb, "RX frame changed");
             return;
@@ -44,18 +45,22 @@ fn test_reconnect_new_frontend_after_disconnect_gets_traffic() {
     let _g = serial();
     let bed = Bed::macvtap_serve_forever(2);
     let orders = [HandshakeOrder::Qemu, HandshakeOrder::CloudHypervisor, HandshakeOrder::Qemu];
+    let mut frontend_rx = 0;
     for (round, order) in orders.into_iter().enumerate() {
         let mut fe = bed.daemon.connect(FrontendOptions { queue_pairs: 2, ..opts(order) });
         traffic(&bed, &mut fe, 10 * round as u32);
+        frontend_rx += fe.stats().rx_frames;
         fe.disconnect();
         // The macvtap queues are detached while nobody is connected: frames for the guest
         // in between are dropped by the macvtap, not queued into a stale fd.
+        bed.daemon.wait_connections_ended(round as u64 + 1);
     }
-    // Counters are flushed by the worker when its pair stops, which the daemon does after the
-    // disconnect is seen: wait for it rather than read them at once.
-    let counts = || bed.daemon.dev.metrics[0].snapshot();
-    assert!(wait_until(WAIT, || counts().tx_frames == 3), "TX over 3 connections: {:?}", counts());
-    assert!(wait_until(WAIT, || counts().rx_frames >= 3), "RX over 3 connections: {:?}", counts());
+    // Every connection has ended, so the workers' counters are flushed and final.
+    let tx = bed.daemon.total(|c| c.tx_frames);
+    let rx = bed.daemon.total(|c| c.rx_frames);
+    assert_eq!(tx, 3, "TX over 3 connections");
+    assert_eq!(rx, frontend_rx, "RX frames counted by vutap = frames the frontends received");
+    assert!(rx >= 3, "one test frame per connection: {rx}");
 }
 
 #[test]
@@ -158,6 +163,7 @@ fn test_stopped_pair_frees_frames_left_on_its_tap_queue() {
     let counts = || bed.daemon.dev.metrics[0].snapshot();
     assert!(wait_until(WAIT, || counts().rx_flushed == 20), "20 frames flushed: {:?}", counts());
     assert!(wait_until(WAIT, || unfreed_bytes(&bed.far) == 0), "sender's memory freed: {}", unfreed_bytes(&bed.far));
+    // GET_VRING_BASE stopped the pair, whose last flush carried rx_flushed: the count is final.
     assert_eq!(counts().rx_frames, 0);
 }
 
@@ -188,5 +194,9 @@ fn test_worker_restart_keeps_frames_queued_on_the_tap() {
         }
     }
     assert!(got == frames, "all 10 frames, in order, byte for byte");
-    assert_eq!(bed.daemon.dev.metrics[0].snapshot().rx_flushed, 0);
+    let received = fe.stats().rx_frames;
+    drop(fe);
+    bed.daemon.wait_connections_ended(1);
+    let c = bed.daemon.dev.metrics[0].snapshot();
+    assert_eq!((c.rx_frames, c.rx_flushed), (received, 0), "delivered, none flushed: {c:?}");
 }

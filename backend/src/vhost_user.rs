@@ -370,25 +370,33 @@ pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Devi
             (_, SocketMode::Client(path)) => connect_retrying(path),
             _ => unreachable!("a server always has a listener"),
         };
-        info!("frontend connected");
-        let m = &dev.device_metrics;
-        m.connections.fetch_add(1, Ordering::Relaxed);
-        let end = serve_connection(stream, dev.clone());
-        dev.link.set_channel(None);
-        match end {
-            ConnectionEnd::Disconnected => {
-                m.disconnects.fetch_add(1, Ordering::Relaxed);
-                info!("frontend disconnected; queue state dropped")
-            }
-            ConnectionEnd::ProtocolError(e) => {
-                m.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                error!("closing connection: {e}")
-            }
-        }
+        serve_counted(stream, &dev);
         if once {
             return;
         }
     }
+}
+
+/// Serves one connection to its end and accounts for it: `connections` when it starts, then
+/// `disconnects` or `protocol_errors` once the session is gone (its workers stopped and their
+/// counters flushed), so a reader of those counters sees a finished connection.
+pub fn serve_counted(stream: UnixStream, dev: &Arc<Device>) -> ConnectionEnd {
+    info!("frontend connected");
+    let m = &dev.device_metrics;
+    m.connections.fetch_add(1, Ordering::Relaxed);
+    let end = serve_connection(stream, dev.clone());
+    dev.link.set_channel(None);
+    match &end {
+        ConnectionEnd::Disconnected => {
+            info!("frontend disconnected; queue state dropped");
+            m.disconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        ConnectionEnd::ProtocolError(e) => {
+            error!("closing connection: {e}");
+            m.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    end
 }
 
 fn connect_retrying(path: &Path) -> UnixStream {

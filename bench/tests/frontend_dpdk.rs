@@ -74,6 +74,26 @@ impl Testpmd {
     }
 }
 
+impl Testpmd {
+    /// How many lines of testpmd's log contain `needle` (DPDK logs to unbuffered stderr).
+    fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log).map(|t| t.lines().filter(|l| l.contains(needle)).count()).unwrap_or(0)
+    }
+
+    /// Waits until `n` lines of the log contain `needle`.
+    fn wait_log_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log_count(needle) < n {
+            assert!(
+                Instant::now() < deadline,
+                "testpmd never logged {needle:?} ({n} times):\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for Testpmd {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
@@ -122,22 +142,25 @@ fn test_frame(len: usize, seq: u32) -> Vec<u8> {
     f
 }
 
-fn runnable() -> bool {
+/// Checks what every test here needs; they fail, never skip, without it (`scripts/test.sh`
+/// runs as root and installs DPDK).
+fn require_root_and_testpmd() {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new(TESTPMD).exists() {
-        eprintln!("skipping: needs root and {TESTPMD}");
-        return false;
-    }
-    true
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the DPDK peer tests need root");
+    assert!(Path::new(TESTPMD).exists(), "{TESTPMD} missing: run scripts/install-deps.sh");
 }
 
 fn connect(pmd: &Testpmd, opts: FrontendOptions) -> NetFrontend {
+    let ready = pmd.log_count(READY);
     let fe = NetFrontend::connect(&pmd.socket, opts).expect("handshake with DPDK vhost");
-    // testpmd starts forwarding once it sees the device ready; give it a moment.
-    std::thread::sleep(Duration::from_millis(300));
+    // testpmd forwards once its vhost library has declared the device ready.
+    pmd.wait_log_count(READY, ready + 1);
     fe
 }
+
+/// What DPDK's vhost library logs when a device is ready, and when its frontend went away.
+const READY: &str = "virtio is now ready for processing";
+const CLOSED: &str = "vhost peer closed";
 
 /// Sends `frames` on TX and checks each comes out of the tap unchanged, in order.
 fn check_tx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>], shape: TxShape) {
@@ -187,9 +210,7 @@ fn sizes() -> Vec<Vec<u8>> {
 #[test]
 fn test_frontend_dpdk_both_directions_cloud_hypervisor_order() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let sock = tap_socket(&pmd);
     let mut fe = connect(&pmd, FrontendOptions::default());
@@ -215,9 +236,7 @@ fn test_frontend_dpdk_both_directions_cloud_hypervisor_order() {
 #[test]
 fn test_frontend_dpdk_qemu_order_and_chain_shapes() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let sock = tap_socket(&pmd);
     let opts = FrontendOptions { order: HandshakeOrder::Qemu, ..FrontendOptions::default() };
@@ -236,9 +255,7 @@ fn test_frontend_dpdk_qemu_order_and_chain_shapes() {
 #[test]
 fn test_frontend_dpdk_rx_without_mergeable_split_buffers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let sock = tap_socket(&pmd);
     let opts = FrontendOptions {
@@ -256,9 +273,7 @@ fn test_frontend_dpdk_rx_without_mergeable_split_buffers() {
 #[test]
 fn test_frontend_dpdk_small_rx_buffers_merge() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let sock = tap_socket(&pmd);
     // 512-byte buffers: a 1514-byte frame must be spread over 3+ buffers via num_buffers.
@@ -282,9 +297,7 @@ fn test_frontend_dpdk_small_rx_buffers_merge() {
 #[test]
 fn test_frontend_dpdk_batch_throughput_and_vring_base() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let mut fe = connect(&pmd, FrontendOptions::default());
     let frames: Vec<Vec<u8>> = (0..64).map(|i| test_frame(60, i)).collect();
@@ -324,14 +337,13 @@ fn test_frontend_dpdk_batch_throughput_and_vring_base() {
 #[test]
 fn test_frontend_dpdk_reconnect() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(1);
     let sock = tap_socket(&pmd);
     let fe = connect(&pmd, FrontendOptions::default());
+    let closed = pmd.log_count(CLOSED);
     fe.disconnect();
-    std::thread::sleep(Duration::from_millis(300));
+    pmd.wait_log_count(CLOSED, closed + 1);
     let mut fe = connect(&pmd, FrontendOptions::default());
     check_tx(&mut fe, &sock, &sizes()[..2], TxShape::default());
     check_rx(&mut fe, &sock, &sizes()[..2]);
@@ -340,9 +352,7 @@ fn test_frontend_dpdk_reconnect() {
 #[test]
 fn test_frontend_dpdk_two_queue_pairs_qemu_order() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if !runnable() {
-        return;
-    }
+    require_root_and_testpmd();
     let pmd = Testpmd::start(2);
     let sock = tap_socket(&pmd);
     // Pair 0 is enabled early (before SET_FEATURES), pair 1 after the rings are set up.

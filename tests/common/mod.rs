@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use vutap::cli::{Config, SocketModeCfg};
 use vutap::device::Device;
 use vutap::tap::TapSpec;
-use vutap::vhost_user::{bind_socket, serve_connection};
+use vutap::vhost_user::{bind_socket, serve_counted};
 use vutap_bench::frontend::{FrontendOptions, NetFrontend};
 use vutap_bench::packet;
 use vutap_bench::testbed::{MacvtapMode, Topology};
@@ -38,9 +38,11 @@ pub fn serial() -> MutexGuard<'static, ()> {
     g
 }
 
-/// A short id unique in this process, for interface and socket names.
+/// A short id unique on this host while this process lives, for interface and socket names:
+/// `<pid>x<counter>` in hex (the separator keeps pid 0x12 + counter 0x34 apart from pid 0x123 +
+/// counter 0x4; "vti" + 6 + 1 + 4 digits stays within the 15-byte interface-name limit).
 pub fn unique() -> String {
-    format!("{:x}{:x}", std::process::id() & 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed) & 0xff)
+    format!("{:x}x{:x}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 pub fn sh(prog: &str, args: &[&str]) {
@@ -55,7 +57,7 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
 // ------------------------------------------------------------------------------- daemon
 
 /// vutap serving one device in this process: `bind_socket` + an accept loop calling
-/// `serve_connection` for each frontend, like `vhost_user::serve(.., once = false)`, but
+/// `serve_counted` for each frontend, like `vhost_user::serve(.., once = false)`, but
 /// stoppable so the device (and a tap vutap created) goes away when the test ends.
 pub struct Daemon {
     pub dev: Arc<Device>,
@@ -84,8 +86,7 @@ impl Daemon {
             if s.load(Ordering::SeqCst) {
                 return;
             }
-            let end = serve_connection(stream, d.clone());
-            log::info!("test daemon: connection ended: {end:?}");
+            serve_counted(stream, &d);
         });
         Daemon { dev, socket, stop, thread: Some(thread) }
     }
@@ -106,6 +107,27 @@ impl Daemon {
 
     pub fn connect(&self, opts: FrontendOptions) -> NetFrontend {
         NetFrontend::connect(&self.socket, opts).expect("vhost-user handshake with vutap")
+    }
+
+    /// Connections the daemon has finished with (the frontend closed, or vutap closed it for a
+    /// protocol error): counted only after the session's workers stopped and flushed their counters.
+    pub fn connections_ended(&self) -> u64 {
+        let m = &self.dev.device_metrics;
+        m.disconnects.load(Ordering::SeqCst) + m.protocol_errors.load(Ordering::SeqCst)
+    }
+
+    /// Connections vutap closed because the frontend broke the protocol.
+    pub fn protocol_errors(&self) -> u64 {
+        self.dev.device_metrics.protocol_errors.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` connections have ended, so per-pair counters are final.
+    pub fn wait_connections_ended(&self, n: u64) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.connections_ended() >= n),
+            "vutap finished {} connections, expected {n}",
+            self.connections_ended()
+        );
     }
 
     /// Sum of one counter over all pairs.

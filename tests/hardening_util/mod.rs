@@ -215,31 +215,41 @@ pub fn mem_table(regions: &[(u64, u64, u64)]) -> Vec<u8> {
 
 // ------------------------------------------------------------------------------- process counts
 
-/// CPU ticks (utime + stime) of this process's threads whose name starts with `prefix`.
-pub fn thread_ticks(prefix: &str) -> u64 {
-    let mut total = 0;
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
+/// Nanoseconds of CPU time used so far by this process's threads whose name starts with
+/// `prefix`, per thread id. Read from each thread's own CPU clock, which counts in ns; the
+/// utime/stime of /proc count 10 ms ticks, too coarse for a threshold of a few percent.
+pub fn thread_cpu_ns(prefix: &str) -> std::collections::BTreeMap<i32, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
     for t in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        if !stat[open + 1..close].starts_with(prefix) {
+        let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) else { continue };
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if !comm.starts_with(prefix) {
             continue;
         }
-        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // Fields after the name: state is [0]; utime and stime are fields 14 and 15 of stat.
-        total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        // The kernel's clock id of one thread's CPU time (MAKE_THREAD_CPUCLOCK(tid,
+        // CPUCLOCK_SCHED) in include/linux/posix-timers.h): readable for threads of this process.
+        let clock = ((!tid) << 3) | 6;
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: ts is a valid timespec to write; a thread that has exited gives EINVAL.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+            out.insert(tid, ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+        }
     }
-    total
+    out
 }
 
-/// Share of one CPU the `prefix` threads used over `window` (1.0 = one core busy).
+/// Share of one CPU the `prefix` threads used over `window` (1.0 = one core busy), from the
+/// threads alive at both ends of the window.
 pub fn cpu_share(prefix: &str, window: Duration) -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let a = thread_ticks(prefix);
+    let a = thread_cpu_ns(prefix);
+    assert!(!a.is_empty(), "no thread named {prefix}* to measure");
+    let t0 = Instant::now();
     std::thread::sleep(window);
-    let b = thread_ticks(prefix);
-    (b - a) as f64 / hz / window.as_secs_f64()
+    let b = thread_cpu_ns(prefix);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let used: u64 = b.iter().filter_map(|(tid, end)| a.get(tid).map(|start| end - start)).sum();
+    used as f64 / 1e9 / elapsed
 }
 
 /// Open fds of this process.

@@ -3,13 +3,10 @@
 
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::thread::JoinHandle;
 
-/// A free TCP port on loopback (for `-incoming tcp:127.0.0.1:PORT`).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+pub use vutap_bench::testbed::free_port;
 
 /// `"total time: 1305 ms"` (QEMU 7.2: `total time: 1305 milliseconds`) → 1305.
 pub fn field_ms(info: &str, key: &str) -> Option<u64> {

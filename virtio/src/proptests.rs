@@ -15,6 +15,30 @@ fn config() -> ProptestConfig {
     ProptestConfig::with_cases(256)
 }
 
+/// `bits` cut down to the offered set, then closed under the offload dependencies the way a
+/// driver accepts features: ECN brings TSO4, and any TSO/UFO brings its checksum offload.
+fn closed_subset(bits: u64) -> u64 {
+    let bit = |b: u32| 1u64 << b;
+    let mut acked = bits & offered_features();
+    for (ecn, tso4, tso6) in [
+        (VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6),
+        (VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6),
+    ] {
+        if acked & bit(ecn) != 0 && acked & (bit(tso4) | bit(tso6)) == 0 {
+            acked |= bit(tso4);
+        }
+    }
+    for (needs, csum) in [
+        ([VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO], VIRTIO_NET_F_GUEST_CSUM),
+        ([VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO], VIRTIO_NET_F_CSUM),
+    ] {
+        if needs.iter().any(|&b| acked & bit(b) != 0) {
+            acked |= bit(csum);
+        }
+    }
+    acked
+}
+
 proptest! {
     #![proptest_config(config())]
 
@@ -35,11 +59,15 @@ proptest! {
         }
     }
 
-    /// Whatever a driver acks, negotiation never panics; when it succeeds the tap flags are
-    /// exactly the table's image of the GUEST_* features, all gated on GUEST_CSUM.
+    /// For any set a driver may accept (a subset of the offered features, closed under the
+    /// offload dependencies), negotiation succeeds and the tap flags are exactly the table's
+    /// image of the GUEST_* features, all gated on GUEST_CSUM.
     #[test]
-    fn prop_offload_mapping(acked in any::<u64>()) {
-        let Ok(f) = Features::negotiate(offered_features(), acked) else { return Ok(()) };
+    fn prop_offload_mapping(bits in any::<u64>()) {
+        let acked = closed_subset(bits);
+        let f = Features::negotiate(offered_features(), acked);
+        prop_assert!(f.is_ok(), "a closed subset of the offered set was refused: {:?}", f);
+        let f = f.unwrap();
         let flags = tun_offload_flags(f);
         prop_assert_eq!(flags & !(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO), 0);
         if !f.has(VIRTIO_NET_F_GUEST_CSUM) {
@@ -51,9 +79,32 @@ proptest! {
                 prop_assert_eq!(flags & flag != 0, f.has(feat));
             }
         }
-        // Never more than was offered and acked.
-        prop_assert_eq!(f.bits() & !(acked & offered_features()), 0);
+        prop_assert_eq!(f.bits(), acked);
         prop_assert!(f.hdr_len() == HDR_LEN || f.hdr_len() == LEGACY_HDR_LEN);
+    }
+
+    /// Any subset of the offered set is accepted exactly when it keeps the spec's offload
+    /// dependencies (checked against a model written out here, not the crate's table).
+    #[test]
+    fn prop_negotiate_subset_matches_dependency_model(bits in any::<u64>()) {
+        let acked = bits & offered_features();
+        let has = |b: u32| acked & (1u64 << b) != 0;
+        let csum_ok = |feats: &[u32], need: u32| feats.iter().all(|&b| !has(b) || has(need));
+        let model_ok = csum_ok(&[VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO], VIRTIO_NET_F_GUEST_CSUM)
+            && csum_ok(&[VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO], VIRTIO_NET_F_CSUM)
+            && (!has(VIRTIO_NET_F_GUEST_ECN) || has(VIRTIO_NET_F_GUEST_TSO4) || has(VIRTIO_NET_F_GUEST_TSO6))
+            && (!has(VIRTIO_NET_F_HOST_ECN) || has(VIRTIO_NET_F_HOST_TSO4) || has(VIRTIO_NET_F_HOST_TSO6));
+        prop_assert_eq!(Features::negotiate(offered_features(), acked).is_ok(), model_ok);
+    }
+
+    /// A set with any bit outside the offered set is refused, naming exactly those bits.
+    #[test]
+    fn prop_negotiate_refuses_unoffered_bits(bits in any::<u64>()) {
+        let extra = bits & !offered_features();
+        let r = Features::negotiate(offered_features(), bits);
+        if extra != 0 {
+            prop_assert_eq!(r, Err(crate::features::FeatureError::NotOffered(extra)));
+        }
     }
 
     /// The chain check agrees with a plain model: direction first, then the count, then a

@@ -168,6 +168,7 @@ fn demo(args: DemoArgs) -> ExitCode {
                 ping_count: 5,
                 iperf_secs: args.seconds,
                 streams: 1,
+                spread_flows: false,
             };
             match s.run(&topo, &tap, &name) {
                 Ok(o) => {

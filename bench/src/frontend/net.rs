@@ -558,22 +558,48 @@ impl NetFrontend {
     /// every few ms as a fallback in case the backend never calls).
     pub fn recv_frame(&mut self, pair: u16, timeout: Duration) -> Result<Option<RxFrame>> {
         let deadline = Instant::now() + timeout;
-        let q = rx_queue(pair);
         loop {
-            let mut frame = None;
-            self.recv_batch(pair, 1, |hdr, payload| {
-                frame = Some(RxFrame { hdr: *hdr, payload: payload.to_vec(), num_buffers: 1 });
-            })?;
-            if let Some(mut fr) = frame {
-                fr.num_buffers = if self.mrg_rxbuf() { fr.hdr.num_buffers } else { 1 };
+            if let Some(fr) = self.try_recv_frame(pair)? {
                 return Ok(Some(fr));
             }
             let now = Instant::now();
             if now >= deadline {
                 return Ok(None);
             }
-            self.wait_call(q, (deadline - now).min(Duration::from_millis(5)));
+            self.wait_call(rx_queue(pair), (deadline - now).min(Duration::from_millis(5)));
         }
+    }
+
+    /// Waits up to `timeout` for one frame on any queue pair and returns it with its pair. A
+    /// macvtap or multi-queue tap picks the queue of a flow by a hash seeded at boot, so a test
+    /// that does not steer its flows cannot know which pair a frame lands on.
+    pub fn recv_frame_any(&mut self, timeout: Duration) -> Result<Option<(u16, RxFrame)>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for pair in 0..self.queue_pairs() {
+                if let Some(fr) = self.try_recv_frame(pair)? {
+                    return Ok(Some((pair, fr)));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Calls are per queue: sleep briefly on the first one, then look at all again.
+            self.wait_call(rx_queue(0), (deadline - now).min(Duration::from_millis(2)));
+        }
+    }
+
+    /// One frame already returned on `pair`'s RX queue, without waiting.
+    fn try_recv_frame(&mut self, pair: u16) -> Result<Option<RxFrame>> {
+        let mut frame = None;
+        self.recv_batch(pair, 1, |hdr, payload| {
+            frame = Some(RxFrame { hdr: *hdr, payload: payload.to_vec(), num_buffers: 1 });
+        })?;
+        Ok(frame.map(|mut fr| {
+            fr.num_buffers = if self.mrg_rxbuf() { fr.hdr.num_buffers } else { 1 };
+            fr
+        }))
     }
 
     fn mrg_rxbuf(&self) -> bool {

@@ -307,6 +307,22 @@ impl Guest {
         .map(drop)
     }
 
+    /// Turns XPS off on every TX queue, so the driver picks a flow's queue by its hash rather
+    /// than by the sending CPU: with many flows every queue carries some.
+    pub fn spread_tx_flows(&mut self) -> Result<()> {
+        self.run_ok(
+            "for f in /sys/class/net/eth0/queues/tx-*/xps_cpus; do echo 0 > $f; done",
+            Duration::from_secs(20),
+        )
+        .map(drop)
+    }
+
+    /// Packets per queue pair so far, from the virtio-net driver's `ethtool -S` counters.
+    pub fn queue_packets(&mut self) -> Result<Vec<QueuePackets>> {
+        let out = self.run_ok("ethtool -S eth0", Duration::from_secs(20))?;
+        Ok(QueuePackets::parse(&out))
+    }
+
     /// Pings `ip` `count` times (0.2 s apart). A run with lost replies is not an error.
     pub fn ping(&mut self, ip: Ipv4Addr, count: u32) -> Result<PingResult> {
         let timeout = Duration::from_secs(10 + 2 * count as u64);
@@ -547,5 +563,59 @@ mod tests {
         let none = "--- x ping statistics ---\n2 packets transmitted, 0 packets received, 100% packet loss\n";
         assert_eq!(parse_ping(none).unwrap().received, 0);
         assert!(parse_ping("ping: sendto: Network unreachable").is_err());
+    }
+}
+
+/// Packets one queue pair of the guest's NIC carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueuePackets {
+    pub rx: u64,
+    pub tx: u64,
+}
+
+impl QueuePackets {
+    /// Parses `ethtool -S` of virtio-net (`rx_queue_N_packets: V`, `tx_queue_N_packets: V`)
+    /// into one entry per queue pair.
+    pub fn parse(out: &str) -> Vec<QueuePackets> {
+        let mut queues: Vec<QueuePackets> = Vec::new();
+        for line in out.lines() {
+            let Some((key, value)) = line.trim().split_once(':') else { continue };
+            let Ok(value) = value.trim().parse::<u64>() else { continue };
+            let (dir, rest) = if let Some(r) = key.strip_prefix("rx_queue_") {
+                (0, r)
+            } else if let Some(r) = key.strip_prefix("tx_queue_") {
+                (1, r)
+            } else {
+                continue;
+            };
+            let Some(Ok(q)) = rest.strip_suffix("_packets").map(str::parse::<usize>) else { continue };
+            if queues.len() <= q {
+                queues.resize(q + 1, QueuePackets::default());
+            }
+            if dir == 0 {
+                queues[q].rx = value;
+            } else {
+                queues[q].tx = value;
+            }
+        }
+        queues
+    }
+
+    /// What was carried between `earlier` and `self`.
+    pub fn since(&self, earlier: &QueuePackets) -> QueuePackets {
+        QueuePackets { rx: self.rx.saturating_sub(earlier.rx), tx: self.tx.saturating_sub(earlier.tx) }
+    }
+}
+
+#[cfg(test)]
+mod queue_packets_tests {
+    use super::QueuePackets;
+
+    #[test]
+    fn test_queue_packets_parse_virtio_net_ethtool_stats() {
+        let out = "NIC statistics:\n     rx_packets: 9\n     rx_queue_0_packets: 5\n     rx_queue_0_bytes: 700\n     \
+                   rx_queue_1_packets: 4\n     tx_queue_0_packets: 3\n     tx_queue_1_packets: 0\n     tx_queue_1_kicks: 2\n";
+        assert_eq!(QueuePackets::parse(out), vec![QueuePackets { rx: 5, tx: 3 }, QueuePackets { rx: 4, tx: 0 }]);
+        assert_eq!(QueuePackets { rx: 5, tx: 3 }.since(&QueuePackets { rx: 2, tx: 3 }), QueuePackets { rx: 3, tx: 0 });
     }
 }

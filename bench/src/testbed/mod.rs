@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-pub use guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion};
+pub use guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion, QueuePackets};
 pub use iperf::IperfResult;
 pub use scenario::{Backend, Outcome, Scenario};
 pub use topo::{IperfServer, MacvtapMode, Tap, Topology};
@@ -87,6 +87,24 @@ pub fn log_dir(name: &str) -> Result<PathBuf> {
     let dir = workspace_root().join("results/tmp").join(name);
     std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
     Ok(dir)
+}
+
+/// A TCP port on loopback that is free now and that the kernel will not hand out as an
+/// ephemeral port meanwhile: it lies below `ip_local_port_range`, so between this check and
+/// the bind by QEMU or vutap only another explicit binder could take it. Candidates start at
+/// a point derived from the pid and a counter, so parallel test processes try different ones.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let (first, span) = (10_000u32, low.saturating_sub(10_000).max(1000));
+    let start = std::process::id().wrapping_mul(7919).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed) * 131);
+    (0..span)
+        .map(|i| (first + (start.wrapping_add(i)) % span) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("no free TCP port below the ephemeral range")
 }
 
 /// A short suffix unique within this host while this process lives: `<pid>-<counter>` in hex

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion};
+use super::guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion, QueuePackets};
 use super::iperf::IperfResult;
 use super::topo::{Tap, Topology};
 use super::vutap::Vutap;
@@ -40,6 +40,9 @@ pub struct Scenario {
     pub iperf_secs: u32,
     /// Parallel iperf3 streams; 0 means one per queue pair.
     pub streams: u16,
+    /// Hash the guest's TX flows over its queues (XPS off) instead of pinning them to the
+    /// sending CPU's queue, so that many streams use every queue pair both ways.
+    pub spread_flows: bool,
 }
 
 /// What came out of it.
@@ -55,6 +58,8 @@ pub struct Outcome {
     pub tx: IperfResult,
     /// Peer sends to the guest (`iperf3 -R`).
     pub rx: IperfResult,
+    /// Packets each of the guest's queue pairs carried during the run (from `ethtool -S`).
+    pub per_queue: Vec<QueuePackets>,
 }
 
 /// Port of the iperf3 server in the peer namespace.
@@ -113,6 +118,10 @@ impl Scenario {
         if queues > 1 {
             guest.set_channels(queues)?;
         }
+        if self.spread_flows {
+            guest.spread_tx_flows()?;
+        }
+        let before = guest.queue_packets()?;
         let ping = guest.ping(topo.peer_ip, self.ping_count)?;
         let streams = if self.streams == 0 {
             queues
@@ -122,6 +131,8 @@ impl Scenario {
         let _server = topo.iperf_server(IPERF_PORT)?;
         let tx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, false)?;
         let rx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, true)?;
+        let after = guest.queue_packets()?;
+        let per_queue = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
         let outcome = Outcome {
             qemu: self.qemu,
             backend: self.backend,
@@ -131,6 +142,7 @@ impl Scenario {
             ping,
             tx,
             rx,
+            per_queue,
         };
         if let Err(e) = guest.shutdown(Duration::from_secs(10)) {
             log::warn!("{name}: {e}");
