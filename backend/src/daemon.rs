@@ -16,6 +16,7 @@ use crate::device::Device;
 use crate::link_state::{LinkError, LinkMonitor};
 use crate::metrics_server::{MetricsError, MetricsServer};
 use crate::privilege::{drop_to_user, PrivilegeError};
+use crate::sandbox::{self, ThreadKind};
 use crate::signals::{self, SignalError};
 use crate::vhost_user::{open_endpoint, serve_on, SocketMode};
 use crate::{open_device, StartError};
@@ -122,6 +123,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             .map_err(DaemonError::Spawn)?;
         threads.push((label, t));
     }
+    // Every other thread exists and has installed its own filter; the main thread's comes last so
+    // that none of them inherits it (see `sandbox`).
+    sandbox::enter(ThreadKind::Main);
     for (label, t) in threads {
         if t.join().is_err() {
             warn!("device {label}: its serving thread panicked; the other devices go on");

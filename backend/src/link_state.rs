@@ -22,6 +22,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::BackendReq;
 
 use crate::metrics::DeviceMetrics;
+use crate::sandbox::{self, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -150,6 +151,7 @@ impl LinkMonitor {
         let thread = std::thread::Builder::new()
             .name(format!("vutap-link-{label}"))
             .spawn(move || {
+                sandbox::enter(ThreadKind::LinkMonitor);
                 while !stop_t.load(Ordering::Relaxed) {
                     let up = carrier_at(&sys);
                     if link.set(up, &metrics) {

@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use crate::device::Device;
 use crate::metrics::PairCounts;
+use crate::sandbox::{self, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -102,6 +103,7 @@ impl MetricsServer {
             std::thread::Builder::new()
                 .name("vutap-metrics".into())
                 .spawn(move || {
+                    sandbox::enter(ThreadKind::Metrics);
                     for s in l.incoming() {
                         match s {
                             Ok(s) => {
@@ -120,6 +122,7 @@ impl MetricsServer {
             std::thread::Builder::new()
                 .name("vutap-metrics-unix".into())
                 .spawn(move || {
+                    sandbox::enter(ThreadKind::Metrics);
                     for s in l.incoming() {
                         match s {
                             Ok(mut s) => {

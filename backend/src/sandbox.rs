@@ -1,4 +1,6 @@
-//! seccomp allow-lists (issue 7). On by default; `--no-seccomp` turns them off.
+//! seccomp allow-lists, one per kind of thread ([`ThreadKind`]). The `vutap` binary turns them
+//! on (`--no-seccomp` keeps them off); the library leaves them off, so in-process users (the
+//! tests) get filters only if they ask with [`set_enabled`].
 //!
 //! - **Worker threads** (one per queue pair, the only code that touches guest-controlled data
 //!   at line rate) get a strict list: epoll, read/write/readv/writev on the tap and eventfds,
@@ -9,22 +11,37 @@
 //!   list plus sockets (accept4/connect/recvmsg/sendmsg for server and client mode), ioctl,
 //!   openat, fcntl/dup, clone/clone3 and the thread set-up syscalls. exec, ptrace, mount,
 //!   kexec, bpf, setuid & co are refused.
-//! - Filters are per thread (no TSYNC): the main thread, the signal thread, the metrics server
-//!   and the link monitors are not filtered. Workers are spawned by a filtered serving thread,
-//!   so they run under both filters (the kernel applies the stricter verdict).
+//! - **The main, signal, metrics, link-monitor and stats-summary threads** get lists of their
+//!   own, each only what that thread does ([`ops_threads`]).
+//!
+//! Install order: a filter binds the thread that installs it and every thread that thread
+//! creates afterwards, and filters stack (the kernel applies the strictest verdict). So each
+//! thread installs its own filter as the first thing it does, and the main thread installs its
+//! filter last, once it has spawned every other thread (`daemon::run`); until then nothing is
+//! inherited. Workers are spawned later by a filtered serving thread and add the worker filter on
+//! top (the intersection is the worker list). `--user` drops privileges before any of this.
 //!
 //! A refused syscall fails with EPERM (not a kill), so the daemon logs the failure and goes on,
 //! and tests can observe it.
+
+mod ops_threads;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, warn};
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+use thiserror::Error;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY};
 
-/// Turns the filters on or off for threads started from now on (`--no-seccomp`).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the filters on or off for threads started from now on (the binary: on unless
+/// `--no-seccomp`; the library: off until asked).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
@@ -110,45 +127,183 @@ const CONTROL_EXTRA_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_rseq,
     libc::SYS_prctl,
     libc::SYS_uname,
+    // Resumes a sleep or timed poll interrupted by SIGSTOP/SIGCONT or a debugger (the client
+    // mode's reconnect and the accept retry sleep; refused, `thread::sleep` panics).
+    libc::SYS_restart_syscall,
     // A new worker stacks its own filter (PR_SET_NO_NEW_PRIVS is a prctl).
     libc::SYS_seccomp,
 ];
 
-fn build(syscalls: &[&[libc::c_long]]) -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls.iter().flat_map(|l| l.iter()).map(|s| (*s, vec![])).collect();
-    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(|e| e.to_string())?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch).map_err(|e| e.to_string())?;
-    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("seccomp: unsupported architecture {arch}: {source}")]
+    Arch {
+        arch: &'static str,
+        #[source]
+        source: BackendError,
+    },
+    #[error("seccomp: cannot compile the {list} filter: {source}")]
+    Compile {
+        list: &'static str,
+        #[source]
+        source: BackendError,
+    },
+    #[error("seccomp: cannot install the {list} filter: {source}")]
+    Install {
+        list: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+}
+
+/// `(argument & mask) == value` on one syscall argument.
+#[derive(Debug, Clone, Copy)]
+pub struct ArgMatch {
+    pub arg: u8,
+    pub mask: u64,
+    pub value: u64,
+}
+
+/// What one kind of thread may do: syscalls allowed with any arguments, and syscalls allowed
+/// only when every [`ArgMatch`] of their entry holds.
+#[derive(Debug, Clone, Copy)]
+pub struct AllowList {
+    pub name: &'static str,
+    pub any_args: &'static [&'static [libc::c_long]],
+    pub with_args: &'static [(libc::c_long, &'static [ArgMatch])],
+}
+
+impl AllowList {
+    /// The BPF program: allow what the list names, EPERM for everything else.
+    pub fn compile(&self) -> Result<BpfProgram, SandboxError> {
+        let list = self.name;
+        let compile = |source| SandboxError::Compile { list, source };
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = self
+            .any_args
+            .iter()
+            .flat_map(|l| l.iter())
+            .map(|s| (*s, vec![]))
+            .collect();
+        for (nr, checks) in self.with_args {
+            let conditions = checks
+                .iter()
+                .map(|c| {
+                    SeccompCondition::new(
+                        c.arg,
+                        SeccompCmpArgLen::Qword,
+                        SeccompCmpOp::MaskedEq(c.mask),
+                        c.value,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(compile)?;
+            rules
+                .entry(*nr)
+                .or_default()
+                .push(SeccompRule::new(conditions).map_err(compile)?);
+        }
+        let arch = std::env::consts::ARCH;
+        let target =
+            TargetArch::try_from(arch).map_err(|source| SandboxError::Arch { arch, source })?;
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Errno(libc::EPERM as u32),
+            SeccompAction::Allow,
+            target,
+        )
+        .map_err(compile)?;
+        BpfProgram::try_from(filter).map_err(compile)
+    }
+
+    /// Installs the filter on the calling thread, whether or not the sandbox is enabled.
+    pub fn apply(&self) -> Result<(), SandboxError> {
+        let list = self.name;
+        seccompiler::apply_filter(&self.compile()?)
+            .map_err(|source| SandboxError::Install { list, source })
+    }
+}
+
+/// The worker threads' list.
+pub const WORKER: AllowList = AllowList {
+    name: "worker",
+    any_args: &[WORKER_SYSCALLS],
+    with_args: &[],
+};
+
+/// The device serving threads' list.
+pub const CONTROL: AllowList = AllowList {
+    name: "control",
+    any_args: &[WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS],
+    with_args: &[],
+};
+
+/// Every kind of thread vutap runs, each with its own list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    Main,
+    Signals,
+    Metrics,
+    LinkMonitor,
+    StatsSummary,
+    Control,
+    Worker,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 7] = [
+        ThreadKind::Main,
+        ThreadKind::Signals,
+        ThreadKind::Metrics,
+        ThreadKind::LinkMonitor,
+        ThreadKind::StatsSummary,
+        ThreadKind::Control,
+        ThreadKind::Worker,
+    ];
+
+    pub fn allow_list(self) -> &'static AllowList {
+        match self {
+            ThreadKind::Main => &MAIN,
+            ThreadKind::Signals => &SIGNALS,
+            ThreadKind::Metrics => &METRICS,
+            ThreadKind::LinkMonitor => &LINK_MONITOR,
+            ThreadKind::StatsSummary => &STATS_SUMMARY,
+            ThreadKind::Control => &CONTROL,
+            ThreadKind::Worker => &WORKER,
+        }
+    }
 }
 
 /// The worker threads' filter.
-pub fn worker_filter() -> Result<BpfProgram, String> {
-    build(&[WORKER_SYSCALLS])
+pub fn worker_filter() -> Result<BpfProgram, SandboxError> {
+    WORKER.compile()
 }
 
 /// The device serving threads' filter.
-pub fn control_filter() -> Result<BpfProgram, String> {
-    build(&[WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS])
+pub fn control_filter() -> Result<BpfProgram, SandboxError> {
+    CONTROL.compile()
 }
 
-fn install(what: &str, filter: Result<BpfProgram, String>) {
+/// Installs the filter of `kind` on the calling thread, if the sandbox is enabled. A filter that
+/// cannot be installed is logged and the thread runs unfiltered.
+pub fn enter(kind: ThreadKind) {
     if !enabled() {
         return;
     }
-    match filter.and_then(|f| seccompiler::apply_filter(&f).map_err(|e| e.to_string())) {
-        Ok(()) => debug!("seccomp: {what} filter installed"),
-        Err(e) => warn!("seccomp: cannot install the {what} filter ({e}); running unfiltered"),
+    let list = kind.allow_list();
+    match list.apply() {
+        Ok(()) => debug!("seccomp: {} filter installed", list.name),
+        Err(e) => warn!("{e}; running unfiltered"),
     }
 }
 
 /// Installs the worker filter on the calling thread (if enabled).
 pub fn enter_worker() {
-    install("worker", worker_filter());
+    enter(ThreadKind::Worker);
 }
 
 /// Installs the control filter on the calling thread (if enabled).
 pub fn enter_control() {
-    install("control", control_filter());
+    enter(ThreadKind::Control);
 }
 
 #[cfg(test)]
@@ -202,7 +357,7 @@ mod tests {
             drop((a, b));
             // Spawning a thread (a worker) works, and it can take the worker filter on top.
             std::thread::spawn(|| {
-                enter_worker();
+                WORKER.apply().unwrap();
                 // SAFETY: plain socket(2).
                 assert_eq!(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) }, -1);
             })

@@ -4,6 +4,11 @@
 //! memory, the frontend sees the socket close (as after a crash, which it must survive anyway:
 //! ring positions live in guest memory and are resumed by the next vutap). What a signal adds
 //! over a crash is an exit code of 0, a log line, and no stale socket files left behind.
+//!
+//! Both signals are blocked in the thread that installs the handler, and so in every thread it
+//! spawns afterwards, and unblocked only in the signal thread: the handler then always runs there,
+//! under the signal thread's seccomp list, never on a worker or the main thread, whose lists
+//! cannot wake the signal thread.
 
 use std::path::PathBuf;
 use std::thread::JoinHandle;
@@ -12,6 +17,9 @@ use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use thiserror::Error;
+use vmm_sys_util::signal::{block_signal, unblock_signal};
+
+use crate::sandbox::{self, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum SignalError {
@@ -19,14 +27,31 @@ pub enum SignalError {
     Install(#[source] std::io::Error),
     #[error("cannot spawn the signal thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot route SIGTERM/SIGINT to the signal thread: {0}")]
+    Mask(vmm_sys_util::signal::Error),
 }
 
-/// Installs the handler: on SIGTERM or SIGINT, removes `cleanup` paths and exits with 0.
+const HANDLED: [libc::c_int; 2] = [SIGTERM, SIGINT];
+
+/// Installs the handler: on SIGTERM or SIGINT, removes `cleanup` paths and exits with 0. Call
+/// it before spawning any other thread (see the module doc); it blocks both signals in the caller.
 pub fn install(cleanup: Vec<PathBuf>) -> Result<JoinHandle<()>, SignalError> {
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(SignalError::Install)?;
+    let mut signals = Signals::new(HANDLED).map_err(SignalError::Install)?;
+    for sig in HANDLED {
+        match block_signal(sig) {
+            Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+            Err(e) => return Err(SignalError::Mask(e)),
+        }
+    }
     std::thread::Builder::new()
         .name("vutap-signals".into())
         .spawn(move || {
+            for sig in HANDLED {
+                if let Err(e) = unblock_signal(sig) {
+                    warn!("cannot unblock signal {sig} in the signal thread: {e}");
+                }
+            }
+            sandbox::enter(ThreadKind::Signals);
             if let Some(sig) = signals.forever().next() {
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 info!("{name} received: removing sockets and exiting");
