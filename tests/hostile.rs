@@ -43,8 +43,6 @@ fn opts(rx_prefill: bool) -> FrontendOptions {
 
 fn start() -> (std::sync::MutexGuard<'static, ()>, Bed) {
     capture_logs();
-    // Hostile input must meet the same seccomp filters as in the daemon (off in the library).
-    vutap::sandbox::set_enabled(true);
     let g = serial();
     (g, Bed::tap(2))
 }

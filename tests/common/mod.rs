@@ -35,6 +35,9 @@ pub fn serial() -> MutexGuard<'static, ()> {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the vutap integration tests need root (netns, macvtap, tun)");
     let _ = env_logger::builder().is_test(true).try_init();
+    // The daemon's serving and worker threads run under their seccomp lists, as in the binary
+    // (the library leaves them off unless asked; the test's own threads are never filtered).
+    vutap::sandbox::set_enabled(true);
     g
 }
 
