@@ -308,12 +308,12 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
     let mut hdr = [0u8; HDR_SIZE];
     let mut owned = false;
     // A fault of the previous connection's memory was handled with it.
-    let _ = dev.faults.take_fault();
+    dev.faults.reset();
     loop {
         match wait_for_message(fd, dev.faults.notifier().as_raw_fd()) {
             Ok(Wake::Socket) => {}
             Ok(Wake::MemoryLost) => {
-                if let Some(lost) = dev.faults.take_fault() {
+                if let Some(lost) = dev.faults.lost_range() {
                     return ConnectionEnd::MemoryLost(lost.to_string());
                 }
             }
