@@ -174,10 +174,8 @@ mod tests {
             Err(MappedFdError::Overflow { .. })
         ));
         // SAFETY: F_ADD_SEALS on our own memfd.
-        assert_eq!(
-            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-            0
-        );
+        let sealed = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(sealed, 0);
         assert_eq!(check_mappable(&f, 0, 0x4000), Ok(ShrinkSeal::Sealed));
         // Without MFD_ALLOW_SEALING the memfd is sealed with F_SEAL_SEAL only: shrinkable.
         assert_eq!(

@@ -560,4 +560,57 @@ mod tests {
         unsafe { libc::munmap(p.cast(), len) };
         drop((guard, r));
     }
+
+    /// Set in a child run of the test binary: what the child does before it should die.
+    const CHILD_ENV: &str = "VUTAP_SIGBUS_CHILD";
+
+    /// In the child: a SIGBUS outside every guarded range (a fault, or one sent with raise)
+    /// must still kill the process, with the guard installed and a range registered.
+    #[test]
+    fn test_sigbus_child_outside_guarded_ranges() {
+        let Ok(how) = std::env::var(CHILD_ENV) else {
+            return;
+        };
+        let owner = FaultOwner::new().unwrap();
+        let (guarded_file, guarded) = shared_memfd(4096);
+        let _guard = owner.guard(guarded, 4096).unwrap();
+        let (file, p) = shared_memfd(2 * 4096);
+        file.set_len(0).unwrap();
+        drop(guarded_file);
+        match how.as_str() {
+            // SAFETY: a read of our own (truncated, unguarded) mapping: the SIGBUS under test.
+            "fault" => unsafe { std::ptr::read_volatile(p.add(4096)) },
+            // SAFETY: raise(3) has no memory preconditions.
+            _ => unsafe { libc::raise(libc::SIGBUS) as u8 },
+        };
+        eprintln!("survived a SIGBUS ({how})");
+        std::process::exit(3);
+    }
+
+    #[test]
+    fn test_sigbus_outside_guarded_ranges_still_kills_the_process() {
+        use std::os::unix::process::ExitStatusExt;
+        if std::env::var(CHILD_ENV).is_ok() {
+            return;
+        }
+        for how in ["fault", "raise"] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "memory_guard::tests::test_sigbus_child_outside_guarded_ranges",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, how)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGBUS),
+                "{how}: {:?}\n{text}",
+                out.status
+            );
+        }
+    }
 }
