@@ -30,6 +30,8 @@ use vutap_bench::testbed::{log_dir, Vutap};
 const SET_OWNER: u32 = 3;
 const SET_MEM_TABLE: u32 = 5;
 const WAIT: Duration = Duration::from_secs(10);
+/// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
+const VHOST_F_LOG_ALL: u64 = 26;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -269,7 +271,9 @@ fn b_during_and_after(bed: &Bed, fwd: Forwarding) {
     roundtrip(&mut fe, &bed.b.far, 9000).expect("device b after");
     assert_eq!(bed.device_counter("b", "guest_memory_lost"), Some(0));
     assert_eq!(bed.device_counter("b", "bad_memory_fds"), Some(0));
-    eprintln!("device b: {during} round trips in the background across the attack, all byte for byte");
+    eprintln!(
+        "device b: {during} round trips in the background across the attack, all byte for byte"
+    );
 }
 
 /// A SET_MEM_TABLE body with one region (gpa 0) of `size` bytes at `offset` in the fd.
@@ -378,13 +382,24 @@ fn truncate_guest_memory(fe: &NetFrontend, len: u64) {
 
 /// After a truncation: device a's connection closes, the fault is logged and counted, and the
 /// next connection on a is served.
-fn assert_memory_lost_contained(bed: &mut Bed, raw: &impl AsRawFd, kernel_copy: bool) {
+fn assert_memory_lost_contained(
+    bed: &mut Bed,
+    raw: &impl AsRawFd,
+    kernel_copy: bool,
+    range_len: u64,
+) {
     assert!(
         closed_within(raw.as_raw_fd(), WAIT),
         "connection not closed\n{}",
         bed.vutap.log_text()
     );
     bed.wait_logged("closing connection: guest memory lost: SIGBUS at");
+    assert_eq!(
+        lost_range_len(&bed.vutap.log_text()),
+        Some(range_len),
+        "{}",
+        bed.vutap.log_text()
+    );
     assert!(bed.vutap.is_running(), "{}", bed.vutap.log_text());
     let a = bed.a_label();
     assert!(
@@ -419,7 +434,7 @@ fn test_guest_memory_truncated_under_tx_ring_access_is_contained() {
     // All of guest memory goes; a kick makes the worker read the TX ring: SIGBUS in vutap.
     truncate_guest_memory(&fe, 0);
     fe.queue(tx_queue(0)).unwrap().kick().unwrap();
-    assert_memory_lost_contained(&mut bed, &raw, false);
+    assert_memory_lost_contained(&mut bed, &raw, false, fe.memory().size() as u64);
     drop(fe);
     b_during_and_after(&bed, fwd);
 }
@@ -449,7 +464,7 @@ fn test_guest_memory_truncated_under_tx_frame_is_contained() {
     assert!(desc.addr >= slots);
     txq.add_raw_descriptors(&[(head, desc)], &[head]);
     txq.kick().unwrap();
-    assert_memory_lost_contained(&mut bed, &raw, true);
+    assert_memory_lost_contained(&mut bed, &raw, true, fe.memory().size() as u64);
     drop(fe);
     b_during_and_after(&bed, fwd);
 }
@@ -471,7 +486,61 @@ fn test_guest_memory_truncated_under_rx_buffers_is_contained() {
     bed.a
         .far
         .send(&test_frame([0xff; 6], [0x02, 0x77, 0, 0, 0, 1], 100, 42));
-    assert_memory_lost_contained(&mut bed, &raw, true);
+    assert_memory_lost_contained(&mut bed, &raw, true, fe.memory().size() as u64);
     drop(fe);
     b_during_and_after(&bed, fwd);
+}
+
+#[test]
+fn test_guest_memory_dirty_log_truncated_while_logging_is_contained() {
+    let _g = serial();
+    let mut bed = Bed::start("log-trunc");
+    let fwd = b_before_and_during(&bed);
+
+    let opts = FrontendOptions {
+        requested_protocol: FrontendOptions::default().requested_protocol
+            | VhostUserProtocolFeatures::LOG_SHMFD,
+        ..FrontendOptions::default()
+    };
+    let mut fe = NetFrontend::connect(&bed.a.socket, opts).expect("handshake on device a");
+    let raw = conn_fd(fe.vhost());
+    // One bit per 4 KiB page of guest memory, in whole pages.
+    let bits = fe.memory().size().div_ceil(4096);
+    let log_len = bits.div_ceil(8).div_ceil(4096) * 4096;
+    let log = memfd(log_len as u64);
+    let region = VhostUserDirtyLogRegion {
+        mmap_size: log_len as u64,
+        mmap_offset: 0,
+        mmap_handle: log.as_raw_fd(),
+    };
+    fe.vhost()
+        .set_log_base(0, Some(region))
+        .expect("a full-size log is mapped");
+    let acked = fe.acked_features() | (1 << VHOST_F_LOG_ALL);
+    fe.vhost().set_features(acked).expect("logging on");
+    roundtrip(&mut fe, &bed.a.far, 1).expect("device a while logging");
+    bed.wait_logged("dirty log mapped");
+    // The log was written: the used rings' pages are marked.
+    let mut bitmap = vec![0u8; log_len];
+    std::os::unix::fs::FileExt::read_exact_at(&log, &mut bitmap, 0).unwrap();
+    assert!(
+        bitmap.iter().any(|b| *b != 0),
+        "nothing marked in the dirty log"
+    );
+    // The log goes; the next frame's used-ring update marks it: SIGBUS in vutap.
+    log.set_len(0).unwrap();
+    let frame = test_frame([0xff; 6], [0x52, 0x54, 0, 0x12, 0x34, 0x56], 100, 77);
+    fe.send_frame(0, &VirtioNetHdr::default(), &frame).unwrap();
+    assert_memory_lost_contained(&mut bed, &raw, false, log_len as u64);
+    drop(fe);
+    b_during_and_after(&bed, fwd);
+}
+
+/// The length of the range named in the first "inside the mapped range A..B" log line.
+fn lost_range_len(log: &str) -> Option<u64> {
+    let rest = &log[log.find("inside the mapped range ")? + "inside the mapped range ".len()..];
+    let (a, rest) = rest.split_once("..")?;
+    let b = rest.split_whitespace().next()?;
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    Some(hex(b)? - hex(a)?)
 }
