@@ -312,11 +312,11 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
     loop {
         match wait_for_message(fd, dev.faults.notifier().as_raw_fd()) {
             Ok(Wake::Socket) => {}
-            Ok(Wake::MemoryLost) => {
-                if let Some(lost) = dev.faults.lost_range() {
-                    return ConnectionEnd::MemoryLost(lost.to_string());
-                }
-            }
+            Ok(Wake::MemoryLost) => match dev.faults.lost_range() {
+                Some(lost) => return ConnectionEnd::MemoryLost(lost.to_string()),
+                // A wake-up left over from a fault of the previous connection: wait again.
+                None => continue,
+            },
             Err(e) => return ConnectionEnd::ProtocolError(format!("poll failed: {e}")),
         }
         match peek(fd, &mut hdr) {
