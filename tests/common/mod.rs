@@ -33,30 +33,18 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub fn serial() -> MutexGuard<'static, ()> {
     let g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the vutap integration tests need root (netns, macvtap, tun)"
-    );
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the vutap integration tests need root (netns, macvtap, tun)");
     let _ = env_logger::builder().is_test(true).try_init();
     g
 }
 
 /// A short id unique in this process, for interface and socket names.
 pub fn unique() -> String {
-    format!(
-        "{:x}{:x}",
-        std::process::id() & 0xfffff,
-        NEXT.fetch_add(1, Ordering::Relaxed) & 0xff
-    )
+    format!("{:x}{:x}", std::process::id() & 0xfffff, NEXT.fetch_add(1, Ordering::Relaxed) & 0xff)
 }
 
 pub fn sh(prog: &str, args: &[&str]) {
-    let st = std::process::Command::new(prog)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
+    let st = std::process::Command::new(prog).args(args).stdout(std::process::Stdio::null()).status().unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
     assert!(st.success(), "`{prog} {}` failed: {st}", args.join(" "));
 }
 
@@ -81,64 +69,39 @@ pub fn socket_path() -> PathBuf {
 }
 
 pub fn config(socket: &Path, tap: TapSpec, queues: usize, mtu: Option<u16>) -> Config {
-    Config {
-        socket: SocketModeCfg::Server(socket.to_path_buf()),
-        tap,
-        queues,
-        mac: None,
-        mtu,
-        once: false,
-    }
+    Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false }
 }
 
 impl Daemon {
     pub fn start(tap: TapSpec, queues: usize) -> Daemon {
         let socket = socket_path();
-        let dev =
-            Arc::new(vutap::open_device(&config(&socket, tap, queues, None)).expect("open_device"));
+        let dev = Arc::new(vutap::open_device(&config(&socket, tap, queues, None)).expect("open_device"));
         let listener = bind_socket(&socket).expect("bind vhost-user socket");
         let stop = Arc::new(AtomicBool::new(false));
         let (d, s) = (dev.clone(), stop.clone());
         let thread = std::thread::spawn(move || loop {
-            let Ok((stream, _)) = listener.accept() else {
-                continue;
-            };
+            let Ok((stream, _)) = listener.accept() else { continue };
             if s.load(Ordering::SeqCst) {
                 return;
             }
             let end = serve_connection(stream, d.clone());
             log::info!("test daemon: connection ended: {end:?}");
         });
-        Daemon {
-            dev,
-            socket,
-            stop,
-            thread: Some(thread),
-        }
+        Daemon { dev, socket, stop, thread: Some(thread) }
     }
 
     /// The daemon's own loop: `vhost_user::serve(Server(socket), dev, once = false)` on a
     /// detached thread, exactly as the binary runs it.
     pub fn serve_forever(tap: TapSpec, queues: usize) -> Daemon {
         let socket = socket_path();
-        let dev =
-            Arc::new(vutap::open_device(&config(&socket, tap, queues, None)).expect("open_device"));
+        let dev = Arc::new(vutap::open_device(&config(&socket, tap, queues, None)).expect("open_device"));
         let (d, path) = (dev.clone(), socket.clone());
         std::thread::spawn(move || {
-            let r =
-                vutap::vhost_user::serve(&vutap::vhost_user::SocketMode::Server(path), d, false);
+            let r = vutap::vhost_user::serve(&vutap::vhost_user::SocketMode::Server(path), d, false);
             panic!("serve(once = false) returned: {r:?}");
         });
-        assert!(
-            wait_until(Duration::from_secs(5), || socket.exists()),
-            "vutap socket never appeared"
-        );
-        Daemon {
-            dev,
-            socket,
-            stop: Arc::new(AtomicBool::new(false)),
-            thread: None,
-        }
+        assert!(wait_until(Duration::from_secs(5), || socket.exists()), "vutap socket never appeared");
+        Daemon { dev, socket, stop: Arc::new(AtomicBool::new(false)), thread: None }
     }
 
     pub fn connect(&self, opts: FrontendOptions) -> NetFrontend {
@@ -186,10 +149,7 @@ pub struct Bed {
 
 /// Silences IPv6 (router solicitations, MLD) on an interface we created, so counters are exact.
 fn no_ipv6(ifname: &str) {
-    let _ = std::fs::write(
-        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
-        "1",
-    );
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1");
 }
 
 impl Bed {
@@ -206,63 +166,28 @@ impl Bed {
         Bed::macvtap_with(queues, None, false, true)
     }
 
-    fn macvtap_with(
-        queues: usize,
-        mtu: Option<u32>,
-        lower_offloads_off: bool,
-        serve_forever: bool,
-    ) -> Bed {
-        let topo =
-            Topology::new(1, MacvtapMode::Bridge).expect("create netns/veth/macvtap topology");
+    fn macvtap_with(queues: usize, mtu: Option<u32>, lower_offloads_off: bool, serve_forever: bool) -> Bed {
+        let topo = Topology::new(1, MacvtapMode::Bridge).expect("create netns/veth/macvtap topology");
         let tap = topo.taps[0].clone();
-        topo.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
-            .expect("sysctl in netns");
-        topo.exec_ok(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{}.disable_ipv6=1", topo.peer),
-        ])
-        .expect("sysctl");
+        topo.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]).expect("sysctl in netns");
+        topo.exec_ok(&["sysctl", "-qw", &format!("net.ipv6.conf.{}.disable_ipv6=1", topo.peer)]).expect("sysctl");
         no_ipv6(&topo.lower);
         no_ipv6(&tap.ifname);
         if let Some(m) = mtu {
             let m = m.to_string();
             sh("ip", &["link", "set", &topo.lower, "mtu", &m]);
-            topo.exec_ok(&["ip", "link", "set", &topo.peer, "mtu", &m])
-                .expect("peer mtu");
+            topo.exec_ok(&["ip", "link", "set", &topo.peer, "mtu", &m]).expect("peer mtu");
             sh("ip", &["link", "set", &tap.ifname, "mtu", &m]);
         }
         if lower_offloads_off {
-            sh(
-                "ethtool",
-                &["-K", &topo.lower, "tx", "off", "tso", "off", "gso", "off"],
-            );
+            sh("ethtool", &["-K", &topo.lower, "tx", "off", "tso", "off", "gso", "off"]);
         }
-        let far_mac = parse_mac(
-            &topo
-                .exec_ok(&["cat", &format!("/sys/class/net/{}/address", topo.peer)])
-                .unwrap(),
-        );
+        let far_mac = parse_mac(&topo.exec_ok(&["cat", &format!("/sys/class/net/{}/address", topo.peer)]).unwrap());
         let spec = TapSpec::DevPath(tap.dev.clone());
-        let daemon = if serve_forever {
-            Daemon::serve_forever(spec, queues)
-        } else {
-            Daemon::start(spec, queues)
-        };
-        assert_eq!(
-            daemon.dev.mac,
-            parse_mac(&tap.mac),
-            "vutap must announce the macvtap's MAC"
-        );
+        let daemon = if serve_forever { Daemon::serve_forever(spec, queues) } else { Daemon::start(spec, queues) };
+        assert_eq!(daemon.dev.mac, parse_mac(&tap.mac), "vutap must announce the macvtap's MAC");
         let far = PacketSocket::bind_in_netns(&topo.netns, &topo.peer);
-        Bed {
-            far,
-            guest_mac: daemon.dev.mac,
-            daemon,
-            far_mac,
-            tap_name: tap.ifname,
-            topo: Some(topo),
-        }
+        Bed { far, guest_mac: daemon.dev.mac, daemon, far_mac, tap_name: tap.ifname, topo: Some(topo) }
     }
 
     /// A multi-queue tap created by vutap by name; the far end is an AF_PACKET socket on the
@@ -275,14 +200,7 @@ impl Bed {
         no_ipv6(&name);
         sh("ip", &["link", "set", &name, "up"]);
         let far = PacketSocket::bind(&name);
-        Bed {
-            far,
-            guest_mac: daemon.dev.mac,
-            daemon,
-            far_mac: [0x02, 0x77, 0, 0, 0, 1],
-            tap_name: name,
-            topo: None,
-        }
+        Bed { far, guest_mac: daemon.dev.mac, daemon, far_mac: [0x02, 0x77, 0, 0, 0, 1], tap_name: name, topo: None }
     }
 }
 
@@ -311,14 +229,9 @@ impl PacketSocket {
     }
 
     fn open(netns: Option<&str>, ifname: &str) -> PacketSocket {
-        let opts = packet::PacketOptions {
-            rcvbuf: Some(8 << 20),
-            ..Default::default()
-        };
+        let opts = packet::PacketOptions { rcvbuf: Some(8 << 20), ..Default::default() };
         let s = packet::PacketSocket::open(netns, ifname, opts);
-        PacketSocket(
-            s.unwrap_or_else(|e| panic!("AF_PACKET socket on {ifname} (netns {netns:?}): {e}")),
-        )
+        PacketSocket(s.unwrap_or_else(|e| panic!("AF_PACKET socket on {ifname} (netns {netns:?}): {e}")))
     }
 
     /// Enables PACKET_VNET_HDR: every sent frame is preceded by a 10-byte virtio_net_hdr.
@@ -329,9 +242,7 @@ impl PacketSocket {
     /// Sends `frame` (with its virtio_net_hdr first if `set_vnet_hdr` was called; `dst` is the
     /// frame's destination MAC, `proto` its ethertype).
     pub fn send_raw(&self, bytes: &[u8], dst: [u8; 6], proto: u16) {
-        self.0
-            .send_to(bytes, dst, proto)
-            .unwrap_or_else(|e| panic!("{e}"));
+        self.0.send_to(bytes, dst, proto).unwrap_or_else(|e| panic!("{e}"));
     }
 
     pub fn send(&self, frame: &[u8]) {
@@ -401,23 +312,7 @@ pub const IP_UDP: u8 = 17;
 
 /// Pseudo-header sum for `proto` over `len` bytes of L4 (unfolded).
 pub fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
-    csum_add(
-        0,
-        &[
-            src[0],
-            src[1],
-            src[2],
-            src[3],
-            dst[0],
-            dst[1],
-            dst[2],
-            dst[3],
-            0,
-            proto,
-            (len >> 8) as u8,
-            len as u8,
-        ],
-    )
+    csum_add(0, &[src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, proto, (len >> 8) as u8, len as u8])
 }
 
 fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize, id: u16) -> [u8; 20] {
@@ -437,14 +332,7 @@ fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize, id: u16) ->
 }
 
 /// An Ethernet/IPv4/UDP frame (valid IP and UDP checksums) whose payload starts with `seq`.
-pub fn udp_frame(
-    dst: [u8; 6],
-    src: [u8; 6],
-    ips: ([u8; 4], [u8; 4]),
-    ports: (u16, u16),
-    payload_len: usize,
-    seq: u32,
-) -> Vec<u8> {
+pub fn udp_frame(dst: [u8; 6], src: [u8; 6], ips: ([u8; 4], [u8; 4]), ports: (u16, u16), payload_len: usize, seq: u32) -> Vec<u8> {
     let mut payload = seq.to_be_bytes().to_vec();
     pattern(&mut payload, payload_len.max(4), seq);
     let l4_len = 8 + payload.len();
@@ -467,12 +355,8 @@ pub fn udp_frame(
 
 /// UDP ports of an Ethernet/IPv4/UDP frame, if it is one.
 pub fn udp_ports(f: &[u8]) -> Option<(u16, u16)> {
-    (f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == IP_UDP).then(|| {
-        (
-            u16::from_be_bytes([f[34], f[35]]),
-            u16::from_be_bytes([f[36], f[37]]),
-        )
-    })
+    (f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == IP_UDP)
+        .then(|| (u16::from_be_bytes([f[34], f[35]]), u16::from_be_bytes([f[36], f[37]])))
 }
 
 /// The TCP segment description of [`tcp_frame`].
@@ -506,11 +390,7 @@ pub fn tcp_frame(fl: &TcpFlow, payload: &[u8], full_csum: bool) -> Vec<u8> {
     tcp[13] = 0x18; // ACK | PSH
     tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
     let pseudo = pseudo_sum(fl.src_ip, fl.dst_ip, IP_TCP, l4_len);
-    let c = if full_csum {
-        !csum_fold(csum_add(csum_add(pseudo, &tcp), payload))
-    } else {
-        csum_fold(pseudo)
-    };
+    let c = if full_csum { !csum_fold(csum_add(csum_add(pseudo, &tcp), payload)) } else { csum_fold(pseudo) };
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&tcp);
     f.extend_from_slice(payload);

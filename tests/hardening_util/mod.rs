@@ -51,10 +51,7 @@ pub fn log_mark() -> usize {
 pub fn logged_since(mark: usize, needle: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..]
-            .iter()
-            .any(|l| l.contains(needle))
-        {
+        if LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains(needle)) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -71,9 +68,7 @@ pub fn log_since(mark: usize) -> String {
 
 /// Whether any captured line since `mark` reports a panic.
 pub fn panicked_since(mark: usize) -> bool {
-    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..]
-        .iter()
-        .any(|l| l.contains("panicked"))
+    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains("panicked"))
 }
 
 // ------------------------------------------------------------------------------- raw messages
@@ -83,23 +78,13 @@ pub const NO_REPLY: u32 = 0x1;
 pub const NEED_REPLY: u32 = NO_REPLY | VhostUserHeaderFlag::NEED_REPLY.bits();
 
 /// Sends one vhost-user message (`code`, `flags`, `body`, `fds`) on `fd` with sendmsg.
-pub fn raw_send(
-    fd: RawFd,
-    code: u32,
-    flags: u32,
-    size: u32,
-    body: &[u8],
-    fds: &[RawFd],
-) -> io::Result<()> {
+pub fn raw_send(fd: RawFd, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut msg = Vec::with_capacity(12 + body.len());
     msg.extend_from_slice(&code.to_le_bytes());
     msg.extend_from_slice(&flags.to_le_bytes());
     msg.extend_from_slice(&size.to_le_bytes());
     msg.extend_from_slice(body);
-    let mut iov = libc::iovec {
-        iov_base: msg.as_mut_ptr().cast(),
-        iov_len: msg.len(),
-    };
+    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
     let mut cmsg = [0u64; 40];
     // SAFETY: an all-zero msghdr is valid; pointers set below stay alive for the call.
     let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -145,11 +130,7 @@ pub enum Reply {
 
 /// Reads one reply (header + body) within `timeout`, or sees the close.
 pub fn raw_reply(fd: RawFd, timeout: Duration) -> Reply {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd.
     if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } <= 0 {
         return Reply::Nothing;
@@ -188,22 +169,15 @@ pub fn closed_within(fd: RawFd, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     loop {
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            return false;
-        };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else { return false };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) } <= 0 {
             continue;
         }
         // SAFETY: buf is valid for writes.
         let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET))
-        {
+        if n == 0 || (n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECONNRESET)) {
             return true;
         }
     }
@@ -244,16 +218,10 @@ pub fn mem_table(regions: &[(u64, u64, u64)]) -> Vec<u8> {
 /// CPU ticks (utime + stime) of this process's threads whose name starts with `prefix`.
 pub fn thread_ticks(prefix: &str) -> u64 {
     let mut total = 0;
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
     for t in dir.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
         if !stat[open + 1..close].starts_with(prefix) {
             continue;
         }
@@ -276,27 +244,19 @@ pub fn cpu_share(prefix: &str, window: Duration) -> f64 {
 
 /// Open fds of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
 /// Threads of this process.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
 /// Threads of this process whose name starts with `prefix`.
 pub fn threads_named(prefix: &str) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
     dir.flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
         .count()
 }
 
@@ -322,18 +282,10 @@ pub fn conn_fd(vu: &impl AsRawFd) -> std::os::fd::OwnedFd {
 /// The seccomp mode (the `Seccomp:` line of /proc/.../status: 2 = filter) of each thread of this
 /// process whose name starts with `prefix`.
 pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return vec![];
-    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return vec![] };
     dir.flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
-        })
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
         .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Seccomp:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+        .filter_map(|s| s.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .collect()
 }
