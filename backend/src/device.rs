@@ -7,6 +7,7 @@ use vutap_virtio::features::offered_features;
 use vutap_virtio::NetConfig;
 
 use crate::link_state::LinkState;
+use crate::memory_guard::{FaultOwner, GuardError};
 use crate::metrics::{DeviceMetrics, PairMetrics};
 use crate::tap::{Tap, TapKind, TapQueue};
 
@@ -22,13 +23,16 @@ pub struct Device {
     /// Carrier of the tap, announced in the config space and to the frontend.
     pub link: Arc<LinkState>,
     pub device_metrics: Arc<DeviceMetrics>,
+    /// Catches a SIGBUS on this device's guest memory (a frontend shrinking its fds) so that
+    /// only this device's connection ends.
+    pub faults: FaultOwner,
 }
 
 impl Device {
-    pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Self {
+    pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, GuardError> {
         let pairs = tap.queues.len();
         let name = tap.name.clone().unwrap_or_else(|| "tap".into());
-        Device {
+        Ok(Device {
             label: name.clone(),
             link: Arc::new(LinkState::default()),
             device_metrics: Arc::new(DeviceMetrics::default()),
@@ -38,7 +42,8 @@ impl Device {
             mac,
             mtu,
             metrics: (0..pairs).map(|_| Arc::new(PairMetrics::default())).collect(),
-        }
+            faults: FaultOwner::new()?,
+        })
     }
 
     pub fn queue_pairs(&self) -> usize {

@@ -8,12 +8,35 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use thiserror::Error;
+
+use crate::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
+use crate::memory_guard::{FaultOwner, GuardError, RangeGuard};
+
 /// The log's page size (VHOST_LOG_PAGE).
 pub const LOG_PAGE: u64 = 0x1000;
+
+#[derive(Debug, Error)]
+pub enum DirtyLogError {
+    #[error("log size {0} is out of range")]
+    Size(u64),
+    #[error("log offset {0:#x} is too large")]
+    Offset(u64),
+    #[error("log fd: {0}")]
+    BadFd(#[source] MappedFdError),
+    #[error("mmap failed: {0}")]
+    Mmap(#[source] io::Error),
+    #[error(transparent)]
+    Guard(#[from] GuardError),
+}
 
 pub struct DirtyLog {
     base: *mut u8,
     len: usize,
+    /// Whether the log's fd can still shrink.
+    pub seal: ShrinkSeal,
+    /// The log's entry in the SIGBUS guard; dropped after `Drop::drop` unmapped the log.
+    _guard: RangeGuard,
 }
 
 // SAFETY: the mapping is shared memory we own until Drop; all access goes through atomics.
@@ -22,21 +45,31 @@ unsafe impl Send for DirtyLog {}
 unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
-    /// Maps `size` bytes of `file` at `offset`, as SET_LOG_BASE describes the log.
-    pub fn map(file: &File, size: u64, offset: u64) -> io::Result<Self> {
+    /// Maps `size` bytes of `file` at `offset`, as SET_LOG_BASE describes the log, after
+    /// checking that the fd holds them, and guards the mapping with `owner`.
+    pub fn map(file: &File, size: u64, offset: u64, owner: &FaultOwner) -> Result<Self, DirtyLogError> {
         if size == 0 || size > (1 << 40) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("log size {size} is out of range")));
+            return Err(DirtyLogError::Size(size));
         }
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log offset too large"))?;
+        let off = libc::off_t::try_from(offset).map_err(|_| DirtyLogError::Offset(offset))?;
+        let seal = check_mappable(file, offset, size).map_err(DirtyLogError::BadFd)?;
         // SAFETY: a fresh shared mapping of a file we were handed; the kernel checks the fd,
         // size and offset, and we only use the result after checking for MAP_FAILED.
         let base = unsafe {
             libc::mmap(std::ptr::null_mut(), size as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), off)
         };
         if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(DirtyLogError::Mmap(io::Error::last_os_error()));
         }
-        Ok(DirtyLog { base: base as *mut u8, len: size as usize })
+        let guard = match owner.guard(base as *const u8, size as usize) {
+            Ok(g) => g,
+            Err(e) => {
+                // SAFETY: unmapping the mapping just made, which nothing else has seen.
+                unsafe { libc::munmap(base, size as usize) };
+                return Err(e.into());
+            }
+        };
+        Ok(DirtyLog { base: base as *mut u8, len: size as usize, seal, _guard: guard })
     }
 
     /// Marks every page that `gpa..gpa+len` touches. Pages beyond the log are ignored (the
@@ -94,10 +127,14 @@ mod tests {
         v
     }
 
+    fn owner() -> FaultOwner {
+        FaultOwner::new().unwrap()
+    }
+
     #[test]
     fn test_dirty_log_marks_pages_spanned() {
         let mut f = log_file(4);
-        let log = DirtyLog::map(&f, 4, 0).unwrap();
+        let log = DirtyLog::map(&f, 4, 0, &owner()).unwrap();
         log.mark(0x0, 1); // page 0
         log.mark(0x2fff, 2); // pages 2 and 3
         log.mark(0x9000, 0x1000); // page 9 only
@@ -109,6 +146,16 @@ mod tests {
     #[test]
     fn test_dirty_log_rejects_empty() {
         let f = log_file(8);
-        assert!(DirtyLog::map(&f, 0, 0).is_err());
+        assert!(matches!(DirtyLog::map(&f, 0, 0, &owner()), Err(DirtyLogError::Size(0))));
+    }
+
+    #[test]
+    fn test_dirty_log_rejects_an_fd_shorter_than_the_log() {
+        let f = log_file(4096);
+        let o = owner();
+        assert!(matches!(DirtyLog::map(&f, 8192, 0, &o), Err(DirtyLogError::BadFd(MappedFdError::TooShort { .. }))));
+        assert!(matches!(DirtyLog::map(&f, 4096, 1, &o), Err(DirtyLogError::BadFd(MappedFdError::TooShort { .. }))));
+        assert!(matches!(DirtyLog::map(&f, 4096, 1 << 62, &o), Err(DirtyLogError::BadFd(_))));
+        assert!(DirtyLog::map(&f, 4096, 0, &o).is_ok());
     }
 }

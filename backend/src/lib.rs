@@ -9,6 +9,8 @@
 //! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
 //! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
 //!   migration log; [`metrics`]: counters.
+//! - [`mapped_fd`]: size and seal checks of the fds a frontend hands us to map;
+//!   [`memory_guard`]: SIGBUS containment when such an fd shrinks after mapping.
 //! - Operations: [`daemon`] (several devices, one process), [`signals`] (SIGTERM/SIGINT),
 //!   [`metrics_server`] (Prometheus text) and [`stats`] (`vutap stats`, log summaries),
 //!   [`privilege`] (`--user`), [`link_state`] (carrier -> STATUS and config-change messages).
@@ -20,7 +22,9 @@ pub mod daemon;
 pub mod device;
 pub mod link_state;
 pub mod dirty_log;
+pub mod mapped_fd;
 pub mod memory;
+pub mod memory_guard;
 pub mod metrics;
 pub mod metrics_server;
 pub mod privilege;
@@ -58,6 +62,8 @@ pub enum StartError {
     MtuTooBig { given: u16, device: u16 },
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error("cannot set up the guest-memory fault guard: {0}")]
+    Guard(#[from] crate::memory_guard::GuardError),
 }
 
 /// A locally administered unicast MAC derived from the tap's name, stable across restarts.
@@ -91,7 +97,7 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
         tap.queues.len(),
         format_mac(&mac)
     );
-    Ok(Device::new(tap, mac, mtu))
+    Ok(Device::new(tap, mac, mtu)?)
 }
 
 /// Opens the device and serves frontends until `--once` ends it.

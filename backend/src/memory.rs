@@ -2,10 +2,14 @@
 //! SET_VRING_ADDR needs.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
+use crate::memory_guard::{FaultOwner, GuardError, RangeGuard};
 
 pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
@@ -25,6 +29,10 @@ pub enum MemoryError {
     Layout(String),
     #[error("VMM address {0:#x} is in no shared region")]
     UnknownVmmAddress(u64),
+    #[error("region {index} (gpa {gpa:#x}): {source}")]
+    BadFd { index: usize, gpa: u64, #[source] source: MappedFdError },
+    #[error("region {index}: {source}")]
+    Guard { index: usize, #[source] source: GuardError },
 }
 
 /// Where one region lives for the frontend (its user address) and for the guest (its GPA).
@@ -40,19 +48,32 @@ struct AddrMapping {
 pub struct SharedMemory {
     pub mem: GuestMem,
     mappings: Vec<AddrMapping>,
+    /// Whether each region's fd can still shrink (logged at SET_MEM_TABLE).
+    pub seals: Vec<ShrinkSeal>,
+    /// The regions' entries in the SIGBUS guard. Declared after `mem`: the ranges stay guarded
+    /// until the last holder of the mapping lets go (workers hold a clone of both).
+    pub guards: Arc<Vec<RangeGuard>>,
 }
 
 impl SharedMemory {
-    /// Maps every region's fd. Any error leaves nothing mapped.
-    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<Self, MemoryError> {
+    /// Checks every region's fd (it must hold `mmap_offset + memory_size` bytes), maps it, and
+    /// registers the mapping with `owner`'s SIGBUS guard. Any error leaves nothing mapped.
+    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>, owner: &FaultOwner) -> Result<Self, MemoryError> {
         if regions.len() != files.len() {
             return Err(MemoryError::FdMismatch { regions: regions.len(), files: files.len() });
         }
         if regions.len() > MAX_REGIONS {
             return Err(MemoryError::TooManyRegions(regions.len()));
         }
+        let mut seals = Vec::with_capacity(regions.len());
+        for (index, (region, file)) in regions.iter().zip(&files).enumerate() {
+            let seal = check_mappable(file, region.mmap_offset, region.memory_size)
+                .map_err(|source| MemoryError::BadFd { index, gpa: region.guest_phys_addr, source })?;
+            seals.push(seal);
+        }
         let mut mapped = Vec::with_capacity(regions.len());
         let mut mappings = Vec::with_capacity(regions.len());
+        let mut guards = Vec::with_capacity(regions.len());
         for (index, (region, file)) in regions.iter().zip(files).enumerate() {
             let map_err = |reason: String| MemoryError::Map {
                 index,
@@ -61,13 +82,14 @@ impl SharedMemory {
                 reason,
             };
             let mmap = region.mmap_region(file).map_err(|e| map_err(e.to_string()))?;
+            guards.push(owner.guard(mmap.as_ptr(), mmap.size()).map_err(|source| MemoryError::Guard { index, source })?);
             let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
                 .ok_or_else(|| map_err("region wraps the address space".into()))?;
             mapped.push(guest_region);
             mappings.push(AddrMapping { vmm_addr: region.user_addr, size: region.memory_size, gpa: region.guest_phys_addr });
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))?;
-        Ok(SharedMemory { mem, mappings })
+        Ok(SharedMemory { mem, mappings, seals, guards: Arc::new(guards) })
     }
 
     /// The guest-physical address of a frontend (VMM) user address, as used by SET_VRING_ADDR.

@@ -51,6 +51,7 @@ counters! {
     interrupts: "call eventfd signals sent (both rings)",
     tap_errors: "hard tap errors (device gone or broken)",
     rings_broken: "rings stopped because the driver corrupted them (avail index jump, used ring unwritable)",
+    guest_memory_faults: "tap reads/writes that failed (EFAULT) because the guest memory behind them was lost (its fd shrank)",
 }
 
 /// Counters of one device, across connections (monotonic for the life of the process).
@@ -66,11 +67,17 @@ pub struct DeviceMetrics {
     pub link_changes: AtomicU64,
     /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG sent to the frontend.
     pub config_change_msgs: AtomicU64,
+    /// Connections closed because an fd to map (memory region, dirty log) was shorter than the
+    /// range it was declared to hold.
+    pub bad_memory_fds: AtomicU64,
+    /// Connections closed because mapped guest memory (or the dirty log) was lost under vutap:
+    /// its fd shrank, the access faulted and was contained.
+    pub guest_memory_lost: AtomicU64,
 }
 
 impl DeviceMetrics {
     /// (name, help, value) of every device counter, for exporters.
-    pub fn fields(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 7] {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("connections", "frontend connections accepted or made", l(&self.connections)),
@@ -78,6 +85,8 @@ impl DeviceMetrics {
             ("protocol_errors", "connections closed because the frontend broke the protocol", l(&self.protocol_errors)),
             ("link_changes", "carrier changes of the tap or macvtap lower", l(&self.link_changes)),
             ("config_change_msgs", "config-change messages sent over the backend request channel", l(&self.config_change_msgs)),
+            ("bad_memory_fds", "connections closed because a memory or log fd was shorter than its declared mapping", l(&self.bad_memory_fds)),
+            ("guest_memory_lost", "connections closed because mapped guest memory or the log was truncated under vutap (fault contained)", l(&self.guest_memory_lost)),
         ]
     }
 }

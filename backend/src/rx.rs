@@ -17,6 +17,7 @@ use vutap_virtio::{ChainLimits, Direction, Features};
 use crate::chain_iov::{collect_iovecs, write_at, IoVec};
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
+use crate::memory_guard::FaultWatch;
 use crate::metrics::PairCounts;
 use crate::tap_io::TapIo;
 use crate::tx::is_fatal_tap_error;
@@ -32,6 +33,8 @@ pub enum RxOutcome {
     NoBuffers,
     TapGone(io::Error),
     RingBroken(String),
+    /// The guest buffers' memory was lost (its fd shrank): the read failed with EFAULT.
+    MemoryLost,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +72,8 @@ pub struct RxLoop {
     /// chains would hand the guest a completed chain twice.
     rewind_ok: bool,
     warned_bad_chain: bool,
+    /// Tells a lost guest memory from other EFAULTs.
+    faults: Option<FaultWatch>,
 }
 
 impl RxLoop {
@@ -93,7 +98,14 @@ impl RxLoop {
             warned_spill: false,
             rewind_ok: true,
             warned_bad_chain: false,
+            faults: None,
         }
+    }
+
+    /// Sorts EFAULT on reads into lost guest memory and the rest.
+    pub fn with_fault_watch(mut self, faults: Option<FaultWatch>) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Logs RX writes in `log` (live migration) from now on.
@@ -271,6 +283,13 @@ impl RxLoop {
                 Err(e) if is_fatal_tap_error(&e) => {
                     counts.tap_errors += 1;
                     outcome = RxOutcome::TapGone(e);
+                    break;
+                }
+                // The kernel could not write the buffers; if their memory is gone (probing
+                // faults in user space and the guard replaces it), the connection is done.
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && self.faults.is_some_and(|f| f.probe_lost(&self.read_iovs)) => {
+                    counts.guest_memory_faults += 1;
+                    outcome = RxOutcome::MemoryLost;
                     break;
                 }
                 Err(e) => {

@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{debug, info, warn};
@@ -21,8 +22,9 @@ use vutap_virtio::offload::tun_offload_flags;
 use vutap_virtio::Features;
 
 use crate::device::Device;
-use crate::dirty_log::DirtyLog;
-use crate::memory::SharedMemory;
+use crate::dirty_log::{DirtyLog, DirtyLogError};
+use crate::mapped_fd::ShrinkSeal;
+use crate::memory::{MemoryError, SharedMemory};
 use crate::used_ring::read_used_idx;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
 
@@ -57,6 +59,9 @@ pub struct Session {
     workers: Vec<Option<Worker>>,
     /// The migration log from SET_LOG_BASE; used while VHOST_F_LOG_ALL is acked.
     log: Option<Arc<DirtyLog>>,
+    /// Set when the frontend handed us an fd that does not hold what it claims: the
+    /// connection is closed after the reply.
+    refused: Option<String>,
 }
 
 impl Session {
@@ -70,7 +75,21 @@ impl Session {
             vrings: (0..pairs * 2).map(|_| Vring::default()).collect(),
             workers: (0..pairs).map(|_| None).collect(),
             log: None,
+            refused: None,
         }
+    }
+
+    /// Why the connection must close, if the last request handed us an fd we refused to map.
+    pub fn take_refusal(&mut self) -> Option<String> {
+        self.refused.take()
+    }
+
+    /// Refuses a lying fd: counted, and the connection closes after the failure reply.
+    fn refuse_fd(&mut self, what: String) -> VhostError {
+        self.dev.device_metrics.bad_memory_fds.fetch_add(1, Ordering::Relaxed);
+        let err = handler_error(what.clone());
+        self.refused = Some(what);
+        err
     }
 
     /// Broadcasts a RARP from `mac` out of the tap (VHOST_USER_SEND_RARP, sent by the frontend
@@ -182,6 +201,8 @@ impl Session {
             tx: RingSetup { queue: tx_queue, kick: tx_kick, call: self.vrings[tx_i].call.clone() },
             metrics: self.dev.metrics[pair].clone(),
             log: if features.log_all() { self.log.clone() } else { None },
+            faults: self.dev.faults.watch(),
+            mem_guards: mem.guards.clone(),
         };
         let worker = Worker::spawn(setup).map_err(|e| format!("cannot spawn worker: {e}"))?;
         self.workers[pair] = Some(worker);
@@ -304,7 +325,17 @@ impl VhostUserBackendReqHandlerMut for Session {
         if postcopy.is_some() {
             return Err(VhostError::InvalidOperation("postcopy is not supported"));
         }
-        let memory = SharedMemory::map(regions, files).map_err(|e| handler_error(e.to_string()))?;
+        let memory = match SharedMemory::map(regions, files, &self.dev.faults) {
+            Ok(m) => m,
+            Err(e @ MemoryError::BadFd { .. }) => return Err(self.refuse_fd(format!("SET_MEM_TABLE refused: {e}"))),
+            Err(e) => return Err(handler_error(e.to_string())),
+        };
+        for (index, seal) in memory.seals.iter().enumerate() {
+            match seal {
+                ShrinkSeal::Sealed => info!("memory region {index}: fd {}", seal.describe()),
+                _ => warn!("memory region {index}: fd {}", seal.describe()),
+            }
+        }
         // Workers hold the old mapping; restart them on the new one.
         self.restart_all(|s| {
             s.memory = Some(memory);
@@ -453,8 +484,12 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
         let (size, offset) = (log.mmap_size, log.mmap_offset);
-        let mapped = DirtyLog::map(&file, size, offset).map_err(|e| handler_error(format!("SET_LOG_BASE ({size} bytes at {offset}): {e}")))?;
-        info!("dirty log mapped: {size} bytes");
+        let mapped = match DirtyLog::map(&file, size, offset, &self.dev.faults) {
+            Ok(l) => l,
+            Err(e @ DirtyLogError::BadFd(_)) => return Err(self.refuse_fd(format!("SET_LOG_BASE refused ({size} bytes at {offset}): {e}"))),
+            Err(e) => return Err(handler_error(format!("SET_LOG_BASE ({size} bytes at {offset}): {e}"))),
+        };
+        info!("dirty log mapped: {size} bytes, fd {}", mapped.seal.describe());
         // Workers hold the previous log (the frontend resizes it as memory grows): restart them.
         self.restart_all(|s| {
             s.log = Some(Arc::new(mapped));

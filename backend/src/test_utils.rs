@@ -133,7 +133,8 @@ pub fn memfd_log(len: usize) -> (std::fs::File, crate::dirty_log::DirtyLog) {
     // SAFETY: `fd` is a fresh fd we own.
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(len as u64).unwrap();
-    let log = crate::dirty_log::DirtyLog::map(&file, len as u64, 0).unwrap();
+    let owner = crate::memory_guard::FaultOwner::new().unwrap();
+    let log = crate::dirty_log::DirtyLog::map(&file, len as u64, 0, &owner).unwrap();
     (file, log)
 }
 

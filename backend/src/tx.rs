@@ -11,6 +11,7 @@ use vutap_virtio::{ChainLimits, Direction};
 use crate::chain_iov::{collect_iovecs, IoVec};
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
+use crate::memory_guard::FaultWatch;
 use crate::metrics::PairCounts;
 use crate::tap_io::TapIo;
 use crate::used_ring::UsedBatch;
@@ -28,6 +29,9 @@ pub enum TxOutcome {
     TapGone(io::Error),
     /// The avail ring is corrupt (index jumped by more than the queue size).
     RingBroken(String),
+    /// The frame's guest memory was lost (its fd shrank): the write failed with EFAULT. The
+    /// chain was put back.
+    MemoryLost,
 }
 
 /// Errors after which the tap will never accept a frame again.
@@ -43,11 +47,19 @@ pub struct TxLoop {
     warned_bad_chain: bool,
     /// Set while the frontend migrates the guest: used-ring writes are logged.
     log: Option<Arc<DirtyLog>>,
+    /// Tells a lost guest memory from other EFAULTs.
+    faults: Option<FaultWatch>,
 }
 
 impl TxLoop {
     pub fn with_log(mut self, log: Option<Arc<DirtyLog>>) -> Self {
         self.log = log;
+        self
+    }
+
+    /// Sorts EFAULT on writes into lost guest memory and the rest.
+    pub fn with_fault_watch(mut self, faults: Option<FaultWatch>) -> Self {
+        self.faults = faults;
         self
     }
 
@@ -64,6 +76,7 @@ impl TxLoop {
             },
             warned_bad_chain: false,
             log: None,
+            faults: None,
         }
     }
 
@@ -115,6 +128,14 @@ impl TxLoop {
                     queue.set_next_avail(before);
                     counts.tap_errors += 1;
                     outcome = TxOutcome::TapGone(e);
+                    break;
+                }
+                // The kernel could not read the frame; if its memory is gone (probing faults
+                // in user space and the guard replaces it), the connection is done.
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && self.faults.is_some_and(|f| f.probe_lost(&self.iovs)) => {
+                    queue.set_next_avail(before);
+                    counts.guest_memory_faults += 1;
+                    outcome = TxOutcome::MemoryLost;
                     break;
                 }
                 Err(e) => {

@@ -58,6 +58,39 @@ pub enum ConnectionEnd {
     Disconnected,
     /// The frontend broke the protocol; we closed the socket.
     ProtocolError(String),
+    /// The frontend handed us an fd shorter than the memory (or log) it declared; we closed.
+    MemoryRefused(String),
+    /// Mapped guest memory (or the log) was lost under us (its fd shrank); the fault was
+    /// contained and we closed.
+    MemoryLost(String),
+}
+
+/// What woke the serving thread.
+enum Wake {
+    /// A message (or the close) is waiting on the socket.
+    Socket,
+    /// The SIGBUS guard replaced some of this device's memory.
+    MemoryLost,
+}
+
+/// Waits for the next message or for the device's fault eventfd.
+fn wait_for_message(socket: RawFd, fault: RawFd) -> io::Result<Wake> {
+    let mut fds = [
+        libc::pollfd { fd: fault, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(if fds[0].revents & libc::POLLIN != 0 { Wake::MemoryLost } else { Wake::Socket });
+    }
 }
 
 /// Peeks the next message header; None at end of stream.
@@ -274,7 +307,18 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
     let fd = control.as_raw_fd();
     let mut hdr = [0u8; HDR_SIZE];
     let mut owned = false;
+    // A fault of the previous connection's memory was handled with it.
+    dev.faults.reset();
     loop {
+        match wait_for_message(fd, dev.faults.notifier().as_raw_fd()) {
+            Ok(Wake::Socket) => {}
+            Ok(Wake::MemoryLost) => match dev.faults.lost_range() {
+                Some(lost) => return ConnectionEnd::MemoryLost(lost.to_string()),
+                // A wake-up left over from a fault of the previous connection: wait again.
+                None => continue,
+            },
+            Err(e) => return ConnectionEnd::ProtocolError(format!("poll failed: {e}")),
+        }
         match peek(fd, &mut hdr) {
             Ok(None) => return ConnectionEnd::Disconnected,
             Ok(Some(n)) if n < HDR_SIZE => return ConnectionEnd::Disconnected,
@@ -317,7 +361,11 @@ pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
             }
             continue;
         }
-        match handler.handle_request() {
+        let result = handler.handle_request();
+        if let Some(why) = session.lock().unwrap_or_else(|p| p.into_inner()).take_refusal() {
+            return ConnectionEnd::MemoryRefused(why);
+        }
+        match result {
             Ok(()) => {}
             Err(VhostError::Disconnected) | Err(VhostError::PartialMessage) => return ConnectionEnd::Disconnected,
             Err(e) if is_recoverable(&e) => warn!("request {code} failed: {e}"),
@@ -394,6 +442,16 @@ pub fn serve_counted(stream: UnixStream, dev: &Arc<Device>) -> ConnectionEnd {
         ConnectionEnd::ProtocolError(e) => {
             error!("closing connection: {e}");
             m.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // A memory table that cannot be mapped as declared breaks the protocol; the refused fd
+        // itself is counted (bad_memory_fds) where it was checked.
+        ConnectionEnd::MemoryRefused(e) => {
+            error!("closing connection: {e}");
+            m.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        ConnectionEnd::MemoryLost(e) => {
+            error!("closing connection: guest memory lost: {e}");
+            m.guest_memory_lost.fetch_add(1, Ordering::Relaxed);
         }
     }
     end

@@ -19,6 +19,7 @@ use vutap_virtio::Features;
 
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
+use crate::memory_guard::{FaultWatch, RangeGuard};
 use crate::used_ring::log_used_ring;
 use crate::metrics::{PairCounts, PairMetrics};
 use crate::rx::{RxLoop, RxOutcome};
@@ -64,6 +65,11 @@ pub struct WorkerSetup {
     pub metrics: Arc<PairMetrics>,
     /// The migration dirty log, while the frontend has VHOST_F_LOG_ALL on.
     pub log: Option<Arc<DirtyLog>>,
+    /// Tells whether the device's guest memory was lost (an fd shrank under the mapping).
+    pub faults: FaultWatch,
+    /// Keeps `mem`'s ranges guarded against SIGBUS until this worker let go of `mem` (fields
+    /// drop in declaration order: keep this one last).
+    pub mem_guards: Arc<Vec<RangeGuard>>,
 }
 
 /// What a stopped worker hands back: the rings' positions (for GET_VRING_BASE) and kick fds.
@@ -136,13 +142,19 @@ struct PairLoop {
     rx_waiting_buffers: bool,
     rx_broken: bool,
     tap_gone: bool,
+    /// The guest memory was lost (its fd shrank): nothing moves until the connection closes.
+    memory_lost: bool,
     tap_interest: Option<EventSet>,
 }
 
 impl PairLoop {
     fn new(setup: WorkerSetup, stop: EventFd) -> Self {
-        let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len()).with_log(setup.log.clone());
-        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu).with_log(setup.log.clone());
+        let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len())
+            .with_log(setup.log.clone())
+            .with_fault_watch(Some(setup.faults));
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu)
+            .with_log(setup.log.clone())
+            .with_fault_watch(Some(setup.faults));
         PairLoop {
             setup,
             stop,
@@ -157,6 +169,7 @@ impl PairLoop {
             rx_waiting_buffers: false,
             rx_broken: false,
             tap_gone: false,
+            memory_lost: false,
             tap_interest: None,
         }
     }
@@ -217,6 +230,9 @@ impl PairLoop {
                     _ => {}
                 }
             }
+            if !self.memory_lost && self.setup.faults.lost() {
+                self.mark_memory_lost();
+            }
             self.run_tx();
             self.run_rx();
             self.update_tap_interest(&epoll)?;
@@ -225,13 +241,18 @@ impl PairLoop {
         }
     }
 
+    /// The tap or the guest memory is gone: the pair moves nothing more.
+    fn halted(&self) -> bool {
+        self.tap_gone || self.memory_lost
+    }
+
     fn has_pending_work(&self) -> bool {
-        (self.tx_pending && !self.tx_blocked && !self.tx_broken && !self.tap_gone)
-            || (self.rx_pending && !self.rx_waiting_buffers && !self.rx_broken && !self.tap_gone)
+        (self.tx_pending && !self.tx_blocked && !self.tx_broken && !self.halted())
+            || (self.rx_pending && !self.rx_waiting_buffers && !self.rx_broken && !self.halted())
     }
 
     fn run_tx(&mut self) {
-        if !self.tx_pending || self.tx_blocked || self.tx_broken || self.tap_gone {
+        if !self.tx_pending || self.tx_blocked || self.tx_broken || self.halted() {
             return;
         }
         let mem = &self.setup.mem;
@@ -256,6 +277,7 @@ impl PairLoop {
                 self.tx_pending = true;
             }
             TxOutcome::TapGone(e) => self.mark_tap_gone(&e),
+            TxOutcome::MemoryLost => self.mark_memory_lost(),
             TxOutcome::RingBroken(why) => {
                 error!("queue pair {}: TX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
                 self.tx_broken = true;
@@ -265,7 +287,7 @@ impl PairLoop {
     }
 
     fn run_rx(&mut self) {
-        if !self.rx_pending || self.rx_waiting_buffers || self.rx_broken || self.tap_gone {
+        if !self.rx_pending || self.rx_waiting_buffers || self.rx_broken || self.halted() {
             return;
         }
         let mem = &self.setup.mem;
@@ -290,6 +312,7 @@ impl PairLoop {
                 }
             }
             RxOutcome::TapGone(e) => self.mark_tap_gone(&e),
+            RxOutcome::MemoryLost => self.mark_memory_lost(),
             RxOutcome::RingBroken(why) => {
                 error!("queue pair {}: RX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
                 self.rx_broken = true;
@@ -310,11 +333,20 @@ impl PairLoop {
         self.tap_gone = true;
     }
 
+    /// Stops the pair: its guest memory now reads as zeros. The device's serving thread was
+    /// woken by the SIGBUS guard and closes the connection, which stops this worker.
+    fn mark_memory_lost(&mut self) {
+        if !self.memory_lost {
+            error!("queue pair {}: guest memory lost (an fd shrank under the mapping); this queue pair stops until the connection closes", self.setup.pair);
+        }
+        self.memory_lost = true;
+    }
+
     /// Polls the tap for reading only while RX can take frames, and for writing only while TX
     /// is blocked on it, so a level-triggered tap never makes the loop spin.
     fn update_tap_interest(&mut self, epoll: &Epoll) -> io::Result<()> {
         let mut want = EventSet::empty();
-        if !self.tap_gone {
+        if !self.halted() {
             if !self.rx_waiting_buffers && !self.rx_broken {
                 want |= EventSet::IN;
             }

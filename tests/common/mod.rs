@@ -112,11 +112,12 @@ impl Daemon {
         NetFrontend::connect(&self.socket, opts).expect("vhost-user handshake with vutap")
     }
 
-    /// Connections the daemon has finished with (the frontend closed, or vutap closed it for a
-    /// protocol error): counted only after the session's workers stopped and flushed their counters.
+    /// Connections the daemon has finished with (the frontend closed, vutap closed it for a
+    /// protocol error, or its guest memory was lost): counted only after the session's workers
+    /// stopped and flushed their counters.
     pub fn connections_ended(&self) -> u64 {
         let m = &self.dev.device_metrics;
-        m.disconnects.load(Ordering::SeqCst) + m.protocol_errors.load(Ordering::SeqCst)
+        [&m.disconnects, &m.protocol_errors, &m.guest_memory_lost].iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 
     /// Connections vutap closed because the frontend broke the protocol.
