@@ -68,11 +68,13 @@ pub struct DeviceMetrics {
     pub link_changes: AtomicU64,
     /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG sent to the frontend.
     pub config_change_msgs: AtomicU64,
+    /// CONFIG_CHANGE_MSG not sent because the frontend was not reading its backend channel.
+    pub config_change_dropped: AtomicU64,
 }
 
 impl DeviceMetrics {
     /// (name, help, value) of every device counter, for exporters.
-    pub fn fields(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 6] {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("connections", "frontend connections accepted or made", l(&self.connections)),
@@ -80,6 +82,7 @@ impl DeviceMetrics {
             ("protocol_errors", "connections closed because the frontend broke the protocol", l(&self.protocol_errors)),
             ("link_changes", "carrier changes of the tap or macvtap lower", l(&self.link_changes)),
             ("config_change_msgs", "config-change messages sent over the backend request channel", l(&self.config_change_msgs)),
+            ("config_change_dropped", "config-change messages dropped because the frontend was not reading its backend channel", l(&self.config_change_dropped)),
         ]
     }
 }
