@@ -53,7 +53,7 @@ const CHAINS_PER_FRAME: usize = 4;
 enum Fill {
     /// Enough buffers are held for the largest frame.
     Room,
-    /// The ring has no more chains (or a ring's worth is held and still too small).
+    /// The ring has no more chains.
     NoBuffers,
     /// This pass popped its budget of chains.
     BudgetSpent,
@@ -148,10 +148,6 @@ impl RxLoop {
     /// broken ring.
     fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, String> {
         while !self.has_room() {
-            if self.held.len() >= self.held_heads.len() {
-                // A ring's worth held and still too little for one frame: nothing more can come.
-                return Ok(Fill::NoBuffers);
-            }
             if *chains_left == 0 {
                 return Ok(Fill::BudgetSpent);
             }
@@ -162,6 +158,8 @@ impl RxLoop {
             let Some(chain) = chain else { return Ok(Fill::NoBuffers) };
             *chains_left -= 1;
             let head = chain.head_index();
+            // Held heads are distinct and below the queue size, so at most a ring's worth is
+            // held; with a full ring held, every chain popped is one of them and refused here.
             if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
                 counts.rx_bad_chains += 1;
                 if !self.warned_reused_head {
@@ -679,7 +677,7 @@ mod tests {
         const SMALL: u16 = 4;
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, SMALL);
-        post(&mq, 0, 4, 100);
+        post(&mq, 0, 4, 100); // 400 bytes, too little for a frame: all four held
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         let mut counts = PairCounts::default();
@@ -690,10 +688,16 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
         }
-        assert_eq!(q.next_avail(), 4, "a ring's worth is held: nothing more is popped");
-        assert!(used_entries(&mq, &mem, SMALL).is_empty());
+        assert_eq!(counts.rx_bad_chains, 4);
+        let refused: Vec<(u32, u32)> = (0..4).map(|h| (h, 0)).collect();
+        assert_eq!(used_entries(&mq, &mem, SMALL), refused, "the second postings come back empty");
+        assert_eq!(q.next_avail(), 8);
+        assert_eq!(q.enable_notification(&mem), Ok(false), "nothing left to pop: the worker can sleep");
+        // Exactly the first four are held: stopping completes those (the refusals were
+        // completed out of order, so no rewind) and next_avail stays where it is.
         rx.return_held(&mut q, &mem);
-        assert_eq!(q.next_avail(), 0, "the rewind stays within the ring");
+        assert_eq!(q.next_avail(), 8);
+        assert_eq!(&used_entries(&mq, &mem, SMALL)[4..], &refused[..]);
     }
 
     #[test]
