@@ -24,7 +24,14 @@ pub enum BadChain {
     /// iterator just ends there, which would make the chain look shorter than it is.
     #[error("chain cut short after {0} descriptors (loop, longer than the queue, bad next index, bad indirect table or length overflow)")]
     Truncated(usize),
+    /// More descriptors, or iovecs (a descriptor crossing a memory region takes two), than one
+    /// `readv`/`writev` takes: the kernel would refuse the call, or a clamp would cut the frame.
+    #[error("chain has more than {max} segments (one readv/writev takes at most {IOV_MAX})")]
+    TooManySegments { max: usize },
 }
+
+/// The most iovecs one `readv`/`writev` takes (Linux UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
 
 /// A raw `iovec`, sendable between our own threads: it only ever points into guest memory that
 /// outlives the batch using it.
@@ -48,13 +55,15 @@ impl IoVec {
 }
 
 /// Appends the chain's buffers to `iovs` (and, if asked, their guest-physical ranges to
-/// `ranges`, for the dirty log) and returns the chain's byte count. On error both are restored
-/// to their lengths on entry.
+/// `ranges`, for the dirty log) and returns the chain's byte count. A chain of more than
+/// `max_segments` descriptors or iovecs is refused, which also bounds the walk of a hostile one.
+/// On error both are restored to their lengths on entry.
 pub fn collect_iovecs<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMem,
     direction: Direction,
     limits: ChainLimits,
+    max_segments: usize,
     iovs: &mut Vec<IoVec>,
     mut ranges: Option<&mut Vec<(u64, u32)>>,
 ) -> Result<u32, BadChain>
@@ -71,6 +80,9 @@ where
             open = desc.has_next();
             check.push(desc.len(), desc.is_write_only())?;
             push_region_iovecs(mem, desc.addr(), desc.len(), iovs)?;
+            if count > max_segments || iovs.len() - start > max_segments {
+                return Err(BadChain::TooManySegments { max: max_segments });
+            }
             if let Some(r) = ranges.as_mut() {
                 r.push((desc.addr().0, desc.len()));
             }

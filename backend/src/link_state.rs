@@ -7,6 +7,11 @@
 //! up (BACKEND_REQ) and negotiated CONFIG. QEMU's virtio-net negotiates neither CONFIG for
 //! vhost-user-net nor reads status from the backend (see README, "Operations"); frontends that do
 //! (and the test frontend) see the link follow the carrier.
+//!
+//! The frontend is never waited for: a message goes out with a non-blocking send, and one the
+//! channel has no room for is dropped and counted (the frontend still reads the current STATUS
+//! with GET_CONFIG). The device's channel lock is only held to take or replace the channel, so
+//! a frontend that never reads cannot hold up its own disconnect or the next connection.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -15,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use thiserror::Error;
@@ -24,10 +29,16 @@ use vhost::vhost_user::message::BackendReq;
 use crate::metrics::DeviceMetrics;
 use crate::sandbox::{self, ThreadKind};
 
+/// How long the rest of a message that went out in part may take: after that the channel is
+/// out of step and dropped.
+const PARTIAL_SEND_WAIT: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Error)]
 pub enum LinkError {
     #[error("cannot send CONFIG_CHANGE_MSG to the frontend: {0}")]
     Send(#[source] io::Error),
+    #[error("CONFIG_CHANGE_MSG went out in part ({sent} of {len} bytes) and the frontend did not take the rest within {PARTIAL_SEND_WAIT:?}")]
+    PartialSend { sent: usize, len: usize },
     #[error("cannot spawn the link monitor thread: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -39,10 +50,24 @@ pub struct BackendChannel {
     pub config_acked: bool,
 }
 
+/// A channel as the link state shares it: senders take a clone and send without the device's
+/// lock; `sending` keeps two senders' bytes from interleaving (held for a bounded time only).
+struct SharedChannel {
+    channel: BackendChannel,
+    sending: Mutex<()>,
+}
+
+/// What became of one config-change message.
+enum Sent {
+    Whole,
+    /// The channel had no room: nothing went out.
+    NoRoom,
+}
+
 /// A device's link: up or down, and whom to tell.
 pub struct LinkState {
     up: AtomicBool,
-    channel: Mutex<Option<BackendChannel>>,
+    channel: Mutex<Option<Arc<SharedChannel>>>,
 }
 
 impl Default for LinkState {
@@ -60,24 +85,50 @@ pub fn config_change_msg() -> [u8; 12] {
     m
 }
 
-fn send_all(stream: &UnixStream, buf: &[u8]) -> io::Result<()> {
+/// Sends `buf` without ever blocking: `NoRoom` if the socket takes none of it, and if it takes
+/// only part, waits at most [`PARTIAL_SEND_WAIT`] for room for the rest.
+fn send_nonblocking(stream: &UnixStream, buf: &[u8]) -> Result<Sent, LinkError> {
     let mut sent = 0;
+    let mut deadline = None;
     while sent < buf.len() {
         // SAFETY: the remaining part of `buf` is valid for reads of its length; MSG_NOSIGNAL
         // turns a closed peer into EPIPE instead of SIGPIPE.
         let n = unsafe {
-            libc::send(stream.as_raw_fd(), buf[sent..].as_ptr() as *const libc::c_void, buf.len() - sent, libc::MSG_NOSIGNAL)
+            libc::send(
+                stream.as_raw_fd(),
+                buf[sent..].as_ptr() as *const libc::c_void,
+                buf.len() - sent,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        if n >= 0 {
+            sent += n as usize;
+            continue;
         }
-        sent += n as usize;
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock if sent == 0 => return Ok(Sent::NoRoom),
+            io::ErrorKind::WouldBlock => {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + PARTIAL_SEND_WAIT);
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    return Err(LinkError::PartialSend { sent, len: buf.len() });
+                };
+                wait_writable(stream, left);
+            }
+            _ => return Err(LinkError::Send(e)),
+        }
     }
-    Ok(())
+    Ok(Sent::Whole)
+}
+
+/// Waits up to `timeout` for `stream` to take more bytes.
+fn wait_writable(stream: &UnixStream, timeout: Duration) {
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call; the result only decides whether
+    // the caller tries again.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
 }
 
 impl LinkState {
@@ -87,7 +138,8 @@ impl LinkState {
 
     /// Installs (or with `None`, forgets) the current connection's backend request channel.
     pub fn set_channel(&self, channel: Option<BackendChannel>) {
-        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = channel;
+        let shared = channel.map(|channel| Arc::new(SharedChannel { channel, sending: Mutex::new(()) }));
+        *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = shared;
     }
 
     pub fn has_channel(&self) -> bool {
@@ -100,23 +152,40 @@ impl LinkState {
             return false;
         }
         metrics.link_changes.fetch_add(1, Ordering::Relaxed);
-        let mut guard = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ch) = guard.as_ref() {
-            if !ch.config_acked {
-                debug!("link change not sent: the frontend did not negotiate the CONFIG protocol feature");
-            } else {
-                match send_all(&ch.stream, &config_change_msg()).map_err(LinkError::Send) {
-                    Ok(()) => {
-                        metrics.config_change_msgs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        warn!("{e}; dropping the backend request channel");
-                        *guard = None;
-                    }
+        // A clone, so the send below runs without the device's lock.
+        let Some(shared) = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return true };
+        if !shared.channel.config_acked {
+            debug!("link change not sent: the frontend did not negotiate the CONFIG protocol feature");
+            return true;
+        }
+        let result = {
+            let _one_sender = shared.sending.lock().unwrap_or_else(|p| p.into_inner());
+            send_nonblocking(&shared.channel.stream, &config_change_msg())
+        };
+        match result {
+            Ok(Sent::Whole) => {
+                metrics.config_change_msgs.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Sent::NoRoom) => {
+                if metrics.config_change_dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    warn!("the frontend is not reading its backend request channel: CONFIG_CHANGE_MSG dropped (further ones only counted)");
                 }
+            }
+            Err(e) => {
+                metrics.config_change_dropped.fetch_add(1, Ordering::Relaxed);
+                warn!("{e}; dropping the backend request channel");
+                self.forget_channel(&shared);
             }
         }
         true
+    }
+
+    /// Forgets `shared` unless the frontend has installed another channel meanwhile.
+    fn forget_channel(&self, shared: &Arc<SharedChannel>) {
+        let mut guard = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, shared)) {
+            *guard = None;
+        }
     }
 }
 
@@ -214,5 +283,45 @@ mod tests {
     #[test]
     fn test_missing_interface_reads_down() {
         assert!(!read_carrier("vutap-no-such-if0"));
+    }
+
+    #[test]
+    fn test_link_flaps_never_wait_for_a_frontend_that_does_not_read() {
+        let m = Arc::new(DeviceMetrics::default());
+        let link = Arc::new(LinkState::default());
+        let (a, mut b) = UnixStream::pair().unwrap();
+        // The smallest send buffer: the channel is full after a few messages.
+        let small: libc::c_int = 1;
+        // SAFETY: setsockopt on a valid socket with a pointer to a c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&small as *const libc::c_int).cast(), 4)
+        };
+        assert_eq!(rc, 0);
+        link.set_channel(Some(BackendChannel { stream: a, config_acked: true }));
+        const FLAPS: u64 = 2000;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (l, m2) = (link.clone(), m.clone());
+        std::thread::spawn(move || {
+            for i in 0..FLAPS {
+                l.set(i % 2 == 1, &m2);
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok(), "the link monitor blocked on the frontend");
+        let (sent, dropped) = (m.config_change_msgs.load(Ordering::Relaxed), m.config_change_dropped.load(Ordering::Relaxed));
+        assert_eq!(m.link_changes.load(Ordering::Relaxed), FLAPS);
+        assert_eq!(sent + dropped, FLAPS, "every change is sent or counted as dropped");
+        assert!(sent > 0 && dropped > 0, "sent {sent}, dropped {dropped}");
+        assert!(link.has_channel(), "a full channel is kept: the frontend may read it later");
+        // The disconnect path takes the channel away at once.
+        let t = Instant::now();
+        link.set_channel(None);
+        assert!(t.elapsed() < Duration::from_millis(100));
+        // What went out are whole messages, as many as counted.
+        b.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut got = Vec::new();
+        let _ = b.read_to_end(&mut got);
+        assert_eq!(got.len() as u64, sent * 12);
+        assert!(got.chunks(12).all(|c| c == config_change_msg()));
     }
 }

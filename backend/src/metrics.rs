@@ -38,12 +38,14 @@ counters! {
     tx_bytes: "bytes written to the tap (virtio_net_hdr included)",
     tx_dropped: "guest frames the tap refused (counted, chain returned)",
     tx_bad_chains: "malformed TX chains (returned with length 0)",
+    tx_too_many_segments: "TX chains of more than IOV_MAX (1024) segments, which one writev cannot take (returned with length 0)",
     tx_eagain: "times the tap was full and TX waited for EPOLLOUT",
     tx_batches: "TX batches processed",
     rx_frames: "frames delivered to the guest",
     rx_bytes: "bytes delivered to the guest (virtio_net_hdr included)",
     rx_dropped: "frames read from the tap but not deliverable (too big, truncated)",
-    rx_bad_chains: "malformed RX chains (returned with length 0)",
+    rx_bad_chains: "malformed RX chains, and heads posted again while vutap still held them (returned with length 0)",
+    rx_too_many_segments: "RX chains of more than IOV_MAX - 1 (1023) segments, which one readv cannot take with its spill tail (returned with length 0)",
     rx_flushed: "frames left on the tap queue when its pair stopped, read and dropped so their senders can retransmit",
     rx_no_buffers: "times RX stopped for lack of guest buffers",
     rx_batches: "RX batches processed",
@@ -73,11 +75,13 @@ pub struct DeviceMetrics {
     /// Connections closed because mapped guest memory (or the dirty log) was lost under vutap:
     /// its fd shrank, the access faulted and was contained.
     pub guest_memory_lost: AtomicU64,
+    /// CONFIG_CHANGE_MSG not sent because the frontend was not reading its backend channel.
+    pub config_change_dropped: AtomicU64,
 }
 
 impl DeviceMetrics {
     /// (name, help, value) of every device counter, for exporters.
-    pub fn fields(&self) -> [(&'static str, &'static str, u64); 7] {
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 8] {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         [
             ("connections", "frontend connections accepted or made", l(&self.connections)),
@@ -87,6 +91,7 @@ impl DeviceMetrics {
             ("config_change_msgs", "config-change messages sent over the backend request channel", l(&self.config_change_msgs)),
             ("bad_memory_fds", "connections closed because a memory or log fd was shorter than its declared mapping", l(&self.bad_memory_fds)),
             ("guest_memory_lost", "connections closed because mapped guest memory or the log was truncated under vutap (fault contained)", l(&self.guest_memory_lost)),
+            ("config_change_dropped", "config-change messages dropped because the frontend was not reading its backend channel", l(&self.config_change_dropped)),
         ]
     }
 }

@@ -3,6 +3,12 @@
 //! Chains are popped ahead and held (with their iovecs) until a frame needs them, so one read
 //! can spread a 64 KiB GSO frame over many mergeable buffers, and chains a small frame did not
 //! need stay for the next one instead of being popped and pushed back each time.
+//!
+//! A driver controls what it posts, so the work of one pass is bounded whatever it posts: at
+//! most a budget of frames and of popped chains, never more held chains than the queue has
+//! descriptors (a head posted again while held is refused), and no chain of more segments than
+//! one `readv` takes. A pass that runs out of budget ends with its used entries published and
+//! reports [`RxOutcome::MoreWork`], so the worker comes back after looking at its other fds.
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,7 +20,7 @@ use vutap_virtio::hdr::{num_buffers_bytes, NUM_BUFFERS_OFFSET};
 use vutap_virtio::mergeable::{chains_needed, used_len};
 use vutap_virtio::{ChainLimits, Direction, Features};
 
-use crate::chain_iov::{collect_iovecs, write_at, IoVec};
+use crate::chain_iov::{collect_iovecs, write_at, BadChain, IoVec, IOV_MAX};
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 use crate::memory_guard::FaultWatch;
@@ -27,7 +33,7 @@ use crate::used_ring::UsedBatch;
 pub enum RxOutcome {
     /// The tap has nothing more to read.
     Idle,
-    /// The budget ran out: come back after serving TX.
+    /// The budget (frames or popped chains) ran out: come back after serving TX.
     MoreWork,
     /// Not enough guest buffers for the largest possible frame: wait for an RX kick.
     NoBuffers,
@@ -35,6 +41,25 @@ pub enum RxOutcome {
     RingBroken(String),
     /// The guest buffers' memory was lost (its fd shrank): the read failed with EFAULT.
     MemoryLost,
+}
+
+/// Segments one held chain may have: a read takes at most IOV_MAX iovecs, and the spill tail
+/// needs the last one.
+const MAX_RX_SEGMENTS: usize = IOV_MAX - 1;
+
+/// Chains one pass may pop, per frame of its budget: room for a 64 KiB GSO frame in 4 KiB
+/// buffers (17 chains) every few frames, while a driver posting only bad chains gets the worker
+/// back to its epoll after a few hundred.
+const CHAINS_PER_FRAME: usize = 4;
+
+/// Why [`RxLoop::fill`] stopped.
+enum Fill {
+    /// Enough buffers are held for the largest frame.
+    Room,
+    /// The ring has no more chains.
+    NoBuffers,
+    /// This pass popped its budget of chains.
+    BudgetSpent,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,11 +76,15 @@ pub struct RxLoop {
     /// Guest-physical ranges of the held chains' descriptors, to mark in the dirty log.
     held_ranges: VecDeque<(u64, u32)>,
     held_capacity: usize,
+    /// Which heads are held, so a head the driver posts again before getting it back is refused
+    /// (it would be completed twice, and let the held chains outnumber the ring).
+    held_heads: Vec<bool>,
     scratch: Vec<IoVec>,
     scratch_ranges: Vec<(u64, u32)>,
     log: Option<Arc<DirtyLog>>,
     used: UsedBatch,
     budget: usize,
+    chain_budget: usize,
     limits: ChainLimits,
     hdr_len: usize,
     mergeable: bool,
@@ -74,6 +103,7 @@ pub struct RxLoop {
     warned_bad_chain: bool,
     /// Tells a lost guest memory from other EFAULTs.
     faults: Option<FaultWatch>,
+    warned_reused_head: bool,
 }
 
 impl RxLoop {
@@ -84,11 +114,13 @@ impl RxLoop {
             held_iovs: VecDeque::with_capacity(queue_size as usize),
             held_ranges: VecDeque::with_capacity(queue_size as usize),
             held_capacity: 0,
+            held_heads: vec![false; queue_size as usize],
             scratch: Vec::with_capacity(32),
             scratch_ranges: Vec::with_capacity(32),
             log: None,
             used: UsedBatch::with_capacity(budget * 4),
             budget,
+            chain_budget: budget * CHAINS_PER_FRAME,
             limits: ChainLimits { max_descriptors: queue_size as usize, max_bytes: u32::MAX, min_bytes: hdr_len as u32 },
             hdr_len,
             mergeable: features.mrg_rxbuf(),
@@ -99,6 +131,7 @@ impl RxLoop {
             rewind_ok: true,
             warned_bad_chain: false,
             faults: None,
+            warned_reused_head: false,
         }
     }
 
@@ -123,18 +156,43 @@ impl RxLoop {
         }
     }
 
-    /// Pops chains until there is room for one frame. Err on a broken ring.
-    fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts) -> Result<bool, String> {
+    /// Pops chains until there is room for one frame, at most `chains_left` of them. Err on a
+    /// broken ring.
+    fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, String> {
         while !self.has_room() {
+            if *chains_left == 0 {
+                return Ok(Fill::BudgetSpent);
+            }
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => return Err(e.to_string()),
             };
-            let Some(chain) = chain else { return Ok(false) };
+            let Some(chain) = chain else { return Ok(Fill::NoBuffers) };
+            *chains_left -= 1;
             let head = chain.head_index();
+            // Held heads are distinct and below the queue size, so at most a ring's worth is
+            // held; with a full ring held, every chain popped is one of them and refused here.
+            if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
+                counts.rx_bad_chains += 1;
+                if !self.warned_reused_head {
+                    warn!("RX chain {head} was posted again while vutap still holds it: returned empty (further ones only counted)");
+                    self.warned_reused_head = true;
+                }
+                self.complete_refused(head);
+                continue;
+            }
             self.scratch.clear();
             self.scratch_ranges.clear();
-            match collect_iovecs(chain, mem, Direction::DeviceWrites, self.limits, &mut self.scratch, Some(&mut self.scratch_ranges)) {
+            let collected = collect_iovecs(
+                chain,
+                mem,
+                Direction::DeviceWrites,
+                self.limits,
+                MAX_RX_SEGMENTS,
+                &mut self.scratch,
+                Some(&mut self.scratch_ranges),
+            );
+            match collected {
                 Ok(capacity) => {
                     self.held.push_back(HeldChain {
                         head,
@@ -142,28 +200,39 @@ impl RxLoop {
                         iov_count: self.scratch.len(),
                         range_count: self.scratch_ranges.len(),
                     });
+                    self.held_heads[usize::from(head)] = true;
                     self.held_iovs.extend(self.scratch.iter().copied());
                     self.held_ranges.extend(self.scratch_ranges.iter().copied());
                     self.held_capacity += capacity as usize;
                 }
                 Err(e) => {
-                    counts.rx_bad_chains += 1;
+                    if matches!(e, BadChain::TooManySegments { .. }) {
+                        counts.rx_too_many_segments += 1;
+                    } else {
+                        counts.rx_bad_chains += 1;
+                    }
                     if !self.warned_bad_chain {
                         warn!("returning malformed RX chain {head}: {e} (further ones only counted)");
                         self.warned_bad_chain = true;
                     }
-                    if !self.held.is_empty() {
-                        self.rewind_ok = false;
-                    }
-                    self.used.push(head, 0);
+                    self.complete_refused(head);
                 }
             }
         }
-        Ok(true)
+        Ok(Fill::Room)
+    }
+
+    /// Returns a refused chain with length 0. Completed ahead of held chains, it makes the
+    /// rewind over them on stop unsafe.
+    fn complete_refused(&mut self, head: u16) {
+        if !self.held.is_empty() {
+            self.rewind_ok = false;
+        }
+        self.used.push(head, 0);
     }
 
     /// The iovecs one read may fill, and their capacity: the held chains that together can take
-    /// the largest frame.
+    /// the largest frame, as far as one read's iovecs reach (chains past that stay for the next).
     fn read_window(&self) -> (usize, usize) {
         if !self.mergeable {
             return self.held.front().map_or((0, 0), |c| (c.iov_count, c.capacity));
@@ -171,6 +240,9 @@ impl RxLoop {
         let mut capacity = 0;
         let mut iovs = 0;
         for c in &self.held {
+            if iovs + c.iov_count > MAX_RX_SEGMENTS {
+                break;
+            }
             capacity += c.capacity;
             iovs += c.iov_count;
             if capacity >= self.max_frame {
@@ -220,6 +292,7 @@ impl RxLoop {
                 }
             }
             self.held_capacity -= chain.capacity;
+            self.held_heads[usize::from(chain.head)] = false;
             self.used.push(chain.head, used_len(i, chains, last_len, chain.capacity) as u32);
         }
         counts.rx_frames += 1;
@@ -246,14 +319,16 @@ impl RxLoop {
     /// used-ring update. Returns why it stopped and whether the guest wants an interrupt.
     pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &GuestMem, tap: &T, counts: &mut PairCounts) -> (RxOutcome, bool) {
         let mut outcome = RxOutcome::MoreWork;
+        let mut chains_left = self.chain_budget;
         for _ in 0..self.budget {
-            match self.fill(queue, mem, counts) {
-                Ok(true) => {}
-                Ok(false) => {
+            match self.fill(queue, mem, counts, &mut chains_left) {
+                Ok(Fill::Room) => {}
+                Ok(Fill::NoBuffers) => {
                     counts.rx_no_buffers += 1;
                     outcome = RxOutcome::NoBuffers;
                     break;
                 }
+                Ok(Fill::BudgetSpent) => break,
                 Err(e) => {
                     outcome = RxOutcome::RingBroken(e);
                     break;
@@ -326,6 +401,7 @@ impl RxLoop {
             }
         }
         self.held.clear();
+        self.held_heads.fill(false);
         self.held_iovs.clear();
         self.held_ranges.clear();
         self.held_capacity = 0;
@@ -548,6 +624,142 @@ mod tests {
         let page = |a: u64| a / crate::dirty_log::LOG_PAGE;
         assert!(page_marked(&file, page(addrs[0])), "the written buffer's page is marked");
         assert!(!page_marked(&file, page(addrs[1])), "a held, unwritten buffer is not");
-        assert!(page_marked(&file, page(mq.used_addr().0)), "the used ring is marked");
+        assert!(page_marked(&file, page(used_addr(&mq, SIZE))), "the used ring is marked");
+    }
+
+    /// `n` descriptors of `seg` bytes each, device-writable, back to back from `addr`.
+    fn segments(addr: u64, n: usize, seg: u32) -> Vec<(u64, u32, bool)> {
+        (0..n as u64).map(|i| (addr + i * u64::from(seg), seg, true)).collect()
+    }
+
+    #[test]
+    fn test_rx_bad_chain_flood_is_bounded_per_pass() {
+        const BIG: u16 = 1024;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, BIG);
+        for i in 0..1000u16 {
+            add_chain(&mq, i, &[(DATA_BASE, 2000, false)]); // read-only: bad in RX
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500);
+        let chain_budget = 64 * CHAINS_PER_FRAME;
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::MoreWork), "{outcome:?}");
+        assert!(notify, "the refused chains are published and signalled once");
+        assert_eq!(q.next_avail() as usize, chain_budget, "one budget of chains popped");
+        assert_eq!(used_entries(&mq, &mem, BIG).len(), chain_budget);
+        assert_eq!((counts.rx_bad_chains, counts.rx_batches), (chain_budget as u64, 1));
+        let mut passes = 1;
+        loop {
+            let (outcome, _) = rx.process(&mut q, &mem, &tap, &mut counts);
+            passes += 1;
+            if matches!(outcome, RxOutcome::NoBuffers) {
+                break;
+            }
+            assert!(matches!(outcome, RxOutcome::MoreWork), "{outcome:?}");
+        }
+        assert_eq!(passes, 1000usize.div_ceil(chain_budget));
+        let used = used_entries(&mq, &mem, BIG);
+        assert!(used == (0..1000u32).map(|h| (h, 0)).collect::<Vec<_>>(), "every chain comes back once, in order");
+    }
+
+    #[test]
+    fn test_rx_head_posted_again_while_held_is_refused() {
+        const SMALL: u16 = 8;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SMALL);
+        post(&mq, 0, 4, 100); // 400 bytes: too little for a 1530-byte frame, all held
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500);
+        assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
+        assert!(used_entries(&mq, &mem, SMALL).is_empty());
+        // Heads 0 and 1 again, then a fresh chain at 4.
+        repost_heads(&mq, &mem, SMALL, &[0, 1]);
+        add_chain(&mq, 4, &[(DATA_BASE + 4 * 0x1000, 100, true)]);
+        assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
+        assert_eq!(counts.rx_bad_chains, 2);
+        assert_eq!(used_entries(&mq, &mem, SMALL), vec![(0, 0), (1, 0)], "the second postings come back empty");
+        assert_eq!(q.next_avail(), 7);
+        // Completed out of order, so the held ones are completed empty rather than rewound.
+        rx.return_held(&mut q, &mem);
+        assert_eq!(q.next_avail(), 7);
+        let used = used_entries(&mq, &mem, SMALL);
+        assert_eq!(&used[2..], &[(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn test_rx_never_holds_more_than_the_ring() {
+        const SMALL: u16 = 4;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SMALL);
+        post(&mq, 0, 4, 100); // 400 bytes, too little for a frame: all four held
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500);
+        assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
+        // The driver reuses all four heads without getting them back.
+        repost_heads(&mq, &mem, SMALL, &[0, 1, 2, 3]);
+        for _ in 0..3 {
+            assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
+        }
+        assert_eq!(counts.rx_bad_chains, 4);
+        let refused: Vec<(u32, u32)> = (0..4).map(|h| (h, 0)).collect();
+        assert_eq!(used_entries(&mq, &mem, SMALL), refused, "the second postings come back empty");
+        assert_eq!(q.next_avail(), 8);
+        assert_eq!(q.enable_notification(&mem), Ok(false), "nothing left to pop: the worker can sleep");
+        // Exactly the first four are held: stopping completes those (the refusals were
+        // completed out of order, so no rewind) and next_avail stays where it is.
+        rx.return_held(&mut q, &mem);
+        assert_eq!(q.next_avail(), 8);
+        assert_eq!(&used_entries(&mq, &mem, SMALL)[4..], &refused[..]);
+    }
+
+    #[test]
+    fn test_rx_chain_over_iov_max_is_refused_and_one_under_is_used() {
+        const BIG: u16 = 4096;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, BIG);
+        add_chain(&mq, 0, &segments(DATA_BASE, MAX_RX_SEGMENTS + 1, 16));
+        add_chain(&mq, 1100, &segments(DATA_BASE + 0x10_0000, MAX_RX_SEGMENTS, 16));
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let f = frame(10_000, 9);
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(f.clone()));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, BIG, features(false, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!((counts.rx_too_many_segments, counts.rx_bad_chains), (1, 0));
+        assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 0), (1100, 10_000)]);
+        let got = read(&mem, DATA_BASE + 0x10_0000, 10_000);
+        assert_eq!(&got[12..], &f[12..], "delivered byte for byte through 1023 segments");
+        assert_eq!(counts.rx_frames, 1);
+    }
+
+    #[test]
+    fn test_rx_mergeable_window_stops_at_iov_max() {
+        const BIG: u16 = 4096;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, BIG);
+        // Two chains of 1000 one-byte segments: together enough for a 1530-byte frame, but
+        // 2000 iovecs, more than one read takes.
+        add_chain(&mq, 0, &segments(DATA_BASE, 1000, 1));
+        add_chain(&mq, 1000, &segments(DATA_BASE + 0x1000, 1000, 1));
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let (long, short) = (frame(1500, 1), frame(900, 2));
+        tap.read_script.borrow_mut().extend([TapStep::Frame(long), TapStep::Frame(short.clone())]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500);
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.rx_dropped, 1, "1500 bytes do not fit the 1000 one read reaches: dropped, not cut");
+        assert_eq!(counts.rx_frames, 1);
+        assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 900)]);
+        let got = read(&mem, DATA_BASE, 900);
+        assert_eq!(&got[12..], &short[12..]);
     }
 }

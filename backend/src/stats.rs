@@ -88,7 +88,7 @@ const COLUMNS: &[(&str, &[&str])] = &[
     ("tx_frames", &["tx_frames"]),
     ("tx_bytes", &["tx_bytes"]),
     ("drops", &["rx_dropped", "tx_dropped"]),
-    ("errors", &["rx_bad_chains", "tx_bad_chains", "tap_errors"]),
+    ("errors", &["rx_bad_chains", "tx_bad_chains", "rx_too_many_segments", "tx_too_many_segments", "tap_errors"]),
     ("no_rx_buf", &["rx_no_buffers"]),
     ("eagain", &["tx_eagain"]),
     ("batches", &["rx_batches", "tx_batches"]),
@@ -153,7 +153,7 @@ pub fn summary_line(dev: &Device, last: &mut PairCounts) -> String {
         now.tx_bytes += c.tx_bytes;
         now.rx_dropped += c.rx_dropped;
         now.tx_dropped += c.tx_dropped;
-        now.tap_errors += c.tap_errors + c.rx_bad_chains + c.tx_bad_chains;
+        now.tap_errors += c.tap_errors + c.rx_bad_chains + c.tx_bad_chains + c.rx_too_many_segments + c.tx_too_many_segments;
     }
     let line = format!(
         "stats {}: rx {} frames {} B, tx {} frames {} B, drops {}, errors {}, link {}",

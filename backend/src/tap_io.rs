@@ -14,17 +14,18 @@ pub trait TapIo {
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
 }
 
-fn iov_count(iovs: &[IoVec]) -> libc::c_int {
-    // IOV_MAX is 1024; chains are bounded by the queue size (<= 32768) plus region splits, so
-    // clamp rather than overflow: a chain that long is truncated and then rejected by length.
-    iovs.len().min(1024) as libc::c_int
+/// The iovec count for the syscall. The loops never pass more than IOV_MAX (they refuse longer
+/// chains); were they to, the kernel's EINVAL is the answer, never a silently cut frame.
+fn iov_count(iovs: &[IoVec]) -> io::Result<libc::c_int> {
+    libc::c_int::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 impl TapIo for TapQueue {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        let count = iov_count(iovs)?;
         // SAFETY: IoVec is repr(transparent) over libc::iovec; every entry points into mapped
         // guest memory valid for its length for the duration of the call.
-        let n = unsafe { libc::writev(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, iov_count(iovs)) };
+        let n = unsafe { libc::writev(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -33,8 +34,9 @@ impl TapIo for TapQueue {
     }
 
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        let count = iov_count(iovs)?;
         // SAFETY: as above; the entries describe device-writable guest buffers.
-        let n = unsafe { libc::readv(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, iov_count(iovs)) };
+        let n = unsafe { libc::readv(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {

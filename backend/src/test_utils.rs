@@ -10,7 +10,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain_iov::IoVec;
+use crate::chain_iov::{IoVec, IOV_MAX};
 use crate::memory::GuestMem;
 use crate::tap_io::TapIo;
 
@@ -38,15 +38,36 @@ pub fn add_chain(q: &MockSplitQueue<GuestMem>, slot: u16, bufs: &[(u64, u32, boo
     q.add_desc_chains(&descs, slot).unwrap();
 }
 
+/// Makes `heads` available again without writing descriptors, wrapping around the avail ring
+/// (a driver re-posting heads, maybe ones the device has not returned yet).
+pub fn repost_heads(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16, heads: &[u16]) {
+    let avail = q.avail_addr().0;
+    let mut idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+    for h in heads {
+        mem.write_obj(*h, GuestAddress(avail + 4 + 2 * u64::from(idx % size))).unwrap();
+        idx = idx.wrapping_add(1);
+    }
+    mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+}
+
+/// Where the used ring of a mock queue of `size` goes: right after the avail ring. virtio-queue's
+/// mock puts it at `avail.end()`, computed as one byte per entry, so its used ring overlaps the
+/// second half of the avail ring and tests that fill more than half a ring read garbage.
+pub fn used_addr(q: &MockSplitQueue<GuestMem>, size: u16) -> u64 {
+    (q.avail_addr().0 + 4 + 2 * u64::from(size) + 2).next_multiple_of(4)
+}
+
 pub fn queue(q: &MockSplitQueue<GuestMem>, event_idx: bool) -> Queue {
     let mut queue: Queue = q.create_queue().unwrap();
+    let used = used_addr(q, queue.size());
+    queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
     queue.set_event_idx(event_idx);
     queue
 }
 
 /// The used ring's entries (id, len) up to its published index.
 pub fn used_entries(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16) -> Vec<(u32, u32)> {
-    let base = q.used_addr().0;
+    let base = used_addr(q, size);
     let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
     (0..idx)
         .map(|i| {
@@ -82,8 +103,17 @@ fn gather(iovs: &[IoVec]) -> Vec<u8> {
     out
 }
 
+/// What the kernel answers to a readv/writev of more than IOV_MAX iovecs.
+fn check_iov_max(iovs: &[IoVec]) -> io::Result<()> {
+    if iovs.len() > IOV_MAX {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
 impl TapIo for MockTap {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        check_iov_max(iovs)?;
         match self.write_script.borrow_mut().pop_front().unwrap_or(TapStep::Accept) {
             TapStep::Fail(errno) => Err(io::Error::from_raw_os_error(errno)),
             _ => {
@@ -96,6 +126,7 @@ impl TapIo for MockTap {
     }
 
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        check_iov_max(iovs)?;
         match self.read_script.borrow_mut().pop_front() {
             None => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
             Some(TapStep::Fail(errno)) => Err(io::Error::from_raw_os_error(errno)),

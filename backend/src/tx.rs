@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vutap_virtio::features::{HDR_LEN, MAX_GSO_FRAME};
 use vutap_virtio::{ChainLimits, Direction};
 
-use crate::chain_iov::{collect_iovecs, IoVec};
+use crate::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 use crate::memory_guard::FaultWatch;
@@ -99,10 +99,16 @@ impl TxLoop {
             };
             let head = chain.head_index();
             self.iovs.clear();
-            let len = match collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, &mut self.iovs, None) {
+            let len = match collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) {
                 Ok(len) => len,
                 Err(e) => {
-                    counts.tx_bad_chains += 1;
+                    // Refused, not cut: a writev of the first IOV_MAX segments would send a
+                    // truncated frame and count it as sent.
+                    if matches!(e, BadChain::TooManySegments { .. }) {
+                        counts.tx_too_many_segments += 1;
+                    } else {
+                        counts.tx_bad_chains += 1;
+                    }
                     if !self.warned_bad_chain {
                         warn!("dropping malformed TX chain {head}: {e} (further ones only counted)");
                         self.warned_bad_chain = true;
@@ -312,5 +318,47 @@ mod tests {
         assert!(matches!(outcome, TxOutcome::TapGone(_)));
         assert_eq!(q.next_avail(), 0);
         assert!(used_entries(&mq, &mem, SIZE).is_empty());
+    }
+
+    #[test]
+    fn test_tx_bad_chains_use_the_budget() {
+        const BIG: u16 = 128;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, BIG);
+        for i in 0..100u16 {
+            add_chain(&mq, i, &[(DATA_BASE, 8, false)]); // shorter than the header
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut tx = TxLoop::new(64, BIG, 12);
+        let (outcome, notify) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::MoreWork), "{outcome:?}");
+        assert!(notify);
+        assert_eq!((q.next_avail(), used_entries(&mq, &mem, BIG).len()), (64, 64));
+        assert!(matches!(tx.process(&mut q, &mem, &tap, &mut counts).0, TxOutcome::Idle));
+        assert_eq!((counts.tx_bad_chains, counts.tx_batches), (100, 2));
+    }
+
+    #[test]
+    fn test_tx_chain_over_iov_max_is_refused_not_cut() {
+        const BIG: u16 = 4096;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, BIG);
+        let f = frame(IOV_MAX * 4 + 4, 5);
+        put(&mem, DATA_BASE, &f);
+        // The same frame in IOV_MAX + 1 and in IOV_MAX four-byte descriptors.
+        let over: Vec<_> = (0..=IOV_MAX as u64).map(|i| (DATA_BASE + 4 * i, 4, false)).collect();
+        let at: Vec<_> = (0..IOV_MAX as u64).map(|i| (DATA_BASE + 4 * i, 4, false)).collect();
+        add_chain(&mq, 0, &over);
+        add_chain(&mq, 1100, &at);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        TxLoop::new(64, BIG, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!((counts.tx_too_many_segments, counts.tx_bad_chains), (1, 0));
+        assert_eq!((counts.tx_frames, counts.tx_bytes), (1, IOV_MAX as u64 * 4));
+        assert_eq!(*tap.written.borrow(), vec![f[..IOV_MAX * 4].to_vec()], "only the chain one writev takes is sent");
+        assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 0), (1100, 0)]);
     }
 }

@@ -2,8 +2,11 @@
 //! eventfd, running the TX and RX batch loops in turn.
 //!
 //! On each wake it drains each direction until the ring is empty, the tap would block, or the
-//! batch budget runs out; does one used-ring update per batch; signals the guest at most once
-//! per batch; then re-enables notifications and re-checks before sleeping.
+//! batch budget runs out (frames, and for RX also chains popped, so a guest that never stops
+//! posting, even bad chains, cannot keep the thread from its stop eventfd); does one used-ring
+//! update per batch; signals the guest at most once per batch; then re-enables notifications
+//! and re-checks before sleeping. Work left when a budget runs out stays pending, so the next
+//! epoll_wait does not sleep.
 
 use std::io;
 use std::os::fd::AsRawFd;

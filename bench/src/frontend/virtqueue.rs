@@ -207,11 +207,7 @@ impl DriverQueue {
     }
 
     fn u16_at(&self, gpa: u64) -> &AtomicU16 {
-        let p = self.mem.ptr(gpa, 2).expect("ring inside guest memory (checked in new)");
-        // SAFETY: p is 2-byte aligned (rings are 4-aligned, fields at even offsets) and inside
-        // the mapping, which outlives &self via the Arc; the device accesses it concurrently,
-        // hence atomic access.
-        unsafe { &*(p as *const AtomicU16) }
+        ring_u16(&self.mem, gpa)
     }
 
     fn avail_ring_slot(&self, i: u16) -> &AtomicU16 {
@@ -456,6 +452,12 @@ impl DriverQueue {
         self.publish();
     }
 
+    /// A handle that posts heads on this queue from another thread, as a guest vCPU racing the
+    /// rest of the driver would. Do not add chains through `self` while it is in use.
+    pub fn raw_poster(&self) -> io::Result<RawPoster> {
+        Ok(RawPoster { mem: self.mem.clone(), layout: self.layout, kick: self.kick.try_clone()?, avail_idx: self.avail_idx })
+    }
+
     /// Writes an arbitrary indirect-table entry `slot` of table `table` (0..size).
     pub fn write_indirect_raw(&self, table: u16, slot: u16, desc: Descriptor) -> u64 {
         let gpa = self.layout.indirect
@@ -463,6 +465,52 @@ impl DriverQueue {
             + 16 * u64::from(slot % self.layout.indirect_max.max(1));
         self.mem.write(gpa, &desc.to_bytes());
         gpa
+    }
+}
+
+/// A 16-bit ring field at `gpa`, for atomic access shared with the device.
+fn ring_u16(mem: &GuestMemory, gpa: u64) -> &AtomicU16 {
+    let p = mem.ptr(gpa, 2).expect("ring inside guest memory (checked in DriverQueue::new)");
+    // SAFETY: p is 2-byte aligned (rings are 4-aligned, fields at even offsets) and inside the
+    // mapping, which outlives the borrow of `mem`; the device accesses it concurrently, hence
+    // atomic access.
+    unsafe { &*(p as *const AtomicU16) }
+}
+
+/// Posts heads on one queue from a thread of its own, with no bookkeeping (hostile-input tests:
+/// a guest that re-posts heads it has not got back). Made by [`DriverQueue::raw_poster`].
+pub struct RawPoster {
+    mem: Arc<GuestMemory>,
+    layout: QueueLayout,
+    kick: EventFd,
+    avail_idx: u16,
+}
+
+impl RawPoster {
+    /// Appends `heads` to the avail ring and publishes the new index.
+    pub fn post(&mut self, heads: &[u16]) {
+        for h in heads {
+            let slot = self.layout.avail + 4 + 2 * u64::from(self.avail_idx % self.layout.size);
+            ring_u16(&self.mem, slot).store(*h, Ordering::Relaxed);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        // Release: the entries are visible before the index that covers them.
+        ring_u16(&self.mem, self.layout.avail + 2).store(self.avail_idx, Ordering::Release);
+    }
+
+    /// The avail index published so far.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The used index the device last published.
+    pub fn used_idx(&self) -> u16 {
+        ring_u16(&self.mem, self.layout.used + 2).load(Ordering::Acquire)
+    }
+
+    /// Notifies the device.
+    pub fn kick(&self) -> io::Result<()> {
+        self.kick.write(1)
     }
 }
 
