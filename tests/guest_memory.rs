@@ -11,7 +11,6 @@
 mod common;
 mod hardening_util;
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -22,6 +21,7 @@ use std::time::Duration;
 use common::*;
 use vhost::vhost_user::message::FrontendReq;
 use vutap_bench::testbed::free_port;
+use vutap_bench::testbed::scrape::{http_get, metric};
 use hardening_util::{closed_within, conn_fd, memfd, raw_send, NO_REPLY};
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
@@ -33,22 +33,6 @@ const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
 const WAIT: Duration = Duration::from_secs(10);
 /// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
 const VHOST_F_LOG_ALL: u64 = 26;
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of the sample `name{labels}` in Prometheus text.
-fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = format!("{name}{{{labels}}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 /// One device of the vutap under test: its socket, its tap and the far end on the tap.
 struct Dev {

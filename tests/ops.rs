@@ -4,7 +4,6 @@
 //!
 //! Needs root (netns, veth, macvtaps via the testbed) and a built `vutap` binary.
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,29 +13,11 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_bench::testbed::scrape::{http_get, metric, read_backend_req, vutap_stats as stats};
 use vutap_bench::testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topology, Vutap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-
-fn stats(endpoint: &str) -> (i32, String) {
-    let out = Command::new(Vutap::binary().unwrap()).args(["stats", endpoint]).output().unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of the sample `name{labels}` in Prometheus text, e.g. `metric(t, "vutap_link_up", "device=\"a\"")`.
-fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = format!("{name}{{{labels}}} ");
-    text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok())
-}
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -55,8 +36,7 @@ fn broadcast_frame(src: [u8; 6]) -> Vec<u8> {
 }
 
 fn mac_of(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
-    v.try_into().unwrap()
+    vutap::tap::parse_mac(s.trim()).unwrap_or_else(|| panic!("bad MAC {s:?}"))
 }
 
 #[test]
@@ -201,15 +181,6 @@ fn test_ops_user_drops_to_nobody_without_capabilities() {
     drop(v);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such user"), "{out:?}");
-}
-
-/// Reads one backend request header from the channel, within `timeout`.
-fn read_backend_req(ch: &mut UnixStream, timeout: Duration) -> Option<(u32, u32, u32)> {
-    ch.set_read_timeout(Some(timeout)).unwrap();
-    let mut h = [0u8; 12];
-    ch.read_exact(&mut h).ok()?;
-    let u = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
-    Some((u(0), u(4), u(8)))
 }
 
 #[test]

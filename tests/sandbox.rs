@@ -8,8 +8,6 @@
 //! Needs root (netns, veth, macvtaps via the testbed) and a built `vutap` binary.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::sync::Mutex;
@@ -17,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::{log_dir, MacvtapMode, Topology, Vutap};
+use vutap_bench::testbed::scrape::{http_get, metric_sum, read_backend_req, vutap_stats as stats};
+use vutap_bench::testbed::{free_port, log_dir, MacvtapMode, Topology, Vutap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -29,53 +28,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn stats(endpoint: &str) -> (i32, String) {
-    let out = Command::new(Vutap::binary().unwrap())
-        .args(["stats", endpoint])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-/// The sum of the samples of `name` whose labels contain `labels`.
-fn metric_sum(text: &str, name: &str, labels: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(labels))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
-        .sum()
-}
-
-fn mac_of(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
 }
 
 /// A broadcast frame from `src` with an experimental ethertype and a sequence number.
@@ -176,15 +128,6 @@ fn assert_nothing_refused(log: &str) {
     }
 }
 
-/// Reads one backend request header from the channel, within `timeout`.
-fn read_backend_req(ch: &mut UnixStream, timeout: Duration) -> Option<(u32, u32, u32)> {
-    ch.set_read_timeout(Some(timeout)).unwrap();
-    let mut h = [0u8; 12];
-    ch.read_exact(&mut h).ok()?;
-    let u = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
-    Some((u(0), u(4), u(8)))
-}
-
 #[test]
 fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -237,7 +180,7 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     .unwrap();
 
     // TX on a's worker, through the lower (bridge mode), RX on b's workers: byte for byte.
-    let (a, ma) = (topo.taps[0].ifname.clone(), mac_of(&topo.taps[0].mac));
+    let (a, ma) = (topo.taps[0].ifname.clone(), parse_mac(&topo.taps[0].mac));
     let sent: Vec<Vec<u8>> = (0..5).map(|i| frame(ma, i)).collect();
     for f in &sent {
         fa.send_frame(0, &VirtioNetHdr::default(), f).unwrap();
@@ -382,7 +325,7 @@ fn test_sandbox_user_and_once_filtered_and_main_thread_ends_the_process() {
     fe.send_frame(
         0,
         &VirtioNetHdr::default(),
-        &frame(mac_of(&topo.taps[0].mac), 1),
+        &frame(parse_mac(&topo.taps[0].mac), 1),
     )
     .unwrap();
     wait_for("tx as nobody", || {
@@ -441,4 +384,8 @@ fn test_sandbox_no_seccomp_leaves_every_thread_unfiltered() {
     let all = tasks(pid);
     assert!(all.len() >= 5, "{all:?}");
     assert!(all.iter().all(|t| (t.mode, t.filters) == (0, 0)), "{all:?}");
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    vutap::tap::parse_mac(s.trim()).unwrap_or_else(|| panic!("bad MAC {s:?}"))
 }

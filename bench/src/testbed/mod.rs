@@ -19,6 +19,7 @@ pub mod guest;
 pub mod iperf;
 pub mod monitor;
 pub mod scenario;
+pub mod scrape;
 pub mod seed;
 pub mod topo;
 pub mod vutap;
