@@ -26,8 +26,8 @@ pub struct Args {
 
     /// The device: `/dev/tapN` (a macvtap's char device; N is its ifindex), an interface name
     /// (a macvtap is resolved to its /dev/tapN; anything else is opened as a multi-queue tap
-    /// through /dev/net/tun, and created if missing), or `fd:3,4` (inherited fds, one per queue
-    /// pair).
+    /// through /dev/net/tun, and created if missing; a tap made without multi_queue is served
+    /// with --queues 1), or `fd:3,4` (inherited fds, one per queue pair).
     #[arg(long, value_name = "SPEC", requires = "socket")]
     pub tap: Option<String>,
 
