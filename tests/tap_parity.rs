@@ -3,6 +3,9 @@
 //! and persistent taps owned by another user (served when vutap runs as that user, refused with
 //! the reason otherwise). Each served tap carries frames both ways, compared byte for byte.
 //!
+//! Inherited fds (QEMU's `fd=`, libvirt) are served when opened with `IFF_VNET_HDR` and refused,
+//! with the reason, when opened without it (QEMU's `vnet_hdr=off`).
+//!
 //! Needs root (creates taps in the host namespace, runs vutap as `nobody`) and a built `vutap`.
 
 mod common;
@@ -197,4 +200,78 @@ fn test_tap_parity_persistent_tap_of_another_user() {
             "CAP_NET_ADMIN",
         ],
     );
+}
+
+/// Opens one queue of tap `name` the way a manager would hand it over: `/dev/net/tun`, TUNSETIFF
+/// with `flags`, and no close-on-exec so a spawned vutap inherits it.
+fn open_inheritable_queue(name: &str, flags: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        flags: u16,
+        _pad: [u8; 22],
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: a NUL-terminated path; the returned fd is checked and then owned.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+    assert!(
+        fd >= 0,
+        "open /dev/net/tun: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: open just returned this fd; nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `req` is a valid ifreq for TUNSETIFF, alive across the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            TUNSETIFF as _,
+            &mut req as *mut IfReq,
+        )
+    };
+    assert!(
+        rc == 0,
+        "TUNSETIFF {name} {flags:#x}: {}",
+        std::io::Error::last_os_error()
+    );
+    fd
+}
+
+#[test]
+fn test_tap_parity_inherited_fd_with_and_without_vnet_hdr() {
+    use std::os::fd::AsRawFd;
+    const IFF_TAP: u16 = 0x0002;
+    const IFF_NO_PI: u16 = 0x1000;
+    const IFF_VNET_HDR: u16 = 0x4000;
+    let _g = serial();
+
+    let tap = UserTap::create(&["vnet_hdr"]);
+    let fd = open_inheritable_queue(&tap.name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
+    let dir = log_dir("tap-parity-fd").unwrap();
+    let sock = dir.join("vutap.sock");
+    let v = Vutap::spawn(
+        &sock,
+        Path::new(&format!("fd:{}", fd.as_raw_fd())),
+        1,
+        &[],
+        &dir,
+    )
+    .unwrap();
+    drop(fd); // vutap holds its own copy
+    check_frames_both_ways(&sock, &tap.name);
+    drop(v);
+    drop(tap);
+
+    // QEMU's vnet_hdr=off: the fd carries bare frames, and the flag cannot be added later.
+    let tap = UserTap::create(&[]);
+    let fd = open_inheritable_queue(&tap.name, IFF_TAP | IFF_NO_PI);
+    let (code, lines) = run_refused(&mut vutap(&sock, &format!("fd:{}", fd.as_raw_fd()), 1));
+    assert_one_line(code, &lines, &[&tap.name, "without IFF_VNET_HDR"]);
 }
