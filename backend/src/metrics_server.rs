@@ -359,9 +359,11 @@ impl Endpoint {
         }
     }
 
-    /// Accepts every pending connection of listener `i`; a unix one gets the text at once.
+    /// Accepts the pending connections of listener `i` (at most [`MAX_CONNECTIONS`] a turn); a
+    /// unix one gets the text at once.
     fn accept_all(&mut self, i: usize, render: &impl Fn() -> String) {
-        loop {
+        // Bounded, so a flood of connections cannot keep the loop here while others wait.
+        for _ in 0..MAX_CONNECTIONS {
             // SAFETY: accept4 on a listening socket we own; the peer address is not wanted
             // (null pointers are allowed). The new fd is non-blocking and close-on-exec.
             let fd = unsafe {
@@ -453,6 +455,21 @@ impl Connection {
                     }
                 }
             }
+            if *sent >= out.len() {
+                discard_unread(&self.fd);
+            }
+        }
+    }
+}
+
+/// Reads and drops what the client sent beyond its request head (an over-long head, a body),
+/// so that closing the socket sends FIN rather than a reset that could destroy the answer
+/// before the client reads it. Bounded; never blocks.
+fn discard_unread(fd: &OwnedFd) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        if !matches!(recv_nonblocking(fd, &mut buf), Io::Done(_)) {
+            break;
         }
     }
 }
