@@ -275,3 +275,121 @@ fn test_tap_parity_inherited_fd_with_and_without_vnet_hdr() {
     let (code, lines) = run_refused(&mut vutap(&sock, &format!("fd:{}", fd.as_raw_fd()), 1));
     assert_one_line(code, &lines, &[&tap.name, "without IFF_VNET_HDR"]);
 }
+
+/// The value of `name{device="DEV",queue_pair="0"}` on vutap's metrics endpoint.
+fn pair0_counter(port: u16, device: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let key = format!("{name}{{device=\"{device}\",queue_pair=\"0\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+}
+
+/// Test frames waiting on a macvtap queue (each after its 10-byte virtio_net_hdr), until `n`
+/// have arrived or none comes for a while.
+fn read_test_frames(queue: &std::fs::File, n: usize) -> Vec<Vec<u8>> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n && Instant::now() < deadline {
+        match (&*queue).read(&mut buf) {
+            Ok(len) if len > 10 && common::is_test_frame(&buf[10..len]) => {
+                got.push(buf[10..len].to_vec())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: queue.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, alive across the call.
+                unsafe { libc::poll(&mut p, 1, 100) };
+            }
+            Err(e) => panic!("read from the receiving macvtap: {e}"),
+        }
+    }
+    got
+}
+
+/// QEMU's `sndbuf=`: `--sndbuf` bounds the bytes a tap queue has in flight. Frames from one
+/// macvtap to another on the same lower stay charged to the writer until the receiver reads
+/// them, so with the receiver not reading, a 32 KiB limit makes vutap wait (EAGAIN, counted)
+/// after a few frames, while the default (unlimited) writes all 64. Either way every frame
+/// arrives, in order and unchanged, once the receiver reads.
+#[test]
+fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+    use vutap_bench::testbed::{free_port, MacvtapMode, Topology};
+    let _g = serial();
+    for limit in [Some("32768"), None] {
+        let topo = Topology::new(2, MacvtapMode::Bridge).unwrap();
+        let receiver = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&topo.taps[1].dev)
+            .unwrap();
+        let dir = log_dir("tap-parity-sndbuf").unwrap();
+        let sock = dir.join("vutap.sock");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut extra = vec!["--metrics-addr", addr.as_str()];
+        if let Some(bytes) = limit {
+            extra.extend(["--sndbuf", bytes]);
+        }
+        let v = Vutap::spawn(&sock, &topo.taps[0].dev, 1, &extra, &dir).unwrap();
+        let device = topo.taps[0].ifname.as_str();
+        let mut fe = NetFrontend::connect(&sock, FrontendOptions::default()).unwrap();
+        let (src, dst) = (
+            common::parse_mac(&topo.taps[0].mac),
+            common::parse_mac(&topo.taps[1].mac),
+        );
+        let frames: Vec<Vec<u8>> = (0..64)
+            .map(|seq| common::test_frame(dst, src, 1514, seq))
+            .collect();
+        for f in &frames {
+            fe.send_frame(0, &VirtioNetHdr::default(), f).unwrap();
+        }
+        let written = || pair0_counter(port, device, "vutap_tx_frames_total");
+        let waits = || pair0_counter(port, device, "vutap_tx_eagain_total");
+        assert!(
+            common::wait_until(Duration::from_secs(10), || written() == 64 || waits() >= 1),
+            "vutap neither wrote every frame nor waited: {} written\n{}",
+            written(),
+            v.log_text()
+        );
+        let (w, e) = (written(), waits());
+        eprintln!(
+            "sndbuf {limit:?}: {w} frames written, {e} EAGAIN wait(s) before the receiver read"
+        );
+        match limit {
+            Some(_) => assert!(e >= 1 && w < 64, "with --sndbuf: {w} written, {e} waits"),
+            None => assert_eq!((w, e), (64, 0), "unlimited: every frame written at once"),
+        }
+        let got = read_test_frames(&receiver, frames.len());
+        assert_eq!(got.len(), frames.len(), "frames at the receiving macvtap");
+        assert!(got == frames, "frames changed or reordered on the way");
+        assert!(
+            common::wait_until(Duration::from_secs(5), || written() == 64),
+            "{}",
+            v.log_text()
+        );
+        if limit.is_some() {
+            assert!(
+                v.log_text()
+                    .contains("tap send buffer 32768 bytes per queue"),
+                "{}",
+                v.log_text()
+            );
+        }
+    }
+}
