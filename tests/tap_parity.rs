@@ -4,9 +4,11 @@
 //! the reason otherwise). Each served tap carries frames both ways, compared byte for byte.
 //!
 //! Inherited fds (QEMU's `fd=`, libvirt) are served when opened with `IFF_VNET_HDR` and refused,
-//! with the reason, when opened without it (QEMU's `vnet_hdr=off`).
+//! with the reason, when opened without it (QEMU's `vnet_hdr=off`). `--sndbuf` (QEMU's
+//! `sndbuf=`) bounds what a queue has in flight.
 //!
-//! Needs root (creates taps in the host namespace, runs vutap as `nobody`) and a built `vutap`.
+//! Needs root (creates taps in the host namespace and macvtaps in a netns topology, runs vutap
+//! as `nobody`) and a built `vutap`.
 
 mod common;
 mod tap_util;
