@@ -21,8 +21,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-# Tools plus the shared libraries both QEMU builds link against (union of their Depends).
-pkgs=(busybox-static iperf3 ethtool cpio iproute2 kmod procps dpdk dpdk-dev systemd seabios ipxe-qemu
+# Tools (binutils: objdump and strip for scripts/build-deb.sh) plus the shared libraries both QEMU builds link against (union of their Depends).
+pkgs=(busybox-static iperf3 ethtool cpio iproute2 kmod procps dpdk dpdk-dev systemd seabios ipxe-qemu binutils
   libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libhogweed6
   libibverbs1 libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 librdmacm1
   libsasl2-2 libseccomp2 libslirp0 libudev1 liburing2 libvdeplug2 libzstd1 zlib1g

@@ -201,13 +201,13 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     got.sort_by_key(|f| f[14]);
     assert_eq!(got, sent, "frames from a, as received on b");
 
-    // Now every thread exists: main, signals, two metrics, stats summary, two link monitors, two
-    // serving threads and three workers.
+    // Now every thread exists: main, signals, metrics (one for TCP and unix), stats summary, two
+    // link monitors, two serving threads and three workers.
     let pid = v.pid();
     let want: BTreeMap<&str, usize> = [
         ("main", 1),
         ("signals", 1),
-        ("metrics", 2),
+        ("metrics", 1),
         ("stats summary", 1),
         ("link monitor", 2),
         ("control", 2),

@@ -26,8 +26,8 @@ pub struct Args {
 
     /// The device: `/dev/tapN` (a macvtap's char device; N is its ifindex), an interface name
     /// (a macvtap is resolved to its /dev/tapN; anything else is opened as a multi-queue tap
-    /// through /dev/net/tun, and created if missing), or `fd:3,4` (inherited fds, one per queue
-    /// pair).
+    /// through /dev/net/tun, and created if missing; a tap made without multi_queue is served
+    /// with --queues 1), or `fd:3,4` (inherited fds, one per queue pair).
     #[arg(long, value_name = "SPEC", requires = "socket")]
     pub tap: Option<String>,
 
@@ -47,6 +47,12 @@ pub struct Args {
     /// Serve the same metrics text on a unix socket (read by `vutap stats PATH`).
     #[arg(long, value_name = "PATH")]
     pub metrics_unix: Option<PathBuf>,
+
+    /// Send buffer of every tap queue, in bytes, like QEMU's `-netdev tap,sndbuf=`: once that
+    /// many bytes written to a queue are still in flight (not yet consumed by whoever receives
+    /// them), TX waits for the tap (it never drops). Default, and 0: unlimited (QEMU's default).
+    #[arg(long, value_name = "BYTES")]
+    pub sndbuf: Option<u64>,
 
     /// Log a one-line traffic summary per device every N seconds.
     #[arg(long, value_name = "SECS")]
@@ -208,6 +214,8 @@ pub struct DaemonConfig {
     pub stats_interval: Option<u64>,
     pub user: Option<String>,
     pub link_poll_ms: u64,
+    /// `--sndbuf`, when it sets a limit (0 and values past `i32::MAX` mean unlimited).
+    pub sndbuf: Option<i32>,
 }
 
 /// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
@@ -280,6 +288,7 @@ impl TryFrom<Args> for DaemonConfig {
             stats_interval: args.stats_interval.filter(|s| *s > 0),
             user: args.user,
             link_poll_ms: args.link_poll_ms,
+            sndbuf: args.sndbuf.filter(|&b| b > 0).and_then(|b| i32::try_from(b).ok()),
         })
     }
 }
@@ -326,6 +335,18 @@ mod tests {
         assert_eq!(DaemonConfig::try_from(only).unwrap().devices.len(), 1);
         assert!(Args::try_parse_from(["vutap", "--socket", "/s"]).is_err(), "--socket needs --tap");
         assert!(Args::try_parse_from(["vutap"]).is_err(), "a device is required");
+    }
+
+    #[test]
+    fn test_sndbuf_zero_and_huge_mean_unlimited() {
+        let daemon = |v: &str| {
+            let a = Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--sndbuf", v]).unwrap();
+            DaemonConfig::try_from(a).unwrap().sndbuf
+        };
+        assert_eq!(daemon("65536"), Some(65536));
+        assert_eq!(daemon("0"), None);
+        assert_eq!(daemon("4294967296"), None);
+        assert!(Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--sndbuf", "-1"]).is_err());
     }
 
     #[test]

@@ -57,6 +57,19 @@ fn open_one(cfg: &crate::cli::NamedDevice) -> Result<Ready, StartError> {
     Ok(Ready { dev: Arc::new(dev), mode, listener, once: cfg.config.once })
 }
 
+/// `--sndbuf`: replaces the unlimited send buffer `Tap::open` sets on every queue.
+fn apply_sndbuf(ready: &[Ready], bytes: i32) {
+    for r in ready {
+        for (pair, q) in r.dev.queues.iter().enumerate() {
+            match q.set_sndbuf(bytes) {
+                Ok(()) => {}
+                Err(e) => warn!("device {} queue pair {pair}: TUNSETSNDBUF {bytes}: {e}; the send buffer stays unlimited", r.dev.label),
+            }
+        }
+        info!("device {}: tap send buffer {bytes} bytes per queue", r.dev.label);
+    }
+}
+
 /// Runs until every device is done (only with `--once`), or until SIGTERM/SIGINT exits the process.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     let total = config.devices.len();
@@ -70,6 +83,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     if ready.is_empty() {
         return Err(DaemonError::NoDevice(total));
+    }
+    if let Some(bytes) = config.sndbuf {
+        apply_sndbuf(&ready, bytes);
     }
     let metrics = MetricsServer::bind(config.metrics_addr, config.metrics_unix.as_deref())?;
 

@@ -26,6 +26,7 @@ pub mod mapped_fd;
 pub mod memory;
 pub mod memory_guard;
 pub mod metrics;
+pub mod metrics_http;
 pub mod metrics_server;
 pub mod privilege;
 pub mod rx;

@@ -2,7 +2,7 @@
 //!
 //! A SPEC is `/dev/tapN` (a macvtap's character device), an interface name (a macvtap is
 //! resolved to its `/dev/tap<ifindex>`, anything else opened through `/dev/net/tun` as a
-//! multi-queue tap, created if missing), or `fd:3,4` (fds inherited from a manager).
+//! multi-queue tap, created if missing, or as a single-queue tap with one queue pair), or `fd:3,4` (fds inherited from a manager).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -334,24 +334,51 @@ fn macvtap_dev_path(name: &str) -> Result<PathBuf, TapError> {
     Ok(path)
 }
 
-/// Opens (creating it if missing) the multi-queue tap `name` `queues` times.
+/// Why TUNSETIFF on `/dev/net/tun` failed, in the user's terms.
+fn tun_hint(source: &io::Error, multi_queue: bool) -> &'static str {
+    match source.raw_os_error() {
+        Some(libc::EINVAL) if multi_queue => {
+            " (the existing device is not a multi_queue tap: recreate it with `ip tuntap add NAME mode tap multi_queue vnet_hdr`, or serve it with --queues 1)"
+        }
+        Some(libc::EINVAL) => " (an interface of that name exists but is not a tap: a tun (L3) device or another kind of link)",
+        Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN, or to run as the tap's owner user/group: `ip tuntap add NAME mode tap user U`)",
+        Some(libc::EBUSY) => " (the tap is not multi_queue and another process, e.g. QEMU, already has it open)",
+        _ => "",
+    }
+}
+
+/// Opens (creating it if missing) the tap `name` `queues` times, as a multi-queue tap.
+///
+/// A tap created without `multi_queue` (as QEMU's own tap backend accepts) is served when one
+/// queue pair is asked for: it has a single queue, which the kernel never detaches, so frames
+/// that arrive while no frontend is connected wait on it (up to its txqueuelen) and reach the
+/// guest when the pair starts, as with QEMU's tap backend while a VM is stopped.
 fn open_tun(name: &str, queues: usize) -> Result<Tap, TapError> {
     let mut tap_queues = Vec::with_capacity(queues);
     let mut actual = name.to_string();
+    let mut multi_queue = true;
     for _ in 0..queues {
         let file = open_nonblocking(Path::new("/dev/net/tun"))?;
-        let mut req = IfReq::new(&actual, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE);
-        ioctl_ifreq(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| {
-            let hint = match source.raw_os_error() {
-                Some(libc::EINVAL) => " (the existing device is not a multi_queue tap: recreate it with `ip tuntap add NAME mode tap multi_queue vnet_hdr`)",
-                Some(libc::EPERM) => " (creating or attaching a tap needs CAP_NET_ADMIN or the tap's owner)",
-                Some(libc::EBUSY) => " (the tap is in use by a non-multi-queue owner)",
-                _ => "",
-            };
-            TapError::SetIff { name: actual.clone(), hint, source }
-        })?;
+        let base = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        let mut req = IfReq::new(&actual, base | IFF_MULTI_QUEUE);
+        let mut result = ioctl_ifreq(file.as_raw_fd(), TUNSETIFF, &mut req);
+        if queues == 1 && matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+            // Maybe a single-queue tap: the kernel refuses a multi_queue open of it.
+            let mut single = IfReq::new(&actual, base);
+            if ioctl_ifreq(file.as_raw_fd(), TUNSETIFF, &mut single).is_ok() {
+                multi_queue = false;
+                req = single;
+                result = Ok(());
+            }
+        }
+        result.map_err(|source| TapError::SetIff { name: actual.clone(), hint: tun_hint(&source, queues > 1), source })?;
         actual = req.name();
         tap_queues.push(TapQueue { fd: file.into() });
+    }
+    if !multi_queue {
+        log::info!(
+            "tap {actual} is not multi_queue: serving its one queue, which cannot be detached: frames that arrive while no frontend is connected wait on it (up to its txqueuelen) instead of being dropped; create it with `multi_queue` for more queue pairs"
+        );
     }
     let (mac, mtu) = link_info(&actual);
     Ok(Tap { queues: tap_queues, kind: TapKind::Tap, name: Some(actual), mac, mtu })
@@ -374,8 +401,11 @@ fn adopt_fds(fds: &[RawFd], queues: usize) -> Result<Tap, TapError> {
         set_nonblocking(fd).map_err(|source| TapError::InheritedNotTap { fd, source })?;
         if req.flags & IFF_VNET_HDR == 0 {
             let mut set = IfReq::new(&req.name(), wanted);
-            ioctl_ifreq(fd, TUNSETIFF, &mut set)
-                .map_err(|source| TapError::SetIff { name: req.name(), hint: " (fd lacks IFF_VNET_HDR)", source })?;
+            ioctl_ifreq(fd, TUNSETIFF, &mut set).map_err(|source| TapError::SetIff {
+                name: req.name(),
+                hint: " (the inherited fd was opened without IFF_VNET_HDR, which cannot be set on an attached fd: open it with vnet_hdr, e.g. QEMU/libvirt `vnet_hdr=on`)",
+                source,
+            })?;
         }
         tap_queues.push(TapQueue { fd: owned });
     }

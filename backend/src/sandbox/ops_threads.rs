@@ -43,31 +43,16 @@ const SIGNALS_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_exit_group,
 ];
 
-/// The metrics threads (HTTP on TCP, and the unix socket): accept on the listener bound before
-/// the drop of privileges, read a request with a timeout, write the answer, close.
+/// The metrics thread (HTTP on TCP and the unix socket, one loop): waits in ppoll, accepts on
+/// the listeners bound before the drop of privileges (non-blocking, close-on-exec), reads a
+/// request and writes the answer without blocking, closes.
 const METRICS_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_ppoll,
     libc::SYS_accept4,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_close,
 ];
-
-/// setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, ..): the HTTP request's read timeout, nothing else.
-const METRICS_WITH_ARGS: &[(libc::c_long, &[ArgMatch])] = &[(
-    libc::SYS_setsockopt,
-    &[
-        ArgMatch {
-            arg: 1,
-            mask: u32::MAX as u64,
-            value: libc::SOL_SOCKET as u64,
-        },
-        ArgMatch {
-            arg: 2,
-            mask: u32::MAX as u64,
-            value: libc::SO_RCVTIMEO as u64,
-        },
-    ],
-)];
 
 /// A link monitor: reads `/sys/class/net/IF/carrier` (std sizes the read with statx), sleeps, and sends CONFIG_CHANGE_MSG on the
 /// frontend's backend request channel (a socket the serving thread received).
@@ -107,7 +92,7 @@ pub const SIGNALS: AllowList = AllowList {
 pub const METRICS: AllowList = AllowList {
     name: "metrics",
     any_args: &[THREAD_RUNTIME, METRICS_SYSCALLS],
-    with_args: METRICS_WITH_ARGS,
+    with_args: &[],
 };
 
 pub const LINK_MONITOR: AllowList = AllowList {
@@ -147,9 +132,10 @@ mod tests {
         Spawn,
         Sleep,
         RestartSyscall,
+        Poll,
     }
 
-    const PROBES: [Probe; 17] = [
+    const PROBES: [Probe; 18] = [
         Probe::Execve,
         Probe::Ptrace,
         Probe::SetUid,
@@ -167,6 +153,7 @@ mod tests {
         Probe::Spawn,
         Probe::Sleep,
         Probe::RestartSyscall,
+        Probe::Poll,
     ];
 
     /// The errno of `probe` on the calling thread (0: it worked).
@@ -240,6 +227,13 @@ mod tests {
                         Err(e) => e.raw_os_error().unwrap_or(-1),
                     }
                 }
+                Probe::Poll => {
+                    let ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    libc::ppoll(std::ptr::null_mut(), 0, &ts, std::ptr::null()) as libc::c_long
+                }
                 // Without an interrupted sleep to resume it fails with EINTR.
                 Probe::RestartSyscall => libc::syscall(libc::SYS_restart_syscall),
                 Probe::Sleep => {
@@ -266,7 +260,7 @@ mod tests {
         match kind {
             ThreadKind::Main => &[RestartSyscall],
             ThreadKind::Signals => &[Unlink, Send, Recv, RestartSyscall],
-            ThreadKind::Metrics => &[Accept, Send, Recv, SetRcvTimeout, RestartSyscall],
+            ThreadKind::Metrics => &[Accept, Send, Recv, Poll, RestartSyscall],
             ThreadKind::LinkMonitor => &[OpenRead, Send, Sleep, RestartSyscall],
             ThreadKind::StatsSummary => &[Sleep, RestartSyscall],
             ThreadKind::Control => &[
@@ -283,6 +277,7 @@ mod tests {
                 Spawn,
                 Sleep,
                 RestartSyscall,
+                Poll,
             ],
             ThreadKind::Worker => &[Sleep],
         }
