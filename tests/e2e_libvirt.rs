@@ -202,7 +202,7 @@ fn test_e2e_libvirt_domain_on_vutap() {
     domain.destroy().unwrap();
     drop(console);
     wait_for("vutap to see QEMU go", T, || {
-        vutap.log_text().contains("disconnected")
+        vutap.log_text().matches("frontend disconnected").count() == 1
     });
     domain
         .start()
@@ -259,6 +259,10 @@ fn test_e2e_libvirt_domain_on_vutap() {
     drop(vutap);
     let vutap = start_vutap(&sock, &ifname, &metrics, &dir);
     let respawn_ms = killed.elapsed().as_millis();
+    wait_for("QEMU to reconnect and restart the queues", T, || {
+        vutap.log_text().contains("queue pair 0 started")
+    });
+    let reconnect_ms = killed.elapsed().as_millis();
     seqs.extend(seq_rx.iter());
     let _ = pinger.wait();
     collect.join().unwrap();
@@ -269,7 +273,8 @@ fn test_e2e_libvirt_domain_on_vutap() {
         .unwrap_or(0);
     let last = *seqs.last().unwrap();
     eprintln!(
-        "libvirt: vutap SIGKILL -> respawned in {respawn_ms} ms; {} / {PINGS} replies, largest gap {} ms, last seq {last}",
+        "libvirt: vutap SIGKILL -> respawned in {respawn_ms} ms, queues running again after {reconnect_ms} ms; \
+         {} / {PINGS} replies, largest gap {} ms, last seq {last}",
         seqs.len(),
         max_gap * 100
     );
