@@ -21,13 +21,17 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-# Tools (binutils: objdump and strip for scripts/build-deb.sh) plus the shared libraries both QEMU builds link against (union of their Depends).
+# Tools (binutils: objdump and strip for scripts/build-deb.sh), the shared libraries both QEMU
+# builds link against (union of their Depends), and libvirt's daemon, QEMU driver and virsh
+# (bookworm's 9.0; its domains run the unpacked QEMU through an <emulator> wrapper, see
+# tests/e2e_libvirt.rs).
 pkgs=(busybox-static iperf3 ethtool cpio iproute2 kmod procps dpdk dpdk-dev systemd seabios ipxe-qemu binutils
   libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libhogweed6
   libibverbs1 libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 librdmacm1
   libsasl2-2 libseccomp2 libslirp0 libudev1 liburing2 libvdeplug2 libzstd1 zlib1g
   libasound2 libbrlapi0.8 libcacard0 libcap-ng0 libepoxy0 libgbm1 libncursesw6 libsndio7.0
-  libspice-server1 libtinfo6 libusb-1.0-0 libusbredirparser1)
+  libspice-server1 libtinfo6 libusb-1.0-0 libusbredirparser1
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 
@@ -47,6 +51,13 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# What libvirt-daemon-system would set up, without its systemd units: libvirtd runs QEMU as
+# libvirt-qemu:kvm and refuses to start without them. The tests start virtlogd and libvirtd.
+getent group kvm >/dev/null || groupadd --system kvm
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+id libvirt-qemu >/dev/null 2>&1 || useradd --system --gid kvm --groups libvirt-qemu \
+  --home-dir /var/lib/libvirt --no-create-home --shell /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt
 fetch_qemu qemu7 bookworm
 fetch_qemu qemu10 bookworm-backports
 for v in qemu7 qemu10; do

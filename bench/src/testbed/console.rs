@@ -3,7 +3,6 @@
 //! markers so its output and exit status can be picked out of the stream.
 
 use std::io::{Read, Write};
-use std::process::{ChildStdin, ChildStdout};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,15 +19,20 @@ struct Buffer {
 
 /// Serial console of a running guest.
 pub struct Console {
-    input: ChildStdin,
+    input: Box<dyn Write + Send>,
     shared: Arc<(Mutex<Buffer>, Condvar)>,
     reader: Option<JoinHandle<()>>,
     next_id: u64,
 }
 
 impl Console {
-    /// Starts collecting `output`, copying it raw to `log`.
-    pub fn new(input: ChildStdin, mut output: ChildStdout, mut log: std::fs::File) -> Console {
+    /// Starts collecting `output`, copying it raw to `log`. `input`/`output` are QEMU's stdio
+    /// pipes, or both halves of a unix socket chardev (a libvirt `<serial type='unix'>`).
+    pub fn new(
+        input: impl Write + Send + 'static,
+        mut output: impl Read + Send + 'static,
+        mut log: std::fs::File,
+    ) -> Console {
         let shared = Arc::new((Mutex::new(Buffer::default()), Condvar::new()));
         let sh = Arc::clone(&shared);
         let reader = std::thread::spawn(move || {
@@ -52,7 +56,7 @@ impl Console {
             cv.notify_all();
         });
         Console {
-            input,
+            input: Box::new(input),
             shared,
             reader: Some(reader),
             next_id: 0,
@@ -163,7 +167,7 @@ impl Console {
 
 impl Drop for Console {
     fn drop(&mut self) {
-        // The reader ends when QEMU's stdout closes; the owner kills QEMU before dropping us.
+        // The reader ends when QEMU's stdout (or the socket) closes; the owner stops QEMU first.
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }

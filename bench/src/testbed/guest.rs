@@ -21,7 +21,7 @@ use super::iperf::IperfResult;
 use super::{ensure_guest_built, io_err, workspace_root, Error, Result};
 
 /// Printed by scripts/guest-init once the shell is about to read the console.
-const READY_MARKER: &str = "__VUTAP_GUEST_READY__";
+pub(crate) const READY_MARKER: &str = "__VUTAP_GUEST_READY__";
 
 /// Which of the two unpacked QEMU builds under `.deps/` to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,7 +33,7 @@ pub enum QemuVersion {
 }
 
 impl QemuVersion {
-    fn dir(self) -> PathBuf {
+    pub(crate) fn dir(self) -> PathBuf {
         workspace_root().join(match self {
             QemuVersion::V7 => ".deps/qemu7",
             QemuVersion::V10 => ".deps/qemu10",
@@ -518,7 +518,7 @@ fn path_str(p: &Path) -> Result<&str> {
 
 /// Parses busybox ping's summary: "N packets transmitted, M packets received" and
 /// "round-trip min/avg/max = a/b/c ms".
-fn parse_ping(out: &str) -> Result<PingResult> {
+pub(crate) fn parse_ping(out: &str) -> Result<PingResult> {
     let bad = || Error::Parse {
         what: "ping output".into(),
         detail: out.trim().to_string(),

@@ -6,6 +6,8 @@
 //!   ([`Guest`]).
 //! - [`vutap`]: the `vutap` daemon as a child process ([`Vutap`]).
 //! - [`iperf`]: parsing of `iperf3 -J` reports.
+//! - [`libvirt`]: the same guest as a libvirt domain (daemons, domain from the example XML,
+//!   serial console over a unix socket).
 //! - [`monitor`]: QEMU's human monitor over a unix socket (live migration).
 //! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
 //! - [`seed`]: the seed's experiment (internal/external, vutap vs QEMU tap, VEPA check), table,
@@ -17,6 +19,7 @@ pub mod cmd;
 pub mod console;
 pub mod guest;
 pub mod iperf;
+pub mod libvirt;
 pub mod monitor;
 pub mod scenario;
 pub mod scrape;
