@@ -263,6 +263,19 @@ mod tests {
         assert_eq!(qemu_set_features(before), qemu_set_features(offered_features()));
     }
 
+    /// What QEMU 7.2 and 10.0 sent in SET_FEATURES in tests/e2e_guest.rs (Linux 6.1 guest, 2 and
+    /// 1 queue pairs): MQ without CTRL_VQ, or neither.
+    const QEMU_OBSERVED_SET_FEATURES: &[u64] = &[0x1_7040_ff83, 0x1_7000_ff83];
+
+    #[test]
+    fn test_negotiate_accepts_observed_qemu_sets() {
+        for &acked in QEMU_OBSERVED_SET_FEATURES {
+            assert_eq!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0);
+            let f = Features::negotiate(offered_features(), acked).unwrap();
+            assert!(f.mrg_rxbuf() && f.event_idx() && f.guest_gso());
+        }
+    }
+
     /// What cloud-hypervisor v54 sent in SET_FEATURES for a one-pair device after a Linux 6.1
     /// guest accepted it (vutap's log in tests/e2e_cloud_hypervisor.rs): the guest's acks,
     /// CTRL_VQ and MQ included (with MAC, STATUS, MTU and the protocol bit).
