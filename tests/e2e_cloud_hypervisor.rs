@@ -12,7 +12,8 @@
 //! Needs root, `.deps/qemu10` and `.deps/guest` (scripts/install-deps.sh, build-guest.sh), a
 //! release `vutap`, and the peer binaries in `$VUTAP_PEERS_DIR`, else `<repo>/../shared/peers`:
 //! without them the test fails. `VUTAP_CH_SECS` sets iperf3's seconds per direction (default
-//! 3); `VUTAP_CH_RESULTS=DIR` writes `ch.json` and `ch.md` there (scripts/ch-bench.sh).
+//! 3), `VUTAP_CH_REPS` the rounds whose medians count (default 1); `VUTAP_CH_RESULTS=DIR`
+//! writes `ch.json` and `ch.md` there (scripts/ch-bench.sh).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ impl Drop for L1 {
 }
 
 /// Boots L1 and waits for it to power off; returns its serial console.
-fn run_l1(log_dir: &Path, secs: u32) -> String {
+fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
     let console = log_dir.join("l1-console.log");
@@ -90,7 +91,7 @@ fn run_l1(log_dir: &Path, secs: u32) -> String {
         .arg(root.join(".deps/l1/initrd.img"))
         .args([
             "-append",
-            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs}"),
+            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps}"),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -242,7 +243,14 @@ const TABLE: &[(&str, &str, u32)] = &[
     ("CH virtio-net, fd= (the macvtap's /dev/tapN)", "ch-fd", 1),
 ];
 
-fn write_results(dir: &Path, r: &Results, secs: u32, restart: &str) {
+/// Every round's Mbit/s of one direction (`tx_all=a,b,c`).
+fn all_rounds(r: &Results, scenario: &str, key: &str) -> Vec<f64> {
+    r.get(scenario, "iperf", key).map_or_else(Vec::new, |v| {
+        v.split(',').filter_map(|x| x.parse().ok()).collect()
+    })
+}
+
+fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
     let rows: Vec<Row> = TABLE
         .iter()
         .map(|&(backend, scenario, queue_pairs)| Row {
@@ -256,12 +264,15 @@ fn write_results(dir: &Path, r: &Results, secs: u32, restart: &str) {
     let json = serde_json::json!({
         "setup": "L1: QEMU 10 TCG (-cpu max -smp 2 -m 2048); L2: cloud-hypervisor v54 on KVM in L1, 1 vCPU per queue pair, 512M shared memory",
         "iperf3_secs_per_direction": secs,
+        "iperf3_rounds": reps,
+        "mbps": "median over the rounds; *_all lists every round",
         "tx": "L2 guest -> peer netns in L1 (iperf3 -c, 2 streams per queue pair), receiver Mbit/s",
         "rx": "peer -> L2 guest (iperf3 -c -R), receiver Mbit/s",
         "backend_restart": restart,
         "rows": rows.iter().map(|x| serde_json::json!({
             "backend": x.backend, "scenario": x.scenario, "queue_pairs": x.queue_pairs,
             "tx_mbps": x.tx_mbps, "rx_mbps": x.rx_mbps,
+            "tx_all": all_rounds(r, x.scenario, "tx_all"), "rx_all": all_rounds(r, x.scenario, "rx_all"),
         })).collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(dir).expect("create results dir");
@@ -301,7 +312,7 @@ fn write_results(dir: &Path, r: &Results, secs: u32, restart: &str) {
         ));
     }
     md.push_str(&format!(
-        "\nOne nested run, iperf3 {secs} s per direction, TCG-in-TCG: compare rows with each other, not with other hosts.\nBackend restart: {restart}\n"
+        "\nOne nested run, iperf3 {secs} s per direction, median of {reps} round(s), TCG-in-TCG: compare rows with each other, not with other hosts.\nBackend restart: {restart}\n"
     ));
     std::fs::write(dir.join("ch.md"), md).expect("write ch.md");
 }
@@ -333,7 +344,11 @@ fn test_cloud_hypervisor_nested() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let console = run_l1(&log_dir, secs);
+    let reps: u32 = std::env::var("VUTAP_CH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let console = run_l1(&log_dir, secs, reps);
     let r = Results::parse(&console);
     for l in console
         .lines()
@@ -440,6 +455,6 @@ fn test_cloud_hypervisor_nested() {
         assert_guest_traffic(&r, s, &console);
     }
     if let Some(dir) = std::env::var_os("VUTAP_CH_RESULTS") {
-        write_results(Path::new(&dir), &r, secs, &restart);
+        write_results(Path::new(&dir), &r, secs, reps, &restart);
     }
 }
