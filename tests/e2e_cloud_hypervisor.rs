@@ -228,6 +228,8 @@ struct Row {
     queue_pairs: u32,
     tx_mbps: Option<f64>,
     rx_mbps: Option<f64>,
+    tx_all: Vec<f64>,
+    rx_all: Vec<f64>,
 }
 
 const TABLE: &[(&str, &str, u32)] = &[
@@ -250,6 +252,26 @@ fn all_rounds(r: &Results, scenario: &str, key: &str) -> Vec<f64> {
     })
 }
 
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().checked_sub(1)? / 2).copied()
+}
+
+/// `median (min–max)` of one direction's rounds.
+fn cell(median: Option<f64>, all: &[f64]) -> String {
+    let Some(m) = median else {
+        return "n/a".to_string();
+    };
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if all.len() > 1 {
+        format!("{m:.0} ({lo:.0}–{hi:.0})")
+    } else {
+        format!("{m:.0}")
+    }
+}
+
 fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
     let rows: Vec<Row> = TABLE
         .iter()
@@ -259,8 +281,17 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
             queue_pairs,
             tx_mbps: r.num(scenario, "iperf", "tx_mbps"),
             rx_mbps: r.num(scenario, "iperf", "rx_mbps"),
+            tx_all: all_rounds(r, scenario, "tx_all"),
+            rx_all: all_rounds(r, scenario, "rx_all"),
         })
         .collect();
+    // Host load while L1 ran: other work on the host moves TCG-in-TCG numbers a lot.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let json = serde_json::json!({
         "setup": "L1: QEMU 10 TCG (-cpu max -smp 2 -m 2048); L2: cloud-hypervisor v54 on KVM in L1, 1 vCPU per queue pair, 512M shared memory",
         "iperf3_secs_per_direction": secs,
@@ -268,11 +299,11 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
         "mbps": "median over the rounds; *_all lists every round",
         "tx": "L2 guest -> peer netns in L1 (iperf3 -c, 2 streams per queue pair), receiver Mbit/s",
         "rx": "peer -> L2 guest (iperf3 -c -R), receiver Mbit/s",
+        "host_loadavg_at_end": load,
         "backend_restart": restart,
         "rows": rows.iter().map(|x| serde_json::json!({
             "backend": x.backend, "scenario": x.scenario, "queue_pairs": x.queue_pairs,
-            "tx_mbps": x.tx_mbps, "rx_mbps": x.rx_mbps,
-            "tx_all": all_rounds(r, x.scenario, "tx_all"), "rx_all": all_rounds(r, x.scenario, "rx_all"),
+            "tx_mbps": x.tx_mbps, "rx_mbps": x.rx_mbps, "tx_all": x.tx_all, "rx_all": x.rx_all,
         })).collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(dir).expect("create results dir");
@@ -281,38 +312,42 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
         serde_json::to_string_pretty(&json).expect("json") + "\n",
     )
     .expect("write ch.json");
-    let cell = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
-    let base = |scenario: &str, v: fn(&Row) -> Option<f64>| {
-        rows.iter().find(|x| x.scenario == scenario).and_then(v)
-    };
+
     let mut md = "| backend | queue pairs | tx Mbit/s (guest → peer) | rx Mbit/s (peer → guest) |\n|---|---|---|---|\n".to_string();
     for row in &rows {
         md.push_str(&format!(
             "| {} | {} | {} | {} |\n",
             row.backend,
             row.queue_pairs,
-            cell(row.tx_mbps),
-            cell(row.rx_mbps)
+            cell(row.tx_mbps, &row.tx_all),
+            cell(row.rx_mbps, &row.rx_all)
         ));
     }
+    // vutap with one pair ran twice (two boots): pool both boots' rounds.
+    let pooled = |f: fn(&Row) -> &Vec<f64>| {
+        median(
+            rows.iter()
+                .filter(|x| x.scenario == "vutap-1q" || x.scenario == "vutap-reboot")
+                .flat_map(|x| f(x).clone())
+                .collect(),
+        )
+    };
+    let (vt, vr) = (pooled(|x| &x.tx_all), pooled(|x| &x.rx_all));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
         _ => "n/a".to_string(),
     };
-    md.push_str("\n| vutap 1 pair vs | tx | rx |\n|---|---|---|\n");
-    let (vt, vr) = (
-        base("vutap-1q", |x| x.tx_mbps),
-        base("vutap-1q", |x| x.rx_mbps),
-    );
-    for scenario in ["ch-vhost-user-net", "ch-tap", "ch-fd"] {
+    md.push_str("\n| vutap, 1 pair (median of both boots' rounds) vs | tx | rx |\n|---|---|---|\n");
+    for row in rows.iter().filter(|x| x.scenario.starts_with("ch-")) {
         md.push_str(&format!(
-            "| {scenario} | {} | {} |\n",
-            ratio(vt, base(scenario, |x| x.tx_mbps)),
-            ratio(vr, base(scenario, |x| x.rx_mbps))
+            "| {} | {} | {} |\n",
+            row.backend,
+            ratio(vt, row.tx_mbps),
+            ratio(vr, row.rx_mbps)
         ));
     }
     md.push_str(&format!(
-        "\nOne nested run, iperf3 {secs} s per direction, median of {reps} round(s), TCG-in-TCG: compare rows with each other, not with other hosts.\nBackend restart: {restart}\n"
+        "\nOne nested run (TCG-in-TCG, host load average {load} at the end), iperf3 {secs} s per direction, median (min–max) of {reps} round(s): compare rows with each other, not with other hosts.\n\nBackend restart: {restart}\n"
     ));
     std::fs::write(dir.join("ch.md"), md).expect("write ch.md");
 }
