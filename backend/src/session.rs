@@ -26,6 +26,7 @@ use crate::dirty_log::{DirtyLog, DirtyLogError};
 use crate::mapped_fd::ShrinkSeal;
 use crate::memory::{MemoryError, SharedMemory};
 use crate::used_ring::read_used_idx;
+use vutap_virtio::resume::resume_position;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
 
 /// Largest ring vutap accepts (the split-ring maximum).
@@ -174,9 +175,16 @@ impl Session {
                 v.size, v.desc, v.avail, v.used
             ));
         }
-        q.set_next_avail(v.base);
         // Resume from what the guest last saw, so a restarted backend neither skips nor repeats.
-        q.set_next_used(read_used_idx(&q, &mem.mem).unwrap_or(v.base));
+        let resume = resume_position(v.base, read_used_idx(&q, &mem.mem), v.size);
+        if resume.retaken > 0 {
+            warn!(
+                "vring {index}: base {} is {} chain(s) ahead of the used index {}: resuming there (chains a previous backend left unfinished)",
+                v.base, resume.retaken, resume.next_used
+            );
+        }
+        q.set_next_avail(resume.next_avail);
+        q.set_next_used(resume.next_used);
         Ok(q)
     }
 

@@ -43,6 +43,9 @@ pub const OFFERED_NET_FEATURES: &[u32] = &[
     VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
+    // The VMM runs the control queue (see FRONTEND_OWNED); offering it lets a VMM that shows the
+    // guest only what the backend offers (cloud-hypervisor) expose MQ, which needs it.
+    VIRTIO_NET_F_CTRL_VQ,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -54,9 +57,14 @@ pub fn offered_features() -> u64 {
     OFFERED_NET_FEATURES.iter().fold(0, |acc, &b| acc | bit(b))
 }
 
+/// Features the VMM implements itself and never hands to the backend: the control queue. vutap
+/// serves 2 × pairs queues whether or not the driver accepted it.
+pub const FRONTEND_OWNED: &[u32] = &[VIRTIO_NET_F_CTRL_VQ];
+
 /// Rules from the virtio spec (5.1.3.1): a feature the driver may only accept together with one
 /// of the features listed after it.
 const DEPENDENCIES: &[(u32, &[u32])] = &[
+    (VIRTIO_NET_F_MQ, &[VIRTIO_NET_F_CTRL_VQ]),
     (VIRTIO_NET_F_GUEST_TSO4, &[VIRTIO_NET_F_GUEST_CSUM]),
     (VIRTIO_NET_F_GUEST_TSO6, &[VIRTIO_NET_F_GUEST_CSUM]),
     (VIRTIO_NET_F_GUEST_UFO, &[VIRTIO_NET_F_GUEST_CSUM]),
@@ -73,6 +81,26 @@ pub enum FeatureError {
     NotOffered(u64),
     #[error("driver accepted feature bit {feature} without any of the bits it depends on {requires:?}")]
     MissingDependency { feature: u32, requires: &'static [u32] },
+    #[error("offered feature bit {feature} without any of the bits it depends on {requires:?}")]
+    OfferedWithoutDependency { feature: u32, requires: &'static [u32] },
+}
+
+/// The first rule `set` breaks, skipping rules whose every required bit is frontend-owned when
+/// `skip_frontend_owned`.
+fn broken_rule(set: u64, skip_frontend_owned: bool) -> Option<(u32, &'static [u32])> {
+    DEPENDENCIES.iter().copied().find(|&(feature, requires)| {
+        let frontend_owned = requires.iter().all(|r| FRONTEND_OWNED.contains(r));
+        let has_any = requires.iter().any(|&r| set & bit(r) != 0);
+        set & bit(feature) != 0 && !has_any && !(skip_frontend_owned && frontend_owned)
+    })
+}
+
+/// Checks that an offered set obeys every dependency rule, so a driver can accept all of it.
+pub fn check_offered(offered: u64) -> Result<(), FeatureError> {
+    match broken_rule(offered, false) {
+        Some((feature, requires)) => Err(FeatureError::OfferedWithoutDependency { feature, requires }),
+        None => Ok(()),
+    }
 }
 
 /// A feature set the driver accepted and vutap validated.
@@ -80,19 +108,23 @@ pub enum FeatureError {
 pub struct Features(u64);
 
 impl Features {
-    /// Validates `acked` against `offered` and the spec's dependency rules.
+    /// Validates `acked` (SET_FEATURES) against `offered` and the spec's dependency rules.
+    ///
+    /// Rules that need a frontend-owned bit (MQ needs CTRL_VQ) are not checked here: QEMU
+    /// forwards to a vhost-user backend only the bits in its own list (`user_feature_bits` in
+    /// hw/net/vhost_net.c), which has MQ but not CTRL_VQ because QEMU always runs the control
+    /// queue itself, so its SET_FEATURES carries MQ without CTRL_VQ even when the guest accepted
+    /// both. cloud-hypervisor forwards CTRL_VQ too. The VMM that owns the control queue enforces
+    /// that rule towards the guest; vutap keeps it in its offer ([`check_offered`]).
     pub fn negotiate(offered: u64, acked: u64) -> Result<Self, FeatureError> {
         let extra = acked & !offered;
         if extra != 0 {
             return Err(FeatureError::NotOffered(extra));
         }
-        for &(feature, requires) in DEPENDENCIES {
-            let has_any = requires.iter().any(|&r| acked & bit(r) != 0);
-            if acked & bit(feature) != 0 && !has_any {
-                return Err(FeatureError::MissingDependency { feature, requires });
-            }
+        match broken_rule(acked, true) {
+            Some((feature, requires)) => Err(FeatureError::MissingDependency { feature, requires }),
+            None => Ok(Features(acked)),
         }
-        Ok(Features(acked))
     }
 
     pub fn bits(self) -> u64 {
@@ -154,10 +186,23 @@ mod tests {
     #[test]
     fn test_offered_features_include_required_set() {
         let offered = offered_features();
-        for b in [VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ, VIRTIO_RING_F_EVENT_IDX, 30] {
+        for b in [VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MQ, VIRTIO_NET_F_CTRL_VQ, VIRTIO_RING_F_EVENT_IDX, 30] {
             assert_ne!(offered & bit(b), 0, "bit {b} missing");
         }
-        assert_eq!(offered & bit(VIRTIO_NET_F_CTRL_VQ), 0, "no control queue is offered");
+    }
+
+    #[test]
+    fn test_check_offered_accepts_offered_set() {
+        assert_eq!(check_offered(offered_features()), Ok(()));
+    }
+
+    #[test]
+    fn test_check_offered_rejects_mq_without_ctrl_vq() {
+        let offered = offered_features() & !bit(VIRTIO_NET_F_CTRL_VQ);
+        assert_eq!(
+            check_offered(offered),
+            Err(FeatureError::OfferedWithoutDependency { feature: VIRTIO_NET_F_MQ, requires: &[VIRTIO_NET_F_CTRL_VQ] })
+        );
     }
 
     #[test]
@@ -165,6 +210,98 @@ mod tests {
         let offered = set(&[VIRTIO_F_VERSION_1]);
         let acked = set(&[VIRTIO_F_VERSION_1, VIRTIO_NET_F_CTRL_VQ]);
         assert_eq!(Features::negotiate(offered, acked), Err(FeatureError::NotOffered(bit(VIRTIO_NET_F_CTRL_VQ))));
+        let acked = set(&[VIRTIO_F_VERSION_1, VIRTIO_NET_F_CTRL_RX]);
+        assert_eq!(Features::negotiate(offered_features(), acked), Err(FeatureError::NotOffered(bit(VIRTIO_NET_F_CTRL_RX))));
+    }
+
+    /// QEMU's `user_feature_bits` (hw/net/vhost_net.c, 7.2 and 10.0) restricted to the bits
+    /// vutap offers: the only device bits QEMU takes from, and forwards to, a vhost-user backend.
+    const QEMU_USER_FEATURE_BITS: &[u32] = &[
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_F_VERSION_1,
+        VIRTIO_NET_F_CSUM,
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_ECN,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_HOST_UFO,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_MTU,
+        VIRTIO_NET_F_MQ,
+    ];
+
+    /// What QEMU sends in SET_FEATURES when a Linux guest accepts everything its device offers:
+    /// the backend decides only the bits in QEMU's list; QEMU adds its own (control queue,
+    /// status, MAC, RX filtering), and forwards the guest's acks filtered through the list, plus
+    /// the vhost-user protocol bit.
+    fn qemu_set_features(backend_offer: u64) -> u64 {
+        let list = set(QEMU_USER_FEATURE_BITS);
+        let qemu_own = set(&[VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MAC, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VLAN]);
+        let guest_acked = (backend_offer & list) | qemu_own;
+        (guest_acked & list) | (backend_offer & bit(VHOST_USER_F_PROTOCOL_FEATURES))
+    }
+
+    #[test]
+    fn test_negotiate_accepts_qemu_mq_without_ctrl_vq() {
+        let acked = qemu_set_features(offered_features());
+        assert_ne!(acked & bit(VIRTIO_NET_F_MQ), 0);
+        assert_eq!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0, "QEMU never forwards CTRL_VQ");
+        let f = Features::negotiate(offered_features(), acked).unwrap();
+        assert!(f.mrg_rxbuf() && f.event_idx() && f.guest_gso() && f.protocol_features());
+        assert!(!f.has(VIRTIO_NET_F_CTRL_VQ));
+    }
+
+    #[test]
+    fn test_qemu_negotiation_unchanged_by_ctrl_vq_offer() {
+        // QEMU ignores backend bits outside its list, so offering CTRL_VQ changes nothing it sends.
+        let before = offered_features() & !bit(VIRTIO_NET_F_CTRL_VQ);
+        assert_eq!(qemu_set_features(before), qemu_set_features(offered_features()));
+    }
+
+    /// What QEMU 7.2 and 10.0 sent in SET_FEATURES in tests/e2e_guest.rs (Linux 6.1 guest, 2 and
+    /// 1 queue pairs): MQ without CTRL_VQ, or neither.
+    const QEMU_OBSERVED_SET_FEATURES: &[u64] = &[0x1_7040_ff83, 0x1_7000_ff83];
+
+    #[test]
+    fn test_negotiate_accepts_observed_qemu_sets() {
+        for &acked in QEMU_OBSERVED_SET_FEATURES {
+            assert_eq!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0);
+            let f = Features::negotiate(offered_features(), acked).unwrap();
+            assert!(f.mrg_rxbuf() && f.event_idx() && f.guest_gso());
+        }
+    }
+
+    /// What cloud-hypervisor v54 sent in SET_FEATURES for a one-pair device after a Linux 6.1
+    /// guest accepted it (vutap's log in tests/e2e_cloud_hypervisor.rs): the guest's acks,
+    /// CTRL_VQ and MQ included (with MAC, STATUS, MTU and the protocol bit).
+    const CH_V54_SET_FEATURES: u64 = 0x1_7043_ffab;
+
+    #[test]
+    fn test_negotiate_accepts_cloud_hypervisor_set() {
+        let acked = CH_V54_SET_FEATURES;
+        assert_ne!(acked & bit(VIRTIO_NET_F_MQ), 0);
+        assert_ne!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0);
+        let f = Features::negotiate(offered_features(), acked).unwrap();
+        assert!(f.has(VIRTIO_NET_F_CTRL_VQ) && f.mrg_rxbuf() && f.event_idx() && f.guest_gso());
+        // Before CTRL_VQ was offered, CH could only have sent the set without it.
+        assert_eq!(Features::negotiate(offered_features() & !bit(VIRTIO_NET_F_CTRL_VQ), acked), Err(FeatureError::NotOffered(bit(VIRTIO_NET_F_CTRL_VQ))));
+    }
+
+    #[test]
+    fn test_negotiate_accepts_mq_with_ctrl_vq_and_checks_other_rules() {
+        let acked = set(&[VIRTIO_F_VERSION_1, VIRTIO_NET_F_MQ, VIRTIO_NET_F_CTRL_VQ]);
+        assert!(Features::negotiate(offered_features(), acked).is_ok());
+        // Skipping the control-queue rule does not skip the others.
+        let acked = set(&[VIRTIO_NET_F_MQ, VIRTIO_NET_F_HOST_TSO4]);
+        assert!(matches!(
+            Features::negotiate(offered_features(), acked),
+            Err(FeatureError::MissingDependency { feature: VIRTIO_NET_F_HOST_TSO4, .. })
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`mergeable`]: spreading a received frame over mergeable RX buffers.
 //! - [`config`]: the bounds-checked virtio-net config space.
 //! - [`announce`]: the RARP frame that announces a migrated guest.
+//! - [`resume`]: where a (re)started backend resumes a ring.
 
 pub mod announce;
 pub mod chain;
@@ -16,6 +17,7 @@ pub mod features;
 pub mod hdr;
 pub mod mergeable;
 pub mod offload;
+pub mod resume;
 
 #[cfg(test)]
 mod proptests;

@@ -1,0 +1,495 @@
+//! cloud-hypervisor for real, nested: KVM is not usable on the host, but QEMU's TCG emulates
+//! AMD SVM, so an L1 guest (QEMU 10, TCG) loads kvm-amd and runs cloud-hypervisor v54 with an
+//! L2 guest whose NIC is served by vutap on a macvtap inside L1.
+//!
+//! L1's init (scripts/l1-init, packed by scripts/build-l1.sh) runs every scenario unattended
+//! and prints `CH_RESULT <scenario> ...` lines on its serial console; this test boots L1,
+//! parses them and asserts. Scenarios: one queue pair (ping + iperf3 both ways), a second L2
+//! boot on the same vutap, vutap SIGKILLed and restarted under a running L2, two queue pairs,
+//! and the same-run baselines: CH's `vhost_user_net` on a tap, CH's built-in virtio-net on a tap
+//! and on the macvtap's `/dev/tapN` (`fd=`).
+//!
+//! Needs root, `.deps/qemu10` and `.deps/guest` (scripts/install-deps.sh, build-guest.sh), a
+//! release `vutap`, and the peer binaries in `$VUTAP_PEERS_DIR`, else `<repo>/../shared/peers`:
+//! without them the test fails. `VUTAP_CH_SECS` sets iperf3's seconds per direction (default
+//! 3), `VUTAP_CH_REPS` the rounds whose medians count (default 1); `VUTAP_CH_RESULTS=DIR`
+//! writes `ch.json` and `ch.md` there (scripts/ch-bench.sh).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vutap_virtio::features::bit;
+
+const VIRTIO_NET_F_CTRL_VQ: u32 = 17;
+const VIRTIO_NET_F_MQ: u32 = 22;
+
+/// The whole nested run (seven L2 boots) takes ~4 minutes on a quiet 2-core host.
+const L1_DEADLINE: Duration = Duration::from_secs(11 * 60);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate lives inside the workspace")
+        .to_path_buf()
+}
+
+fn peers_dir() -> PathBuf {
+    std::env::var_os("VUTAP_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/peers"))
+}
+
+/// QEMU 10 killed when the test ends, however it ends.
+struct L1(Child);
+
+impl Drop for L1 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots L1 and waits for it to power off; returns its serial console.
+fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
+    let root = repo_root();
+    let qemu = root.join(".deps/qemu10");
+    let console = log_dir.join("l1-console.log");
+    let _ = std::fs::remove_file(&console);
+    let stderr = File::create(log_dir.join("qemu.log")).expect("create qemu.log");
+    let child = Command::new(qemu.join("usr/bin/qemu-system-x86_64"))
+        .env(
+            "QEMU_MODULE_DIR",
+            qemu.join("usr/lib/x86_64-linux-gnu/qemu"),
+        )
+        .args(["-L".as_ref(), qemu.join("usr/share/qemu").as_os_str()])
+        .args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"])
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-reboot",
+            "-monitor",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(root.join(".deps/guest/vmlinuz"))
+        .arg("-initrd")
+        .arg(root.join(".deps/l1/initrd.img"))
+        .args([
+            "-append",
+            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn QEMU 10 (.deps/qemu10: run scripts/install-deps.sh)");
+    let mut l1 = L1(child);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = l1.0.try_wait().expect("wait for QEMU") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < L1_DEADLINE,
+            "L1 still running after {L1_DEADLINE:?}; console: {}",
+            console.display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    eprintln!("L1 ran {:.0} s ({status})", start.elapsed().as_secs_f64());
+    assert!(
+        text.contains("CH_DONE"),
+        "L1 did not finish its scenarios ({status}); console:\n{text}"
+    );
+    text
+}
+
+/// One `CH_RESULT <scenario> [head] key=value ...` line.
+#[derive(Debug)]
+struct Line {
+    scenario: String,
+    /// The first word when it is not `key=value` (`ping`, `iperf`, `stats`); else empty.
+    head: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Line {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Results(Vec<Line>);
+
+impl Results {
+    fn parse(console: &str) -> Results {
+        let lines = console
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("CH_RESULT "))
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let scenario = words.next()?.to_string();
+                let mut words = words.peekable();
+                let head = match words.peek() {
+                    Some(w) if !w.contains('=') => words.next().unwrap_or_default().to_string(),
+                    _ => String::new(),
+                };
+                let fields = words
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                Some(Line {
+                    scenario,
+                    head,
+                    fields,
+                })
+            })
+            .collect();
+        Results(lines)
+    }
+
+    fn lines(&self, scenario: &str, head: &str) -> Vec<&Line> {
+        self.0
+            .iter()
+            .filter(|l| l.scenario == scenario && l.head == head)
+            .collect()
+    }
+
+    /// The last value of `key` on a `scenario` line with this `head`.
+    fn get(&self, scenario: &str, head: &str, key: &str) -> Option<&str> {
+        self.lines(scenario, head)
+            .into_iter()
+            .filter_map(|l| l.get(key))
+            .next_back()
+    }
+
+    fn num(&self, scenario: &str, head: &str, key: &str) -> Option<f64> {
+        self.get(scenario, head, key)?.parse().ok()
+    }
+
+    fn has(&self, scenario: &str, head: &str) -> bool {
+        !self.lines(scenario, head).is_empty()
+    }
+}
+
+/// The guest got its NIC from CH, pinged the peer 3/3, and iperf3 moved data both ways.
+fn assert_guest_traffic(r: &Results, scenario: &str, console: &str) {
+    let ctx = || format!("{scenario}; console:\n{console}");
+    assert_eq!(
+        r.get(scenario, "", "nic"),
+        Some("eth0"),
+        "no NIC in L2: {}",
+        ctx()
+    );
+    assert_eq!(
+        r.get(scenario, "ping", "received"),
+        Some("3"),
+        "ping: {}",
+        ctx()
+    );
+    for dir in ["tx_mbps", "rx_mbps"] {
+        let v = r.num(scenario, "iperf", dir).unwrap_or(0.0);
+        assert!(v > 0.0, "iperf3 {dir} = {v}: {}", ctx());
+    }
+    assert!(r.has(scenario, "done"), "L2 did not finish: {}", ctx());
+}
+
+/// The guest's virtio feature bits as Linux shows them (`/sys/class/net/eth0/device/features`:
+/// one character per bit, bit 0 first).
+fn guest_has_feature(r: &Results, scenario: &str, feature: u32) -> bool {
+    r.get(scenario, "", "features")
+        .and_then(|s| s.as_bytes().get(feature as usize))
+        == Some(&b'1')
+}
+
+#[derive(Debug)]
+struct Row {
+    backend: &'static str,
+    scenario: &'static str,
+    queue_pairs: u32,
+    tx_mbps: Option<f64>,
+    rx_mbps: Option<f64>,
+    tx_all: Vec<f64>,
+    rx_all: Vec<f64>,
+}
+
+const TABLE: &[(&str, &str, u32)] = &[
+    ("vutap (vhost-user, macvtap)", "vutap-1q", 1),
+    ("vutap, second boot", "vutap-reboot", 1),
+    ("vutap (vhost-user, macvtap)", "vutap-2q", 2),
+    (
+        "CH vhost_user_net (vhost-user, tap in a bridge)",
+        "ch-vhost-user-net",
+        1,
+    ),
+    ("CH virtio-net, tap= (tap in a bridge)", "ch-tap", 1),
+    ("CH virtio-net, fd= (the macvtap's /dev/tapN)", "ch-fd", 1),
+];
+
+/// Every round's Mbit/s of one direction (`tx_all=a,b,c`).
+fn all_rounds(r: &Results, scenario: &str, key: &str) -> Vec<f64> {
+    r.get(scenario, "iperf", key).map_or_else(Vec::new, |v| {
+        v.split(',').filter_map(|x| x.parse().ok()).collect()
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len().checked_sub(1)? / 2).copied()
+}
+
+/// `median (min–max)` of one direction's rounds.
+fn cell(median: Option<f64>, all: &[f64]) -> String {
+    let Some(m) = median else {
+        return "n/a".to_string();
+    };
+    let (lo, hi) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    if all.len() > 1 {
+        format!("{m:.0} ({lo:.0}–{hi:.0})")
+    } else {
+        format!("{m:.0}")
+    }
+}
+
+fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
+    let rows: Vec<Row> = TABLE
+        .iter()
+        .map(|&(backend, scenario, queue_pairs)| Row {
+            backend,
+            scenario,
+            queue_pairs,
+            tx_mbps: r.num(scenario, "iperf", "tx_mbps"),
+            rx_mbps: r.num(scenario, "iperf", "rx_mbps"),
+            tx_all: all_rounds(r, scenario, "tx_all"),
+            rx_all: all_rounds(r, scenario, "rx_all"),
+        })
+        .collect();
+    // Host load while L1 ran: other work on the host moves TCG-in-TCG numbers a lot.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let json = serde_json::json!({
+        "setup": "L1: QEMU 10 TCG (-cpu max -smp 2 -m 2048); L2: cloud-hypervisor v54 on KVM in L1, 1 vCPU per queue pair, 512M shared memory",
+        "iperf3_secs_per_direction": secs,
+        "iperf3_rounds": reps,
+        "mbps": "median over the rounds; *_all lists every round",
+        "tx": "L2 guest -> peer netns in L1 (iperf3 -c, 2 streams per queue pair), receiver Mbit/s",
+        "rx": "peer -> L2 guest (iperf3 -c -R), receiver Mbit/s",
+        "host_loadavg_at_end": load,
+        "backend_restart": restart,
+        "rows": rows.iter().map(|x| serde_json::json!({
+            "backend": x.backend, "scenario": x.scenario, "queue_pairs": x.queue_pairs,
+            "tx_mbps": x.tx_mbps, "rx_mbps": x.rx_mbps, "tx_all": x.tx_all, "rx_all": x.rx_all,
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all(dir).expect("create results dir");
+    std::fs::write(
+        dir.join("ch.json"),
+        serde_json::to_string_pretty(&json).expect("json") + "\n",
+    )
+    .expect("write ch.json");
+
+    let mut md = "| backend | queue pairs | tx Mbit/s (guest → peer) | rx Mbit/s (peer → guest) |\n|---|---|---|---|\n".to_string();
+    for row in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            row.backend,
+            row.queue_pairs,
+            cell(row.tx_mbps, &row.tx_all),
+            cell(row.rx_mbps, &row.rx_all)
+        ));
+    }
+    // vutap with one pair ran twice (two boots): pool both boots' rounds.
+    let pooled = |f: fn(&Row) -> &Vec<f64>| {
+        median(
+            rows.iter()
+                .filter(|x| x.scenario == "vutap-1q" || x.scenario == "vutap-reboot")
+                .flat_map(|x| f(x).clone())
+                .collect(),
+        )
+    };
+    let (vt, vr) = (pooled(|x| &x.tx_all), pooled(|x| &x.rx_all));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "n/a".to_string(),
+    };
+    md.push_str("\n| vutap, 1 pair (median of both boots' rounds) vs | tx | rx |\n|---|---|---|\n");
+    for row in rows.iter().filter(|x| x.scenario.starts_with("ch-")) {
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            row.backend,
+            ratio(vt, row.tx_mbps),
+            ratio(vr, row.rx_mbps)
+        ));
+    }
+    md.push_str(&format!(
+        "\nOne nested run (TCG-in-TCG, host load average {load} at the end), iperf3 {secs} s per direction, median (min–max) of {reps} round(s): compare rows with each other, not with other hosts.\n\nBackend restart: {restart}\n"
+    ));
+    std::fs::write(dir.join("ch.md"), md).expect("write ch.md");
+}
+
+#[test]
+fn test_cloud_hypervisor_nested() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "needs root");
+    let peers = peers_dir();
+    for bin in ["cloud-hypervisor", "vhost_user_net"] {
+        assert!(
+            peers.join(bin).is_file(),
+            "{} missing: the cloud-hypervisor peers live in <repo>/../shared/peers or $VUTAP_PEERS_DIR",
+            peers.join(bin).display()
+        );
+    }
+    let root = repo_root();
+    let log_dir = root.join("results/tmp/e2e-cloud-hypervisor");
+    std::fs::create_dir_all(&log_dir).expect("create log dir");
+    for script in ["scripts/build-guest.sh", "scripts/build-l1.sh"] {
+        let st = Command::new("bash")
+            .arg(root.join(script))
+            .env("VUTAP_PEERS_DIR", &peers)
+            .status()
+            .expect("run bash");
+        assert!(st.success(), "{script} failed: {st}");
+    }
+    let secs: u32 = std::env::var("VUTAP_CH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let reps: u32 = std::env::var("VUTAP_CH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let console = run_l1(&log_dir, secs, reps);
+    let r = Results::parse(&console);
+    for l in console
+        .lines()
+        .filter(|l| l.starts_with("CH_RESULT") || l.starts_with("CH_LOG"))
+    {
+        eprintln!("{l}");
+    }
+
+    assert_eq!(
+        r.get("l1", "", "kvm"),
+        Some("ok"),
+        "no /dev/kvm in L1:\n{console}"
+    );
+
+    // One pair: CH shows the guest MQ with CTRL_VQ (it runs the control queue), and sends
+    // both in SET_FEATURES; vutap accepts them and serves 2 queues.
+    assert_guest_traffic(&r, "vutap-1q", &console);
+    assert!(
+        guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_CTRL_VQ)
+            && guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_MQ)
+    );
+    let acked = r
+        .get("vutap-1q", "", "vutap_set_features")
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    let acked = acked.unwrap_or_else(|| panic!("no SET_FEATURES in vutap's log:\n{console}"));
+    assert_ne!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0, "CH acked {acked:#x}");
+    assert_ne!(acked & bit(VIRTIO_NET_F_MQ), 0, "CH acked {acked:#x}");
+
+    // A second boot of L2 on the same vutap process.
+    assert_guest_traffic(&r, "vutap-reboot", &console);
+
+    // vutap SIGKILLed under a running guest and restarted: CH reconnects to the new vutap,
+    // negotiates again, and the guest's NIC carries traffic again without a reboot.
+    let s = "vutap-restart";
+    assert!(
+        r.has(s, "ready_for_kill") && r.has(s, "killed"),
+        "restart scenario did not run:\n{console}"
+    );
+    assert!(
+        r.has(s, "down"),
+        "the guest never lost the peer after vutap was killed:\n{console}"
+    );
+    assert_eq!(
+        r.get(s, "", "reconnected"),
+        Some("1"),
+        "CH did not reconnect to the restarted vutap:\n{console}"
+    );
+    assert!(
+        r.has(s, "recovered"),
+        "the guest's NIC did not recover:\n{console}"
+    );
+    assert_eq!(
+        r.get(s, "ping_after", "received"),
+        Some("3"),
+        "ping after recovery:\n{console}"
+    );
+    // L1's clock: SIGKILL, new vutap listening, CH's SET_FEATURES on it.
+    let l1_time = |head: &str| r.num(s, head, "uptime").unwrap_or(f64::NAN);
+    let killed = l1_time("killed");
+    let restarted = l1_time("restarted") - killed;
+    let reconnect_line = r
+        .lines(s, "")
+        .into_iter()
+        .find(|l| l.get("reconnected").is_some());
+    let renegotiated = reconnect_line
+        .and_then(|l| l.get("uptime")?.parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        - killed;
+    // L2's clock: the first unanswered ping (it waits 1 s) to the first answered one.
+    let outage = r.num(s, "recovered", "uptime").unwrap_or(f64::NAN)
+        - r.num(s, "recovered", "down_at").unwrap_or(f64::NAN)
+        + 1.0;
+    let restart = format!(
+        "SIGKILL of vutap under a running guest: cloud-hypervisor notices the hang-up, reconnects by itself to the new vutap \
+         (started {restarted:.1} s after the kill) and negotiates again {renegotiated:.1} s after the kill; the guest's NIC recovers \
+         without a reboot (about {outage:.1} s without answers in the guest) because vutap resumes each ring at its used index \
+         (CH sends the available index as the base)"
+    );
+    eprintln!("{restart}");
+
+    // Two pairs: the guest enabled both, and both carried frames (any distribution).
+    assert_guest_traffic(&r, "vutap-2q", &console);
+    assert_eq!(
+        r.get("vutap-2q", "", "channels"),
+        Some("2"),
+        "ethtool -L combined 2:\n{console}"
+    );
+    let pairs = r.lines("vutap-2q", "stats");
+    assert_eq!(pairs.len(), 2, "vutap stats rows:\n{console}");
+    for p in pairs {
+        let frames: u64 = ["rx_frames", "tx_frames"]
+            .iter()
+            .filter_map(|k| p.get(k)?.parse::<u64>().ok())
+            .sum();
+        assert!(
+            frames > 0,
+            "pair {:?} carried no frames:\n{console}",
+            p.get("pair")
+        );
+    }
+
+    // Baselines ran in the same L1, so the comparison is fair.
+    for s in ["ch-vhost-user-net", "ch-tap", "ch-fd"] {
+        assert_guest_traffic(&r, s, &console);
+    }
+    if let Some(dir) = std::env::var_os("VUTAP_CH_RESULTS") {
+        write_results(Path::new(&dir), &r, secs, reps, &restart);
+    }
+}
