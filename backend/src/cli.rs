@@ -17,7 +17,7 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
     name = "vutap",
     version,
     about = "vhost-user-net backend that moves a VM's frames to and from a macvtap or tap",
-    after_help = "`vutap stats ENDPOINT` prints the counters of a running vutap started with --metrics-addr or --metrics-unix."
+    after_help = "`vutap stats ENDPOINT` prints the counters of a running vutap started with --metrics-addr or --metrics-unix.\n`vutap upgrade CONTROL [--binary PATH]` replaces a running vutap started with --control-socket CONTROL by PATH (default: its own binary), live."
 )]
 pub struct Args {
     /// vhost-user socket path. vutap listens there (the VMM connects), unless --client.
@@ -47,6 +47,11 @@ pub struct Args {
     /// Serve the same metrics text on a unix socket (read by `vutap stats PATH`).
     #[arg(long, value_name = "PATH")]
     pub metrics_unix: Option<PathBuf>,
+
+    /// Listen here for `vutap upgrade PATH` (live upgrade: a new binary takes over every device
+    /// and connection without the frontends noticing).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 
     /// Log a one-line traffic summary per device every N seconds.
     #[arg(long, value_name = "SECS")]
@@ -117,6 +122,12 @@ pub enum SocketModeCfg {
 }
 
 impl SocketModeCfg {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            SocketModeCfg::Server(p) | SocketModeCfg::Client(p) => p,
+        }
+    }
+
     pub fn to_mode(&self) -> SocketMode {
         match self {
             SocketModeCfg::Server(p) => SocketMode::Server(p.clone()),
@@ -208,6 +219,8 @@ pub struct DaemonConfig {
     pub stats_interval: Option<u64>,
     pub user: Option<String>,
     pub link_poll_ms: u64,
+    /// Where `vutap upgrade` connects.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
@@ -280,6 +293,7 @@ impl TryFrom<Args> for DaemonConfig {
             stats_interval: args.stats_interval.filter(|s| *s > 0),
             user: args.user,
             link_poll_ms: args.link_poll_ms,
+            control_socket: args.control_socket,
         })
     }
 }

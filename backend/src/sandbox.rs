@@ -13,6 +13,8 @@
 //!   kexec, bpf, setuid & co are refused.
 //! - **The main, signal, metrics, link-monitor and stats-summary threads** get lists of their
 //!   own, each only what that thread does ([`ops_threads`]).
+//! - **The upgrade thread** (`--control-socket`) starts the new binary of a live upgrade, which
+//!   inherits its filter: its list is the union of all the others plus starting a process.
 //!
 //! Install order: a filter binds the thread that installs it and every thread that thread
 //! creates afterwards, and filters stack (the kernel applies the strictest verdict). So each
@@ -36,7 +38,7 @@ use seccompiler::{
 };
 use thiserror::Error;
 
-pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY};
+pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY, UPGRADE};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
@@ -247,10 +249,11 @@ pub enum ThreadKind {
     StatsSummary,
     Control,
     Worker,
+    Upgrade,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Signals,
         ThreadKind::Metrics,
@@ -258,6 +261,7 @@ impl ThreadKind {
         ThreadKind::StatsSummary,
         ThreadKind::Control,
         ThreadKind::Worker,
+        ThreadKind::Upgrade,
     ];
 
     pub fn allow_list(self) -> &'static AllowList {
@@ -269,6 +273,7 @@ impl ThreadKind {
             ThreadKind::StatsSummary => &STATS_SUMMARY,
             ThreadKind::Control => &CONTROL,
             ThreadKind::Worker => &WORKER,
+            ThreadKind::Upgrade => &UPGRADE,
         }
     }
 }

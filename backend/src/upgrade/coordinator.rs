@@ -1,0 +1,316 @@
+//! The running process's side of a live upgrade, on its own thread (`vutap-upgrade`): it waits
+//! on the control socket for `vutap upgrade`, starts the new binary with one end of a socketpair,
+//! parks every device's serving thread once the new process said hello, hands the state and fds
+//! over, and exits when the new process runs every device, or resumes every device if anything
+//! failed (the new binary did not start, refused the state, or could not rebuild a device).
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use log::{error, info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::port::{ParkRequest, Parked, Verdict};
+use super::state::{DeviceState, ProcessState, Version};
+use super::wire::{self, Channel, Hello, UPGRADE_FD_ENV};
+use crate::device::Device;
+use crate::sandbox::{self, ThreadKind};
+
+/// How long the new binary may take to start and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a serving thread may take to park (it finishes the message it is handling).
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the new process may take to rebuild every device and start its pairs.
+const VERDICT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `vutap upgrade` sends on the control socket (one JSON line).
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    /// The new binary; default: the binary this process was started from.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
+/// The answer (one JSON line).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The new process.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// How long the queue pairs were halted: from parking the first device to the new process
+    /// running every device.
+    #[serde(default)]
+    pub pause_ms: Option<f64>,
+}
+
+/// One device as the upgrade thread sees it.
+pub struct DeviceHandle {
+    pub dev: Arc<Device>,
+    /// A dup of its vhost-user listener (server mode).
+    pub listener: Option<OwnedFd>,
+    pub client_mode: bool,
+    /// Its vhost-user socket path.
+    pub socket: String,
+}
+
+/// Everything the upgrade thread hands over besides what the serving threads give it.
+pub struct Handover {
+    pub devices: Vec<DeviceHandle>,
+    pub metrics_tcp: Option<OwnedFd>,
+    pub metrics_unix: Option<OwnedFd>,
+    pub control: OwnedFd,
+    /// This process's arguments: the new binary gets the same.
+    pub args: Vec<OsString>,
+    /// `/proc/self/exe` as resolved at start (the path, so an updated file there is picked up).
+    pub default_binary: PathBuf,
+}
+
+/// Serves the control socket on the `vutap-upgrade` thread.
+pub fn spawn(listener: UnixListener, handover: Handover) -> std::io::Result<()> {
+    std::thread::Builder::new().name("vutap-upgrade".into()).spawn(move || {
+        sandbox::enter(ThreadKind::Upgrade);
+        for conn in listener.incoming() {
+            match conn {
+                Ok(s) => serve_request(s, &handover),
+                Err(e) => warn!("control socket accept: {e}"),
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn serve_request(stream: UnixStream, handover: &Handover) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    if let Err(e) = BufReader::new(&stream).read_line(&mut line) {
+        warn!("control socket: cannot read the request: {e}");
+        return;
+    }
+    let reply = match serde_json::from_str::<UpgradeRequest>(&line) {
+        Err(e) => UpgradeReply { ok: false, error: Some(format!("bad request: {e}")), pid: None, pause_ms: None },
+        Ok(req) => {
+            let binary = req.binary.unwrap_or_else(|| handover.default_binary.clone());
+            info!("upgrade to {} requested", binary.display());
+            match upgrade(handover, &binary) {
+                Ok(done) => {
+                    info!("upgrade done: pid {} runs every device (pause {:.1} ms); exiting", done.pid, done.pause.as_secs_f64() * 1e3);
+                    let reply = UpgradeReply { ok: true, error: None, pid: Some(done.pid), pause_ms: Some(done.pause.as_secs_f64() * 1e3) };
+                    write_reply(&stream, &reply);
+                    log::logger().flush();
+                    // No destructor runs: the sessions' would detach the tap queues the new
+                    // process now reads.
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    error!("upgrade to {} failed, every device resumed: {e}", binary.display());
+                    UpgradeReply { ok: false, error: Some(e), pid: None, pause_ms: None }
+                }
+            }
+        }
+    };
+    write_reply(&stream, &reply);
+}
+
+fn write_reply(mut stream: &UnixStream, reply: &UpgradeReply) {
+    let mut text = serde_json::to_string(reply).unwrap_or_default();
+    text.push('\n');
+    if let Err(e) = stream.write_all(text.as_bytes()) {
+        warn!("control socket: cannot answer: {e}");
+    }
+}
+
+struct Done {
+    pid: u32,
+    pause: Duration,
+}
+
+/// A started new binary; killed and reaped unless the hand-over completed.
+struct NewProcess {
+    child: Child,
+    done: bool,
+}
+
+impl NewProcess {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn describe_end(&mut self) -> String {
+        match self.child.try_wait() {
+            Ok(Some(status)) => format!(" ({status})"),
+            _ => String::new(),
+        }
+    }
+}
+
+impl Drop for NewProcess {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parked serving threads, resumed unless told that the new process took over.
+struct ParkedDevices {
+    verdicts: Vec<Sender<Verdict>>,
+    handed_over: bool,
+}
+
+impl Drop for ParkedDevices {
+    fn drop(&mut self) {
+        let verdict = if self.handed_over { Verdict::HandedOver } else { Verdict::Resume };
+        for v in &self.verdicts {
+            let _ = v.send(verdict);
+        }
+    }
+}
+
+fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
+    if h.devices.iter().any(|d| d.client_mode) {
+        return Err("devices in client mode (--client) cannot be handed over yet; restart instead".into());
+    }
+    // Declared before the child: on failure the child is killed and reaped first (dropped
+    // first), and only then are the devices resumed, so no ring is ever served twice.
+    let mut parked = ParkedDevices { verdicts: Vec::new(), handed_over: false };
+    let (ours, theirs) = UnixDatagram::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let theirs_fd = theirs.as_raw_fd();
+    clear_cloexec(theirs_fd).map_err(|e| format!("socketpair: {e}"))?;
+    let child = Command::new(binary)
+        .args(h.args.iter().skip(1))
+        .env(UPGRADE_FD_ENV, theirs_fd.to_string())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    drop(theirs);
+    let mut new = NewProcess { child, done: false };
+    let channel = Channel::new(ours);
+    let hello: Hello = channel
+        .recv_json(HELLO_TIMEOUT, &mut || new.alive())
+        .map_err(|e| format!("the new binary did not get ready: {e}{}", new.describe_end()))?;
+    info!("new vutap pid {} (state version {}.{}) is ready; parking the devices", hello.pid, hello.version.major, hello.version.minor);
+
+    let started = Instant::now();
+    let mut answers: Vec<Receiver<Result<Parked, String>>> = Vec::new();
+    for d in &h.devices {
+        let (parked_tx, parked_rx) = bounded(1);
+        let (verdict_tx, verdict_rx) = bounded(1);
+        d.dev.upgrade.request(ParkRequest { parked: parked_tx, verdict: verdict_rx }).map_err(|e| format!("device {}: cannot wake its thread: {e}", d.dev.label))?;
+        parked.verdicts.push(verdict_tx);
+        answers.push(parked_rx);
+    }
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let mut devices = Vec::new();
+    for (d, answer) in h.devices.iter().zip(answers) {
+        let p = answer
+            .recv_timeout(PARK_TIMEOUT)
+            .map_err(|_| format!("device {}: its serving thread did not park within {PARK_TIMEOUT:?}", d.dev.label))?
+            .map_err(|e| format!("device {}: {e}", d.dev.label))?;
+        devices.push(device_state(d, p, &mut fds)?);
+    }
+    let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, String> {
+        let Some(fd) = fd else { return Ok(None) };
+        fds.push(fd.as_fd().try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+        Ok(Some(fds.len() - 1))
+    };
+    let state = ProcessState {
+        version: Version::current(),
+        devices,
+        metrics_tcp: dup(h.metrics_tcp.as_ref())?,
+        metrics_unix: dup(h.metrics_unix.as_ref())?,
+        control: dup(Some(&h.control))?,
+    };
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    channel.send_state(&state.to_json(), &raw).map_err(|e| e.to_string())?;
+    let verdict: wire::Verdict = channel
+        .recv_json(VERDICT_TIMEOUT, &mut || new.alive())
+        .map_err(|e| format!("the new process did not take over: {e}{}", new.describe_end()))?;
+    if !verdict.ok {
+        return Err(format!("the new process refused: {}", verdict.error.unwrap_or_default()));
+    }
+    let pause = started.elapsed();
+    new.done = true;
+    parked.handed_over = true;
+    Ok(Done { pid: hello.pid, pause })
+}
+
+/// One device's state; its fds are appended to `fds`.
+fn device_state(d: &DeviceHandle, parked: Parked, fds: &mut Vec<OwnedFd>) -> Result<DeviceState, String> {
+    let dev = &d.dev;
+    let mut add = |fd: std::os::fd::BorrowedFd<'_>| -> Result<usize, String> {
+        fds.push(fd.try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+        Ok(fds.len() - 1)
+    };
+    let tap_queues = dev.queues.iter().map(|q| add(q.as_fd())).collect::<Result<Vec<_>, _>>()?;
+    let listener = match &d.listener {
+        Some(l) => Some(add(l.as_fd())?),
+        None => None,
+    };
+    let connection = match parked.connection {
+        Some((mut c, conn_fds)) => {
+            // The connection's indices are into its own list: shift them into the process's.
+            let base = fds.len();
+            fds.extend(conn_fds);
+            c.stream += base;
+            for r in &mut c.memory {
+                r.fd += base;
+            }
+            if let Some(l) = &mut c.log {
+                l.fd += base;
+            }
+            if let Some(b) = &mut c.backend_channel {
+                b.fd += base;
+            }
+            for v in &mut c.vrings {
+                v.kick = v.kick.map(|i| i + base);
+                v.call = v.call.map(|i| i + base);
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    Ok(DeviceState {
+        socket: d.socket.clone(),
+        label: dev.label.clone(),
+        name: dev.name.clone(),
+        macvtap: dev.kind == crate::tap::TapKind::Macvtap,
+        mac: dev.mac,
+        mtu: dev.mtu,
+        tap_queues,
+        listener,
+        connection,
+        pair_counters: dev.metrics.iter().map(|m| m.snapshot().fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect()).collect(),
+        device_counters: dev.device_metrics.fields().iter().map(|(k, _, v)| (k.to_string(), *v)).collect(),
+    })
+}
+
+fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {
+    // SAFETY: F_SETFD on an fd we own; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `vutap upgrade CONTROL [--binary PATH]`: asks the running vutap to upgrade and waits for
+/// its answer.
+pub fn request_upgrade(control: &std::path::Path, binary: Option<PathBuf>, timeout: Duration) -> Result<UpgradeReply, String> {
+    let mut s = UnixStream::connect(control).map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+    let mut line = serde_json::to_string(&UpgradeRequest { binary }).unwrap_or_default();
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(|e| format!("no answer: {e}"))?;
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))
+}
