@@ -18,7 +18,7 @@ use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::port::{ParkRequest, Parked, Verdict};
-use super::state::{DeviceState, ProcessState, Version};
+use super::state::{DeviceState, ProcessState, Version, STATE_MAJOR, STATE_MINOR};
 use super::wire::{self, Channel, Hello, UPGRADE_FD_ENV};
 use crate::device::Device;
 use crate::sandbox::{self, ThreadKind};
@@ -198,6 +198,13 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     let hello: Hello = channel
         .recv_json(HELLO_TIMEOUT, &mut || new.alive())
         .map_err(|e| format!("the new binary did not get ready: {e}{}", new.describe_end()))?;
+    if hello.version.major != STATE_MAJOR {
+        // Refused before anything is halted: the new binary could not read what we would send.
+        return Err(format!(
+            "the new binary reads hand-over state version {}.{}, this vutap writes {STATE_MAJOR}.{STATE_MINOR}: a different major version cannot take over live (restart instead)",
+            hello.version.major, hello.version.minor
+        ));
+    }
     info!("new vutap pid {} (state version {}.{}) is ready; parking the devices", hello.pid, hello.version.major, hello.version.minor);
 
     let started = Instant::now();
