@@ -47,7 +47,10 @@ fn http_get(port: u16) -> String {
 
 fn device_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
     let key = format!("vutap_device_{name}_total{{device=\"{tap}\"}} ");
-    http_get(port).lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok())
+    http_get(port)
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The vutap process serving now: the one the test spawned, then each one an upgrade started
@@ -96,14 +99,30 @@ impl Bed {
             &socket,
             Path::new(&tap),
             1,
-            &[&["--control-socket", control.to_str().unwrap(), "--metrics-addr", &addr][..], extra].concat(),
+            &[
+                &[
+                    "--control-socket",
+                    control.to_str().unwrap(),
+                    "--metrics-addr",
+                    &addr,
+                ][..],
+                extra,
+            ]
+            .concat(),
             &dir,
         )
         .expect("spawn vutap");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
         sh("ip", &["link", "set", &tap, "up"]);
         let pid = vutap.pid();
-        Bed { serving: Serving { first: vutap, pid }, socket, control, tap, port, dir }
+        Bed {
+            serving: Serving { first: vutap, pid },
+            socket,
+            control,
+            tap,
+            port,
+            dir,
+        }
     }
 
     fn log(&self) -> String {
@@ -118,15 +137,27 @@ impl Bed {
             cmd.arg("--binary").arg(b);
         }
         let out = cmd.output().expect("run vutap upgrade");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         (out.status.success(), text)
     }
 }
 
 /// "upgraded: pid N serves every device now (queue pairs paused X ms)" -> (N, X).
 fn parse_upgraded(out: &str) -> (u32, f64) {
-    let pid = out.split("pid ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok());
-    let pause = out.split("paused ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok());
+    let pid = out
+        .split("pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok());
+    let pause = out
+        .split("paused ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok());
     match (pid, pause) {
         (Some(p), Some(ms)) => (p, ms),
         _ => panic!("unexpected `vutap upgrade` output: {out}"),
@@ -153,13 +184,21 @@ impl Traffic {
         let mut fe = NetFrontend::connect(socket, FrontendOptions::default()).expect("handshake");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx_sent, rx_sent) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-        let (tx_seen, rx_seen) = (Arc::new(Mutex::new(BTreeSet::new())), Arc::new(Mutex::new(BTreeSet::new())));
+        let (tx_seen, rx_seen) = (
+            Arc::new(Mutex::new(BTreeSet::new())),
+            Arc::new(Mutex::new(BTreeSet::new())),
+        );
         let rx_gap = Arc::new(Mutex::new(Duration::ZERO));
         // Bound before the guest sends its first frame.
         let peer_rx_sock = PacketSocket::bind(tap);
 
         let guest = {
-            let (stop, sent, seen, gap) = (stop.clone(), tx_sent.clone(), rx_seen.clone(), rx_gap.clone());
+            let (stop, sent, seen, gap) = (
+                stop.clone(),
+                tx_sent.clone(),
+                rx_seen.clone(),
+                rx_gap.clone(),
+            );
             std::thread::spawn(move || -> Result<(), String> {
                 let mut last_rx = Instant::now();
                 let mut next_tx = Instant::now();
@@ -169,11 +208,15 @@ impl Traffic {
                     let stopping = stop.load(Ordering::SeqCst);
                     if !stopping && Instant::now() >= next_tx {
                         let seq = sent.load(Ordering::SeqCst);
-                        fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(seq)).map_err(|e| format!("send_frame {seq}: {e}"))?;
+                        fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(seq))
+                            .map_err(|e| format!("send_frame {seq}: {e}"))?;
                         sent.fetch_add(1, Ordering::SeqCst);
                         next_tx += PACE;
                     }
-                    match fe.recv_frame(0, Duration::from_micros(500)).map_err(|e| format!("recv_frame: {e}"))? {
+                    match fe
+                        .recv_frame(0, Duration::from_micros(500))
+                        .map_err(|e| format!("recv_frame: {e}"))?
+                    {
                         Some(f) if is_test_frame(&f.payload) => {
                             let seq = seq_of(&f.payload);
                             if f.payload != rx_frame(seq) {
@@ -224,7 +267,9 @@ impl Traffic {
             let (stop, seen, sock) = (stop.clone(), tx_seen.clone(), peer_rx_sock);
             std::thread::spawn(move || -> Result<(), String> {
                 loop {
-                    let got = sock.recv_matching(Duration::from_secs(2), |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
+                    let got = sock.recv_matching(Duration::from_secs(2), |f| {
+                        is_test_frame(f) && f[6..12] == GUEST_MAC
+                    });
                     match got {
                         Some(f) => {
                             let seq = seq_of(&f);
@@ -241,13 +286,26 @@ impl Traffic {
                 }
             })
         };
-        let t = Traffic { stop, tx_sent, rx_sent, tx_seen, rx_seen, rx_gap, guest, peer_tx, peer_rx };
+        let t = Traffic {
+            stop,
+            tx_sent,
+            rx_sent,
+            tx_seen,
+            rx_seen,
+            rx_gap,
+            guest,
+            peer_tx,
+            peer_rx,
+        };
         t.wait_for_more(0, 0);
         t
     }
 
     fn counts(&self) -> (usize, usize) {
-        (self.tx_seen.lock().unwrap().len(), self.rx_seen.lock().unwrap().len())
+        (
+            self.tx_seen.lock().unwrap().len(),
+            self.rx_seen.lock().unwrap().len(),
+        )
     }
 
     /// Waits until both directions moved at least 20 more frames than `tx`/`rx`.
@@ -257,21 +315,44 @@ impl Traffic {
             (t >= tx + 20 && r >= rx + 20) || self.guest.is_finished() || self.peer_rx.is_finished()
         });
         let (t, r) = self.counts();
-        assert!(ok && !self.guest.is_finished() && !self.peer_rx.is_finished(), "traffic stalled at TX {t} / RX {r} frames (from {tx} / {rx})");
+        assert!(
+            ok && !self.guest.is_finished() && !self.peer_rx.is_finished(),
+            "traffic stalled at TX {t} / RX {r} frames (from {tx} / {rx})"
+        );
     }
 
     /// Stops and checks that every frame sent either way arrived: (tx, rx, longest RX gap).
     fn finish(self) -> (u32, u32, Duration) {
         self.stop.store(true, Ordering::SeqCst);
         self.peer_tx.join().expect("peer sender");
-        self.guest.join().expect("guest thread").unwrap_or_else(|e| panic!("guest: {e}"));
-        self.peer_rx.join().expect("peer receiver").unwrap_or_else(|e| panic!("peer: {e}"));
-        let (tx, rx) = (self.tx_sent.load(Ordering::SeqCst), self.rx_sent.load(Ordering::SeqCst));
-        let missing = |seen: &BTreeSet<u32>, n: u32| (0..n).filter(|s| !seen.contains(s)).collect::<Vec<_>>();
+        self.guest
+            .join()
+            .expect("guest thread")
+            .unwrap_or_else(|e| panic!("guest: {e}"));
+        self.peer_rx
+            .join()
+            .expect("peer receiver")
+            .unwrap_or_else(|e| panic!("peer: {e}"));
+        let (tx, rx) = (
+            self.tx_sent.load(Ordering::SeqCst),
+            self.rx_sent.load(Ordering::SeqCst),
+        );
+        let missing =
+            |seen: &BTreeSet<u32>, n: u32| (0..n).filter(|s| !seen.contains(s)).collect::<Vec<_>>();
         let tx_missing = missing(&self.tx_seen.lock().unwrap(), tx);
         let rx_missing = missing(&self.rx_seen.lock().unwrap(), rx);
-        assert!(tx_missing.is_empty(), "{} of {tx} TX frames lost: {:?}", tx_missing.len(), &tx_missing[..tx_missing.len().min(20)]);
-        assert!(rx_missing.is_empty(), "{} of {rx} RX frames lost: {:?}", rx_missing.len(), &rx_missing[..rx_missing.len().min(20)]);
+        assert!(
+            tx_missing.is_empty(),
+            "{} of {tx} TX frames lost: {:?}",
+            tx_missing.len(),
+            &tx_missing[..tx_missing.len().min(20)]
+        );
+        assert!(
+            rx_missing.is_empty(),
+            "{} of {rx} RX frames lost: {:?}",
+            rx_missing.len(),
+            &rx_missing[..rx_missing.len().min(20)]
+        );
         let gap = *self.rx_gap.lock().unwrap();
         (tx, rx, gap)
     }
@@ -290,20 +371,43 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         let (pid, pause_ms) = parse_upgraded(&out);
         assert_ne!(pid, old);
         bed.serving.pid = pid;
-        assert!(wait_until(WAIT, || !Serving::alive(old)), "the old vutap {old} did not exit after upgrade {round}");
-        assert!(Serving::alive(pid), "the new vutap {pid} is not running:\n{}", bed.log());
+        assert!(
+            wait_until(WAIT, || !Serving::alive(old)),
+            "the old vutap {old} did not exit after upgrade {round}"
+        );
+        assert!(
+            Serving::alive(pid),
+            "the new vutap {pid} is not running:\n{}",
+            bed.log()
+        );
         pauses.push(pause_ms);
         let (t, r) = traffic.counts();
         traffic.wait_for_more(t, r);
     }
-    assert_eq!(bed.serving.first.wait_exit(WAIT).map(|s| s.code()), Some(Some(0)), "the first vutap's exit status");
+    assert_eq!(
+        bed.serving.first.wait_exit(WAIT).map(|s| s.code()),
+        Some(Some(0)),
+        "the first vutap's exit status"
+    );
     // Same connection: one accepted in all, none ended (device counters carry over).
-    assert_eq!(device_counter(bed.port, &bed.tap, "connections"), Some(1), "{}", bed.log());
+    assert_eq!(
+        device_counter(bed.port, &bed.tap, "connections"),
+        Some(1),
+        "{}",
+        bed.log()
+    );
     assert_eq!(device_counter(bed.port, &bed.tap, "disconnects"), Some(0));
-    assert_eq!(device_counter(bed.port, &bed.tap, "protocol_errors"), Some(0));
+    assert_eq!(
+        device_counter(bed.port, &bed.tap, "protocol_errors"),
+        Some(0)
+    );
     let (tx, rx, gap) = traffic.finish();
     let log = bed.log();
-    assert_eq!(log.matches("frontend connected").count(), 1, "a reconnect was logged:\n{log}");
+    assert_eq!(
+        log.matches("frontend connected").count(),
+        1,
+        "a reconnect was logged:\n{log}"
+    );
     assert_eq!(log.matches("took over every device").count(), 5);
     pauses.sort_by(f64::total_cmp);
     eprintln!(
@@ -332,7 +436,10 @@ fn test_upgrade_that_fails_leaves_the_old_vutap_serving() {
     // The new binary exits at once.
     let (ok, out) = bed.upgrade(Some(Path::new("/bin/false")));
     assert!(!ok, "{out}");
-    assert!(out.contains("the running vutap goes on") && out.contains("exit status: 1"), "{out}");
+    assert!(
+        out.contains("the running vutap goes on") && out.contains("exit status: 1"),
+        "{out}"
+    );
     let (t, r) = traffic.counts();
     traffic.wait_for_more(t, r);
     // A new binary that starts and then cannot take the state over (configured for another
@@ -341,18 +448,28 @@ fn test_upgrade_that_fails_leaves_the_old_vutap_serving() {
     let wrong = script(
         &bed.dir,
         "wrong-config.sh",
-        &format!("#!/bin/sh\nexec {} --socket {} --tap {}\n", Vutap::binary().unwrap().display(), other.display(), bed.tap),
+        &format!(
+            "#!/bin/sh\nexec {} --socket {} --tap {}\n",
+            Vutap::binary().unwrap().display(),
+            other.display(),
+            bed.tap
+        ),
     );
     let (ok, out) = bed.upgrade(Some(&wrong));
     assert!(!ok, "{out}");
-    assert!(out.contains("the new process refused") && out.contains("this one is configured for"), "{out}");
+    assert!(
+        out.contains("the new process refused") && out.contains("this one is configured for"),
+        "{out}"
+    );
     let (t, r) = traffic.counts();
     traffic.wait_for_more(t, r);
     assert!(bed.serving.first.is_running(), "{}", bed.log());
     let (tx, rx, _) = traffic.finish();
     assert_eq!(device_counter(bed.port, &bed.tap, "connections"), Some(1));
     assert!(bed.log().contains("every device resumed"), "{}", bed.log());
-    eprintln!("two failed upgrades: the old vutap kept serving; TX {tx} / RX {rx} frames, none lost");
+    eprintln!(
+        "two failed upgrades: the old vutap kept serving; TX {tx} / RX {rx} frames, none lost"
+    );
     let _ = std::fs::remove_dir_all(&bed.dir);
 }
 
@@ -375,13 +492,19 @@ fn test_upgrade_to_another_major_state_version_is_refused_before_anything_stops(
     let (ok, out) = bed.upgrade(Some(&future));
     assert!(!ok, "{out}");
     assert!(
-        out.contains("reads hand-over state version 2.0, this vutap writes 1.0") && out.contains("restart instead"),
+        out.contains("reads hand-over state version 2.0, this vutap writes 1.0")
+            && out.contains("restart instead"),
         "{out}"
     );
-    assert!(!bed.log().contains("parking the devices"), "devices were halted for a refused version:\n{}", bed.log());
+    assert!(
+        !bed.log().contains("parking the devices"),
+        "devices were halted for a refused version:\n{}",
+        bed.log()
+    );
     // Still the same connection, still forwarding.
     let far = PacketSocket::bind(&bed.tap);
-    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(1)).unwrap();
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(1))
+        .unwrap();
     let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
     assert_eq!(got, Some(tx_frame(1)));
     let _ = std::fs::remove_dir_all(&bed.dir);

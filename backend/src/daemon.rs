@@ -139,10 +139,7 @@ fn run_taken_over(config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
     let mut ready = Vec::new();
     for ((dev, listener, connection), cfg) in taken.devices.into_iter().zip(&config.devices) {
         let dev = Arc::new(dev);
-        let resumed = match connection {
-            Some(c) => Some(c.start(dev.clone()).unwrap_or_else(|e| fail(format!("device {}: {e}", dev.label)))),
-            None => None,
-        };
+        let resumed = connection.map(|c| c.start(dev.clone()).unwrap_or_else(|e| fail(format!("device {}: {e}", dev.label))));
         ready.push(Ready { dev, mode: cfg.config.socket.to_mode(), listener, once: cfg.config.once, resumed });
     }
     let metrics_unix = match (taken.metrics_unix, &config.metrics_unix) {

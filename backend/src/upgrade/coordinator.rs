@@ -77,15 +77,17 @@ pub struct Handover {
 
 /// Serves the control socket on the `vutap-upgrade` thread.
 pub fn spawn(listener: UnixListener, handover: Handover) -> std::io::Result<()> {
-    std::thread::Builder::new().name("vutap-upgrade".into()).spawn(move || {
-        sandbox::enter(ThreadKind::Upgrade);
-        for conn in listener.incoming() {
-            match conn {
-                Ok(s) => serve_request(s, &handover),
-                Err(e) => warn!("control socket accept: {e}"),
+    std::thread::Builder::new()
+        .name("vutap-upgrade".into())
+        .spawn(move || {
+            sandbox::enter(ThreadKind::Upgrade);
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => serve_request(s, &handover),
+                    Err(e) => warn!("control socket accept: {e}"),
+                }
             }
-        }
-    })?;
+        })?;
     Ok(())
 }
 
@@ -97,14 +99,30 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
         return;
     }
     let reply = match serde_json::from_str::<UpgradeRequest>(&line) {
-        Err(e) => UpgradeReply { ok: false, error: Some(format!("bad request: {e}")), pid: None, pause_ms: None },
+        Err(e) => UpgradeReply {
+            ok: false,
+            error: Some(format!("bad request: {e}")),
+            pid: None,
+            pause_ms: None,
+        },
         Ok(req) => {
-            let binary = req.binary.unwrap_or_else(|| handover.default_binary.clone());
+            let binary = req
+                .binary
+                .unwrap_or_else(|| handover.default_binary.clone());
             info!("upgrade to {} requested", binary.display());
             match upgrade(handover, &binary) {
                 Ok(done) => {
-                    info!("upgrade done: pid {} runs every device (pause {:.1} ms); exiting", done.pid, done.pause.as_secs_f64() * 1e3);
-                    let reply = UpgradeReply { ok: true, error: None, pid: Some(done.pid), pause_ms: Some(done.pause.as_secs_f64() * 1e3) };
+                    info!(
+                        "upgrade done: pid {} runs every device (pause {:.1} ms); exiting",
+                        done.pid,
+                        done.pause.as_secs_f64() * 1e3
+                    );
+                    let reply = UpgradeReply {
+                        ok: true,
+                        error: None,
+                        pid: Some(done.pid),
+                        pause_ms: Some(done.pause.as_secs_f64() * 1e3),
+                    };
                     write_reply(&stream, &reply);
                     log::logger().flush();
                     // No destructor runs: the sessions' would detach the tap queues the new
@@ -112,8 +130,16 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
                     std::process::exit(0);
                 }
                 Err(e) => {
-                    error!("upgrade to {} failed, every device resumed: {e}", binary.display());
-                    UpgradeReply { ok: false, error: Some(e), pid: None, pause_ms: None }
+                    error!(
+                        "upgrade to {} failed, every device resumed: {e}",
+                        binary.display()
+                    );
+                    UpgradeReply {
+                        ok: false,
+                        error: Some(e),
+                        pid: None,
+                        pause_ms: None,
+                    }
                 }
             }
         }
@@ -170,7 +196,11 @@ struct ParkedDevices {
 
 impl Drop for ParkedDevices {
     fn drop(&mut self) {
-        let verdict = if self.handed_over { Verdict::HandedOver } else { Verdict::Resume };
+        let verdict = if self.handed_over {
+            Verdict::HandedOver
+        } else {
+            Verdict::Resume
+        };
         for v in &self.verdicts {
             let _ = v.send(verdict);
         }
@@ -179,11 +209,16 @@ impl Drop for ParkedDevices {
 
 fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     if h.devices.iter().any(|d| d.client_mode) {
-        return Err("devices in client mode (--client) cannot be handed over yet; restart instead".into());
+        return Err(
+            "devices in client mode (--client) cannot be handed over yet; restart instead".into(),
+        );
     }
     // Declared before the child: on failure the child is killed and reaped first (dropped
     // first), and only then are the devices resumed, so no ring is ever served twice.
-    let mut parked = ParkedDevices { verdicts: Vec::new(), handed_over: false };
+    let mut parked = ParkedDevices {
+        verdicts: Vec::new(),
+        handed_over: false,
+    };
     let (ours, theirs) = UnixDatagram::pair().map_err(|e| format!("socketpair: {e}"))?;
     let theirs_fd = theirs.as_raw_fd();
     clear_cloexec(theirs_fd).map_err(|e| format!("socketpair: {e}"))?;
@@ -197,7 +232,12 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     let channel = Channel::new(ours);
     let hello: Hello = channel
         .recv_json(HELLO_TIMEOUT, &mut || new.alive())
-        .map_err(|e| format!("the new binary did not get ready: {e}{}", new.describe_end()))?;
+        .map_err(|e| {
+            format!(
+                "the new binary did not get ready: {e}{}",
+                new.describe_end()
+            )
+        })?;
     if hello.version.major != STATE_MAJOR {
         // Refused before anything is halted: the new binary could not read what we would send.
         return Err(format!(
@@ -205,14 +245,23 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
             hello.version.major, hello.version.minor
         ));
     }
-    info!("new vutap pid {} (state version {}.{}) is ready; parking the devices", hello.pid, hello.version.major, hello.version.minor);
+    info!(
+        "new vutap pid {} (state version {}.{}) is ready; parking the devices",
+        hello.pid, hello.version.major, hello.version.minor
+    );
 
     let started = Instant::now();
     let mut answers: Vec<Receiver<Result<Parked, String>>> = Vec::new();
     for d in &h.devices {
         let (parked_tx, parked_rx) = bounded(1);
         let (verdict_tx, verdict_rx) = bounded(1);
-        d.dev.upgrade.request(ParkRequest { parked: parked_tx, verdict: verdict_rx }).map_err(|e| format!("device {}: cannot wake its thread: {e}", d.dev.label))?;
+        d.dev
+            .upgrade
+            .request(ParkRequest {
+                parked: parked_tx,
+                verdict: verdict_rx,
+            })
+            .map_err(|e| format!("device {}: cannot wake its thread: {e}", d.dev.label))?;
         parked.verdicts.push(verdict_tx);
         answers.push(parked_rx);
     }
@@ -221,13 +270,22 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     for (d, answer) in h.devices.iter().zip(answers) {
         let p = answer
             .recv_timeout(PARK_TIMEOUT)
-            .map_err(|_| format!("device {}: its serving thread did not park within {PARK_TIMEOUT:?}", d.dev.label))?
+            .map_err(|_| {
+                format!(
+                    "device {}: its serving thread did not park within {PARK_TIMEOUT:?}",
+                    d.dev.label
+                )
+            })?
             .map_err(|e| format!("device {}: {e}", d.dev.label))?;
         devices.push(device_state(d, p, &mut fds)?);
     }
     let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, String> {
         let Some(fd) = fd else { return Ok(None) };
-        fds.push(fd.as_fd().try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+        fds.push(
+            fd.as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("cannot dup fd: {e}"))?,
+        );
         Ok(Some(fds.len() - 1))
     };
     let state = ProcessState {
@@ -238,27 +296,51 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
         control: dup(Some(&h.control))?,
     };
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    channel.send_state(&state.to_json(), &raw).map_err(|e| e.to_string())?;
+    channel
+        .send_state(&state.to_json(), &raw)
+        .map_err(|e| e.to_string())?;
     let verdict: wire::Verdict = channel
         .recv_json(VERDICT_TIMEOUT, &mut || new.alive())
-        .map_err(|e| format!("the new process did not take over: {e}{}", new.describe_end()))?;
+        .map_err(|e| {
+            format!(
+                "the new process did not take over: {e}{}",
+                new.describe_end()
+            )
+        })?;
     if !verdict.ok {
-        return Err(format!("the new process refused: {}", verdict.error.unwrap_or_default()));
+        return Err(format!(
+            "the new process refused: {}",
+            verdict.error.unwrap_or_default()
+        ));
     }
     let pause = started.elapsed();
     new.done = true;
     parked.handed_over = true;
-    Ok(Done { pid: hello.pid, pause })
+    Ok(Done {
+        pid: hello.pid,
+        pause,
+    })
 }
 
 /// One device's state; its fds are appended to `fds`.
-fn device_state(d: &DeviceHandle, parked: Parked, fds: &mut Vec<OwnedFd>) -> Result<DeviceState, String> {
+fn device_state(
+    d: &DeviceHandle,
+    parked: Parked,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<DeviceState, String> {
     let dev = &d.dev;
     let mut add = |fd: std::os::fd::BorrowedFd<'_>| -> Result<usize, String> {
-        fds.push(fd.try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+        fds.push(
+            fd.try_clone_to_owned()
+                .map_err(|e| format!("cannot dup fd: {e}"))?,
+        );
         Ok(fds.len() - 1)
     };
-    let tap_queues = dev.queues.iter().map(|q| add(q.as_fd())).collect::<Result<Vec<_>, _>>()?;
+    let tap_queues = dev
+        .queues
+        .iter()
+        .map(|q| add(q.as_fd()))
+        .collect::<Result<Vec<_>, _>>()?;
     let listener = match &d.listener {
         Some(l) => Some(add(l.as_fd())?),
         None => None,
@@ -296,8 +378,23 @@ fn device_state(d: &DeviceHandle, parked: Parked, fds: &mut Vec<OwnedFd>) -> Res
         tap_queues,
         listener,
         connection,
-        pair_counters: dev.metrics.iter().map(|m| m.snapshot().fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect()).collect(),
-        device_counters: dev.device_metrics.fields().iter().map(|(k, _, v)| (k.to_string(), *v)).collect(),
+        pair_counters: dev
+            .metrics
+            .iter()
+            .map(|m| {
+                m.snapshot()
+                    .fields()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            })
+            .collect(),
+        device_counters: dev
+            .device_metrics
+            .fields()
+            .iter()
+            .map(|(k, _, v)| (k.to_string(), *v))
+            .collect(),
     })
 }
 
@@ -311,13 +408,22 @@ fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {
 
 /// `vutap upgrade CONTROL [--binary PATH]`: asks the running vutap to upgrade and waits for
 /// its answer.
-pub fn request_upgrade(control: &std::path::Path, binary: Option<PathBuf>, timeout: Duration) -> Result<UpgradeReply, String> {
-    let mut s = UnixStream::connect(control).map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+pub fn request_upgrade(
+    control: &std::path::Path,
+    binary: Option<PathBuf>,
+    timeout: Duration,
+) -> Result<UpgradeReply, String> {
+    let mut s = UnixStream::connect(control)
+        .map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
     let mut line = serde_json::to_string(&UpgradeRequest { binary }).unwrap_or_default();
     line.push('\n');
-    s.write_all(line.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    s.write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send the request: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(|e| format!("no answer: {e}"))?;
+    BufReader::new(&s)
+        .read_line(&mut answer)
+        .map_err(|e| format!("no answer: {e}"))?;
     serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))
 }

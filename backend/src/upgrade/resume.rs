@@ -10,9 +10,9 @@ use log::info;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::BackendReqHandler;
 
+use super::state::Version;
 use super::state::{DeviceState, ProcessState};
 use super::wire::{Channel, Hello};
-use super::state::Version;
 use crate::device::Device;
 use crate::metrics::PairCounts;
 use crate::session::Session;
@@ -45,25 +45,49 @@ impl OwnedConnection {
     pub fn start(mut self, dev: Arc<Device>) -> Result<ResumedConnection, String> {
         let session = Session::restore(dev, &self.state, &mut self.fds)?;
         let session = Arc::new(Mutex::new(session));
-        let handler = primed_handler(&self.stream, session.clone()).map_err(|e| format!("cannot resume the request parser: {e}"))?;
-        session.lock().unwrap_or_else(|p| p.into_inner()).resume_all();
-        Ok(ResumedConnection { stream: self.stream, session, handler, owned: self.state.owned })
+        let handler = primed_handler(&self.stream, session.clone())
+            .map_err(|e| format!("cannot resume the request parser: {e}"))?;
+        session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume_all();
+        Ok(ResumedConnection {
+            stream: self.stream,
+            session,
+            handler,
+            owned: self.state.owned,
+        })
     }
 }
 
 /// Says hello and receives the state: the first steps of a process started by an upgrade.
 pub fn receive(channel: &Channel) -> Result<(ProcessState, Vec<OwnedFd>), String> {
-    channel.send_json(&Hello { pid: std::process::id(), version: Version::current() }).map_err(|e| e.to_string())?;
-    let (json, fds) = channel.recv_state(STATE_TIMEOUT).map_err(|e| e.to_string())?;
+    channel
+        .send_json(&Hello {
+            pid: std::process::id(),
+            version: Version::current(),
+        })
+        .map_err(|e| e.to_string())?;
+    let (json, fds) = channel
+        .recv_state(STATE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
     let state = ProcessState::from_json(&json, fds.len()).map_err(|e| e.to_string())?;
     Ok((state, fds))
 }
 
 /// Rebuilds the devices from the state; `sockets` are the configured devices' socket paths,
 /// which must match the state's (the same configuration).
-pub fn rebuild(state: ProcessState, fds: Vec<OwnedFd>, sockets: &[String]) -> Result<TakenOver, String> {
+pub fn rebuild(
+    state: ProcessState,
+    fds: Vec<OwnedFd>,
+    sockets: &[String],
+) -> Result<TakenOver, String> {
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-    let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).ok_or_else(|| format!("fd #{i} missing or used twice"));
+    let mut take = |i: usize| {
+        fds.get_mut(i)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("fd #{i} missing or used twice"))
+    };
     let got: Vec<&str> = state.devices.iter().map(|d| d.socket.as_str()).collect();
     if got != sockets.iter().map(String::as_str).collect::<Vec<_>>() {
         return Err(format!("the previous vutap serves sockets {got:?}, this one is configured for {sockets:?} (start the new binary with the same configuration)"));
@@ -71,7 +95,11 @@ pub fn rebuild(state: ProcessState, fds: Vec<OwnedFd>, sockets: &[String]) -> Re
     let mut devices = Vec::new();
     for d in state.devices {
         let dev = rebuild_device(&d, &mut take)?;
-        let listener = d.listener.map(&mut take).transpose()?.map(UnixListener::from);
+        let listener = d
+            .listener
+            .map(&mut take)
+            .transpose()?
+            .map(UnixListener::from);
         let connection = match d.connection {
             Some(c) => {
                 let stream = UnixStream::from(take(c.stream)?);
@@ -90,7 +118,11 @@ pub fn rebuild(state: ProcessState, fds: Vec<OwnedFd>, sockets: &[String]) -> Re
                     }
                     own[i] = Some(take(i)?);
                 }
-                Some(OwnedConnection { stream, state: c, fds: own })
+                Some(OwnedConnection {
+                    stream,
+                    state: c,
+                    fds: own,
+                })
             }
             None => None,
         };
@@ -98,17 +130,40 @@ pub fn rebuild(state: ProcessState, fds: Vec<OwnedFd>, sockets: &[String]) -> Re
     }
     Ok(TakenOver {
         devices,
-        metrics_tcp: state.metrics_tcp.map(&mut take).transpose()?.map(std::net::TcpListener::from),
-        metrics_unix: state.metrics_unix.map(&mut take).transpose()?.map(UnixListener::from),
-        control: state.control.map(&mut take).transpose()?.map(UnixListener::from),
+        metrics_tcp: state
+            .metrics_tcp
+            .map(&mut take)
+            .transpose()?
+            .map(std::net::TcpListener::from),
+        metrics_unix: state
+            .metrics_unix
+            .map(&mut take)
+            .transpose()?
+            .map(UnixListener::from),
+        control: state
+            .control
+            .map(&mut take)
+            .transpose()?
+            .map(UnixListener::from),
     })
 }
 
-fn rebuild_device(d: &DeviceState, take: &mut impl FnMut(usize) -> Result<OwnedFd, String>) -> Result<Device, String> {
-    let queues = d.tap_queues.iter().map(|&i| take(i).map(TapQueue::from_fd)).collect::<Result<Vec<_>, _>>()?;
+fn rebuild_device(
+    d: &DeviceState,
+    take: &mut impl FnMut(usize) -> Result<OwnedFd, String>,
+) -> Result<Device, String> {
+    let queues = d
+        .tap_queues
+        .iter()
+        .map(|&i| take(i).map(TapQueue::from_fd))
+        .collect::<Result<Vec<_>, _>>()?;
     let tap = Tap {
         queues,
-        kind: if d.macvtap { TapKind::Macvtap } else { TapKind::Tap },
+        kind: if d.macvtap {
+            TapKind::Macvtap
+        } else {
+            TapKind::Tap
+        },
         name: Some(d.name.clone()),
         mac: Some(d.mac),
         mtu: Some(d.mtu),
@@ -123,7 +178,16 @@ fn rebuild_device(d: &DeviceState, take: &mut impl FnMut(usize) -> Result<OwnedF
         metrics.add(&c);
     }
     dev.device_metrics.restore(&d.device_counters);
-    info!("device {}: taken over ({} queue pair(s), {})", d.label, d.tap_queues.len(), if d.connection.is_some() { "connected" } else { "no frontend" });
+    info!(
+        "device {}: taken over ({} queue pair(s), {})",
+        d.label,
+        d.tap_queues.len(),
+        if d.connection.is_some() {
+            "connected"
+        } else {
+            "no frontend"
+        }
+    );
     Ok(dev)
 }
 
@@ -135,13 +199,24 @@ fn rebuild_device(d: &DeviceState, take: &mut impl FnMut(usize) -> Result<OwnedF
 /// replaying GET_FEATURES, SET_FEATURES and SET_PROTOCOL_FEATURES with the session replaying
 /// (it records, the tap is not touched), and then its socket is replaced by the real
 /// connection with dup3: the frontend sees nothing.
-pub fn primed_handler(stream: &UnixStream, session: Arc<Mutex<Session>>) -> std::io::Result<BackendReqHandler<Mutex<Session>>> {
-    let (features, protocol) = session.lock().unwrap_or_else(|p| p.into_inner()).negotiated();
+pub fn primed_handler(
+    stream: &UnixStream,
+    session: Arc<Mutex<Session>>,
+) -> std::io::Result<BackendReqHandler<Mutex<Session>>> {
+    let (features, protocol) = session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .negotiated();
     let (ours, theirs) = UnixStream::pair()?;
     let ours_fd = ours.as_raw_fd();
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
-    let to_io = |e: vhost::vhost_user::Error| std::io::Error::other(format!("replaying the negotiation: {e}"));
-    session.lock().unwrap_or_else(|p| p.into_inner()).set_replaying(true);
+    let to_io = |e: vhost::vhost_user::Error| {
+        std::io::Error::other(format!("replaying the negotiation: {e}"))
+    };
+    session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_replaying(true);
     let mut replay = || -> std::io::Result<()> {
         send_request(&theirs, FrontendReq::GET_FEATURES, None)?;
         handler.handle_request().map_err(to_io)?;
@@ -153,7 +228,10 @@ pub fn primed_handler(stream: &UnixStream, session: Arc<Mutex<Session>>) -> std:
         handler.handle_request().map_err(to_io)
     };
     let replayed = replay();
-    session.lock().unwrap_or_else(|p| p.into_inner()).set_replaying(false);
+    session
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .set_replaying(false);
     replayed?;
     // SAFETY: both fds are open and owned (the connection by `stream`, `ours_fd` by the
     // handler); dup3 atomically makes `ours_fd` another descriptor of the connection.
