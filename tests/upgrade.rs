@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -361,7 +362,15 @@ impl Traffic {
 #[test]
 fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
     let _g = serial();
+    // Stands in for systemd's notify socket: each old process must name its successor the
+    // main process (MAINPID) before it exits.
+    let notify_path = log_dir("upgrade-notify").unwrap().join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &notify_path);
     let mut bed = Bed::start("traffic", &[]);
+    std::env::remove_var("NOTIFY_SOCKET");
     let traffic = Traffic::start(&bed.socket, &bed.tap);
     let mut pauses = Vec::new();
     for round in 0..5 {
@@ -371,6 +380,9 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         let (pid, pause_ms) = parse_upgraded(&out);
         assert_ne!(pid, old);
         bed.serving.pid = pid;
+        let mut buf = [0u8; 64];
+        let n = notify.recv(&mut buf).expect("MAINPID notification");
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("MAINPID={pid}\n"));
         assert!(
             wait_until(WAIT, || !Serving::alive(old)),
             "the old vutap {old} did not exit after upgrade {round}"

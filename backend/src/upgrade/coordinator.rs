@@ -112,6 +112,7 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
             info!("upgrade to {} requested", binary.display());
             match upgrade(handover, &binary) {
                 Ok(done) => {
+                    tell_supervisor_main_pid(done.pid);
                     info!(
                         "upgrade done: pid {} runs every device (pause {:.1} ms); exiting",
                         done.pid,
@@ -145,6 +146,27 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
         }
     };
     write_reply(&stream, &reply);
+}
+
+/// Under systemd (`NotifyAccess=main`), names the new process as the service's main process
+/// before this one exits, so that systemd does not take the exit for the service's end.
+fn tell_supervisor_main_pid(pid: u32) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let msg = format!("MAINPID={pid}\n");
+    let sent = UnixDatagram::unbound().and_then(|s| {
+        let bytes = path.as_encoded_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name)?,
+            None => std::os::unix::net::SocketAddr::from_pathname(&path)?,
+        };
+        s.send_to_addr(msg.as_bytes(), &addr)
+    });
+    match sent {
+        Ok(_) => info!("told the supervisor that pid {pid} is the main process now"),
+        Err(e) => warn!("cannot tell the supervisor (NOTIFY_SOCKET) the new main pid {pid}: {e}"),
+    }
 }
 
 fn write_reply(mut stream: &UnixStream, reply: &UpgradeReply) {
