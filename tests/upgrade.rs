@@ -147,6 +147,22 @@ impl Bed {
     }
 }
 
+/// Messages the new process's request parser must handle as the old one did: GET_CONFIG (needs
+/// the CONFIG protocol feature acked) and SET_VRING_ENABLE with NEED_REPLY (needs
+/// PROTOCOL_FEATURES acked and REPLY_ACK on: the frontend waits for the ack).
+fn probe_control_plane(fe: &mut NetFrontend) -> Result<(), String> {
+    use vhost::vhost_user::message::VhostUserHeaderFlag;
+    use vhost::vhost_user::VhostUserFrontend;
+    match fe.config() {
+        Ok(Some(c)) if c.max_virtqueue_pairs == 1 => {}
+        other => return Err(format!("GET_CONFIG: {other:?}")),
+    }
+    fe.vhost().set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let r = fe.vhost().set_vring_enable(1, true);
+    fe.vhost().set_hdr_flags(VhostUserHeaderFlag::empty());
+    r.map_err(|e| format!("SET_VRING_ENABLE with NEED_REPLY: {e}"))
+}
+
 /// "upgraded: pid N serves every device now (queue pairs paused X ms)" -> (N, X).
 fn parse_upgraded(out: &str) -> (u32, f64) {
     let pid = out
@@ -175,6 +191,9 @@ struct Traffic {
     rx_seen: Arc<Mutex<BTreeSet<u32>>>,
     /// The longest time the guest went without an RX frame while the peer kept sending.
     rx_gap: Arc<Mutex<Duration>>,
+    /// Control-plane probes asked of the guest thread, and their results.
+    probes_asked: Arc<AtomicU32>,
+    probes_done: Arc<Mutex<Vec<Result<(), String>>>>,
     guest: JoinHandle<Result<(), String>>,
     peer_tx: JoinHandle<()>,
     peer_rx: JoinHandle<Result<(), String>>,
@@ -190,6 +209,8 @@ impl Traffic {
             Arc::new(Mutex::new(BTreeSet::new())),
         );
         let rx_gap = Arc::new(Mutex::new(Duration::ZERO));
+        let probes_asked = Arc::new(AtomicU32::new(0));
+        let probes_done = Arc::new(Mutex::new(Vec::new()));
         // Bound before the guest sends its first frame.
         let peer_rx_sock = PacketSocket::bind(tap);
 
@@ -200,12 +221,17 @@ impl Traffic {
                 rx_seen.clone(),
                 rx_gap.clone(),
             );
+            let (asked, done) = (probes_asked.clone(), probes_done.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut last_rx = Instant::now();
                 let mut next_tx = Instant::now();
                 // Keeps receiving after the stop until the peer's frames have all come.
                 let mut quiet_since: Option<Instant> = None;
                 loop {
+                    if asked.load(Ordering::SeqCst) as usize > done.lock().unwrap().len() {
+                        let r = probe_control_plane(&mut fe);
+                        done.lock().unwrap().push(r);
+                    }
                     let stopping = stop.load(Ordering::SeqCst);
                     if !stopping && Instant::now() >= next_tx {
                         let seq = sent.load(Ordering::SeqCst);
@@ -294,6 +320,8 @@ impl Traffic {
             tx_seen,
             rx_seen,
             rx_gap,
+            probes_asked,
+            probes_done,
             guest,
             peer_tx,
             peer_rx,
@@ -307,6 +335,19 @@ impl Traffic {
             self.tx_seen.lock().unwrap().len(),
             self.rx_seen.lock().unwrap().len(),
         )
+    }
+
+    /// Has the guest thread send control messages on the connection (see
+    /// [`probe_control_plane`]) and checks their answers.
+    fn probe(&self) {
+        let n = self.probes_asked.fetch_add(1, Ordering::SeqCst) as usize + 1;
+        assert!(
+            wait_until(WAIT, || self.probes_done.lock().unwrap().len() >= n),
+            "no answer to control messages after an upgrade"
+        );
+        if let Err(e) = &self.probes_done.lock().unwrap()[n - 1] {
+            panic!("control messages after an upgrade: {e}");
+        }
     }
 
     /// Waits until both directions moved at least 20 more frames than `tx`/`rx`.
@@ -382,7 +423,10 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         bed.serving.pid = pid;
         let mut buf = [0u8; 64];
         let n = notify.recv(&mut buf).expect("MAINPID notification");
-        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("MAINPID={pid}\n"));
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            format!("MAINPID={pid}\n")
+        );
         assert!(
             wait_until(WAIT, || !Serving::alive(old)),
             "the old vutap {old} did not exit after upgrade {round}"
@@ -395,6 +439,7 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         pauses.push(pause_ms);
         let (t, r) = traffic.counts();
         traffic.wait_for_more(t, r);
+        traffic.probe();
     }
     assert_eq!(
         bed.serving.first.wait_exit(WAIT).map(|s| s.code()),
