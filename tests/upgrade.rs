@@ -409,8 +409,10 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
+    // As systemd's own: the old vutap runs as nobody when it sends.
+    std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::env::set_var("NOTIFY_SOCKET", &notify_path);
-    let mut bed = Bed::start("traffic", &[]);
+    let mut bed = Bed::start("traffic", &["--user", "nobody"]);
     std::env::remove_var("NOTIFY_SOCKET");
     let traffic = Traffic::start(&bed.socket, &bed.tap);
     let mut pauses = Vec::new();
@@ -436,6 +438,19 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
             "the new vutap {pid} is not running:\n{}",
             bed.log()
         );
+        // Started by an unprivileged process, it runs with no more than that one had.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        for want in [
+            "Uid:\t65534\t65534",
+            "CapEff:\t0000000000000000",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+        ] {
+            assert!(
+                status.contains(want),
+                "new vutap {pid}: no {want:?} in\n{status}"
+            );
+        }
         pauses.push(pause_ms);
         let (t, r) = traffic.counts();
         traffic.wait_for_more(t, r);
