@@ -54,6 +54,14 @@ fn device_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+fn pair_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
+    let key = format!("vutap_{name}_total{{device=\"{tap}\",queue_pair=\"0\"}} ");
+    http_get(port)
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// The vutap process serving now: the one the test spawned, then each one an upgrade started
 /// (not the test's child: it is stopped by pid).
 struct Serving {
@@ -474,6 +482,20 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         Some(0)
     );
     let (tx, rx, gap) = traffic.finish();
+    // The pair's counters carried over every upgrade: once the connection is gone (its last
+    // batch flushed), every TX frame of the run is counted once.
+    assert!(wait_until(WAIT, || device_counter(
+        bed.port,
+        &bed.tap,
+        "disconnects"
+    ) == Some(1)));
+    let tx_frames = pair_counter(bed.port, &bed.tap, "tx_frames");
+    assert_eq!(
+        tx_frames,
+        Some(u64::from(tx)),
+        "tx_frames_total after 5 upgrades"
+    );
+    assert!(pair_counter(bed.port, &bed.tap, "rx_frames").unwrap() >= u64::from(rx));
     let log = bed.log();
     assert_eq!(
         log.matches("frontend connected").count(),
