@@ -142,6 +142,12 @@ impl LinkState {
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = shared;
     }
 
+    /// Takes over the state a previous vutap announced (live upgrade), without telling anyone:
+    /// the frontend already knows it.
+    pub fn restore_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+
     /// A dup of the current channel's socket and whether CONFIG was negotiated (live upgrade).
     pub fn channel_fd(&self) -> Option<(std::os::fd::OwnedFd, bool)> {
         let shared = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone()?;

@@ -397,6 +397,7 @@ fn device_state(
         macvtap: dev.kind == crate::tap::TapKind::Macvtap,
         mac: dev.mac,
         mtu: dev.mtu,
+        link_up: dev.link.is_up(),
         tap_queues,
         listener,
         connection,

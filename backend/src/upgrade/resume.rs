@@ -170,6 +170,7 @@ fn rebuild_device(
     };
     let mut dev = Device::new(tap, d.mac, d.mtu).map_err(|e| e.to_string())?;
     dev.label = d.label.clone();
+    dev.link.restore_up(d.link_up);
     for (metrics, counters) in dev.metrics.iter().zip(&d.pair_counters) {
         let mut c = PairCounts::default();
         for (name, value) in counters {

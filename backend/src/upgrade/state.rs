@@ -55,6 +55,10 @@ pub struct ProcessState {
     pub control: Option<usize>,
 }
 
+fn link_up_default() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceState {
     /// The vhost-user socket path: how the new process matches its configured devices.
@@ -64,6 +68,9 @@ pub struct DeviceState {
     pub macvtap: bool,
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// The link state last announced to the frontend.
+    #[serde(default = "link_up_default")]
+    pub link_up: bool,
     /// One tap queue fd per queue pair, still attached where a pair runs.
     pub tap_queues: Vec<usize>,
     /// The vhost-user listening socket (server mode).
@@ -202,6 +209,7 @@ mod tests {
                 macvtap: true,
                 mac: [0x52, 0x54, 0, 1, 2, 3],
                 mtu: 1500,
+                link_up: true,
                 tap_queues: vec![0],
                 listener: Some(1),
                 connection: Some(ConnectionState {
