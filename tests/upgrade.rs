@@ -54,8 +54,8 @@ fn device_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-fn pair_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
-    let key = format!("vutap_{name}_total{{device=\"{tap}\",queue_pair=\"0\"}} ");
+fn pair_counter(port: u16, tap: &str, pair: u16, name: &str) -> Option<u64> {
+    let key = format!("vutap_{name}_total{{device=\"{tap}\",queue_pair=\"{pair}\"}} ");
     http_get(port)
         .lines()
         .find_map(|l| l.strip_prefix(&key))
@@ -96,7 +96,7 @@ struct Bed {
 }
 
 impl Bed {
-    fn start(name: &str, extra: &[&str]) -> Bed {
+    fn start(name: &str, queues: u16, extra: &[&str]) -> Bed {
         let tap = format!("vup{}", unique());
         assert!(tap.len() < 16);
         let dir = log_dir(&format!("upgrade-{name}")).unwrap();
@@ -107,7 +107,7 @@ impl Bed {
         let vutap = Vutap::spawn(
             &socket,
             Path::new(&tap),
-            1,
+            queues,
             &[
                 &[
                     "--control-socket",
@@ -158,11 +158,11 @@ impl Bed {
 /// Messages the new process's request parser must handle as the old one did: GET_CONFIG (needs
 /// the CONFIG protocol feature acked) and SET_VRING_ENABLE with NEED_REPLY (needs
 /// PROTOCOL_FEATURES acked and REPLY_ACK on: the frontend waits for the ack).
-fn probe_control_plane(fe: &mut NetFrontend) -> Result<(), String> {
+fn probe_control_plane(fe: &mut NetFrontend, pairs: u16) -> Result<(), String> {
     use vhost::vhost_user::message::VhostUserHeaderFlag;
     use vhost::vhost_user::VhostUserFrontend;
     match fe.config() {
-        Ok(Some(c)) if c.max_virtqueue_pairs == 1 => {}
+        Ok(Some(c)) if c.max_virtqueue_pairs == pairs => {}
         other => return Err(format!("GET_CONFIG: {other:?}")),
     }
     fe.vhost().set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -208,8 +208,14 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(socket: &Path, tap: &str) -> Traffic {
-        let mut fe = NetFrontend::connect(socket, FrontendOptions::default()).expect("handshake");
+    /// With `pairs` queue pairs, TX frames go out on each in turn and RX frames are taken from
+    /// any (the tap picks the queue by flow hash).
+    fn start(socket: &Path, tap: &str, pairs: u16) -> Traffic {
+        let opts = FrontendOptions {
+            queue_pairs: pairs,
+            ..FrontendOptions::default()
+        };
+        let mut fe = NetFrontend::connect(socket, opts).expect("handshake");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx_sent, rx_sent) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
         let (tx_seen, rx_seen) = (
@@ -237,20 +243,25 @@ impl Traffic {
                 let mut quiet_since: Option<Instant> = None;
                 loop {
                     if asked.load(Ordering::SeqCst) as usize > done.lock().unwrap().len() {
-                        let r = probe_control_plane(&mut fe);
+                        let r = probe_control_plane(&mut fe, pairs);
                         done.lock().unwrap().push(r);
                     }
                     let stopping = stop.load(Ordering::SeqCst);
                     if !stopping && Instant::now() >= next_tx {
                         let seq = sent.load(Ordering::SeqCst);
-                        fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(seq))
-                            .map_err(|e| format!("send_frame {seq}: {e}"))?;
+                        fe.send_frame(
+                            (seq % u32::from(pairs)) as u16,
+                            &VirtioNetHdr::default(),
+                            &tx_frame(seq),
+                        )
+                        .map_err(|e| format!("send_frame {seq}: {e}"))?;
                         sent.fetch_add(1, Ordering::SeqCst);
                         next_tx += PACE;
                     }
                     match fe
-                        .recv_frame(0, Duration::from_micros(500))
+                        .recv_frame_any(Duration::from_micros(500))
                         .map_err(|e| format!("recv_frame: {e}"))?
+                        .map(|(_, f)| f)
                     {
                         Some(f) if is_test_frame(&f.payload) => {
                             let seq = seq_of(&f.payload);
@@ -272,7 +283,9 @@ impl Traffic {
                         None if stopping => {
                             let since = *quiet_since.get_or_insert_with(Instant::now);
                             if since.elapsed() > Duration::from_secs(2) {
-                                let _ = fe.reclaim_tx(0);
+                                for pair in 0..pairs {
+                                    let _ = fe.reclaim_tx(pair);
+                                }
                                 return Ok(());
                             }
                         }
@@ -410,21 +423,34 @@ impl Traffic {
 
 #[test]
 fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
+    upgrades_under_traffic("traffic", 1, 5);
+}
+
+#[test]
+fn test_upgrade_with_two_queue_pairs_keeps_every_frame() {
+    upgrades_under_traffic("two-pairs", 2, 3);
+}
+
+/// `upgrades` live upgrades of a vutap (`--user nobody`, `pairs` queue pairs) while traffic
+/// runs both ways; see the module doc for what is checked.
+fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
     let _g = serial();
     // Stands in for systemd's notify socket: each old process must name its successor the
     // main process (MAINPID) before it exits.
-    let notify_path = log_dir("upgrade-notify").unwrap().join("notify.sock");
+    let notify_path = log_dir(&format!("upgrade-notify-{name}"))
+        .unwrap()
+        .join("notify.sock");
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
     // As systemd's own: the old vutap runs as nobody when it sends.
     std::fs::set_permissions(&notify_path, std::fs::Permissions::from_mode(0o777)).unwrap();
     std::env::set_var("NOTIFY_SOCKET", &notify_path);
-    let mut bed = Bed::start("traffic", &["--user", "nobody"]);
+    let mut bed = Bed::start(name, pairs, &["--user", "nobody"]);
     std::env::remove_var("NOTIFY_SOCKET");
-    let traffic = Traffic::start(&bed.socket, &bed.tap);
+    let traffic = Traffic::start(&bed.socket, &bed.tap, pairs);
     let mut pauses = Vec::new();
-    for round in 0..5 {
+    for round in 0..upgrades {
         let old = bed.serving.pid;
         let (ok, out) = bed.upgrade(None);
         assert!(ok, "upgrade {round} failed: {out}\n{}", bed.log());
@@ -489,26 +515,30 @@ fn test_upgrade_under_traffic_keeps_the_connection_and_every_frame() {
         &bed.tap,
         "disconnects"
     ) == Some(1)));
-    let tx_frames = pair_counter(bed.port, &bed.tap, "tx_frames");
+    let total = |counter: &str| -> u64 {
+        (0..pairs)
+            .map(|p| pair_counter(bed.port, &bed.tap, p, counter).unwrap())
+            .sum()
+    };
     assert_eq!(
-        tx_frames,
-        Some(u64::from(tx)),
-        "tx_frames_total after 5 upgrades"
+        total("tx_frames"),
+        u64::from(tx),
+        "tx_frames_total after {upgrades} upgrades"
     );
-    assert!(pair_counter(bed.port, &bed.tap, "rx_frames").unwrap() >= u64::from(rx));
+    assert!(total("rx_frames") >= u64::from(rx));
     let log = bed.log();
     assert_eq!(
         log.matches("frontend connected").count(),
         1,
         "a reconnect was logged:\n{log}"
     );
-    assert_eq!(log.matches("took over every device").count(), 5);
+    assert_eq!(log.matches("took over every device").count(), upgrades);
     pauses.sort_by(f64::total_cmp);
     eprintln!(
-        "5 live upgrades under traffic: TX {tx} / RX {rx} frames, none lost, all byte for byte; pause per upgrade {:.2}-{:.2} ms (median {:.2}); longest RX gap in the guest {:.1} ms (1 frame/ms sent)",
+        "{upgrades} live upgrades under traffic, {pairs} queue pair(s): TX {tx} / RX {rx} frames, none lost, all byte for byte; pause per upgrade {:.2}-{:.2} ms (median {:.2}); longest RX gap in the guest {:.1} ms (1 frame/ms sent)",
         pauses[0],
-        pauses[4],
-        pauses[2],
+        pauses[upgrades - 1],
+        pauses[upgrades / 2],
         gap.as_secs_f64() * 1e3
     );
     let _ = std::fs::remove_dir_all(&bed.dir);
@@ -525,8 +555,8 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 #[test]
 fn test_upgrade_that_fails_leaves_the_old_vutap_serving() {
     let _g = serial();
-    let mut bed = Bed::start("fails", &[]);
-    let traffic = Traffic::start(&bed.socket, &bed.tap);
+    let mut bed = Bed::start("fails", 1, &[]);
+    let traffic = Traffic::start(&bed.socket, &bed.tap, 1);
     // The new binary exits at once.
     let (ok, out) = bed.upgrade(Some(Path::new("/bin/false")));
     assert!(!ok, "{out}");
@@ -572,7 +602,7 @@ fn test_upgrade_to_another_major_state_version_is_refused_before_anything_stops(
     let _g = serial();
     // The stand-in below is a Python script, which the upgrade thread's seccomp list (made
     // for starting vutap) would not let run.
-    let bed = Bed::start("version", &["--no-seccomp"]);
+    let bed = Bed::start("version", 1, &["--no-seccomp"]);
     let mut fe = NetFrontend::connect(&bed.socket, FrontendOptions::default()).expect("handshake");
     // A "future vutap": says hello with state version 2.0 on the hand-over socket.
     let future = script(
