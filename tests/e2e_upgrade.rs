@@ -1,5 +1,5 @@
-//! Live upgrade under a real guest (QEMU 10, TCG): the peer pings the guest every 10 ms while
-//! `vutap upgrade` replaces vutap three times. The guest must not notice: its eth0 keeps its
+//! Live upgrade under a real guest (QEMU 10.0 and 7.2, TCG): the peer pings the guest every
+//! 10 ms while `vutap upgrade` replaces vutap three times. The guest must not notice: its eth0 keeps its
 //! carrier (`carrier_changes` unchanged), QEMU keeps its one vhost-user connection (its chardev
 //! has no reconnect here, so a dropped connection would end the traffic for good), and the ping
 //! gap is measured. Needs root, `scripts/install-deps.sh` and a built `vutap` binary.
@@ -29,10 +29,23 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
+/// The host has 2 cores and each TCG guest wants both: one guest at a time.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn test_e2e_upgrade_under_ping_qemu10() {
+    upgrade_under_ping(QemuVersion::V10);
+}
+
+#[test]
+fn test_e2e_upgrade_under_ping_qemu7() {
+    upgrade_under_ping(QemuVersion::V7);
+}
+
+fn upgrade_under_ping(qemu: QemuVersion) {
+    let _held = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
-    let dir = log_dir("e2e-upgrade-qemu10").unwrap();
+    let dir = log_dir(&format!("e2e-upgrade-{}", qemu.label())).unwrap();
     let sock = dir.join("vutap.sock");
     let control = dir.join("ctl.sock");
     let first = Vutap::spawn(
@@ -49,7 +62,7 @@ fn test_e2e_upgrade_under_ping_qemu10() {
         queues: 1,
         mac: tap.mac.clone(),
     };
-    let mut cfg = GuestConfig::new(QemuVersion::V10, nic, dir.clone());
+    let mut cfg = GuestConfig::new(qemu, nic, dir.clone());
     cfg.chardev_reconnect = false;
     let mut g = Guest::boot(cfg).expect("guest boots");
     g.configure_ip(tap.guest_ip, topo.prefix_len).unwrap();
@@ -146,7 +159,7 @@ fn test_e2e_upgrade_under_ping_qemu10() {
         vutap_tests_wait(|| !alive(pid));
     }
     eprintln!(
-        "QEMU 10: {UPGRADES} live upgrades under 10 ms pings: {} / {PINGS} replies, largest gap {} ms; pause per upgrade {pauses:?} ms; carrier_changes {changes_before} -> {changes_after}",
+        "{qemu}: {UPGRADES} live upgrades under 10 ms pings: {} / {PINGS} replies, largest gap {} ms; pause per upgrade {pauses:?} ms; carrier_changes {changes_before} -> {changes_after}",
         seqs.len(),
         max_gap * 10
     );
