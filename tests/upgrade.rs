@@ -479,6 +479,8 @@ fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
             "CapEff:\t0000000000000000",
             "NoNewPrivs:\t1",
             "Seccomp:\t2",
+            // The previous process's upgrade list (inherited) and its own: no pile-up.
+            "Seccomp_filters:\t2",
         ] {
             assert!(
                 status.contains(want),

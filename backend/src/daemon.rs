@@ -125,6 +125,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 /// previous process (which then resumes) and ends this one at once: no destructor runs, so
 /// nothing shared (a tap queue's attachment) is touched.
 fn run_taken_over(config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
+    sandbox::note_inherited_upgrade_list();
     // SAFETY: the previous vutap passed us this end of its socketpair; nothing else owns it.
     let channel = Channel::new(unsafe { UnixDatagram::from_raw_fd(fd) });
     let fail = |why: String| -> ! {

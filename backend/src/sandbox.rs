@@ -41,6 +41,19 @@ use thiserror::Error;
 pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY, UPGRADE};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// This process was started by a live upgrade and inherited the previous one's upgrade list.
+static UPGRADE_LIST_INHERITED: AtomicBool = AtomicBool::new(false);
+
+/// Records whether the calling process runs under an inherited filter (`Seccomp: 2` in
+/// `/proc/self/status` before it installed any): a process started by a live upgrade inherits
+/// the previous one's upgrade list. Its own upgrade thread then adds nothing (the list is the
+/// same union), so filters do not pile up from one upgrade to the next (the kernel caps a
+/// thread's filters at 32 768 BPF instructions in all).
+pub fn note_inherited_upgrade_list() {
+    let inherited = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')));
+    UPGRADE_LIST_INHERITED.store(inherited, Ordering::SeqCst);
+}
 
 /// Turns the filters on or off for threads started from now on (the binary: on unless
 /// `--no-seccomp`; the library: off until asked).
@@ -292,6 +305,10 @@ pub fn control_filter() -> Result<BpfProgram, SandboxError> {
 /// cannot be installed is logged and the thread runs unfiltered.
 pub fn enter(kind: ThreadKind) {
     if !enabled() {
+        return;
+    }
+    if kind == ThreadKind::Upgrade && UPGRADE_LIST_INHERITED.load(Ordering::SeqCst) {
+        debug!("seccomp: the upgrade list is inherited from the previous vutap");
         return;
     }
     let list = kind.allow_list();
