@@ -155,6 +155,20 @@ impl Bed {
     }
 }
 
+/// Spawns a traffic thread whose error is also recorded in `failures` (for a stall's report).
+fn spawn_recorded(
+    failures: Arc<Mutex<Vec<String>>>,
+    f: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> JoinHandle<Result<(), String>> {
+    std::thread::spawn(move || {
+        let r = f();
+        if let Err(e) = &r {
+            failures.lock().unwrap().push(e.clone());
+        }
+        r
+    })
+}
+
 /// Messages the new process's request parser must handle as the old one did: GET_CONFIG (needs
 /// the CONFIG protocol feature acked) and SET_VRING_ENABLE with NEED_REPLY (needs
 /// PROTOCOL_FEATURES acked and REPLY_ACK on: the frontend waits for the ack).
@@ -202,6 +216,8 @@ struct Traffic {
     /// Control-plane probes asked of the guest thread, and their results.
     probes_asked: Arc<AtomicU32>,
     probes_done: Arc<Mutex<Vec<Result<(), String>>>>,
+    /// What made a traffic thread stop early.
+    failures: Arc<Mutex<Vec<String>>>,
     guest: JoinHandle<Result<(), String>>,
     peer_tx: JoinHandle<()>,
     peer_rx: JoinHandle<Result<(), String>>,
@@ -225,6 +241,7 @@ impl Traffic {
         let rx_gap = Arc::new(Mutex::new(Duration::ZERO));
         let probes_asked = Arc::new(AtomicU32::new(0));
         let probes_done = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
         // Bound before the guest sends its first frame.
         let peer_rx_sock = PacketSocket::bind(tap);
 
@@ -236,7 +253,7 @@ impl Traffic {
                 rx_gap.clone(),
             );
             let (asked, done) = (probes_asked.clone(), probes_done.clone());
-            std::thread::spawn(move || -> Result<(), String> {
+            spawn_recorded(failures.clone(), move || -> Result<(), String> {
                 let mut last_rx = Instant::now();
                 let mut next_tx = Instant::now();
                 // Keeps receiving after the stop until the peer's frames have all come.
@@ -313,7 +330,7 @@ impl Traffic {
         };
         let peer_rx = {
             let (stop, seen, sock) = (stop.clone(), tx_seen.clone(), peer_rx_sock);
-            std::thread::spawn(move || -> Result<(), String> {
+            spawn_recorded(failures.clone(), move || -> Result<(), String> {
                 loop {
                     let got = sock.recv_matching(Duration::from_secs(2), |f| {
                         is_test_frame(f) && f[6..12] == GUEST_MAC
@@ -343,6 +360,7 @@ impl Traffic {
             rx_gap,
             probes_asked,
             probes_done,
+            failures,
             guest,
             peer_tx,
             peer_rx,
@@ -380,7 +398,8 @@ impl Traffic {
         let (t, r) = self.counts();
         assert!(
             ok && !self.guest.is_finished() && !self.peer_rx.is_finished(),
-            "traffic stalled at TX {t} / RX {r} frames (from {tx} / {rx})"
+            "traffic stalled at TX {t} / RX {r} frames (from {tx} / {rx}): {:?}",
+            self.failures.lock().unwrap()
         );
     }
 

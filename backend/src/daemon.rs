@@ -134,13 +134,13 @@ fn run_taken_over(config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
         log::logger().flush();
         std::process::exit(1)
     };
-    let (state, fds) = resume::receive(&channel).unwrap_or_else(|e| fail(e));
+    let (state, fds) = resume::receive(&channel).unwrap_or_else(|e| fail(e.to_string()));
     let sockets: Vec<String> = config.devices.iter().map(|d| d.config.socket.path().display().to_string()).collect();
-    let taken = resume::rebuild(state, fds, &sockets).unwrap_or_else(|e| fail(e));
+    let taken = resume::rebuild(state, fds, &sockets).unwrap_or_else(|e| fail(e.to_string()));
     let mut ready = Vec::new();
     for ((dev, listener, connection), cfg) in taken.devices.into_iter().zip(&config.devices) {
         let dev = Arc::new(dev);
-        let resumed = connection.map(|c| c.start(dev.clone()).unwrap_or_else(|e| fail(format!("device {}: {e}", dev.label))));
+        let resumed = connection.map(|c| c.start(dev.clone()).unwrap_or_else(|e| fail(e.to_string())));
         ready.push(Ready { dev, mode: cfg.config.socket.to_mode(), listener, once: cfg.config.once, resumed });
     }
     let metrics_unix = match (taken.metrics_unix, &config.metrics_unix) {

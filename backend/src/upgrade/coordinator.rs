@@ -5,7 +5,7 @@
 //! failed (the new binary did not start, refused the state, or could not rebuild a device).
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use super::port::{ParkRequest, Parked, Verdict};
 use super::state::{DeviceState, ProcessState, Version, STATE_MAJOR, STATE_MINOR};
-use super::wire::{self, Channel, Hello, UPGRADE_FD_ENV};
+use super::wire::{self, Channel, Hello, WireError, UPGRADE_FD_ENV};
 use crate::device::Device;
 use crate::sandbox::{self, ThreadKind};
 
@@ -29,6 +30,51 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the new process may take to rebuild every device and start its pairs.
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Why an upgrade did not happen (every device was resumed, or never stopped).
+#[derive(Debug, Error)]
+pub enum UpgradeError {
+    #[error("devices in client mode (--client) cannot be handed over yet; restart instead")]
+    ClientMode,
+    #[error("cannot create the hand-over socketpair: {0}")]
+    Socketpair(#[source] io::Error),
+    #[error("cannot start {binary}: {source}")]
+    Start {
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the new binary did not get ready: {source}{status}")]
+    NotReady {
+        #[source]
+        source: WireError,
+        status: String,
+    },
+    #[error("the new binary reads hand-over state version {major}.{minor}, this vutap writes {STATE_MAJOR}.{STATE_MINOR}: a different major version cannot take over live (restart instead)")]
+    Version { major: u32, minor: u32 },
+    #[error("device {label}: cannot wake its serving thread: {source}")]
+    Wake {
+        label: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("device {label}: its serving thread did not park within {PARK_TIMEOUT:?}")]
+    NotParked { label: String },
+    #[error("device {label}: cannot export its connection: {why}")]
+    Export { label: String, why: String },
+    #[error("cannot dup an fd to hand over: {0}")]
+    Dup(#[source] io::Error),
+    #[error("cannot send the state: {0}")]
+    SendState(#[source] WireError),
+    #[error("the new process did not take over: {source}{status}")]
+    NoVerdict {
+        #[source]
+        source: WireError,
+        status: String,
+    },
+    #[error("the new process refused: {0}")]
+    Refused(String),
+}
 
 /// What `vutap upgrade` sends on the control socket (one JSON line).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -137,7 +183,7 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
                     );
                     UpgradeReply {
                         ok: false,
-                        error: Some(e),
+                        error: Some(e.to_string()),
                         pid: None,
                         pause_ms: None,
                     }
@@ -229,11 +275,9 @@ impl Drop for ParkedDevices {
     }
 }
 
-fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
+fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
     if h.devices.iter().any(|d| d.client_mode) {
-        return Err(
-            "devices in client mode (--client) cannot be handed over yet; restart instead".into(),
-        );
+        return Err(UpgradeError::ClientMode);
     }
     // Declared before the child: on failure the child is killed and reaped first (dropped
     // first), and only then are the devices resumed, so no ring is ever served twice.
@@ -241,31 +285,32 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
         verdicts: Vec::new(),
         handed_over: false,
     };
-    let (ours, theirs) = UnixDatagram::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = UnixDatagram::pair().map_err(UpgradeError::Socketpair)?;
     let theirs_fd = theirs.as_raw_fd();
-    clear_cloexec(theirs_fd).map_err(|e| format!("socketpair: {e}"))?;
+    clear_cloexec(theirs_fd).map_err(UpgradeError::Socketpair)?;
     let child = Command::new(binary)
         .args(h.args.iter().skip(1))
         .env(UPGRADE_FD_ENV, theirs_fd.to_string())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        .map_err(|source| UpgradeError::Start {
+            binary: binary.clone(),
+            source,
+        })?;
     drop(theirs);
     let mut new = NewProcess { child, done: false };
     let channel = Channel::new(ours);
     let hello: Hello = channel
         .recv_json(HELLO_TIMEOUT, &mut || new.alive())
-        .map_err(|e| {
-            format!(
-                "the new binary did not get ready: {e}{}",
-                new.describe_end()
-            )
+        .map_err(|source| UpgradeError::NotReady {
+            source,
+            status: new.describe_end(),
         })?;
     if hello.version.major != STATE_MAJOR {
         // Refused before anything is halted: the new binary could not read what we would send.
-        return Err(format!(
-            "the new binary reads hand-over state version {}.{}, this vutap writes {STATE_MAJOR}.{STATE_MINOR}: a different major version cannot take over live (restart instead)",
-            hello.version.major, hello.version.minor
-        ));
+        return Err(UpgradeError::Version {
+            major: hello.version.major,
+            minor: hello.version.minor,
+        });
     }
     info!(
         "new vutap pid {} (state version {}.{}) is ready; parking the devices",
@@ -283,7 +328,10 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
                 parked: parked_tx,
                 verdict: verdict_rx,
             })
-            .map_err(|e| format!("device {}: cannot wake its thread: {e}", d.dev.label))?;
+            .map_err(|source| UpgradeError::Wake {
+                label: d.dev.label.clone(),
+                source,
+            })?;
         parked.verdicts.push(verdict_tx);
         answers.push(parked_rx);
     }
@@ -292,22 +340,18 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     for (d, answer) in h.devices.iter().zip(answers) {
         let p = answer
             .recv_timeout(PARK_TIMEOUT)
-            .map_err(|_| {
-                format!(
-                    "device {}: its serving thread did not park within {PARK_TIMEOUT:?}",
-                    d.dev.label
-                )
+            .map_err(|_| UpgradeError::NotParked {
+                label: d.dev.label.clone(),
             })?
-            .map_err(|e| format!("device {}: {e}", d.dev.label))?;
+            .map_err(|why| UpgradeError::Export {
+                label: d.dev.label.clone(),
+                why,
+            })?;
         devices.push(device_state(d, p, &mut fds)?);
     }
-    let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, String> {
+    let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, UpgradeError> {
         let Some(fd) = fd else { return Ok(None) };
-        fds.push(
-            fd.as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| format!("cannot dup fd: {e}"))?,
-        );
+        fds.push(fd.as_fd().try_clone_to_owned().map_err(UpgradeError::Dup)?);
         Ok(Some(fds.len() - 1))
     };
     let state = ProcessState {
@@ -320,20 +364,15 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, String> {
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     channel
         .send_state(&state.to_json(), &raw)
-        .map_err(|e| e.to_string())?;
+        .map_err(UpgradeError::SendState)?;
     let verdict: wire::Verdict = channel
         .recv_json(VERDICT_TIMEOUT, &mut || new.alive())
-        .map_err(|e| {
-            format!(
-                "the new process did not take over: {e}{}",
-                new.describe_end()
-            )
+        .map_err(|source| UpgradeError::NoVerdict {
+            source,
+            status: new.describe_end(),
         })?;
     if !verdict.ok {
-        return Err(format!(
-            "the new process refused: {}",
-            verdict.error.unwrap_or_default()
-        ));
+        return Err(UpgradeError::Refused(verdict.error.unwrap_or_default()));
     }
     let pause = started.elapsed();
     new.done = true;
@@ -349,13 +388,10 @@ fn device_state(
     d: &DeviceHandle,
     parked: Parked,
     fds: &mut Vec<OwnedFd>,
-) -> Result<DeviceState, String> {
+) -> Result<DeviceState, UpgradeError> {
     let dev = &d.dev;
-    let mut add = |fd: std::os::fd::BorrowedFd<'_>| -> Result<usize, String> {
-        fds.push(
-            fd.try_clone_to_owned()
-                .map_err(|e| format!("cannot dup fd: {e}"))?,
-        );
+    let mut add = |fd: std::os::fd::BorrowedFd<'_>| -> Result<usize, UpgradeError> {
+        fds.push(fd.try_clone_to_owned().map_err(UpgradeError::Dup)?);
         Ok(fds.len() - 1)
     };
     let tap_queues = dev

@@ -7,17 +7,45 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::info;
+use thiserror::Error;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::BackendReqHandler;
 
-use super::state::Version;
-use super::state::{DeviceState, ProcessState};
-use super::wire::{Channel, Hello};
+use super::state::{DeviceState, ProcessState, StateError, Version};
+use super::wire::{Channel, Hello, WireError};
 use crate::device::Device;
+use crate::memory_guard::GuardError;
 use crate::metrics::PairCounts;
 use crate::session::Session;
 use crate::tap::{Tap, TapKind, TapQueue};
 use crate::vhost_user::ResumedConnection;
+
+/// Why the new process cannot take over (it tells the old one, which resumes).
+#[derive(Debug, Error)]
+pub enum ResumeError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the previous vutap serves sockets {got:?}, this one is configured for {want:?} (start the new binary with the same configuration)")]
+    OtherDevices { got: Vec<String>, want: Vec<String> },
+    #[error("hand-over fd #{0} is missing or named twice")]
+    Fd(usize),
+    #[error("device {label}: {source}")]
+    Device {
+        label: String,
+        #[source]
+        source: GuardError,
+    },
+    #[error("device {label}: cannot restore its connection: {why}")]
+    Session { label: String, why: String },
+    #[error("device {label}: cannot resume the request parser: {source}")]
+    Parser {
+        label: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// How long the new process waits for the state once it said hello.
 const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,11 +70,17 @@ pub struct OwnedConnection {
 impl OwnedConnection {
     /// Restores the session on `dev`, teaches the request parser what was negotiated, and
     /// starts the pairs that ran.
-    pub fn start(mut self, dev: Arc<Device>) -> Result<ResumedConnection, String> {
-        let session = Session::restore(dev, &self.state, &mut self.fds)?;
+    pub fn start(mut self, dev: Arc<Device>) -> Result<ResumedConnection, ResumeError> {
+        let label = dev.label.clone();
+        let session = Session::restore(dev, &self.state, &mut self.fds).map_err(|why| {
+            ResumeError::Session {
+                label: label.clone(),
+                why,
+            }
+        })?;
         let session = Arc::new(Mutex::new(session));
         let handler = primed_handler(&self.stream, session.clone())
-            .map_err(|e| format!("cannot resume the request parser: {e}"))?;
+            .map_err(|source| ResumeError::Parser { label, source })?;
         session
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -61,17 +95,13 @@ impl OwnedConnection {
 }
 
 /// Says hello and receives the state: the first steps of a process started by an upgrade.
-pub fn receive(channel: &Channel) -> Result<(ProcessState, Vec<OwnedFd>), String> {
-    channel
-        .send_json(&Hello {
-            pid: std::process::id(),
-            version: Version::current(),
-        })
-        .map_err(|e| e.to_string())?;
-    let (json, fds) = channel
-        .recv_state(STATE_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    let state = ProcessState::from_json(&json, fds.len()).map_err(|e| e.to_string())?;
+pub fn receive(channel: &Channel) -> Result<(ProcessState, Vec<OwnedFd>), ResumeError> {
+    channel.send_json(&Hello {
+        pid: std::process::id(),
+        version: Version::current(),
+    })?;
+    let (json, fds) = channel.recv_state(STATE_TIMEOUT)?;
+    let state = ProcessState::from_json(&json, fds.len())?;
     Ok((state, fds))
 }
 
@@ -81,16 +111,19 @@ pub fn rebuild(
     state: ProcessState,
     fds: Vec<OwnedFd>,
     sockets: &[String],
-) -> Result<TakenOver, String> {
+) -> Result<TakenOver, ResumeError> {
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take = |i: usize| {
         fds.get_mut(i)
             .and_then(Option::take)
-            .ok_or_else(|| format!("fd #{i} missing or used twice"))
+            .ok_or(ResumeError::Fd(i))
     };
-    let got: Vec<&str> = state.devices.iter().map(|d| d.socket.as_str()).collect();
-    if got != sockets.iter().map(String::as_str).collect::<Vec<_>>() {
-        return Err(format!("the previous vutap serves sockets {got:?}, this one is configured for {sockets:?} (start the new binary with the same configuration)"));
+    let got: Vec<String> = state.devices.iter().map(|d| d.socket.clone()).collect();
+    if got != sockets {
+        return Err(ResumeError::OtherDevices {
+            got,
+            want: sockets.to_vec(),
+        });
     }
     let mut devices = Vec::new();
     for d in state.devices {
@@ -150,8 +183,8 @@ pub fn rebuild(
 
 fn rebuild_device(
     d: &DeviceState,
-    take: &mut impl FnMut(usize) -> Result<OwnedFd, String>,
-) -> Result<Device, String> {
+    take: &mut impl FnMut(usize) -> Result<OwnedFd, ResumeError>,
+) -> Result<Device, ResumeError> {
     let queues = d
         .tap_queues
         .iter()
@@ -168,7 +201,10 @@ fn rebuild_device(
         mac: Some(d.mac),
         mtu: Some(d.mtu),
     };
-    let mut dev = Device::new(tap, d.mac, d.mtu).map_err(|e| e.to_string())?;
+    let mut dev = Device::new(tap, d.mac, d.mtu).map_err(|source| ResumeError::Device {
+        label: d.label.clone(),
+        source,
+    })?;
     dev.label = d.label.clone();
     dev.link.restore_up(d.link_up);
     for (metrics, counters) in dev.metrics.iter().zip(&d.pair_counters) {
