@@ -491,8 +491,13 @@ fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
             "the new vutap {pid} is not running:\n{}",
             bed.log()
         );
-        // Started by an unprivileged process, it runs with no more than that one had.
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // Started by an unprivileged process, it runs with no more than that one had. Its main
+        // thread installs its own list last, after answering: wait for it.
+        let status_path = format!("/proc/{pid}/status");
+        wait_until(WAIT, || {
+            std::fs::read_to_string(&status_path).is_ok_and(|s| s.contains("Seccomp_filters:\t2"))
+        });
+        let status = std::fs::read_to_string(&status_path).unwrap();
         for want in [
             "Uid:\t65534\t65534",
             "CapEff:\t0000000000000000",
