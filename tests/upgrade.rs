@@ -19,7 +19,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_bench::frontend::virtqueue::QueueError;
+use vutap_bench::frontend::{FrontendError, FrontendOptions, NetFrontend, VirtioNetHdr};
 use vutap_bench::testbed::{free_port, log_dir, Vutap};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -266,14 +267,21 @@ impl Traffic {
                     let stopping = stop.load(Ordering::SeqCst);
                     if !stopping && Instant::now() >= next_tx {
                         let seq = sent.load(Ordering::SeqCst);
-                        fe.send_frame(
+                        let sent_now = fe.send_frame(
                             (seq % u32::from(pairs)) as u16,
                             &VirtioNetHdr::default(),
                             &tx_frame(seq),
-                        )
-                        .map_err(|e| format!("send_frame {seq}: {e}"))?;
-                        sent.fetch_add(1, Ordering::SeqCst);
-                        next_tx += PACE;
+                        );
+                        match sent_now {
+                            Ok(()) => {
+                                sent.fetch_add(1, Ordering::SeqCst);
+                                next_tx += PACE;
+                            }
+                            // A full ring (vutap slowed down by the load, or paused): like a
+                            // driver, try the same frame again once chains come back.
+                            Err(FrontendError::Queue(QueueError::Full { .. })) => {}
+                            Err(e) => return Err(format!("send_frame {seq}: {e}")),
+                        }
                     }
                     match fe
                         .recv_frame_any(Duration::from_micros(500))
