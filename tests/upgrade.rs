@@ -667,3 +667,36 @@ fn test_upgrade_to_another_major_state_version_is_refused_before_anything_stops(
     assert_eq!(got, Some(tx_frame(1)));
     let _ = std::fs::remove_dir_all(&bed.dir);
 }
+
+#[test]
+fn test_upgrade_without_a_frontend_hands_over_the_listener() {
+    let _g = serial();
+    let mut bed = Bed::start("idle", 1, &[]);
+    let (ok, out) = bed.upgrade(None);
+    assert!(ok, "{out}\n{}", bed.log());
+    let (pid, _) = parse_upgraded(&out);
+    bed.serving.pid = pid;
+    assert!(
+        bed.serving.first.wait_exit(WAIT).is_some(),
+        "the old vutap did not exit"
+    );
+    // The new process accepts on the listener it took over: a frontend connects and forwards.
+    let mut fe = NetFrontend::connect(&bed.socket, FrontendOptions::default()).expect("handshake");
+    let far = PacketSocket::bind(&bed.tap);
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(7))
+        .unwrap();
+    let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
+    assert_eq!(got, Some(tx_frame(7)), "{}", bed.log());
+    far.send(&rx_frame(8));
+    let rx = loop {
+        let f = fe
+            .recv_frame(0, WAIT)
+            .unwrap()
+            .expect("RX frame after the upgrade");
+        if is_test_frame(&f.payload) {
+            break f.payload;
+        }
+    };
+    assert_eq!(rx, rx_frame(8));
+    let _ = std::fs::remove_dir_all(&bed.dir);
+}
