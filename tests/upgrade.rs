@@ -3,7 +3,8 @@
 //! vhost-user connection throughout (no reconnect), every frame both ways delivered byte for
 //! byte (none lost), the pause per upgrade; a failed upgrade (the new binary exits at once,
 //! or cannot take the state) leaves the old process serving; a new binary of another state
-//! version is refused before anything stops; with no frontend, the listener is handed over. Needs root (a tap) and a built `vutap` binary.
+//! version is refused before anything stops; with no frontend, the listener is handed over.
+//! Needs root (a tap) and a built `vutap` binary.
 
 mod common;
 
