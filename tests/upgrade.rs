@@ -142,19 +142,24 @@ impl Bed {
 
     /// Runs `vutap upgrade` (with `--binary`, if given): (succeeded, its output).
     fn upgrade(&self, binary: Option<&Path>) -> (bool, String) {
-        let mut cmd = Command::new(Vutap::binary().unwrap());
-        cmd.arg("upgrade").arg(&self.control);
-        if let Some(b) = binary {
-            cmd.arg("--binary").arg(b);
-        }
-        let out = cmd.output().expect("run vutap upgrade");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        run_upgrade(&self.control, binary)
     }
+}
+
+/// Runs `vutap upgrade CONTROL` (with `--binary`, if given): (succeeded, its output).
+fn run_upgrade(control: &Path, binary: Option<&Path>) -> (bool, String) {
+    let mut cmd = Command::new(Vutap::binary().unwrap());
+    cmd.arg("upgrade").arg(control);
+    if let Some(b) = binary {
+        cmd.arg("--binary").arg(b);
+    }
+    let out = cmd.output().expect("run vutap upgrade");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// Spawns a traffic thread whose error is also recorded in `failures` (for a stall's report).
@@ -233,7 +238,12 @@ impl Traffic {
             queue_pairs: pairs,
             ..FrontendOptions::default()
         };
-        let mut fe = NetFrontend::connect(socket, opts).expect("handshake");
+        let fe = NetFrontend::connect(socket, opts).expect("handshake");
+        Traffic::start_on(fe, tap, pairs)
+    }
+
+    /// [`Traffic::start`] on a frontend already connected.
+    fn start_on(mut fe: NetFrontend, tap: &str, pairs: u16) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx_sent, rx_sent) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
         let (tx_seen, rx_seen) = (
@@ -700,4 +710,62 @@ fn test_upgrade_without_a_frontend_hands_over_the_listener() {
     };
     assert_eq!(rx, rx_frame(8));
     let _ = std::fs::remove_dir_all(&bed.dir);
+}
+
+#[test]
+fn test_upgrade_in_client_mode_keeps_the_connection() {
+    let _g = serial();
+    let tap = format!("vup{}", unique());
+    let dir = log_dir("upgrade-client").unwrap();
+    let (socket, control) = (dir.join("fe.sock"), dir.join("ctl.sock"));
+    let _ = std::fs::remove_file(&socket);
+    // The frontend listens (QEMU `server=on`); vutap connects with --client.
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let log = std::fs::File::create(dir.join("vutap.log")).unwrap();
+    let mut first = Command::new(Vutap::binary().unwrap())
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "--tap",
+            &tap,
+            "--client",
+        ])
+        .args(["--control-socket", control.to_str().unwrap()])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(dir.join("vutap.log")).unwrap_or_default();
+    let fe = NetFrontend::accept(&listener, FrontendOptions::default()).expect("vutap connects");
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    sh("ip", &["link", "set", &tap, "up"]);
+    let traffic = Traffic::start_on(fe, &tap, 1);
+    let mut pids = vec![first.id()];
+    for round in 0..2 {
+        let (ok, out) = run_upgrade(&control, None);
+        assert!(ok, "upgrade {round}: {out}\n{}", log_text());
+        pids.push(parse_upgraded(&out).0);
+        let (t, r) = traffic.counts();
+        traffic.wait_for_more(t, r);
+        traffic.probe();
+    }
+    // One connection across both upgrades.
+    assert_eq!(
+        log_text().matches("frontend connected").count(),
+        1,
+        "{}",
+        log_text()
+    );
+    let (tx, rx, _) = traffic.finish();
+    let last = *pids.last().unwrap();
+    // The frontend closed: a client-mode vutap tries to connect again, to the same listener.
+    let _again = listener
+        .accept()
+        .expect("the new vutap reconnects after the frontend closed");
+    // SAFETY: kill(2) on the pid the last upgrade reported (the test's grandchild).
+    unsafe { libc::kill(last as libc::pid_t, libc::SIGTERM) };
+    wait_until(WAIT, || !Serving::alive(last));
+    assert_eq!(first.wait().unwrap().code(), Some(0));
+    eprintln!("client mode: 2 live upgrades, TX {tx} / RX {rx} frames, none lost");
+    let _ = std::fs::remove_dir_all(&dir);
 }

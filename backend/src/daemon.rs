@@ -184,12 +184,10 @@ fn serve_all(
         let mut handles = Vec::new();
         for r in &ready {
             let listener = r.listener.as_ref().map(|l| dup(l.as_fd())).transpose()?;
-            let (socket, client_mode) = match &r.mode {
-                SocketMode::Server(p) => (p, false),
-                SocketMode::Client(p) => (p, true),
+            let socket = match &r.mode {
+                SocketMode::Server(p) | SocketMode::Client(p) => p.display().to_string(),
             };
-            let socket = socket.display().to_string();
-            handles.push(DeviceHandle { dev: r.dev.clone(), listener, client_mode, socket });
+            handles.push(DeviceHandle { dev: r.dev.clone(), listener, socket });
         }
         let handover = Handover {
             devices: handles,

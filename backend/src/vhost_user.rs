@@ -481,7 +481,7 @@ pub fn serve_from(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<De
                     }
                 }
             }
-            (_, SocketMode::Client(path)) => connect_retrying(path),
+            (_, SocketMode::Client(path)) => connect_retrying(path, &dev),
             _ => unreachable!("a server always has a listener"),
         };
         serve_counted(stream, &dev);
@@ -529,7 +529,8 @@ fn account_end(dev: &Device, end: &ConnectionEnd) {
     }
 }
 
-fn connect_retrying(path: &Path) -> UnixStream {
+/// Connects to the frontend, retrying every 200 ms; parks meanwhile if a live upgrade asks.
+fn connect_retrying(path: &Path, dev: &Device) -> UnixStream {
     let mut logged = false;
     loop {
         match UnixStream::connect(path) {
@@ -539,8 +540,18 @@ fn connect_retrying(path: &Path) -> UnixStream {
                     info!("waiting for the frontend at {} ({e})", path.display());
                     logged = true;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                if wait_for_upgrade(dev.upgrade.wake_fd(), Duration::from_millis(200)) {
+                    dev.upgrade.park_idle(&dev.label);
+                }
             }
         }
     }
+}
+
+/// Waits up to `timeout` for the upgrade port's eventfd; whether it fired.
+fn wait_for_upgrade(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
 }

@@ -34,8 +34,6 @@ const VERDICT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Why an upgrade did not happen (every device was resumed, or never stopped).
 #[derive(Debug, Error)]
 pub enum UpgradeError {
-    #[error("devices in client mode (--client) cannot be handed over yet; restart instead")]
-    ClientMode,
     #[error("cannot create the hand-over socketpair: {0}")]
     Socketpair(#[source] io::Error),
     #[error("cannot start {binary}: {source}")]
@@ -104,7 +102,6 @@ pub struct DeviceHandle {
     pub dev: Arc<Device>,
     /// A dup of its vhost-user listener (server mode).
     pub listener: Option<OwnedFd>,
-    pub client_mode: bool,
     /// Its vhost-user socket path.
     pub socket: String,
 }
@@ -276,9 +273,6 @@ impl Drop for ParkedDevices {
 }
 
 fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
-    if h.devices.iter().any(|d| d.client_mode) {
-        return Err(UpgradeError::ClientMode);
-    }
     // Declared before the child: on failure the child is killed and reaped first (dropped
     // first), and only then are the devices resumed, so no ring is ever served twice.
     let mut parked = ParkedDevices {
