@@ -769,3 +769,73 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
     eprintln!("client mode: 2 live upgrades, TX {tx} / RX {rx} frames, none lost");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CONFIG_CHANGE_MSG header on the backend channel: (request, flags, size).
+fn read_backend_req(
+    ch: &mut std::os::unix::net::UnixStream,
+    timeout: Duration,
+) -> Option<(u32, u32, u32)> {
+    use std::io::Read;
+    ch.set_read_timeout(Some(timeout)).unwrap();
+    let mut h = [0u8; 12];
+    ch.read_exact(&mut h).ok()?;
+    let u = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
+    Some((u(0), u(4), u(8)))
+}
+
+#[test]
+fn test_upgrade_hands_over_the_backend_channel() {
+    use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+    use vutap_bench::testbed::{MacvtapMode, Topology};
+    let _g = serial();
+    let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
+    let dir = log_dir("upgrade-channel").unwrap();
+    let (sock, control) = (dir.join("vu.sock"), dir.join("ctl.sock"));
+    let first = Vutap::spawn(
+        &sock,
+        &topo.taps[0].dev,
+        1,
+        &[
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--link-poll-ms",
+            "50",
+        ],
+        &dir,
+    )
+    .unwrap();
+    let mut opts = FrontendOptions::default();
+    opts.requested_protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
+    let mut fe = NetFrontend::connect(&sock, opts).unwrap();
+    let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    fe.vhost().set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    let (ok, out) = run_upgrade(&control, None);
+    assert!(ok, "{out}\n{}", first.log_text());
+    let serving = Serving {
+        pid: parse_upgraded(&out).0,
+        first,
+    };
+    // The new process tells the frontend of a carrier change on the channel it took over.
+    sh("ip", &["link", "set", &topo.lower, "down"]);
+    let msg = read_backend_req(&mut ours, WAIT);
+    sh("ip", &["link", "set", &topo.lower, "up"]);
+    assert_eq!(
+        msg,
+        Some((2, 1, 0)),
+        "CONFIG_CHANGE_MSG from the new vutap:\n{}",
+        serving.first.log_text()
+    );
+    assert_eq!(
+        fe.config().unwrap().unwrap().status & 1,
+        0,
+        "STATUS after the carrier loss"
+    );
+    assert!(
+        read_backend_req(&mut ours, WAIT).is_some(),
+        "CONFIG_CHANGE_MSG when the carrier returns"
+    );
+    assert_eq!(fe.config().unwrap().unwrap().status & 1, 1);
+    drop(fe);
+    drop(serving);
+}
