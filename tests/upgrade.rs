@@ -839,3 +839,66 @@ fn test_upgrade_hands_over_the_backend_channel() {
     drop(fe);
     drop(serving);
 }
+
+#[test]
+fn test_upgrade_hands_over_the_dirty_log() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::fs::FileExt;
+    use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+    use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+    /// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
+    const VHOST_F_LOG_ALL: u64 = 26;
+    let _g = serial();
+    let mut bed = Bed::start("log", 1, &[]);
+    let opts = FrontendOptions {
+        requested_protocol: FrontendOptions::default().requested_protocol
+            | VhostUserProtocolFeatures::LOG_SHMFD,
+        ..FrontendOptions::default()
+    };
+    let mut fe = NetFrontend::connect(&bed.socket, opts).expect("handshake");
+    // One bit per 4 KiB page of guest memory, in whole pages.
+    let log_len = fe.memory().size().div_ceil(4096).div_ceil(8).div_ceil(4096) * 4096;
+    // SAFETY: memfd_create with a valid name; the fd is owned by the File right away.
+    let log = unsafe {
+        std::fs::File::from_raw_fd(libc::memfd_create(
+            c"vutap-upgrade-log".as_ptr(),
+            libc::MFD_CLOEXEC,
+        ))
+    };
+    log.set_len(log_len as u64).unwrap();
+    let region = VhostUserDirtyLogRegion {
+        mmap_size: log_len as u64,
+        mmap_offset: 0,
+        mmap_handle: log.as_raw_fd(),
+    };
+    fe.vhost()
+        .set_log_base(0, Some(region))
+        .expect("log mapped");
+    let acked = fe.acked_features() | (1 << VHOST_F_LOG_ALL);
+    fe.vhost().set_features(acked).expect("logging on");
+    let (ok, out) = bed.upgrade(None);
+    assert!(ok, "{out}\n{}", bed.log());
+    bed.serving.pid = parse_upgraded(&out).0;
+    assert!(
+        bed.serving.first.wait_exit(WAIT).is_some(),
+        "the old vutap did not exit"
+    );
+    // Only the new process runs now: what it writes must be marked in the log it took over.
+    log.write_all_at(&vec![0u8; log_len], 0).unwrap();
+    let far = PacketSocket::bind(&bed.tap);
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(3))
+        .unwrap();
+    let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
+    assert_eq!(got, Some(tx_frame(3)));
+    let marked = wait_until(WAIT, || {
+        let mut bitmap = vec![0u8; log_len];
+        log.read_exact_at(&mut bitmap, 0).unwrap();
+        bitmap.iter().any(|b| *b != 0)
+    });
+    assert!(
+        marked,
+        "the new vutap marked nothing in the dirty log:\n{}",
+        bed.log()
+    );
+    let _ = std::fs::remove_dir_all(&bed.dir);
+}
