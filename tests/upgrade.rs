@@ -844,7 +844,7 @@ fn test_upgrade_hands_over_the_backend_channel() {
 fn test_upgrade_hands_over_the_dirty_log() {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::FileExt;
-    use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+    use vhost::vhost_user::VhostUserProtocolFeatures;
     use vhost::{VhostBackend, VhostUserDirtyLogRegion};
     /// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
     const VHOST_F_LOG_ALL: u64 = 26;
