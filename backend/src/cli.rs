@@ -17,7 +17,7 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
     name = "vutap",
     version,
     about = "vhost-user-net backend that moves a VM's frames to and from a macvtap or tap",
-    after_help = "`vutap stats ENDPOINT` prints the counters of a running vutap started with --metrics-addr or --metrics-unix."
+    after_help = "`vutap stats ENDPOINT` prints the counters of a running vutap started with --metrics-addr or --metrics-unix.\n`vutap upgrade CONTROL [--binary PATH]` replaces a running vutap started with --control-socket CONTROL by PATH (default: its own binary), live."
 )]
 pub struct Args {
     /// vhost-user socket path. vutap listens there (the VMM connects), unless --client.
@@ -53,6 +53,10 @@ pub struct Args {
     /// them), TX waits for the tap (it never drops). Default, and 0: unlimited (QEMU's default).
     #[arg(long, value_name = "BYTES")]
     pub sndbuf: Option<u64>,
+    /// Listen here for `vutap upgrade PATH` (live upgrade: a new binary takes over every device
+    /// and connection without the frontends noticing).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 
     /// Log a one-line traffic summary per device every N seconds.
     #[arg(long, value_name = "SECS")]
@@ -123,6 +127,12 @@ pub enum SocketModeCfg {
 }
 
 impl SocketModeCfg {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            SocketModeCfg::Server(p) | SocketModeCfg::Client(p) => p,
+        }
+    }
+
     pub fn to_mode(&self) -> SocketMode {
         match self {
             SocketModeCfg::Server(p) => SocketMode::Server(p.clone()),
@@ -216,6 +226,8 @@ pub struct DaemonConfig {
     pub link_poll_ms: u64,
     /// `--sndbuf`, when it sets a limit (0 and values past `i32::MAX` mean unlimited).
     pub sndbuf: Option<i32>,
+    /// Where `vutap upgrade` connects.
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
@@ -289,6 +301,7 @@ impl TryFrom<Args> for DaemonConfig {
             user: args.user,
             link_poll_ms: args.link_poll_ms,
             sndbuf: args.sndbuf.filter(|&b| b > 0).and_then(|b| i32::try_from(b).ok()),
+            control_socket: args.control_socket,
         })
     }
 }

@@ -10,6 +10,7 @@ use crate::link_state::LinkState;
 use crate::memory_guard::{FaultOwner, GuardError};
 use crate::metrics::{DeviceMetrics, PairMetrics};
 use crate::tap::{Tap, TapKind, TapQueue};
+use crate::upgrade::port::UpgradePort;
 
 pub struct Device {
     pub name: String,
@@ -26,6 +27,8 @@ pub struct Device {
     /// Catches a SIGBUS on this device's guest memory (a frontend shrinking its fds) so that
     /// only this device's connection ends.
     pub faults: FaultOwner,
+    /// Where a live upgrade asks this device's serving thread to park (see `upgrade`).
+    pub upgrade: UpgradePort,
 }
 
 impl Device {
@@ -43,6 +46,7 @@ impl Device {
             mtu,
             metrics: (0..pairs).map(|_| Arc::new(PairMetrics::default())).collect(),
             faults: FaultOwner::new()?,
+            upgrade: UpgradePort::new().map_err(GuardError::EventFd)?,
         })
     }
 

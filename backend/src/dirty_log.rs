@@ -35,6 +35,8 @@ pub struct DirtyLog {
     len: usize,
     /// Whether the log's fd can still shrink.
     pub seal: ShrinkSeal,
+    /// A dup of the log's fd with the size and offset it was mapped at (for a live upgrade).
+    pub source: (File, u64, u64),
     /// The log's entry in the SIGBUS guard; dropped after `Drop::drop` unmapped the log.
     _guard: RangeGuard,
 }
@@ -69,7 +71,15 @@ impl DirtyLog {
                 return Err(e.into());
             }
         };
-        Ok(DirtyLog { base: base as *mut u8, len: size as usize, seal, _guard: guard })
+        let dup = match file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                // SAFETY: unmapping the mapping just made, which nothing else has seen.
+                unsafe { libc::munmap(base, size as usize) };
+                return Err(DirtyLogError::Mmap(e));
+            }
+        };
+        Ok(DirtyLog { base: base as *mut u8, len: size as usize, seal, source: (dup, size, offset), _guard: guard })
     }
 
     /// Marks every page that `gpa..gpa+len` touches. Pages beyond the log are ignored (the

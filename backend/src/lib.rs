@@ -14,6 +14,7 @@
 //! - Operations: [`daemon`] (several devices, one process), [`signals`] (SIGTERM/SIGINT),
 //!   [`metrics_server`] (Prometheus text) and [`stats`] (`vutap stats`, log summaries),
 //!   [`privilege`] (`--user`), [`link_state`] (carrier -> STATUS and config-change messages).
+//! - [`upgrade`]: live upgrade (hand every fd and the ring state to a new binary).
 //! - [`sandbox`]: seccomp allow-lists of the worker and device serving threads (`--no-seccomp`).
 
 pub mod chain_iov;
@@ -37,6 +38,7 @@ pub mod stats;
 pub mod tap;
 pub mod tap_io;
 pub mod tx;
+pub mod upgrade;
 pub mod used_ring;
 pub mod vhost_user;
 pub mod worker;

@@ -142,6 +142,19 @@ impl LinkState {
         *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = shared;
     }
 
+    /// Takes over the state a previous vutap announced (live upgrade), without telling anyone:
+    /// the frontend already knows it.
+    pub fn restore_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+    }
+
+    /// A dup of the current channel's socket and whether CONFIG was negotiated (live upgrade).
+    pub fn channel_fd(&self) -> Option<(std::os::fd::OwnedFd, bool)> {
+        let shared = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let fd = std::os::fd::AsFd::as_fd(&shared.channel.stream).try_clone_to_owned().ok()?;
+        Some((fd, shared.channel.config_acked))
+    }
+
     pub fn has_channel(&self) -> bool {
         self.channel.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }

@@ -43,6 +43,16 @@ struct AddrMapping {
     gpa: u64,
 }
 
+/// One SET_MEM_TABLE entry and a dup of its fd.
+#[derive(Debug)]
+pub struct SharedRegion {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    pub user_addr: u64,
+    pub mmap_offset: u64,
+    pub file: File,
+}
+
 /// The shared memory plus the table to translate the frontend's addresses.
 #[derive(Debug, Clone)]
 pub struct SharedMemory {
@@ -53,6 +63,9 @@ pub struct SharedMemory {
     /// The regions' entries in the SIGBUS guard. Declared after `mem`: the ranges stay guarded
     /// until the last holder of the mapping lets go (workers hold a clone of both).
     pub guards: Arc<Vec<RangeGuard>>,
+    /// The table as the frontend sent it, with a dup of each region's fd: what a live upgrade
+    /// hands to the next process.
+    pub regions: Arc<Vec<SharedRegion>>,
 }
 
 impl SharedMemory {
@@ -74,6 +87,7 @@ impl SharedMemory {
         let mut mapped = Vec::with_capacity(regions.len());
         let mut mappings = Vec::with_capacity(regions.len());
         let mut guards = Vec::with_capacity(regions.len());
+        let mut kept = Vec::with_capacity(regions.len());
         for (index, (region, file)) in regions.iter().zip(files).enumerate() {
             let map_err = |reason: String| MemoryError::Map {
                 index,
@@ -81,6 +95,14 @@ impl SharedMemory {
                 size: region.memory_size,
                 reason,
             };
+            let dup = file.try_clone().map_err(|e| map_err(format!("cannot dup the fd: {e}")))?;
+            kept.push(SharedRegion {
+                guest_phys_addr: region.guest_phys_addr,
+                memory_size: region.memory_size,
+                user_addr: region.user_addr,
+                mmap_offset: region.mmap_offset,
+                file: dup,
+            });
             let mmap = region.mmap_region(file).map_err(|e| map_err(e.to_string()))?;
             guards.push(owner.guard(mmap.as_ptr(), mmap.size()).map_err(|source| MemoryError::Guard { index, source })?);
             let guest_region = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
@@ -89,7 +111,7 @@ impl SharedMemory {
             mappings.push(AddrMapping { vmm_addr: region.user_addr, size: region.memory_size, gpa: region.guest_phys_addr });
         }
         let mem = GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))?;
-        Ok(SharedMemory { mem, mappings, seals, guards: Arc::new(guards) })
+        Ok(SharedMemory { mem, mappings, seals, guards: Arc::new(guards), regions: Arc::new(kept) })
     }
 
     /// The guest-physical address of a frontend (VMM) user address, as used by SET_VRING_ADDR.

@@ -22,6 +22,14 @@ macro_rules! counters {
         }
 
         impl PairCounts {
+            /// Sets the counter called `name` (unknown names are ignored: a newer vutap's).
+            pub fn set(&mut self, name: &str, value: u64) {
+                match name {
+                    $(stringify!($name) => self.$name = value,)*
+                    _ => {}
+                }
+            }
+
             /// (name, value) pairs, for logs and exporters.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)*]
@@ -80,6 +88,24 @@ pub struct DeviceMetrics {
 }
 
 impl DeviceMetrics {
+    /// Adds counters a previous process exported with [`DeviceMetrics::fields`] (live upgrade).
+    pub fn restore(&self, counters: &[(String, u64)]) {
+        for (name, value) in counters {
+            let field = match name.as_str() {
+                "connections" => &self.connections,
+                "disconnects" => &self.disconnects,
+                "protocol_errors" => &self.protocol_errors,
+                "link_changes" => &self.link_changes,
+                "config_change_msgs" => &self.config_change_msgs,
+                "bad_memory_fds" => &self.bad_memory_fds,
+                "guest_memory_lost" => &self.guest_memory_lost,
+                "config_change_dropped" => &self.config_change_dropped,
+                _ => continue,
+            };
+            field.fetch_add(*value, Ordering::Relaxed);
+        }
+    }
+
     /// (name, help, value) of every device counter, for exporters.
     pub fn fields(&self) -> [(&'static str, &'static str, u64); 8] {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);

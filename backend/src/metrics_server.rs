@@ -154,6 +154,19 @@ impl MetricsServer {
         Ok(MetricsServer { tcp, unix })
     }
 
+    /// Listeners handed over by a previous vutap (live upgrade).
+    pub fn from_listeners(tcp: Option<TcpListener>, unix: Option<(UnixListener, PathBuf)>) -> MetricsServer {
+        MetricsServer { tcp, unix }
+    }
+
+    /// Dups of the listeners, for a live upgrade.
+    pub fn dup_fds(&self) -> io::Result<(Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>)> {
+        use std::os::fd::AsFd;
+        let tcp = self.tcp.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
+        let unix = self.unix.as_ref().map(|(l, _)| l.as_fd().try_clone_to_owned()).transpose()?;
+        Ok((tcp, unix))
+    }
+
     /// The bound TCP address (useful with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())

@@ -13,6 +13,8 @@
 //!   kexec, bpf, setuid & co are refused.
 //! - **The main, signal, metrics, link-monitor and stats-summary threads** get lists of their
 //!   own, each only what that thread does ([`ops_threads`]).
+//! - **The upgrade thread** (`--control-socket`) starts the new binary of a live upgrade, which
+//!   inherits its filter: its list is the union of all the others plus starting a process.
 //!
 //! Install order: a filter binds the thread that installs it and every thread that thread
 //! creates afterwards, and filters stack (the kernel applies the strictest verdict). So each
@@ -36,9 +38,22 @@ use seccompiler::{
 };
 use thiserror::Error;
 
-pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY};
+pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY, UPGRADE};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+/// This process was started by a live upgrade and inherited the previous one's upgrade list.
+static UPGRADE_LIST_INHERITED: AtomicBool = AtomicBool::new(false);
+
+/// Records whether the calling process runs under an inherited filter (`Seccomp: 2` in
+/// `/proc/self/status` before it installed any): a process started by a live upgrade inherits
+/// the previous one's upgrade list. Its own upgrade thread then adds nothing (the list is the
+/// same union), so filters do not pile up from one upgrade to the next (the kernel caps a
+/// thread's filters at 32 768 BPF instructions in all).
+pub fn note_inherited_upgrade_list() {
+    let inherited = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')));
+    UPGRADE_LIST_INHERITED.store(inherited, Ordering::SeqCst);
+}
 
 /// Turns the filters on or off for threads started from now on (the binary: on unless
 /// `--no-seccomp`; the library: off until asked).
@@ -247,10 +262,11 @@ pub enum ThreadKind {
     StatsSummary,
     Control,
     Worker,
+    Upgrade,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Signals,
         ThreadKind::Metrics,
@@ -258,6 +274,7 @@ impl ThreadKind {
         ThreadKind::StatsSummary,
         ThreadKind::Control,
         ThreadKind::Worker,
+        ThreadKind::Upgrade,
     ];
 
     pub fn allow_list(self) -> &'static AllowList {
@@ -269,6 +286,7 @@ impl ThreadKind {
             ThreadKind::StatsSummary => &STATS_SUMMARY,
             ThreadKind::Control => &CONTROL,
             ThreadKind::Worker => &WORKER,
+            ThreadKind::Upgrade => &UPGRADE,
         }
     }
 }
@@ -287,6 +305,10 @@ pub fn control_filter() -> Result<BpfProgram, SandboxError> {
 /// cannot be installed is logged and the thread runs unfiltered.
 pub fn enter(kind: ThreadKind) {
     if !enabled() {
+        return;
+    }
+    if kind == ThreadKind::Upgrade && UPGRADE_LIST_INHERITED.load(Ordering::SeqCst) {
+        debug!("seccomp: the upgrade list is inherited from the previous vutap");
         return;
     }
     let list = kind.allow_list();

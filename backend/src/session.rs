@@ -7,7 +7,8 @@
 //! while it runs.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use crate::device::Device;
 use crate::dirty_log::{DirtyLog, DirtyLogError};
 use crate::mapped_fd::ShrinkSeal;
 use crate::memory::{MemoryError, SharedMemory};
+use crate::upgrade::state::{ChannelState, ConnectionState, LogState, RegionState, VringState};
 use crate::used_ring::read_used_idx;
 use vutap_virtio::resume::resume_position;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
@@ -63,6 +65,9 @@ pub struct Session {
     /// Set when the frontend handed us an fd that does not hold what it claims: the
     /// connection is closed after the reply.
     refused: Option<String>,
+    /// Set while a resumed connection's request parser is taught the negotiated features (see
+    /// `upgrade`): SET_FEATURES then only records them, the tap already has its offloads.
+    replaying: bool,
 }
 
 impl Session {
@@ -77,6 +82,7 @@ impl Session {
             workers: (0..pairs).map(|_| None).collect(),
             log: None,
             refused: None,
+            replaying: false,
         }
     }
 
@@ -288,6 +294,150 @@ impl Session {
     }
 }
 
+/// Live upgrade: halting, exporting and restoring a connection's state (see `upgrade`).
+impl Session {
+    /// Halts every running pair at a batch boundary (used index published, held RX chains
+    /// given back and `next_avail` rewound over them); the tap queues stay attached.
+    pub fn halt_all(&mut self) {
+        for pair in 0..self.workers.len() {
+            self.halt_worker(pair);
+        }
+    }
+
+    /// Starts every pair that should run (after [`Session::halt_all`], or a restore).
+    pub fn resume_all(&mut self) {
+        for pair in 0..self.workers.len() {
+            self.reconcile_pair(pair);
+        }
+    }
+
+    /// The negotiated features and protocol features (for the resumed request parser).
+    pub fn negotiated(&self) -> (Option<u64>, u64) {
+        (self.features.map(|f| f.bits()), self.acked_protocol)
+    }
+
+    pub fn set_replaying(&mut self, on: bool) {
+        self.replaying = on;
+    }
+
+    /// The state of a halted connection and dups of its fds, the first being `stream`'s.
+    pub fn export(&self, stream: &UnixStream, owned: bool) -> Result<(ConnectionState, Vec<OwnedFd>), String> {
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut add = |fd: BorrowedFd<'_>| -> Result<usize, String> {
+            fds.push(fd.try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+            Ok(fds.len() - 1)
+        };
+        let stream_index = add(stream.as_fd())?;
+        let mut memory = Vec::new();
+        if let Some(m) = &self.memory {
+            for r in m.regions.iter() {
+                memory.push(RegionState {
+                    guest_phys_addr: r.guest_phys_addr,
+                    memory_size: r.memory_size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                    fd: add(r.file.as_fd())?,
+                });
+            }
+        }
+        let log = match &self.log {
+            Some(l) => Some(LogState { size: l.source.1, offset: l.source.2, fd: add(l.source.0.as_fd())? }),
+            None => None,
+        };
+        let mut vrings = Vec::new();
+        for v in &self.vrings {
+            let kick = match &v.kick {
+                Some(k) => Some(add(eventfd_as_fd(k))?),
+                None => None,
+            };
+            let call = match v.call.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                Some(c) => Some(add(eventfd_as_fd(c))?),
+                None => None,
+            };
+            vrings.push(VringState {
+                size: v.size,
+                desc: v.desc,
+                avail: v.avail,
+                used: v.used,
+                next_avail: v.base,
+                kick,
+                call,
+                enabled: v.enabled,
+                started: v.started,
+            });
+        }
+        let backend_channel = match self.dev.link.channel_fd() {
+            Some((fd, config_acked)) => Some(ChannelState { fd: add(fd.as_fd())?, config_acked }),
+            None => None,
+        };
+        let state = ConnectionState {
+            stream: stream_index,
+            owned,
+            features: self.features.map(|f| f.bits()),
+            acked_protocol: self.acked_protocol,
+            memory,
+            log,
+            vrings,
+            backend_channel,
+        };
+        Ok((state, fds))
+    }
+
+    /// Rebuilds a connection's session from an exported state; `fds` are the state's fds (each
+    /// taken once). No pair runs yet and the session is replaying: see [`Session::set_replaying`].
+    pub fn restore(dev: Arc<Device>, c: &ConnectionState, fds: &mut [Option<OwnedFd>]) -> Result<Session, String> {
+        let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).ok_or_else(|| format!("fd #{i} missing or used twice"));
+        let mut session = Session::new(dev.clone());
+        session.replaying = true;
+        session.acked_protocol = c.acked_protocol;
+        if let Some(bits) = c.features {
+            session.features = Some(Features::negotiate(dev.offered_features(), bits).map_err(|e| e.to_string())?);
+        }
+        if !c.memory.is_empty() {
+            let mut regions = Vec::new();
+            let mut files = Vec::new();
+            for r in &c.memory {
+                regions.push(VhostUserMemoryRegion::new(r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset));
+                files.push(File::from(take(r.fd)?));
+            }
+            session.memory = Some(SharedMemory::map(&regions, files, &dev.faults).map_err(|e| e.to_string())?);
+        }
+        if let Some(l) = &c.log {
+            let file = File::from(take(l.fd)?);
+            session.log = Some(Arc::new(DirtyLog::map(&file, l.size, l.offset, &dev.faults).map_err(|e| e.to_string())?));
+        }
+        if c.vrings.len() != session.vrings.len() {
+            return Err(format!("{} rings handed over, the device has {}", c.vrings.len(), session.vrings.len()));
+        }
+        for (v, s) in session.vrings.iter_mut().zip(&c.vrings) {
+            v.size = s.size;
+            v.desc = s.desc;
+            v.avail = s.avail;
+            v.used = s.used;
+            v.base = s.next_avail;
+            v.enabled = s.enabled;
+            v.started = s.started;
+            v.kick = s.kick.map(&mut take).transpose()?.map(eventfd_from);
+            *v.call.lock().unwrap_or_else(|p| p.into_inner()) = s.call.map(&mut take).transpose()?.map(eventfd_from);
+        }
+        if let Some(ch) = &c.backend_channel {
+            let stream = UnixStream::from(take(ch.fd)?);
+            dev.link.set_channel(Some(crate::link_state::BackendChannel { stream, config_acked: ch.config_acked }));
+        }
+        Ok(session)
+    }
+}
+
+fn eventfd_as_fd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the EventFd owns its fd and outlives the borrow.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
+fn eventfd_from(fd: OwnedFd) -> EventFd {
+    // SAFETY: ownership of the fd (an eventfd the previous process had) moves to the EventFd.
+    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
 impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
@@ -316,6 +466,10 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_features(&mut self, acked: u64) -> VhostResult<()> {
         let features = Features::negotiate(self.dev.offered_features(), acked).map_err(|e| handler_error(e.to_string()))?;
+        if self.replaying {
+            self.features = Some(features);
+            return Ok(());
+        }
         // Running workers use the old header size and offloads: restart them with the new set.
         self.restart_all(|s| {
             s.apply_offloads(features)?;

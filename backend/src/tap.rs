@@ -115,6 +115,12 @@ pub struct TapQueue {
     fd: OwnedFd,
 }
 
+impl std::os::fd::AsFd for TapQueue {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl AsRawFd for TapQueue {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -122,6 +128,12 @@ impl AsRawFd for TapQueue {
 }
 
 impl TapQueue {
+    /// A queue fd handed over by a previous vutap (already non-blocking, with its vnet header
+    /// and offloads set).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        TapQueue { fd }
+    }
+
     /// Sets the virtio_net_hdr length the tap reads and writes (10 or 12).
     pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
         ioctl_int(self.as_raw_fd(), TUNSETVNETHDRSZ, &(len as libc::c_int))

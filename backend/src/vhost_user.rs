@@ -71,12 +71,15 @@ enum Wake {
     Socket,
     /// The SIGBUS guard replaced some of this device's memory.
     MemoryLost,
+    /// A live upgrade asks this thread to park.
+    Upgrade,
 }
 
-/// Waits for the next message or for the device's fault eventfd.
-fn wait_for_message(socket: RawFd, fault: RawFd) -> io::Result<Wake> {
+/// Waits for the next message (or connection), the device's fault eventfd, or its upgrade port.
+fn wait_for_message(socket: RawFd, fault: RawFd, upgrade: RawFd) -> io::Result<Wake> {
     let mut fds = [
         libc::pollfd { fd: fault, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: upgrade, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 },
     ];
     loop {
@@ -89,7 +92,13 @@ fn wait_for_message(socket: RawFd, fault: RawFd) -> io::Result<Wake> {
             }
             return Err(e);
         }
-        return Ok(if fds[0].revents & libc::POLLIN != 0 { Wake::MemoryLost } else { Wake::Socket });
+        return Ok(if fds[0].revents & libc::POLLIN != 0 {
+            Wake::MemoryLost
+        } else if fds[1].revents & libc::POLLIN != 0 {
+            Wake::Upgrade
+        } else {
+            Wake::Socket
+        });
     }
 }
 
@@ -296,22 +305,53 @@ fn needs_owner(code: u32) -> bool {
     .any(|r| *r as u32 == code)
 }
 
+/// A connection taken over from the previous process by a live upgrade.
+pub struct ResumedConnection {
+    pub stream: UnixStream,
+    pub session: Arc<Mutex<Session>>,
+    /// The request parser, taught what was negotiated, its pairs already started.
+    pub handler: BackendReqHandler<Mutex<Session>>,
+    pub owned: bool,
+}
+
 /// Serves one frontend connection until it closes or breaks the protocol.
 pub fn serve_connection(stream: UnixStream, dev: Arc<Device>) -> ConnectionEnd {
-    let control = match stream.try_clone() {
-        Ok(s) => s,
-        Err(e) => return ConnectionEnd::ProtocolError(format!("cannot dup connection: {e}")),
-    };
-    let session = Arc::new(Mutex::new(Session::new(dev.clone())));
-    let mut handler = BackendReqHandler::from_stream(stream, session.clone());
-    let fd = control.as_raw_fd();
-    let mut hdr = [0u8; HDR_SIZE];
-    let mut owned = false;
+    let session = Session::new(dev.clone());
     // A fault of the previous connection's memory was handled with it.
     dev.faults.reset();
+    match stream.try_clone() {
+        Ok(control) => {
+            let session = Arc::new(Mutex::new(session));
+            let handler = BackendReqHandler::from_stream(stream, session.clone());
+            serve_messages(control, handler, session, dev, false)
+        }
+        Err(e) => ConnectionEnd::ProtocolError(format!("cannot dup connection: {e}")),
+    }
+}
+
+/// Serves a connection taken over by a live upgrade from where the previous process stopped,
+/// with its pairs started.
+pub fn serve_resumed(resumed: ResumedConnection, dev: Arc<Device>) -> ConnectionEnd {
+    let ResumedConnection { stream, session, handler, owned } = resumed;
+    serve_messages(stream, handler, session, dev, owned)
+}
+
+fn serve_messages(
+    control: UnixStream,
+    mut handler: BackendReqHandler<Mutex<Session>>,
+    session: Arc<Mutex<Session>>,
+    dev: Arc<Device>,
+    mut owned: bool,
+) -> ConnectionEnd {
+    let fd = control.as_raw_fd();
+    let mut hdr = [0u8; HDR_SIZE];
     loop {
-        match wait_for_message(fd, dev.faults.notifier().as_raw_fd()) {
+        match wait_for_message(fd, dev.faults.notifier().as_raw_fd(), dev.upgrade.wake_fd()) {
             Ok(Wake::Socket) => {}
+            Ok(Wake::Upgrade) => {
+                dev.upgrade.park_connection(&dev.label, &session, &control, owned);
+                continue;
+            }
             Ok(Wake::MemoryLost) => match dev.faults.lost_range() {
                 Some(lost) => return ConnectionEnd::MemoryLost(lost.to_string()),
                 // A wake-up left over from a fault of the previous connection: wait again.
@@ -401,11 +441,37 @@ pub fn open_endpoint(mode: &SocketMode) -> Result<Option<UnixListener>, SocketEr
 
 /// [`serve`] on an endpoint opened by [`open_endpoint`].
 pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool) {
+    serve_from(listener, mode, dev, once, None)
+}
+
+/// [`serve_on`], first going on with a connection a live upgrade took over (if any).
+pub fn serve_from(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool, resumed: Option<ResumedConnection>) {
     crate::sandbox::enter_control();
+    if let Some(resumed) = resumed {
+        info!("frontend connection taken over from the previous vutap");
+        let end = serve_resumed(resumed, dev.clone());
+        account_end(&dev, &end);
+        if once {
+            return;
+        }
+    }
     loop {
         let stream = match (&listener, mode) {
             (Some(l), SocketMode::Server(path)) => {
                 info!("listening on {}", path.display());
+                match wait_for_message(l.as_raw_fd(), dev.faults.notifier().as_raw_fd(), dev.upgrade.wake_fd()) {
+                    Ok(Wake::Upgrade) => {
+                        dev.upgrade.park_idle(&dev.label);
+                        continue;
+                    }
+                    // A fault of a finished connection: nothing to do until the next one.
+                    Ok(Wake::MemoryLost) => {
+                        dev.faults.reset();
+                        continue;
+                    }
+                    Ok(Wake::Socket) => {}
+                    Err(e) => error!("poll on the listening socket failed: {e}"),
+                }
                 match l.accept() {
                     Ok((s, _)) => s,
                     Err(e) => {
@@ -415,7 +481,7 @@ pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Devi
                     }
                 }
             }
-            (_, SocketMode::Client(path)) => connect_retrying(path),
+            (_, SocketMode::Client(path)) => connect_retrying(path, &dev),
             _ => unreachable!("a server always has a listener"),
         };
         serve_counted(stream, &dev);
@@ -433,8 +499,15 @@ pub fn serve_counted(stream: UnixStream, dev: &Arc<Device>) -> ConnectionEnd {
     let m = &dev.device_metrics;
     m.connections.fetch_add(1, Ordering::Relaxed);
     let end = serve_connection(stream, dev.clone());
+    account_end(dev, &end);
+    end
+}
+
+/// Logs and counts how a connection ended.
+fn account_end(dev: &Device, end: &ConnectionEnd) {
+    let m = &dev.device_metrics;
     dev.link.set_channel(None);
-    match &end {
+    match end {
         ConnectionEnd::Disconnected => {
             info!("frontend disconnected; queue state dropped");
             m.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -454,10 +527,10 @@ pub fn serve_counted(stream: UnixStream, dev: &Arc<Device>) -> ConnectionEnd {
             m.guest_memory_lost.fetch_add(1, Ordering::Relaxed);
         }
     }
-    end
 }
 
-fn connect_retrying(path: &Path) -> UnixStream {
+/// Connects to the frontend, retrying every 200 ms; parks meanwhile if a live upgrade asks.
+fn connect_retrying(path: &Path, dev: &Device) -> UnixStream {
     let mut logged = false;
     loop {
         match UnixStream::connect(path) {
@@ -467,8 +540,18 @@ fn connect_retrying(path: &Path) -> UnixStream {
                     info!("waiting for the frontend at {} ({e})", path.display());
                     logged = true;
                 }
-                std::thread::sleep(Duration::from_millis(200));
+                if wait_for_upgrade(dev.upgrade.wake_fd(), Duration::from_millis(200)) {
+                    dev.upgrade.park_idle(&dev.label);
+                }
             }
         }
     }
+}
+
+/// Waits up to `timeout` for the upgrade port's eventfd; whether it fired.
+fn wait_for_upgrade(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    n > 0 && pfd.revents & libc::POLLIN != 0
 }

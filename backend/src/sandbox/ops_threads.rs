@@ -77,6 +77,51 @@ const LINK_MONITOR_WITH_ARGS: &[(libc::c_long, &[ArgMatch])] = &[(
 /// The `--stats-interval` thread: sleeps and logs.
 const STATS_SUMMARY_SYSCALLS: &[libc::c_long] = &[libc::SYS_clock_nanosleep];
 
+/// Starting the new binary of a live upgrade, on top of everything the other threads may do:
+/// the parent's side (a close-on-exec pipe for exec errors, exec, kill and reap a failed child)
+/// and what the new process does before it installs its own lists (the dynamic loader and
+/// Rust's start-up). The new process inherits this list (seccomp filters survive execve), so it
+/// can never do more than the old process as a whole could.
+const PROCESS_START_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_execve,
+    libc::SYS_vfork,
+    libc::SYS_pipe2,
+    libc::SYS_wait4,
+    libc::SYS_kill,
+    libc::SYS_arch_prctl,
+    libc::SYS_access,
+    libc::SYS_set_tid_address,
+    libc::SYS_prlimit64,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_getcwd,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_getppid,
+    libc::SYS_sysinfo,
+];
+
+/// The upgrade thread (`vutap-upgrade`): the union of every other list plus starting a
+/// process. Wider than the others, but it only ever reads the control socket, which only root
+/// (or `--user`) can reach.
+pub const UPGRADE: AllowList = AllowList {
+    name: "upgrade",
+    any_args: &[
+        THREAD_RUNTIME,
+        super::WORKER_SYSCALLS,
+        super::CONTROL_EXTRA_SYSCALLS,
+        MAIN_SYSCALLS,
+        SIGNALS_SYSCALLS,
+        METRICS_SYSCALLS,
+        LINK_MONITOR_SYSCALLS,
+        STATS_SUMMARY_SYSCALLS,
+        PROCESS_START_SYSCALLS,
+    ],
+    with_args: &[],
+};
+
 pub const MAIN: AllowList = AllowList {
     name: "main",
     any_args: &[THREAD_RUNTIME, MAIN_SYSCALLS],
@@ -280,6 +325,24 @@ mod tests {
                 Poll,
             ],
             ThreadKind::Worker => &[Sleep],
+            ThreadKind::Upgrade => &[
+                Execve,
+                Socket,
+                Connect,
+                Accept,
+                Ioctl,
+                OpenRead,
+                OpenWrite,
+                Unlink,
+                Send,
+                Recv,
+                SetRcvTimeout,
+                SetReuseAddr,
+                Spawn,
+                Sleep,
+                RestartSyscall,
+                Poll,
+            ],
         }
     }
 
