@@ -27,6 +27,15 @@ impl DirtyLog {
         if size == 0 || size > (1 << 40) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("log size {size} is out of range")));
         }
+        // As for guest memory: a log past the end of its file would SIGBUS on the first mark.
+        if let Some(file_len) = crate::memory::regular_file_len(file)? {
+            if !crate::memory::range_in_file(offset, size, file_len) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("log of {size} bytes at offset {offset} runs past the end of its {file_len}-byte file"),
+                ));
+            }
+        }
         let off = libc::off_t::try_from(offset).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "log offset too large"))?;
         // SAFETY: a fresh shared mapping of a file we were handed; the kernel checks the fd,
         // size and offset, and we only use the result after checking for MAP_FAILED.
@@ -104,6 +113,16 @@ mod tests {
         log.mark(0x1000_0000, 10); // beyond the log: ignored
         drop(log);
         assert_eq!(bytes(&mut f), vec![0b0000_1101, 0b0000_0010, 0, 0]);
+    }
+
+    #[test]
+    fn test_dirty_log_past_end_of_file_is_refused() {
+        let f = log_file(0x1000);
+        assert!(DirtyLog::map(&f, 0x2000, 0).is_err(), "longer than the file");
+        assert!(DirtyLog::map(&f, 0x1000, 0x1000).is_err(), "offset pushes it past the end");
+        assert!(DirtyLog::map(&f, u64::MAX, 1).is_err());
+        let log = DirtyLog::map(&f, 0x1000, 0).expect("exactly the file");
+        log.mark(0x7fff_f000, 1); // the last bit of the last byte
     }
 
     #[test]
