@@ -10,3 +10,5 @@ bash scripts/build-guest.sh
 # Release build: the end-to-end tests and the bench smoke run spawn target/release/vutap.
 cargo build --release --workspace --bins
 cargo test --release --workspace --no-fail-fast "$@"
+# Fuzz regression: every fuzz target (built on stable, see scripts/fuzz.sh) over its kept corpus.
+bash scripts/fuzz.sh replay

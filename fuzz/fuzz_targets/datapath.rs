@@ -159,7 +159,7 @@ fn tap_step(u: &mut Unstructured) -> Result<TapStep> {
 fn run(u: &mut Unstructured) -> Result<()> {
     let mem = guest_memory(u)?;
     let fill_len = u.int_in_range(0..=4096)?;
-        let fill = u.bytes(fill_len)?;
+    let fill = u.bytes(fill_len)?;
     mem.write_slice(fill, GuestAddress(DATA)).expect("data area");
 
     let acked: u64 = u.arbitrary()?;

@@ -196,10 +196,11 @@ impl Frontend {
         let mut regions = Vec::new();
         let mut gpa = 0u64;
         for i in 0..u64::from(n) {
-            let file_len = u64::from(u.int_in_range(1u32..=64)?) * 0x1000 + if u.ratio(1, 8)? { u64::from(u.arbitrary::<u16>()?) } else { 0 };
+            let file_len =
+                u64::from(u.int_in_range(1u32..=64)?) * 0x1000 + if u.ratio(1, 8)? { u64::from(u.arbitrary::<u16>()?) } else { 0 };
             let file = memfd(file_len);
             let fill_len = u.int_in_range(0..=2048)?;
-        let fill = u.bytes(fill_len)?;
+            let fill = u.bytes(fill_len)?;
             file.write_all_at(fill, 0).expect("memfd write");
             let (size, offset) = match u.int_in_range(0u8..=9)? {
                 0 => (file_len + u64::from(u.int_in_range(1u32..=0x10_0000)?), 0),
@@ -345,7 +346,7 @@ impl Frontend {
                     let file_len = self.regions[i].0.metadata().map(|m| m.len()).unwrap_or(0);
                     let at = u.int_in_range(0..=file_len.saturating_sub(1))?;
                     let bytes_len = u.int_in_range(0..=64)?;
-        let bytes = u.bytes(bytes_len)?;
+                    let bytes = u.bytes(bytes_len)?;
                     let n = bytes.len().min(file_len.saturating_sub(at) as usize);
                     let _ = self.regions[i].0.write_all_at(&bytes[..n], at);
                 }
