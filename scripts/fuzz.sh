@@ -10,6 +10,7 @@
 # Targets: chain_check hdr_parse features (pure, virtio/), datapath (TX/RX loops, mock tap),
 # vhost_user (message sequences into serve_connection; needs root for its tap).
 set -euo pipefail
+self="$(realpath "$0")"
 cd "$(dirname "$0")/../fuzz"
 TARGETS=(chain_check hdr_parse features datapath vhost_user)
 BIN=target/x86_64-unknown-linux-gnu/release
@@ -50,5 +51,5 @@ case "${1:-}" in
         rm -rf "corpus/$t" && mv "corpus/$t.new" "corpus/$t"
         du -sh "corpus/$t"
         ;;
-    *) sed -n '2,11p' "$0"; exit 2 ;;
+    *) sed -n '2,11p' "$self"; exit 2 ;;
 esac
