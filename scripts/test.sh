@@ -14,3 +14,5 @@ cargo build --release --workspace --bins
 # in ../shared/peers or $VUTAP_PEERS_DIR). Without them only that test fails, so carry on.
 bash scripts/build-l1.sh || echo "scripts/build-l1.sh failed: e2e_cloud_hypervisor will fail" >&2
 cargo test --release --workspace --no-fail-fast "$@"
+# Fuzz regression: every fuzz target (built on stable, see scripts/fuzz.sh) over its kept corpus.
+bash scripts/fuzz.sh replay

@@ -154,6 +154,16 @@ mod tests {
     }
 
     #[test]
+    fn test_dirty_log_past_end_of_file_is_refused() {
+        let f = log_file(0x1000);
+        assert!(DirtyLog::map(&f, 0x2000, 0, &owner()).is_err(), "longer than the file");
+        assert!(DirtyLog::map(&f, 0x1000, 0x1000, &owner()).is_err(), "offset pushes it past the end");
+        assert!(DirtyLog::map(&f, u64::MAX, 1, &owner()).is_err());
+        let log = DirtyLog::map(&f, 0x1000, 0, &owner()).expect("exactly the file");
+        log.mark(0x7fff_f000, 1); // the last bit of the last byte
+    }
+
+    #[test]
     fn test_dirty_log_rejects_empty() {
         let f = log_file(8);
         assert!(matches!(DirtyLog::map(&f, 0, 0, &owner()), Err(DirtyLogError::Size(0))));

@@ -43,8 +43,9 @@ pub mod used_ring;
 pub mod vhost_user;
 pub mod worker;
 
-#[cfg(test)]
-mod test_utils;
+/// Test helpers; public only with the `fuzzing` feature, for the fuzz targets in `fuzz/`.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 use std::sync::Arc;
 
