@@ -12,6 +12,7 @@ mod common;
 mod debian_root;
 mod tap_util;
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,27 +74,85 @@ fn exec_start(unit: &str, instance: &str, env: &[(&str, &str)]) -> Vec<String> {
 }
 
 /// The installed vutap, running in the root; killed on drop if the test did not stop it.
-struct Served(Child);
+struct Served {
+    child: Child,
+    log: PathBuf,
+}
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Served {
+    /// Starts `args` in the root and waits until vutap listens on `socket` (host path).
+    fn start(root: &ThrowawayRoot, args: &[String], log: PathBuf, socket: &Path) -> Served {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = root
+            .command(&args)
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start the installed vutap");
+        let mut served = Served { child, log: log.clone() };
+        // The line comes after the bind; the socket file alone may be a stale one.
+        let listening = format!(
+            "listening on /run/vutap/{}",
+            socket.file_name().unwrap().to_str().unwrap()
+        );
+        served.wait_until(&listening, || {
+            served_log(&log).contains(&listening) && socket.exists()
+        });
+        served
+    }
+
+    fn pid(&self) -> u32 {
+        // unshare, sh and chroot each exec the next: the child's pid is vutap's.
+        self.child.id()
+    }
+
+    fn wait_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done() {
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "the installed vutap: no {what:?} ({exited:?}); its log:\n{}",
+                served_log(&self.log)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, as `systemctl stop` sends it; vutap must exit 0.
+    fn stop(mut self) {
+        // SAFETY: kill with the pid of a child this test spawned and has not reaped.
+        assert_eq!(
+            unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) },
+            0
+        );
+        let deadline = Instant::now() + WAIT;
+        let exit = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the installed vutap ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            exit.success(),
+            "vutap after SIGTERM: {exit}; its log:\n{}",
+            served_log(&self.log)
+        );
     }
 }
 
-fn wait_for(path: &Path, served: &mut Served, log: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while !path.exists() {
-        let exited = served.0.try_wait().unwrap();
-        assert!(
-            exited.is_none() && Instant::now() < deadline,
-            "the installed vutap made no {} ({exited:?}); its log:\n{}",
-            path.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+fn served_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
 }
 
 /// The `Uid:` line's real and effective uids from /proc/PID/status.
@@ -200,53 +259,30 @@ fn test_package_installs_into_a_fresh_debian_root_and_serves_a_tap() {
         args.windows(2).any(|w| w == ["--user", "vutap"]),
         "{args:?}"
     );
-    let log = root.logs().join("vutap.log");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut served = Served(
-        root.command(&args)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start the installed vutap"),
-    );
     let run = root.runtime_dir();
-    for f in ["vm0.sock", "vm0.metrics", "vm0.ctl"] {
-        wait_for(&run.join(f), &mut served, &log);
-    }
-    // unshare, sh and chroot each exec the next: the child's pid is vutap's.
-    let pid = served.0.id();
+    let socket = run.join("vm0.sock");
+    let served = Served::start(&root, &args, root.logs().join("vutap.log"), &socket);
     assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        std::fs::read_to_string(format!("/proc/{}/comm", served.pid()))
             .unwrap()
             .trim(),
         "vutap"
     );
-    check_frames_both_ways(&run.join("vm0.sock"), &tap.name);
+    for f in ["vm0.metrics", "vm0.ctl"] {
+        assert!(run.join(f).exists(), "the unit's {f} socket is missing");
+    }
+    check_frames_both_ways(&socket, &tap.name);
     assert_eq!(
-        uids_of(pid),
+        uids_of(served.pid()),
         (uid, uid),
         "the installed vutap did not become the vutap user"
     );
+    served.stop();
 
-    // SIGTERM, as `systemctl stop` sends it: vutap exits 0.
-    // SAFETY: kill with a pid this test spawned and has not reaped.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
-    let deadline = Instant::now() + WAIT;
-    let exit = loop {
-        if let Some(st) = served.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the installed vutap ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(
-        exit.success(),
-        "vutap after SIGTERM: {exit}; its log:\n{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
-    drop(served);
+    // systemd's Restart=: the new process binds over whatever sockets the last one left.
+    let served = Served::start(&root, &args, root.logs().join("vutap-restart.log"), &socket);
+    check_frames_both_ways(&socket, &tap.name);
+    served.stop();
 
     // And dpkg removes it again, leaving the user (Debian does not delete system users).
     root.run(&["dpkg", "-r", "vutap"]);
