@@ -88,7 +88,10 @@ impl Served {
             .stderr(File::create(&log).unwrap())
             .spawn()
             .expect("start the installed vutap");
-        let mut served = Served { child, log: log.clone() };
+        let mut served = Served {
+            child,
+            log: log.clone(),
+        };
         // The line comes after the bind; the socket file alone may be a stale one.
         let listening = format!(
             "listening on /run/vutap/{}",
