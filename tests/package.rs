@@ -1,19 +1,18 @@
-//! The Debian package: `scripts/build-deb.sh` builds it from the release build, it is unpacked
-//! into a fresh root (`dpkg -x`: no maintainer scripts touch this host), its files are checked
-//! (binary, systemd unit, examples, man page, completions), and the installed `vutap` serves the
-//! test frontend on a tap with frames both ways.
+//! The Debian package's contents: `scripts/build-deb.sh` builds it from the release build, it is
+//! unpacked into a directory (`dpkg -x`: no maintainer scripts touch this host), and its files are
+//! checked against the host's tools (the man page and completions describe the binary's options,
+//! the example config parses, `systemd-analyze verify` accepts the unit). Installing it with dpkg
+//! on a fresh system and serving a tap from it is `package_install.rs`.
 //!
-//! Needs root (creates a tap) and dpkg-deb, objdump, strip, systemd-analyze (scripts/install-deps.sh).
+//! Needs dpkg-deb, objdump, strip, systemd-analyze (scripts/install-deps.sh).
 
 mod common;
-mod tap_util;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
 
 use common::{serial, unique};
-use tap_util::{check_frames_both_ways, UserTap};
 use vutap_bench::testbed::{log_dir, workspace_root};
 
 fn output(cmd: &mut Command) -> String {
@@ -45,18 +44,8 @@ fn build_and_unpack() -> (PathBuf, PathBuf) {
     (deb, root)
 }
 
-/// The installed vutap, killed on drop.
-struct Installed(Child);
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
-fn test_package_installs_and_serves_a_tap() {
+fn test_package_contents_describe_the_binary() {
     let _g = serial();
     let (deb, root) = build_and_unpack();
 
@@ -138,36 +127,4 @@ fn test_package_installs_and_serves_a_tap() {
         out.status.success() && !err.lines().any(|l| l.contains("vutap@")),
         "systemd-analyze verify: {err}"
     );
-
-    // The installed binary serves a tap.
-    let tap = UserTap::create(&["multi_queue", "vnet_hdr"]);
-    let sock = root.join("vutap.sock");
-    let mut served = Installed(
-        Command::new(&bin)
-            .arg("--socket")
-            .arg(&sock)
-            .args(["--tap", &tap.name, "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_socket(&sock, &mut served);
-    check_frames_both_ways(&sock, &tap.name);
-    drop(served);
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Installed) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the installed vutap never listened on {}",
-            sock.display()
-        );
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "the installed vutap exited"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
