@@ -19,6 +19,7 @@ use vhost::vhost_user::message::VhostUserMemoryRegion;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vutap::memory::{GuestMem, SharedMemory};
+use vutap::memory_guard::FaultOwner;
 use vutap::metrics::PairCounts;
 use vutap::rx::{RxLoop, RxOutcome};
 use vutap::test_utils::{memfd_log, MockTap, TapStep};
@@ -54,7 +55,9 @@ fn guest_memory(u: &mut Unstructured) -> Result<GuestMem> {
         VhostUserMemoryRegion::new(second_gpa, REGION, 0x7000_1000_0000, REGION),
     ];
     let files = vec![file.try_clone().expect("dup memfd"), file];
-    Ok(SharedMemory::map(&regions, files).expect("a valid two-region layout maps").mem)
+    // The owner registers the regions with the SIGBUS guard; nothing here shrinks the memfd.
+    let owner = FaultOwner::new().expect("a fault-guard slot");
+    Ok(SharedMemory::map(&regions, files, &owner).expect("a valid two-region layout maps").mem)
 }
 
 fn guest_addr(u: &mut Unstructured) -> Result<u64> {

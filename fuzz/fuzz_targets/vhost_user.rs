@@ -76,7 +76,7 @@ fn device() -> Arc<Device> {
         .get_or_init(|| {
             let name = format!("vfz{}", std::process::id());
             let tap = Tap::open(&TapSpec::Name(name), RING_PAIRS as usize).expect("open a tap (run as root)");
-            Arc::new(Device::new(tap, [0x52, 0x54, 0, 0x12, 0x34, 0x56], 1500))
+            Arc::new(Device::new(tap, [0x52, 0x54, 0, 0x12, 0x34, 0x56], 1500).expect("device"))
         })
         .clone()
 }
