@@ -8,11 +8,12 @@
 #   scripts/fuzz.sh minimize TARGET DIR... # merge DIRs into a minimal fuzz/corpus/TARGET
 #
 # Targets: chain_check hdr_parse features (pure, virtio/), datapath (TX/RX loops, mock tap),
-# vhost_user (message sequences into serve_connection; needs root for its tap).
+# vhost_user (message sequences into serve_connection; needs root for its tap), metrics_http
+# (the metrics endpoint's request parser, fed in pieces).
 set -euo pipefail
 self="$(realpath "$0")"
 cd "$(dirname "$0")/../fuzz"
-TARGETS=(chain_check hdr_parse features datapath vhost_user)
+TARGETS=(chain_check hdr_parse features datapath vhost_user metrics_http)
 BIN=target/x86_64-unknown-linux-gnu/release
 # Connections and workers per input make vhost_user slow; 10 s is far above any normal input.
 COMMON=(-timeout=10 -rss_limit_mb=2048)
