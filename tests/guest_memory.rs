@@ -31,8 +31,6 @@ use vutap_bench::testbed::{log_dir, Vutap};
 const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
 const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
 const WAIT: Duration = Duration::from_secs(10);
-/// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
-const VHOST_F_LOG_ALL: u64 = 26;
 
 /// One device of the vutap under test: its socket, its tap and the far end on the tap.
 struct Dev {
@@ -483,20 +481,8 @@ fn test_guest_memory_dirty_log_truncated_while_logging_is_contained() {
     };
     let mut fe = NetFrontend::connect(&bed.a.socket, opts).expect("handshake on device a");
     let raw = conn_fd(fe.vhost());
-    // One bit per 4 KiB page of guest memory, in whole pages.
-    let bits = fe.memory().size().div_ceil(4096);
-    let log_len = bits.div_ceil(8).div_ceil(4096) * 4096;
-    let log = memfd(log_len as u64);
-    let region = VhostUserDirtyLogRegion {
-        mmap_size: log_len as u64,
-        mmap_offset: 0,
-        mmap_handle: log.as_raw_fd(),
-    };
-    fe.vhost()
-        .set_log_base(0, Some(region))
-        .expect("a full-size log is mapped");
-    let acked = fe.acked_features() | (1 << VHOST_F_LOG_ALL);
-    fe.vhost().set_features(acked).expect("logging on");
+    let log = fe.start_dirty_log().expect("a full-size log is mapped and logging is on");
+    let log_len = log.metadata().unwrap().len() as usize;
     roundtrip(&mut fe, &bed.a.far, 1).expect("device a while logging");
     bed.wait_logged("dirty log mapped");
     // The log was written: the used rings' pages are marked.

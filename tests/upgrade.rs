@@ -842,12 +842,8 @@ fn test_upgrade_hands_over_the_backend_channel() {
 
 #[test]
 fn test_upgrade_hands_over_the_dirty_log() {
-    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::fs::FileExt;
     use vhost::vhost_user::VhostUserProtocolFeatures;
-    use vhost::{VhostBackend, VhostUserDirtyLogRegion};
-    /// VHOST_F_LOG_ALL: the frontend migrates the guest; the backend logs its writes.
-    const VHOST_F_LOG_ALL: u64 = 26;
     let _g = serial();
     let mut bed = Bed::start("log", 1, &[]);
     let opts = FrontendOptions {
@@ -857,25 +853,8 @@ fn test_upgrade_hands_over_the_dirty_log() {
     };
     let mut fe = NetFrontend::connect(&bed.socket, opts).expect("handshake");
     // One bit per 4 KiB page of guest memory, in whole pages.
-    let log_len = fe.memory().size().div_ceil(4096).div_ceil(8).div_ceil(4096) * 4096;
-    // SAFETY: memfd_create with a valid name; the fd is owned by the File right away.
-    let log = unsafe {
-        std::fs::File::from_raw_fd(libc::memfd_create(
-            c"vutap-upgrade-log".as_ptr(),
-            libc::MFD_CLOEXEC,
-        ))
-    };
-    log.set_len(log_len as u64).unwrap();
-    let region = VhostUserDirtyLogRegion {
-        mmap_size: log_len as u64,
-        mmap_offset: 0,
-        mmap_handle: log.as_raw_fd(),
-    };
-    fe.vhost()
-        .set_log_base(0, Some(region))
-        .expect("log mapped");
-    let acked = fe.acked_features() | (1 << VHOST_F_LOG_ALL);
-    fe.vhost().set_features(acked).expect("logging on");
+    let log = fe.start_dirty_log().expect("log mapped and logging on");
+    let log_len = log.metadata().unwrap().len() as usize;
     let (ok, out) = bed.upgrade(None);
     assert!(ok, "{out}\n{}", bed.log());
     bed.serving.pid = parse_upgraded(&out).0;

@@ -39,6 +39,10 @@ pub enum FrontendError {
     SetFeatures(#[source] vhost::Error),
     #[error("SET_MEM_TABLE: {0}")]
     SetMemTable(#[source] vhost::Error),
+    #[error("dirty log memfd: {0}")]
+    DirtyLogFile(#[source] io::Error),
+    #[error("SET_LOG_BASE: {0}")]
+    SetLogBase(#[source] vhost::Error),
     #[error("SET_VRING_NUM({queue}): {source}")]
     SetVringNum { queue: u16, source: vhost::Error },
     #[error("SET_VRING_ADDR({queue}): {source}")]
