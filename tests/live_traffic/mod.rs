@@ -231,12 +231,7 @@ fn rate_kbps(line: &str) -> Option<f64> {
 /// The median rate of `ivs` (after the first half second of TCP slow start) and the worst
 /// interval overlapping `window`, in kbit/s.
 pub fn dip(ivs: &[Interval], window: (Instant, Instant)) -> Option<(f64, f64)> {
-    let mut steady: Vec<f64> = ivs.iter().skip(5).map(|i| i.kbps).collect();
-    if steady.is_empty() {
-        return None;
-    }
-    steady.sort_by(f64::total_cmp);
-    let median = steady[steady.len() / 2];
+    let median = median_kbps(ivs)?;
     let step = Duration::from_millis(100);
     let worst = ivs
         .iter()
@@ -244,6 +239,24 @@ pub fn dip(ivs: &[Interval], window: (Instant, Instant)) -> Option<(f64, f64)> {
         .map(|i| i.kbps)
         .min_by(f64::total_cmp)?;
     Some((median, worst))
+}
+
+/// The median rate of `ivs` after the first half second (TCP slow start), in kbit/s.
+pub fn median_kbps(ivs: &[Interval]) -> Option<f64> {
+    let mut steady: Vec<f64> = ivs.iter().skip(5).map(|i| i.kbps).collect();
+    steady.sort_by(f64::total_cmp);
+    steady.get(steady.len() / 2).copied()
+}
+
+/// The worst interval (after slow start) overlapping none of `windows`, in kbit/s: how far the
+/// rate swings on this host without any event.
+pub fn worst_outside(ivs: &[Interval], windows: &[(Instant, Instant)]) -> Option<f64> {
+    let step = Duration::from_millis(100);
+    ivs.iter()
+        .skip(5)
+        .filter(|i| !windows.iter().any(|&w| overlaps((i.at - step, i.at), w)))
+        .map(|i| i.kbps)
+        .min_by(f64::total_cmp)
 }
 
 /// Frame counters of both ends and the drop/error counters of the host devices in between.
