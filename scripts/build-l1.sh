@@ -5,11 +5,11 @@
 # its `vhost_user_net` (with their shared libraries), the kernel modules for KVM, veth, macvtap,
 # tap and bridge, scripts/l1-init as /init, and the L2 guest: the test guest's kernel and its
 # initramfs with scripts/ch-l2-init appended.
-# Peers: $VUTAP_PEERS_DIR, else <repo>/../shared/peers. Needs `cargo build --release -p vutap`.
+# Output: $VUTAP_L1_DIR, else .deps/l1. Peers: $VUTAP_PEERS_DIR, else <repo>/../shared/peers. Needs `cargo build --release -p vutap`.
 # Idempotent: does nothing when the output is newer than every input.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-out="$here/.deps/l1"
+out=${VUTAP_L1_DIR:-$here/.deps/l1}
 peers=${VUTAP_PEERS_DIR:-$here/../shared/peers}
 vutap=${VUTAP_BIN:-$here/target/release/vutap}
 guest="$here/.deps/guest"

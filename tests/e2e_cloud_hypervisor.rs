@@ -5,7 +5,8 @@
 //! L1's init (scripts/l1-init, packed by scripts/build-l1.sh) runs every scenario unattended
 //! and prints `CH_RESULT <scenario> ...` lines on its serial console; this test boots L1,
 //! parses them and asserts. Scenarios: one queue pair (ping + iperf3 both ways), a second L2
-//! boot on the same vutap, vutap SIGKILLed and restarted under a running L2, two queue pairs,
+//! boot on the same vutap, vutap upgraded live 5 times under a running L2 pinged every 10 ms
+//! from the peer and then SIGKILLed and restarted under it, two queue pairs,
 //! and the same-run baselines: CH's `vhost_user_net` on a tap, CH's built-in virtio-net on a tap
 //! and on the macvtap's `/dev/tapN` (`fd=`).
 //!
@@ -13,7 +14,8 @@
 //! release `vutap`, and the peer binaries in `$VUTAP_PEERS_DIR`, else `<repo>/../shared/peers`:
 //! without them the test fails. `VUTAP_CH_SECS` sets iperf3's seconds per direction (default
 //! 3), `VUTAP_CH_REPS` the rounds whose medians count (default 1); `VUTAP_CH_RESULTS=DIR`
-//! writes `ch.json` and `ch.md` there (scripts/ch-bench.sh).
+//! writes `ch.json` and `ch.md` there (scripts/ch-bench.sh). `VUTAP_L1_DIR` puts the L1
+//! initramfs elsewhere than `.deps/l1` (scripts/build-l1.sh reads it too).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -52,6 +54,11 @@ impl Drop for L1 {
 }
 
 /// Boots L1 and waits for it to power off; returns its serial console.
+/// Where scripts/build-l1.sh puts the L1 initramfs: `$VUTAP_L1_DIR`, else `.deps/l1`.
+fn l1_dir() -> PathBuf {
+    std::env::var_os("VUTAP_L1_DIR").map_or_else(|| repo_root().join(".deps/l1"), PathBuf::from)
+}
+
 fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
@@ -88,7 +95,7 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
         .arg("-kernel")
         .arg(root.join(".deps/guest/vmlinuz"))
         .arg("-initrd")
-        .arg(root.join(".deps/l1/initrd.img"))
+        .arg(l1_dir().join("initrd.img"))
         .args([
             "-append",
             &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps}"),
@@ -189,6 +196,68 @@ impl Results {
     fn has(&self, scenario: &str, head: &str) -> bool {
         !self.lines(scenario, head).is_empty()
     }
+}
+
+/// The live-upgrade step of the restart scenario (scripts/l1-init `upgrade_under_ping`); returns
+/// a one-line summary.
+fn assert_live_upgrades(r: &Results, console: &str) -> String {
+    let s = "vutap-restart";
+    let n = r
+        .num(s, "upgrades", "n")
+        .unwrap_or_else(|| panic!("no live upgrade step:\n{console}"));
+    assert!(n >= 3.0, "only {n} upgrades ran:\n{console}");
+    assert_eq!(
+        r.num(s, "upgrades", "ok"),
+        Some(n),
+        "an upgrade failed:\n{console}"
+    );
+    let pauses: Vec<f64> = r
+        .lines(s, "upgrade")
+        .iter()
+        .filter_map(|l| l.get("pause_ms")?.parse().ok())
+        .collect();
+    assert_eq!(pauses.len() as f64, n, "pauses:\n{console}");
+    let replies = r.num(s, "upgrades", "replies").unwrap_or(0.0);
+    let lost = r.num(s, "upgrades", "lost").unwrap_or(f64::NAN);
+    let gap = r.num(s, "upgrades", "largest_gap_ms").unwrap_or(f64::NAN);
+    assert!(
+        replies >= 100.0,
+        "{replies} ping replies during the upgrades:\n{console}"
+    );
+    assert_eq!(
+        lost, 0.0,
+        "ping replies lost during the upgrades:\n{console}"
+    );
+    assert!(
+        gap <= 500.0,
+        "a {gap} ms gap between ping replies:\n{console}"
+    );
+    assert_eq!(
+        r.num(s, "upgrade_checks", "took_over"),
+        Some(n),
+        "vutap's log:\n{console}"
+    );
+    assert_eq!(
+        r.num(s, "upgrade_checks", "new_connections"),
+        Some(0.0),
+        "CH reconnected during an upgrade:\n{console}"
+    );
+    assert_eq!(
+        r.num(s, "upgrade_checks", "ch_connection_lines"),
+        Some(0.0),
+        "CH logged about its vhost-user connection during the upgrades:\n{console}"
+    );
+    let before = r.num(s, "ready_for_upgrade", "carrier_changes");
+    let after = r.num(s, "upgraded", "carrier_changes");
+    assert!(
+        before.is_some() && before == after,
+        "the L2 guest's carrier_changes went {before:?} -> {after:?}:\n{console}"
+    );
+    format!(
+        "{n} live upgrades of vutap under a running L2 guest pinged every 10 ms: {replies} replies, {lost} lost, \
+         largest gap between replies {gap} ms, queue pairs paused {} ms, no reconnect, carrier_changes unchanged",
+        pauses.iter().map(|p| format!("{p}")).collect::<Vec<_>>().join("/")
+    )
 }
 
 /// The guest got its NIC from CH, pinged the peer 3/3, and iperf3 moved data both ways.
@@ -415,6 +484,12 @@ fn test_cloud_hypervisor_nested() {
     // A second boot of L2 on the same vutap process.
     assert_guest_traffic(&r, "vutap-reboot", &console);
 
+    // Before the kill, vutap is upgraded live under the same running guest while the peer pings
+    // it every 10 ms: no reply lost, no new vhost-user connection, nothing in CH's log about its
+    // connection, the guest's carrier untouched.
+    let upgrade = assert_live_upgrades(&r, &console);
+    eprintln!("{upgrade}");
+
     // vutap SIGKILLed under a running guest and restarted: CH reconnects to the new vutap,
     // negotiates again, and the guest's NIC carries traffic again without a reboot.
     let s = "vutap-restart";
@@ -490,6 +565,7 @@ fn test_cloud_hypervisor_nested() {
         assert_guest_traffic(&r, s, &console);
     }
     if let Some(dir) = std::env::var_os("VUTAP_CH_RESULTS") {
+        let restart = format!("{upgrade}. {restart}");
         write_results(Path::new(&dir), &r, secs, reps, &restart);
     }
 }
