@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5, the seed experiment with real guests, in one command: installs what is needed, builds
+# The seed experiment with real guests, in one command: installs what is needed, builds
 # the guest and vutap, then runs `vutap-vm seed`: internal (guest to guest through one
 # bridge-mode macvtap lower) and external (guest to a peer netns behind the lower), each with the
 # guest NIC served by vutap and by QEMU's tap backend side by side, QEMU 7.2 and 10.0, 1 and 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Soak test (issue 7): N minutes (default 10) of mixed traffic from the test frontend against an
+# Soak test: N minutes (default 10) of mixed traffic from the test frontend against an
 # in-process vutap on a multi-queue tap, with random frontend disconnects/reconnects and tap
 # flaps. Checks at the end: fd count, thread count and RSS back to their start values, no panic
 # logged, TX frames handed over = sent + counted drops. CI runs the 30-second version

@@ -1,4 +1,4 @@
-//! Live migration of a TCG guest whose NIC is served by vutap (issue 8), QEMU 7.2 and 10.0.
+//! Live migration of a TCG guest whose NIC is served by vutap (QEMU 7.2 and 10.0).
 //!
 //! ```text
 //!   source QEMU (-monitor) ── va.sock ── vutap A ─┐

@@ -1,4 +1,4 @@
-//! The short version of `vutap-vm seed` (issue 5) for CI: QEMU 10, 1 queue pair, 1 stream, 2 s
+//! The short version of `vutap-vm seed` for CI: QEMU 10, 1 queue pair, 1 stream, 2 s
 //! per iperf3 run, both topologies (internal: guest to guest through a bridge-mode macvtap;
 //! external: guest to the peer netns), both backends (vutap, QEMU's tap backend), plus the VEPA
 //! isolation check. Every cell must produce a number, bridge-mode guests must reach each other,

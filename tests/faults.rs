@@ -1,4 +1,4 @@
-//! Faults (issue 7): the tap goes away or its lower device goes down under traffic, and a peer
+//! Faults: the tap goes away or its lower device goes down under traffic, and a peer
 //! that does not read. The daemon must log it, not spin, resume when it can, and neither grow
 //! without bound nor reorder.
 //!

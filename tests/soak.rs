@@ -1,4 +1,4 @@
-//! Soak (issue 7): mixed traffic from the test frontend with random disconnects/reconnects and
+//! Soak: mixed traffic from the test frontend with random disconnects/reconnects and
 //! tap flaps. At the end the process is back to its start: fd count, thread count and RSS (within
 //! a margin for allocator caches), no panic logged, every TX frame the guest handed over is
 //! accounted for (sent to the tap or counted as dropped), and every RX frame the far end sent is

@@ -24,7 +24,7 @@ struct Cli {
 enum Cmd {
     /// vutap vs QEMU's tap backend: ping + iperf3 both directions, markdown table + JSON.
     Demo(DemoArgs),
-    /// The seed experiment (issue 5): internal (guest to guest) and external (guest to host)
+    /// The seed experiment: internal (guest to guest) and external (guest to host)
     /// through a bridge-mode macvtap, vutap vs QEMU's tap backend side by side, QEMU 7.2 and 10.0,
     /// 1 and 2 queue pairs, 1 and 4 streams, both directions; plus the VEPA isolation check.
     /// Prints markdown tables and writes JSON + an SVG bar chart.

@@ -1,4 +1,4 @@
-//! Issue 5: the seed's macvtap experiment with real guests, vutap and QEMU's tap backend side by
+//! The seed's macvtap experiment with real guests, vutap and QEMU's tap backend side by
 //! side in the same run.
 //!
 //! - **external**: one guest on a bridge-mode macvtap of the veth lower; iperf3 against the server
