@@ -21,12 +21,12 @@ use common::*;
 use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
+use vutap::link_state::LinkMonitor;
 use vutap_bench::frontend::net::{rx_queue, tx_queue};
 use vutap_bench::frontend::virtqueue::{
     RawPoster, VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,
 };
 use vutap_bench::frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap::link_state::LinkMonitor;
 
 const WAIT: Duration = Duration::from_secs(5);
 /// Stop must take effect within this, whatever the guest does.
@@ -85,10 +85,10 @@ fn rx_ok(bed: &Bed, fe: &mut NetFrontend, pairs: &[u16], seq: u32) {
 fn only_test_frames(far: &PacketSocket) {
     let code = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
     let prog = [
-        code(0x28, 0, 0, 12),             // ldh [12]
+        code(0x28, 0, 0, 12),                   // ldh [12]
         code(0x15, 0, 1, u32::from(ETHERTYPE)), // jeq ETHERTYPE
-        code(0x06, 0, 0, u32::MAX),       // ret accept
-        code(0x06, 0, 0, 0),              // ret drop
+        code(0x06, 0, 0, u32::MAX),             // ret accept
+        code(0x06, 0, 0, 0),                    // ret drop
     ];
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
     // SAFETY: a valid socket and a sock_fprog pointing at `prog`, alive for the call.
@@ -327,7 +327,10 @@ fn test_bounded_chains_over_iov_max_are_refused_tx_and_rx() {
     let q = fe.queue_mut(tx_queue(0)).unwrap();
     assert!(wait_until(WAIT, || q.has_used()));
     assert_eq!(drain_used(q), vec![(u32::from(h_over), 0), (u32::from(h_at), 0)]);
-    assert!(bed.far.recv_matching(Duration::from_millis(200), |f| is_test_frame(f) && seq_of(f) == over_seq).is_none(), "a cut frame went out");
+    assert!(
+        bed.far.recv_matching(Duration::from_millis(200), |f| is_test_frame(f) && seq_of(f) == over_seq).is_none(),
+        "a cut frame went out"
+    );
     assert!(logged_since(mark, "more than 1024 segments", WAIT), "{}", log_since(mark));
 
     // RX: IOV_MAX two-byte segments is one too many (a read keeps one iovec for its spill
@@ -366,8 +369,9 @@ fn test_bounded_backend_channel_never_read_does_not_hang_disconnect() {
     let bed = Bed::macvtap_serve_forever(1);
     let dev = bed.daemon.dev.clone();
     let topo = bed.topo.as_ref().unwrap();
-    let _monitor = LinkMonitor::spawn("bounded".into(), bed.tap_name.clone(), dev.link.clone(), dev.device_metrics.clone(), Duration::from_millis(2))
-        .expect("link monitor");
+    let _monitor =
+        LinkMonitor::spawn("bounded".into(), bed.tap_name.clone(), dev.link.clone(), dev.device_metrics.clone(), Duration::from_millis(2))
+            .expect("link monitor");
     let mut o = FrontendOptions::default();
     o.requested_protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
     let mut fe = bed.daemon.connect(o);
@@ -376,13 +380,17 @@ fn test_bounded_backend_channel_never_read_does_not_hang_disconnect() {
     // The smallest send buffer, so the unread channel fills after a few messages.
     let small: libc::c_int = 1;
     // SAFETY: setsockopt on a valid socket with a pointer to a c_int of the given size.
-    assert_eq!(unsafe { libc::setsockopt(theirs.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&small as *const libc::c_int).cast(), 4) }, 0);
+    assert_eq!(
+        unsafe { libc::setsockopt(theirs.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&small as *const libc::c_int).cast(), 4) },
+        0
+    );
     fe.vhost().set_backend_request_fd(&theirs).unwrap();
     drop(theirs);
     assert!(wait_until(WAIT, || dev.link.has_channel()));
     let m = &dev.device_metrics;
     let changes = |m: &vutap::metrics::DeviceMetrics| m.link_changes.load(Ordering::Relaxed);
-    let (changes0, sent0, dropped0) = (changes(m), m.config_change_msgs.load(Ordering::Relaxed), m.config_change_dropped.load(Ordering::Relaxed));
+    let (changes0, sent0, dropped0) =
+        (changes(m), m.config_change_msgs.load(Ordering::Relaxed), m.config_change_dropped.load(Ordering::Relaxed));
     const FLAPS: u64 = 20;
     for i in 0..FLAPS * 2 {
         let state = if i % 2 == 0 { "down" } else { "up" };

@@ -115,7 +115,11 @@ fn test_cli_socket_in_use_by_live_listener_refused() {
     let sock = socket_path();
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).expect("our listener");
-    assert_refused(&["--socket", sock.to_str().unwrap(), "--tap", topo.taps[0].dev.to_str().unwrap()], 1, &[sock.to_str().unwrap(), "in use"]);
+    assert_refused(
+        &["--socket", sock.to_str().unwrap(), "--tap", topo.taps[0].dev.to_str().unwrap()],
+        1,
+        &[sock.to_str().unwrap(), "in use"],
+    );
     assert!(sock.exists(), "vutap must not remove a live socket");
     drop(listener);
     let _ = std::fs::remove_file(&sock);

@@ -12,9 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vutap_bench::frontend::features::{
-    DEFAULT_REQUESTED, NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_TSO4,
-};
+use vutap_bench::frontend::features::{DEFAULT_REQUESTED, NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_TSO4};
 use vutap_bench::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
 use vutap_bench::frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
 
@@ -79,7 +77,8 @@ fn both_ways(bed: &Bed, order: HandshakeOrder) {
     assert_eq!(fe.hdr_len(), 12);
     let cfg = fe.config().expect("GET_CONFIG").expect("CONFIG protocol feature");
     assert_eq!(cfg.mac, bed.guest_mac, "config space MAC");
-    let tx: Vec<_> = [60, 1514, 61, 1000, 1514].iter().enumerate().map(|(i, &l)| test_frame(bed.far_mac, bed.guest_mac, l, i as u32)).collect();
+    let tx: Vec<_> =
+        [60, 1514, 61, 1000, 1514].iter().enumerate().map(|(i, &l)| test_frame(bed.far_mac, bed.guest_mac, l, i as u32)).collect();
     check_tx(bed, &mut fe, 0, &tx);
     let rx: Vec<_> =
         [60, 1514, 61, 1000, 1514].iter().enumerate().map(|(i, &l)| test_frame(bed.guest_mac, bed.far_mac, l, 100 + i as u32)).collect();
@@ -164,7 +163,15 @@ const TSO_PAYLOAD: usize = 64_000;
 const MSS: u16 = 1448;
 
 fn tso_hdr() -> VirtioNetHdr {
-    VirtioNetHdr { flags: HDR_F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 54, gso_size: MSS, csum_start: 34, csum_offset: 16, num_buffers: 0 }
+    VirtioNetHdr {
+        flags: HDR_F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: MSS,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    }
 }
 
 fn peer_ip(bed: &Bed) -> [u8; 4] {
@@ -181,11 +188,22 @@ fn guest_ip(bed: &Bed) -> [u8; 4] {
 fn test_tso_tx_64k_frame_leaves_as_checksummed_mss_segments() {
     let _g = serial();
     let bed = Bed::macvtap(1, None, true);
-    let o = FrontendOptions { requested_features: DEFAULT_REQUESTED | NET_F_CSUM | NET_F_HOST_TSO4, ..opts(HandshakeOrder::CloudHypervisor, 1) };
+    let o = FrontendOptions {
+        requested_features: DEFAULT_REQUESTED | NET_F_CSUM | NET_F_HOST_TSO4,
+        ..opts(HandshakeOrder::CloudHypervisor, 1)
+    };
     let mut fe = bed.daemon.connect(o);
     assert_eq!(fe.acked_features() & (NET_F_CSUM | NET_F_HOST_TSO4), NET_F_CSUM | NET_F_HOST_TSO4, "CSUM + HOST_TSO4 negotiated");
     let data = payload(TSO_PAYLOAD, 7);
-    let flow = TcpFlow { src_mac: bed.guest_mac, dst_mac: bed.far_mac, src_ip: guest_ip(&bed), dst_ip: peer_ip(&bed), sport: 40001, dport: 5001, seq: 1_000_000 };
+    let flow = TcpFlow {
+        src_mac: bed.guest_mac,
+        dst_mac: bed.far_mac,
+        src_ip: guest_ip(&bed),
+        dst_ip: peer_ip(&bed),
+        sport: 40001,
+        dport: 5001,
+        seq: 1_000_000,
+    };
     let frame = tcp_frame(&flow, &data, false);
     assert_eq!(frame.len(), 54 + TSO_PAYLOAD);
     fe.send_frame(0, &tso_hdr(), &frame).expect("send the 64 KB TSO frame");
@@ -215,7 +233,15 @@ fn test_tso_tx_64k_frame_leaves_as_checksummed_mss_segments() {
 /// what the frontend got: (header, frame) per arrival, until `TSO_PAYLOAD` bytes of TCP payload.
 fn gso_from_peer(bed: &Bed, fe: &mut NetFrontend) -> (Vec<u8>, Vec<(VirtioNetHdr, Vec<u8>)>) {
     let data = payload(TSO_PAYLOAD, 9);
-    let flow = TcpFlow { src_mac: bed.far_mac, dst_mac: bed.guest_mac, src_ip: peer_ip(bed), dst_ip: guest_ip(bed), sport: 5002, dport: 40002, seq: 77 };
+    let flow = TcpFlow {
+        src_mac: bed.far_mac,
+        dst_mac: bed.guest_mac,
+        src_ip: peer_ip(bed),
+        dst_ip: guest_ip(bed),
+        sport: 5002,
+        dport: 40002,
+        seq: 77,
+    };
     let frame = tcp_frame(&flow, &data, false);
     let mut h = [0u8; 10];
     tso_hdr().write_to(&mut h);
@@ -240,10 +266,8 @@ fn gso_from_peer(bed: &Bed, fe: &mut NetFrontend) -> (Vec<u8>, Vec<(VirtioNetHdr
 fn test_gso_rx_with_guest_tso4_arrives_as_one_gso_frame() {
     let _g = serial();
     let bed = Bed::macvtap(1, None, false);
-    let o = FrontendOptions {
-        requested_features: DEFAULT_REQUESTED | NET_F_GUEST_CSUM | NET_F_GUEST_TSO4,
-        ..opts(HandshakeOrder::Qemu, 1)
-    };
+    let o =
+        FrontendOptions { requested_features: DEFAULT_REQUESTED | NET_F_GUEST_CSUM | NET_F_GUEST_TSO4, ..opts(HandshakeOrder::Qemu, 1) };
     let mut fe = bed.daemon.connect(o);
     let want = NET_F_GUEST_CSUM | NET_F_GUEST_TSO4;
     assert_eq!(fe.acked_features() & want, want, "GUEST_CSUM + GUEST_TSO4 negotiated");

@@ -31,16 +31,11 @@ const VIRTIO_NET_F_MQ: u32 = 22;
 const L1_DEADLINE: Duration = Duration::from_secs(11 * 60);
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests crate lives inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests crate lives inside the workspace").to_path_buf()
 }
 
 fn peers_dir() -> PathBuf {
-    std::env::var_os("VUTAP_PEERS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/peers"))
+    std::env::var_os("VUTAP_PEERS_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("../shared/peers"))
 }
 
 /// QEMU 10 killed when the test ends, however it ends.
@@ -66,40 +61,18 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
     let _ = std::fs::remove_file(&console);
     let stderr = File::create(log_dir.join("qemu.log")).expect("create qemu.log");
     let child = Command::new(qemu.join("usr/bin/qemu-system-x86_64"))
-        .env(
-            "QEMU_MODULE_DIR",
-            qemu.join("usr/lib/x86_64-linux-gnu/qemu"),
-        )
+        .env("QEMU_MODULE_DIR", qemu.join("usr/lib/x86_64-linux-gnu/qemu"))
         .args(["-L".as_ref(), qemu.join("usr/share/qemu").as_os_str()])
         .args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"])
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "2048",
-        ])
-        .args([
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-reboot",
-            "-monitor",
-            "none",
-        ])
+        .args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2048"])
+        .args(["-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-kernel")
         .arg(root.join(".deps/guest/vmlinuz"))
         .arg("-initrd")
         .arg(l1_dir().join("initrd.img"))
-        .args([
-            "-append",
-            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps}"),
-        ])
+        .args(["-append", &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -111,19 +84,12 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32) -> String {
         if let Some(status) = l1.0.try_wait().expect("wait for QEMU") {
             break status;
         }
-        assert!(
-            start.elapsed() < L1_DEADLINE,
-            "L1 still running after {L1_DEADLINE:?}; console: {}",
-            console.display()
-        );
+        assert!(start.elapsed() < L1_DEADLINE, "L1 still running after {L1_DEADLINE:?}; console: {}", console.display());
         std::thread::sleep(Duration::from_millis(500));
     };
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     eprintln!("L1 ran {:.0} s ({status})", start.elapsed().as_secs_f64());
-    assert!(
-        text.contains("CH_DONE"),
-        "L1 did not finish its scenarios ({status}); console:\n{text}"
-    );
+    assert!(text.contains("CH_DONE"), "L1 did not finish its scenarios ({status}); console:\n{text}");
     text
 }
 
@@ -138,10 +104,7 @@ struct Line {
 
 impl Line {
     fn get(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 }
 
@@ -160,33 +123,20 @@ impl Results {
                     Some(w) if !w.contains('=') => words.next().unwrap_or_default().to_string(),
                     _ => String::new(),
                 };
-                let fields = words
-                    .filter_map(|w| w.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                Some(Line {
-                    scenario,
-                    head,
-                    fields,
-                })
+                let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+                Some(Line { scenario, head, fields })
             })
             .collect();
         Results(lines)
     }
 
     fn lines(&self, scenario: &str, head: &str) -> Vec<&Line> {
-        self.0
-            .iter()
-            .filter(|l| l.scenario == scenario && l.head == head)
-            .collect()
+        self.0.iter().filter(|l| l.scenario == scenario && l.head == head).collect()
     }
 
     /// The last value of `key` on a `scenario` line with this `head`.
     fn get(&self, scenario: &str, head: &str, key: &str) -> Option<&str> {
-        self.lines(scenario, head)
-            .into_iter()
-            .filter_map(|l| l.get(key))
-            .next_back()
+        self.lines(scenario, head).into_iter().filter_map(|l| l.get(key)).next_back()
     }
 
     fn num(&self, scenario: &str, head: &str, key: &str) -> Option<f64> {
@@ -202,46 +152,19 @@ impl Results {
 /// a one-line summary.
 fn assert_live_upgrades(r: &Results, console: &str) -> String {
     let s = "vutap-restart";
-    let n = r
-        .num(s, "upgrades", "n")
-        .unwrap_or_else(|| panic!("no live upgrade step:\n{console}"));
+    let n = r.num(s, "upgrades", "n").unwrap_or_else(|| panic!("no live upgrade step:\n{console}"));
     assert!(n >= 3.0, "only {n} upgrades ran:\n{console}");
-    assert_eq!(
-        r.num(s, "upgrades", "ok"),
-        Some(n),
-        "an upgrade failed:\n{console}"
-    );
-    let pauses: Vec<f64> = r
-        .lines(s, "upgrade")
-        .iter()
-        .filter_map(|l| l.get("pause_ms")?.parse().ok())
-        .collect();
+    assert_eq!(r.num(s, "upgrades", "ok"), Some(n), "an upgrade failed:\n{console}");
+    let pauses: Vec<f64> = r.lines(s, "upgrade").iter().filter_map(|l| l.get("pause_ms")?.parse().ok()).collect();
     assert_eq!(pauses.len() as f64, n, "pauses:\n{console}");
     let replies = r.num(s, "upgrades", "replies").unwrap_or(0.0);
     let lost = r.num(s, "upgrades", "lost").unwrap_or(f64::NAN);
     let gap = r.num(s, "upgrades", "largest_gap_ms").unwrap_or(f64::NAN);
-    assert!(
-        replies >= 100.0,
-        "{replies} ping replies during the upgrades:\n{console}"
-    );
-    assert_eq!(
-        lost, 0.0,
-        "ping replies lost during the upgrades:\n{console}"
-    );
-    assert!(
-        gap <= 500.0,
-        "a {gap} ms gap between ping replies:\n{console}"
-    );
-    assert_eq!(
-        r.num(s, "upgrade_checks", "took_over"),
-        Some(n),
-        "vutap's log:\n{console}"
-    );
-    assert_eq!(
-        r.num(s, "upgrade_checks", "new_connections"),
-        Some(0.0),
-        "CH reconnected during an upgrade:\n{console}"
-    );
+    assert!(replies >= 100.0, "{replies} ping replies during the upgrades:\n{console}");
+    assert_eq!(lost, 0.0, "ping replies lost during the upgrades:\n{console}");
+    assert!(gap <= 500.0, "a {gap} ms gap between ping replies:\n{console}");
+    assert_eq!(r.num(s, "upgrade_checks", "took_over"), Some(n), "vutap's log:\n{console}");
+    assert_eq!(r.num(s, "upgrade_checks", "new_connections"), Some(0.0), "CH reconnected during an upgrade:\n{console}");
     assert_eq!(
         r.num(s, "upgrade_checks", "ch_connection_lines"),
         Some(0.0),
@@ -249,10 +172,7 @@ fn assert_live_upgrades(r: &Results, console: &str) -> String {
     );
     let before = r.num(s, "ready_for_upgrade", "carrier_changes");
     let after = r.num(s, "upgraded", "carrier_changes");
-    assert!(
-        before.is_some() && before == after,
-        "the L2 guest's carrier_changes went {before:?} -> {after:?}:\n{console}"
-    );
+    assert!(before.is_some() && before == after, "the L2 guest's carrier_changes went {before:?} -> {after:?}:\n{console}");
     format!(
         "{n} live upgrades of vutap under a running L2 guest pinged every 10 ms: {replies} replies, {lost} lost, \
          largest gap between replies {gap} ms, queue pairs paused {} ms, no reconnect, carrier_changes unchanged",
@@ -263,18 +183,8 @@ fn assert_live_upgrades(r: &Results, console: &str) -> String {
 /// The guest got its NIC from CH, pinged the peer 3/3, and iperf3 moved data both ways.
 fn assert_guest_traffic(r: &Results, scenario: &str, console: &str) {
     let ctx = || format!("{scenario}; console:\n{console}");
-    assert_eq!(
-        r.get(scenario, "", "nic"),
-        Some("eth0"),
-        "no NIC in L2: {}",
-        ctx()
-    );
-    assert_eq!(
-        r.get(scenario, "ping", "received"),
-        Some("3"),
-        "ping: {}",
-        ctx()
-    );
+    assert_eq!(r.get(scenario, "", "nic"), Some("eth0"), "no NIC in L2: {}", ctx());
+    assert_eq!(r.get(scenario, "ping", "received"), Some("3"), "ping: {}", ctx());
     for dir in ["tx_mbps", "rx_mbps"] {
         let v = r.num(scenario, "iperf", dir).unwrap_or(0.0);
         assert!(v > 0.0, "iperf3 {dir} = {v}: {}", ctx());
@@ -285,9 +195,7 @@ fn assert_guest_traffic(r: &Results, scenario: &str, console: &str) {
 /// The guest's virtio feature bits as Linux shows them (`/sys/class/net/eth0/device/features`:
 /// one character per bit, bit 0 first).
 fn guest_has_feature(r: &Results, scenario: &str, feature: u32) -> bool {
-    r.get(scenario, "", "features")
-        .and_then(|s| s.as_bytes().get(feature as usize))
-        == Some(&b'1')
+    r.get(scenario, "", "features").and_then(|s| s.as_bytes().get(feature as usize)) == Some(&b'1')
 }
 
 #[derive(Debug)]
@@ -305,20 +213,14 @@ const TABLE: &[(&str, &str, u32)] = &[
     ("vutap (vhost-user, macvtap)", "vutap-1q", 1),
     ("vutap, second boot", "vutap-reboot", 1),
     ("vutap (vhost-user, macvtap)", "vutap-2q", 2),
-    (
-        "CH vhost_user_net (vhost-user, tap in a bridge)",
-        "ch-vhost-user-net",
-        1,
-    ),
+    ("CH vhost_user_net (vhost-user, tap in a bridge)", "ch-vhost-user-net", 1),
     ("CH virtio-net, tap= (tap in a bridge)", "ch-tap", 1),
     ("CH virtio-net, fd= (the macvtap's /dev/tapN)", "ch-fd", 1),
 ];
 
 /// Every round's Mbit/s of one direction (`tx_all=a,b,c`).
 fn all_rounds(r: &Results, scenario: &str, key: &str) -> Vec<f64> {
-    r.get(scenario, "iperf", key).map_or_else(Vec::new, |v| {
-        v.split(',').filter_map(|x| x.parse().ok()).collect()
-    })
+    r.get(scenario, "iperf", key).map_or_else(Vec::new, |v| v.split(',').filter_map(|x| x.parse().ok()).collect())
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -331,9 +233,7 @@ fn cell(median: Option<f64>, all: &[f64]) -> String {
     let Some(m) = median else {
         return "n/a".to_string();
     };
-    let (lo, hi) = all
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = all.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     if all.len() > 1 {
         format!("{m:.0} ({lo:.0}–{hi:.0})")
     } else {
@@ -356,11 +256,7 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
         .collect();
     // Host load while L1 ran: other work on the host moves TCG-in-TCG numbers a lot.
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load = load
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let load = load.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
     let json = serde_json::json!({
         "setup": "L1: QEMU 10 TCG (-cpu max -smp 2 -m 2048); L2: cloud-hypervisor v54 on KVM in L1, 1 vCPU per queue pair, 512M shared memory",
         "iperf3_secs_per_direction": secs,
@@ -376,11 +272,7 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
         })).collect::<Vec<_>>(),
     });
     std::fs::create_dir_all(dir).expect("create results dir");
-    std::fs::write(
-        dir.join("ch.json"),
-        serde_json::to_string_pretty(&json).expect("json") + "\n",
-    )
-    .expect("write ch.json");
+    std::fs::write(dir.join("ch.json"), serde_json::to_string_pretty(&json).expect("json") + "\n").expect("write ch.json");
 
     let mut md = "| backend | queue pairs | tx Mbit/s (guest → peer) | rx Mbit/s (peer → guest) |\n|---|---|---|---|\n".to_string();
     for row in &rows {
@@ -394,12 +286,7 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
     }
     // vutap with one pair ran twice (two boots): pool both boots' rounds.
     let pooled = |f: fn(&Row) -> &Vec<f64>| {
-        median(
-            rows.iter()
-                .filter(|x| x.scenario == "vutap-1q" || x.scenario == "vutap-reboot")
-                .flat_map(|x| f(x).clone())
-                .collect(),
-        )
+        median(rows.iter().filter(|x| x.scenario == "vutap-1q" || x.scenario == "vutap-reboot").flat_map(|x| f(x).clone()).collect())
     };
     let (vt, vr) = (pooled(|x| &x.tx_all), pooled(|x| &x.rx_all));
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -408,12 +295,7 @@ fn write_results(dir: &Path, r: &Results, secs: u32, reps: u32, restart: &str) {
     };
     md.push_str("\n| vutap, 1 pair (median of both boots' rounds) vs | tx | rx |\n|---|---|---|\n");
     for row in rows.iter().filter(|x| x.scenario.starts_with("ch-")) {
-        md.push_str(&format!(
-            "| {} | {} | {} |\n",
-            row.backend,
-            ratio(vt, row.tx_mbps),
-            ratio(vr, row.rx_mbps)
-        ));
+        md.push_str(&format!("| {} | {} | {} |\n", row.backend, ratio(vt, row.tx_mbps), ratio(vr, row.rx_mbps)));
     }
     md.push_str(&format!(
         "\nOne nested run (TCG-in-TCG, host load average {load} at the end), iperf3 {secs} s per direction, median (min–max) of {reps} round(s): compare rows with each other, not with other hosts.\n\nBackend restart: {restart}\n"
@@ -437,46 +319,24 @@ fn test_cloud_hypervisor_nested() {
     let log_dir = root.join("results/tmp/e2e-cloud-hypervisor");
     std::fs::create_dir_all(&log_dir).expect("create log dir");
     for script in ["scripts/build-guest.sh", "scripts/build-l1.sh"] {
-        let st = Command::new("bash")
-            .arg(root.join(script))
-            .env("VUTAP_PEERS_DIR", &peers)
-            .status()
-            .expect("run bash");
+        let st = Command::new("bash").arg(root.join(script)).env("VUTAP_PEERS_DIR", &peers).status().expect("run bash");
         assert!(st.success(), "{script} failed: {st}");
     }
-    let secs: u32 = std::env::var("VUTAP_CH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let reps: u32 = std::env::var("VUTAP_CH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let secs: u32 = std::env::var("VUTAP_CH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let reps: u32 = std::env::var("VUTAP_CH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let console = run_l1(&log_dir, secs, reps);
     let r = Results::parse(&console);
-    for l in console
-        .lines()
-        .filter(|l| l.starts_with("CH_RESULT") || l.starts_with("CH_LOG"))
-    {
+    for l in console.lines().filter(|l| l.starts_with("CH_RESULT") || l.starts_with("CH_LOG")) {
         eprintln!("{l}");
     }
 
-    assert_eq!(
-        r.get("l1", "", "kvm"),
-        Some("ok"),
-        "no /dev/kvm in L1:\n{console}"
-    );
+    assert_eq!(r.get("l1", "", "kvm"), Some("ok"), "no /dev/kvm in L1:\n{console}");
 
     // One pair: CH shows the guest MQ with CTRL_VQ (it runs the control queue), and sends
     // both in SET_FEATURES; vutap accepts them and serves 2 queues.
     assert_guest_traffic(&r, "vutap-1q", &console);
-    assert!(
-        guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_CTRL_VQ)
-            && guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_MQ)
-    );
-    let acked = r
-        .get("vutap-1q", "", "vutap_set_features")
-        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+    assert!(guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_CTRL_VQ) && guest_has_feature(&r, "vutap-1q", VIRTIO_NET_F_MQ));
+    let acked = r.get("vutap-1q", "", "vutap_set_features").and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
     let acked = acked.unwrap_or_else(|| panic!("no SET_FEATURES in vutap's log:\n{console}"));
     assert_ne!(acked & bit(VIRTIO_NET_F_CTRL_VQ), 0, "CH acked {acked:#x}");
     assert_ne!(acked & bit(VIRTIO_NET_F_MQ), 0, "CH acked {acked:#x}");
@@ -493,44 +353,19 @@ fn test_cloud_hypervisor_nested() {
     // vutap SIGKILLed under a running guest and restarted: CH reconnects to the new vutap,
     // negotiates again, and the guest's NIC carries traffic again without a reboot.
     let s = "vutap-restart";
-    assert!(
-        r.has(s, "ready_for_kill") && r.has(s, "killed"),
-        "restart scenario did not run:\n{console}"
-    );
-    assert!(
-        r.has(s, "down"),
-        "the guest never lost the peer after vutap was killed:\n{console}"
-    );
-    assert_eq!(
-        r.get(s, "", "reconnected"),
-        Some("1"),
-        "CH did not reconnect to the restarted vutap:\n{console}"
-    );
-    assert!(
-        r.has(s, "recovered"),
-        "the guest's NIC did not recover:\n{console}"
-    );
-    assert_eq!(
-        r.get(s, "ping_after", "received"),
-        Some("3"),
-        "ping after recovery:\n{console}"
-    );
+    assert!(r.has(s, "ready_for_kill") && r.has(s, "killed"), "restart scenario did not run:\n{console}");
+    assert!(r.has(s, "down"), "the guest never lost the peer after vutap was killed:\n{console}");
+    assert_eq!(r.get(s, "", "reconnected"), Some("1"), "CH did not reconnect to the restarted vutap:\n{console}");
+    assert!(r.has(s, "recovered"), "the guest's NIC did not recover:\n{console}");
+    assert_eq!(r.get(s, "ping_after", "received"), Some("3"), "ping after recovery:\n{console}");
     // L1's clock: SIGKILL, new vutap listening, CH's SET_FEATURES on it.
     let l1_time = |head: &str| r.num(s, head, "uptime").unwrap_or(f64::NAN);
     let killed = l1_time("killed");
     let restarted = l1_time("restarted") - killed;
-    let reconnect_line = r
-        .lines(s, "")
-        .into_iter()
-        .find(|l| l.get("reconnected").is_some());
-    let renegotiated = reconnect_line
-        .and_then(|l| l.get("uptime")?.parse::<f64>().ok())
-        .unwrap_or(f64::NAN)
-        - killed;
+    let reconnect_line = r.lines(s, "").into_iter().find(|l| l.get("reconnected").is_some());
+    let renegotiated = reconnect_line.and_then(|l| l.get("uptime")?.parse::<f64>().ok()).unwrap_or(f64::NAN) - killed;
     // L2's clock: the first unanswered ping (it waits 1 s) to the first answered one.
-    let outage = r.num(s, "recovered", "uptime").unwrap_or(f64::NAN)
-        - r.num(s, "recovered", "down_at").unwrap_or(f64::NAN)
-        + 1.0;
+    let outage = r.num(s, "recovered", "uptime").unwrap_or(f64::NAN) - r.num(s, "recovered", "down_at").unwrap_or(f64::NAN) + 1.0;
     let restart = format!(
         "SIGKILL of vutap under a running guest: cloud-hypervisor notices the hang-up, reconnects by itself to the new vutap \
          (started {restarted:.1} s after the kill) and negotiates again {renegotiated:.1} s after the kill; the guest's NIC recovers \
@@ -541,23 +376,12 @@ fn test_cloud_hypervisor_nested() {
 
     // Two pairs: the guest enabled both, and both carried frames (any distribution).
     assert_guest_traffic(&r, "vutap-2q", &console);
-    assert_eq!(
-        r.get("vutap-2q", "", "channels"),
-        Some("2"),
-        "ethtool -L combined 2:\n{console}"
-    );
+    assert_eq!(r.get("vutap-2q", "", "channels"), Some("2"), "ethtool -L combined 2:\n{console}");
     let pairs = r.lines("vutap-2q", "stats");
     assert_eq!(pairs.len(), 2, "vutap stats rows:\n{console}");
     for p in pairs {
-        let frames: u64 = ["rx_frames", "tx_frames"]
-            .iter()
-            .filter_map(|k| p.get(k)?.parse::<u64>().ok())
-            .sum();
-        assert!(
-            frames > 0,
-            "pair {:?} carried no frames:\n{console}",
-            p.get("pair")
-        );
+        let frames: u64 = ["rx_frames", "tx_frames"].iter().filter_map(|k| p.get(k)?.parse::<u64>().ok()).sum();
+        assert!(frames > 0, "pair {:?} carried no frames:\n{console}", p.get("pair"));
     }
 
     // Baselines ran in the same L1, so the comparison is fair.

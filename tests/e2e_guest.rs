@@ -29,33 +29,14 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
         streams: if queues > 1 { 8 * queues } else { 1 },
         spread_flows: queues > 1,
     };
-    let out = scenario
-        .run(&topo, &tap, &name)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let out = scenario.run(&topo, &tap, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
     eprintln!(
         "{name}: boot {:.1} s, ping {}/{} avg {:?} ms, tx {:.3} Gbit/s, rx {:.3} Gbit/s",
-        out.boot_secs,
-        out.ping.received,
-        out.ping.transmitted,
-        out.ping.avg_ms,
-        out.tx.received_gbps,
-        out.rx.received_gbps
+        out.boot_secs, out.ping.received, out.ping.transmitted, out.ping.avg_ms, out.tx.received_gbps, out.rx.received_gbps
     );
-    assert!(
-        out.ping.received > 0,
-        "{name}: no ping replies: {:?}",
-        out.ping
-    );
-    assert!(
-        out.tx.received_gbps > 0.0,
-        "{name}: no guest->peer throughput: {:?}",
-        out.tx
-    );
-    assert!(
-        out.rx.received_gbps > 0.0,
-        "{name}: no peer->guest throughput: {:?}",
-        out.rx
-    );
+    assert!(out.ping.received > 0, "{name}: no ping replies: {:?}", out.ping);
+    assert!(out.tx.received_gbps > 0.0, "{name}: no guest->peer throughput: {:?}", out.tx);
+    assert!(out.rx.received_gbps > 0.0, "{name}: no peer->guest throughput: {:?}", out.rx);
     eprintln!("{name}: packets per queue pair {:?}", out.per_queue);
     assert_eq!(out.per_queue.len(), usize::from(queues), "{name}: queue pairs the guest driver uses");
     for (pair, q) in out.per_queue.iter().enumerate() {

@@ -50,7 +50,9 @@ fn test_e2e_migration_qemu7() {
         let console = std::fs::read(&console_log).unwrap_or_default();
         let console = String::from_utf8_lossy(&console);
         match GUEST_KERNEL_CRASH.iter().find(|k| console.contains(*k)) {
-            Some(k) if attempt < 3 => eprintln!("attempt {attempt}: the destination guest's kernel crashed ({k:?}), a QEMU 7.2/TCG failure; retrying"),
+            Some(k) if attempt < 3 => {
+                eprintln!("attempt {attempt}: the destination guest's kernel crashed ({k:?}), a QEMU 7.2/TCG failure; retrying")
+            }
             _ => std::panic::resume_unwind(panic),
         }
     }
@@ -106,7 +108,9 @@ fn migrate(qemu: QemuVersion) {
     // VUTAP_MIGRATION_PCAP=1: TCP headers of the iperf3 stream at the peer, for diagnosis.
     let _pcap = std::env::var_os("VUTAP_MIGRATION_PCAP").map(|_| {
         let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", &topo.netns, "tcpdump", "-i", &topo.peer, "-s", "96", "-w"]).arg(dir.join("peer.pcap")).args(["tcp", "port", "5201"]);
+        c.args(["netns", "exec", &topo.netns, "tcpdump", "-i", &topo.peer, "-s", "96", "-w"])
+            .arg(dir.join("peer.pcap"))
+            .args(["tcp", "port", "5201"]);
         KillOnDrop(c.stderr(std::process::Stdio::null()).spawn().expect("tcpdump"))
     });
     let capture = Capture::start(&topo.netns, &topo.peer, mac_bytes(&tap.mac));
@@ -145,7 +149,8 @@ fn migrate(qemu: QemuVersion) {
     // Back on the destination's console: the same shell finishes the same iperf3.
     dst.wait_output("__IPERF_DONE_", Duration::from_secs(IPERF_SECS + 30)).unwrap();
     let report = dst.run_ok("cat /tmp/ip.json", T).unwrap();
-    let guest_diag = dst.run("ethtool -S eth0; cat /proc/net/snmp /proc/net/netstat /proc/net/tcp; ip -s link", T).map(|r| r.1).unwrap_or_default();
+    let guest_diag =
+        dst.run("ethtool -S eth0; cat /proc/net/snmp /proc/net/netstat /proc/net/tcp; ip -s link", T).map(|r| r.1).unwrap_or_default();
     let diag = format!("peer ss -tin 2 s after the switch:\n{peer_ss}\nguest:\n{guest_diag}");
     std::fs::write(dir.join("diag.txt"), &diag).unwrap();
     let after = nic_state(&mut dst);
@@ -201,10 +206,7 @@ fn migrate(qemu: QemuVersion) {
     // The stream must carry data in every second after the switch. It used to stall now and
     // then: frames left on vutap A's detached tap queue pinned the peer's TCP segments, which
     // the peer then could not retransmit (now dropped and counted at GET_VRING_BASE).
-    assert!(
-        !after_tp.is_empty() && after_tp.iter().all(|&m| m > 0.0),
-        "iperf3 kept going after the switch: {intervals:?}\n{diag}"
-    );
+    assert!(!after_tp.is_empty() && after_tp.iter().all(|&m| m > 0.0), "iperf3 kept going after the switch: {intervals:?}\n{diag}");
     assert!(p.received > 0, "destination guest reaches the peer: {p:?}");
     assert_eq!(before.ifindex, after.ifindex, "same eth0 (no re-probe)");
     assert_eq!(after.carrier, "1", "carrier stays up");
@@ -248,11 +250,7 @@ fn nic_state(g: &mut Guest) -> NicState {
         )
         .unwrap();
     // The shell may print its "~ # " prompt around the output.
-    let v: Vec<&str> = out
-        .split("NIC ")
-        .nth(1)
-        .map(|l| l.lines().next().unwrap_or("").split_whitespace().collect())
-        .unwrap_or_default();
+    let v: Vec<&str> = out.split("NIC ").nth(1).map(|l| l.lines().next().unwrap_or("").split_whitespace().collect()).unwrap_or_default();
     assert_eq!(v.len(), 7, "nic state: {out:?}");
     NicState {
         ifindex: v[0].into(),
@@ -288,22 +286,11 @@ fn wait_migration(src: &Guest, timeout: Duration) -> String {
 }
 
 fn ping_gaps(out: &str) -> (u32, Vec<(u32, u64)>) {
-    let mut seqs: Vec<u32> = out
-        .lines()
-        .filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let mut seqs: Vec<u32> = out.lines().filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     seqs.sort_unstable();
     seqs.dedup();
-    let tx = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let mut gaps: Vec<(u32, u64)> = seqs
-        .windows(2)
-        .filter(|w| w[1] > w[0] + 1)
-        .map(|w| (w[0] + 1, (w[1] - w[0] - 1) as u64))
-        .collect();
+    let tx = out.lines().find(|l| l.contains("packets transmitted")).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0);
+    let mut gaps: Vec<(u32, u64)> = seqs.windows(2).filter(|w| w[1] > w[0] + 1).map(|w| (w[0] + 1, (w[1] - w[0] - 1) as u64)).collect();
     gaps.sort_by_key(|g| std::cmp::Reverse(g.1));
     gaps.truncate(5);
     (tx, gaps)
@@ -380,7 +367,13 @@ impl Capture {
                     0,
                     "bind AF_PACKET"
                 );
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32);
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &tv as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
             }
             ready_tx.send(()).unwrap();
             let mut buf = vec![0u8; 65536];

@@ -42,7 +42,8 @@ const T: Duration = Duration::from_secs(20);
 const PING_MS: u64 = 10;
 const IPERF_SECS: u64 = 12;
 /// What the destination's console must not show.
-const KERNEL_COMPLAINTS: &[&str] = &["soft lockup", "BUG:", "Oops", "rcu_sched self-detected", "rcu: INFO", "Kernel panic", "general protection", "hung_task"];
+const KERNEL_COMPLAINTS: &[&str] =
+    &["soft lockup", "BUG:", "Oops", "rcu_sched self-detected", "rcu: INFO", "Kernel panic", "general protection", "hung_task"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -91,12 +92,20 @@ fn migration_memcmp_qemu7() {
             let dir = root.join(format!("{}-{round}", v.label()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let r = catch_unwind(AssertUnwindSafe(|| memcmp_run(QemuVersion::V7, v, &dir)))
-                .unwrap_or_else(|p| Err(format!("panicked: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())));
-            let line = format!("{} #{round}: {}", v.label(), match &r {
-                Ok(m) => format!("PASS {m}"),
-                Err(e) => format!("FAIL {e}"),
+            let r = catch_unwind(AssertUnwindSafe(|| memcmp_run(QemuVersion::V7, v, &dir))).unwrap_or_else(|p| {
+                Err(format!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                ))
             });
+            let line = format!(
+                "{} #{round}: {}",
+                v.label(),
+                match &r {
+                    Ok(m) => format!("PASS {m}"),
+                    Err(e) => format!("FAIL {e}"),
+                }
+            );
             eprintln!("[memcmp] {}", line.lines().next().unwrap_or(""));
             lines.push(line);
         }
@@ -148,7 +157,11 @@ fn memcmp_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, Strin
     };
     let config = |log: &Path, incoming: Option<String>| {
         let nic = match &daemons {
-            Some((va, vb)) => Nic::VhostUser { socket: if incoming.is_some() { vb.socket.clone() } else { va.socket.clone() }, queues: 1, mac: tap.mac.clone() },
+            Some((va, vb)) => Nic::VhostUser {
+                socket: if incoming.is_some() { vb.socket.clone() } else { va.socket.clone() },
+                queues: 1,
+                mac: tap.mac.clone(),
+            },
             None => Nic::QemuTap { tap_path: tap.dev.clone(), queues: 1, mac: tap.mac.clone() },
         };
         let mut c = GuestConfig::new(qemu, nic, log.to_path_buf());
@@ -210,7 +223,8 @@ fn memcmp_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, Strin
         diffs.len(),
         diffs.iter().take(40).map(|(gpa, n, first)| format!("{gpa:#x}:{n}B@{first:#x}")).collect::<Vec<_>>()
     );
-    std::fs::write(dir.join("memcmp.txt"), format!("{diff_text}\n--- source virtio\n{vq_src}\n--- destination virtio\n{vq_dst}\n")).unwrap();
+    std::fs::write(dir.join("memcmp.txt"), format!("{diff_text}\n--- source virtio\n{vq_src}\n--- destination virtio\n{vq_dst}\n"))
+        .unwrap();
 
     if daemons.is_none() {
         src.set_tap_attached(false).map_err(|e| e.to_string())?;
@@ -248,12 +262,21 @@ fn baseline(qemu: QemuVersion) {
             let dir = root.join(format!("{}-{round}", v.label()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let r = catch_unwind(AssertUnwindSafe(|| one_run(qemu, v, &dir)))
-                .unwrap_or_else(|p| Err(format!("panicked: {}", p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default())));
-            eprintln!("[{} round {round}] {}: {}", qemu.label(), v.label(), match &r {
-                Ok(m) => format!("PASS {m}"),
-                Err(e) => format!("FAIL {}", e.lines().next().unwrap_or("")),
+            let r = catch_unwind(AssertUnwindSafe(|| one_run(qemu, v, &dir))).unwrap_or_else(|p| {
+                Err(format!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                ))
             });
+            eprintln!(
+                "[{} round {round}] {}: {}",
+                qemu.label(),
+                v.label(),
+                match &r {
+                    Ok(m) => format!("PASS {m}"),
+                    Err(e) => format!("FAIL {}", e.lines().next().unwrap_or("")),
+                }
+            );
             results.push((v, round, r));
         }
     }
@@ -290,7 +313,11 @@ fn one_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, String> 
     };
     let config = |log: &Path, incoming: Option<String>| {
         let nic = match &daemons {
-            Some((va, vb)) => Nic::VhostUser { socket: if incoming.is_some() { vb.socket.clone() } else { va.socket.clone() }, queues: 1, mac: tap.mac.clone() },
+            Some((va, vb)) => Nic::VhostUser {
+                socket: if incoming.is_some() { vb.socket.clone() } else { va.socket.clone() },
+                queues: 1,
+                mac: tap.mac.clone(),
+            },
             None => Nic::QemuTap { tap_path: tap.dev.clone(), queues: 1, mac: tap.mac.clone() },
         };
         let mut c = GuestConfig::new(qemu, nic, log.to_path_buf());
@@ -369,7 +396,10 @@ fn one_run(qemu: QemuVersion, v: Variant, dir: &Path) -> Result<String, String> 
     }
     let after: Vec<f64> = intervals.iter().filter(|i| i.start >= done_s + 1.0).map(|i| i.mbps).collect();
     if finished && (after.is_empty() || after.iter().any(|&m| m < 1.0)) {
-        reasons.push(format!("iperf3 stalled after the switch: {:?}", intervals.iter().map(|i| (i.start.round() as u32, i.mbps.round() as u32)).collect::<Vec<_>>()));
+        reasons.push(format!(
+            "iperf3 stalled after the switch: {:?}",
+            intervals.iter().map(|i| (i.start.round() as u32, i.mbps.round() as u32)).collect::<Vec<_>>()
+        ));
     }
     let console = String::from_utf8_lossy(&std::fs::read(dir_b.join("console.log")).unwrap_or_default()).into_owned();
     let complaints: Vec<&str> = KERNEL_COMPLAINTS.iter().copied().filter(|k| console.contains(k)).collect();
@@ -462,7 +492,11 @@ fn migration_log_toggle_qemu10() {
     assert!(g.ping(topo.peer_ip, 2).unwrap().received > 0);
     let _server = topo.iperf_server(5201).unwrap();
     let secs = rounds as u64 * 4 + 6;
-    g.send_line(&format!("iperf3 -c {} -p 5201 -t {secs} -i 1 -J -R --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"", topo.peer_ip)).unwrap();
+    g.send_line(&format!(
+        "iperf3 -c {} -p 5201 -t {secs} -i 1 -J -R --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"",
+        topo.peer_ip
+    ))
+    .unwrap();
     let started = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
     let mut marks = Vec::new();

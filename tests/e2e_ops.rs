@@ -82,10 +82,7 @@ fn sigkill_restart(qemu: QemuVersion) {
     let mut v = Vutap::spawn(&sock, &tapdev, 1, &[], &dir).unwrap();
     let respawn_ms = killed.elapsed().as_millis();
     let out = pinger.join().unwrap();
-    let seqs: Vec<u32> = out
-        .lines()
-        .filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let seqs: Vec<u32> = out.lines().filter_map(|l| l.split("seq=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     assert!(!seqs.is_empty(), "no ping replies at all:\n{out}");
     let max_gap = seqs.windows(2).map(|w| w[1].saturating_sub(w[0])).max().unwrap_or(0);
     let last = *seqs.last().unwrap();

@@ -38,30 +38,12 @@ fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {
             );
         }
     }
-    for g in report
-        .groups
-        .iter()
-        .filter(|g| g.path == SeedPath::Internal)
-    {
-        assert_eq!(
-            g.a_reaches_b,
-            Some(true),
-            "bridge mode: guest A must reach guest B ({})",
-            g.variant
-        );
+    for g in report.groups.iter().filter(|g| g.path == SeedPath::Internal) {
+        assert_eq!(g.a_reaches_b, Some(true), "bridge mode: guest A must reach guest B ({})", g.variant);
     }
     let v = report.vepa.as_ref().expect("VEPA check ran");
     assert!(v.error.is_none(), "VEPA check failed: {:?}", v.error);
-    assert!(
-        v.a_reaches_peer && v.b_reaches_peer,
-        "VEPA guests must reach the peer: {v:?}"
-    );
-    assert!(
-        !v.a_reaches_b && !v.b_reaches_a,
-        "VEPA guests must not reach each other without a hairpin switch: {v:?}"
-    );
-    assert!(
-        v.a_reaches_b_with_hairpin,
-        "VEPA guests must reach each other through a hairpin switch: {v:?}"
-    );
+    assert!(v.a_reaches_peer && v.b_reaches_peer, "VEPA guests must reach the peer: {v:?}");
+    assert!(!v.a_reaches_b && !v.b_reaches_a, "VEPA guests must not reach each other without a hairpin switch: {v:?}");
+    assert!(v.a_reaches_b_with_hairpin, "VEPA guests must reach each other through a hairpin switch: {v:?}");
 }

@@ -19,9 +19,7 @@ use std::time::{Duration, Instant};
 
 use live_traffic::{dip, quiet_ipv6, Interval, Iperf, IperfRun, PathCounters, PingRun, Pinger};
 use vutap_bench::testbed::scrape::{http_get, metric_sum};
-use vutap_bench::testbed::{
-    free_port, log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap,
-};
+use vutap_bench::testbed::{free_port, log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 const T: Duration = Duration::from_secs(20);
 const IPERF_PORT: u16 = 5201;
@@ -57,12 +55,7 @@ struct EventFigures {
 }
 
 impl EventFigures {
-    fn measure(
-        window: (Instant, Instant),
-        pause_ms: f64,
-        ping: &PingRun,
-        iperf: &IperfRun,
-    ) -> Self {
+    fn measure(window: (Instant, Instant), pause_ms: f64, ping: &PingRun, iperf: &IperfRun) -> Self {
         EventFigures {
             pause_ms,
             ping_gap_ms: ping.longest_gap(Some(window)).as_secs_f64() * 1e3,
@@ -72,9 +65,7 @@ impl EventFigures {
     }
 
     fn dip_pct(d: Option<(f64, f64)>) -> f64 {
-        d.map_or(f64::NAN, |(median, worst)| {
-            100.0 * (1.0 - worst / median.max(1.0)).max(0.0)
-        })
+        d.map_or(f64::NAN, |(median, worst)| 100.0 * (1.0 - worst / median.max(1.0)).max(0.0))
     }
 
     fn json(&self) -> serde_json::Value {
@@ -153,21 +144,10 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Runs `vutap upgrade`; (new pid, reported pause in ms).
 fn upgrade(control: &Path, round: usize, log: impl Fn() -> String) -> (u32, f64) {
-    let out = Command::new(Vutap::binary().unwrap())
-        .arg("upgrade")
-        .arg(control)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(Vutap::binary().unwrap()).arg("upgrade").arg(control).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "upgrade {round}: {text}\n{}", log());
-    let after = |key: &str| {
-        text.split(key)
-            .nth(1)?
-            .split_whitespace()
-            .next()
-            .map(str::to_string)
-    };
+    let after = |key: &str| text.split(key).nth(1)?.split_whitespace().next().map(str::to_string);
     let pid = after("pid ").and_then(|s| s.parse().ok());
     let pause = after("paused ").and_then(|s| s.parse().ok());
     match (pid, pause) {
@@ -178,34 +158,19 @@ fn upgrade(control: &Path, round: usize, log: impl Fn() -> String) -> (u32, f64)
 
 /// Starts ping + iperf3, runs `events` (each returns its window and pause) spaced from `start`,
 /// then waits for iperf3 to end, stops ping and reads the counters once the path is quiet.
-fn traffic_phase(
-    topo: &Topology,
-    g: &mut Guest,
-    secs: u32,
-    events: &mut dyn FnMut(Instant) -> Vec<((Instant, Instant), f64)>,
-) -> Phase {
+fn traffic_phase(topo: &Topology, g: &mut Guest, secs: u32, events: &mut dyn FnMut(Instant) -> Vec<((Instant, Instant), f64)>) -> Phase {
     let gip = topo.taps[0].guest_ip.to_string();
     let before = PathCounters::read_quiet(topo, g);
     let pinger = Pinger::start(topo, &gip);
     let iperf = Iperf::start(topo, &gip, IPERF_PORT, secs);
-    assert!(
-        iperf.wait_intervals(10, Duration::from_secs(30)),
-        "iperf3 never got going"
-    );
+    assert!(iperf.wait_intervals(10, Duration::from_secs(30)), "iperf3 never got going");
     let windows = events(Instant::now() + LEAD);
     let iperf = iperf.finish();
     let ping = pinger.stop();
     let after = PathCounters::read_quiet(topo, g);
-    assert!(
-        iperf.to_guest.len() >= 10 && iperf.from_guest.len() >= 10,
-        "iperf3 did not run:\n{}",
-        iperf.text
-    );
+    assert!(iperf.to_guest.len() >= 10 && iperf.from_guest.len() >= 10, "iperf3 did not run:\n{}", iperf.text);
     Phase {
-        events: windows
-            .iter()
-            .map(|&(w, pause)| EventFigures::measure((w.0, w.1 + AFTER), pause, &ping, &iperf))
-            .collect(),
+        events: windows.iter().map(|&(w, pause)| EventFigures::measure((w.0, w.1 + AFTER), pause, &ping, &iperf)).collect(),
         windows: windows.iter().map(|&(w, _)| (w.0, w.1 + AFTER)).collect(),
         ping,
         iperf,
@@ -214,11 +179,7 @@ fn traffic_phase(
 }
 
 fn connections(metrics_port: u16) -> u64 {
-    metric_sum(
-        &http_get(metrics_port, "/metrics"),
-        "vutap_device_connections_total",
-        "",
-    )
+    metric_sum(&http_get(metrics_port, "/metrics"), "vutap_device_connections_total", "")
 }
 
 fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool) {
@@ -230,25 +191,11 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
     let control = dir.join("ctl.sock");
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let first = Vutap::spawn(
-        &sock,
-        &topo.taps[0].dev,
-        1,
-        &[
-            "--control-socket",
-            control.to_str().unwrap(),
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        &dir,
-    )
-    .unwrap();
+    let first =
+        Vutap::spawn(&sock, &topo.taps[0].dev, 1, &["--control-socket", control.to_str().unwrap(), "--metrics-addr", &metrics_addr], &dir)
+            .unwrap();
     let tap = &topo.taps[0];
-    let nic = Nic::VhostUser {
-        socket: sock.clone(),
-        queues: 1,
-        mac: tap.mac.clone(),
-    };
+    let nic = Nic::VhostUser { socket: sock.clone(), queues: 1, mac: tap.mac.clone() };
     let mut cfg = GuestConfig::new(qemu, nic, dir.clone());
     // Reconnecting only matters for the restart; the upgrades must never use it (checked below).
     cfg.chardev_reconnect = then_restart;
@@ -256,8 +203,7 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
     g.configure_ip(tap.guest_ip, topo.prefix_len).unwrap();
     let p = g.ping(topo.peer_ip, 3).unwrap();
     assert!(p.received > 0, "no ping replies before the upgrades: {p:?}");
-    g.run_ok(&format!("iperf3 -s -D -p {IPERF_PORT}"), T)
-        .unwrap();
+    g.run_ok(&format!("iperf3 -s -D -p {IPERF_PORT}"), T).unwrap();
     let qemu_log_at_boot = g.qemu_log();
 
     let mut pid = first.pid();
@@ -270,10 +216,7 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
             let began = Instant::now();
             let (new, pause) = upgrade(&control, round, || first.log_text());
             let old = pid;
-            assert!(
-                wait_until(Duration::from_secs(10), || !alive(old)),
-                "old vutap {old} still running"
-            );
+            assert!(wait_until(Duration::from_secs(10), || !alive(old)), "old vutap {old} still running");
             windows.push(((began, Instant::now()), pause));
             pid = new;
         }
@@ -301,8 +244,7 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
             let listening = began.elapsed().as_secs_f64() * 1e3;
             let log = restart_dir.join("vutap.log");
             assert!(
-                wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log)
-                    .is_ok_and(|l| l.contains("queue pair 0 started"))),
+                wait_until(Duration::from_secs(10), || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("queue pair 0 started"))),
                 "QEMU did not reconnect: {}",
                 v.log_text()
             );
@@ -323,66 +265,29 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
     report(qemu, &upgraded, restarted.as_ref().map(|r| &r.0));
     // Frames first: a lost frame is the most informative failure.
     let d = upgraded.delta;
-    assert_eq!(
-        d.host_drops, 0,
-        "the macvtap or lower dropped frames: {d:?}"
-    );
+    assert_eq!(d.host_drops, 0, "the macvtap or lower dropped frames: {d:?}");
     assert_eq!(d.rx_lost(), 0, "peer -> guest frames lost: {d:?}");
     assert_eq!(d.tx_lost(), 0, "guest -> peer frames lost: {d:?}");
     assert_eq!(d.carrier_changes, 0, "the guest's eth0 lost carrier");
     assert!(p.received > 0, "no ping replies after the upgrades: {p:?}");
     assert_eq!(conns, 1, "vutap counted {conns} connections:\n{log}");
-    assert_eq!(
-        log.matches("frontend connected").count(),
-        1,
-        "QEMU reconnected:\n{log}"
-    );
-    assert_eq!(
-        log.matches("took over every device").count(),
-        upgrades,
-        "{log}"
-    );
+    assert_eq!(log.matches("frontend connected").count(), 1, "QEMU reconnected:\n{log}");
+    assert_eq!(log.matches("took over every device").count(), upgrades, "{log}");
     let chardev_news = &qemu_log[qemu_log_at_boot.len().min(qemu_log.len())..];
-    assert!(
-        chardev_news.trim().is_empty(),
-        "QEMU logged something during the upgrades:\n{chardev_news}"
-    );
-    assert_eq!(
-        upgraded.ping.lost(),
-        0,
-        "ping replies lost: {:?}",
-        upgraded.ping.replies.len()
-    );
+    assert!(chardev_news.trim().is_empty(), "QEMU logged something during the upgrades:\n{chardev_news}");
+    assert_eq!(upgraded.ping.lost(), 0, "ping replies lost: {:?}", upgraded.ping.replies.len());
     for (i, e) in upgraded.events.iter().enumerate() {
-        assert!(
-            e.ping_gap_ms <= 500.0,
-            "upgrade {i}: a {} ms ping gap",
-            e.ping_gap_ms
-        );
+        assert!(e.ping_gap_ms <= 500.0, "upgrade {i}: a {} ms ping gap", e.ping_gap_ms);
         let (_, worst) = e.to_guest.expect("intervals around every upgrade");
-        assert!(
-            worst > 0.0,
-            "upgrade {i}: an interval with no traffic: {e:?}"
-        );
+        assert!(worst > 0.0, "upgrade {i}: an interval with no traffic: {e:?}");
     }
     if let Some((phase, second)) = restarted {
         let second = second.expect("the restart ran");
         let text = second.log_text();
         assert_eq!(text.matches("frontend connected").count(), 1, "{text}");
-        assert!(
-            qemu_log_end.len() > qemu_log.len(),
-            "QEMU logged nothing about losing its backend on the restart"
-        );
-        let resumed = phase
-            .ping
-            .replies
-            .last()
-            .is_some_and(|r| phase.windows.iter().all(|w| r.1 > w.1));
-        assert!(
-            resumed,
-            "pings did not resume after the restart: {:?}",
-            phase.json("restart")
-        );
+        assert!(qemu_log_end.len() > qemu_log.len(), "QEMU logged nothing about losing its backend on the restart");
+        let resumed = phase.ping.replies.last().is_some_and(|r| phase.windows.iter().all(|w| r.1 > w.1));
+        assert!(resumed, "pings did not resume after the restart: {:?}", phase.json("restart"));
         write_results(qemu, &upgraded, &phase);
     }
 }
@@ -417,19 +322,12 @@ fn write_results(qemu: QemuVersion, upgraded: &Phase, restarted: &Phase) {
     });
     let dir = Path::new(&dir);
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("upgrade.json"),
-        serde_json::to_string_pretty(&json).unwrap() + "\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("upgrade.json"), serde_json::to_string_pretty(&json).unwrap() + "\n").unwrap();
     std::fs::write(dir.join("upgrade.md"), markdown(qemu, upgraded, restarted)).unwrap();
 }
 
 fn worst_dip(events: &[EventFigures], pick: fn(&EventFigures) -> Option<(f64, f64)>) -> f64 {
-    events
-        .iter()
-        .map(|e| EventFigures::dip_pct(pick(e)))
-        .fold(0.0, f64::max)
+    events.iter().map(|e| EventFigures::dip_pct(pick(e))).fold(0.0, f64::max)
 }
 
 fn markdown(qemu: QemuVersion, upgraded: &Phase, restarted: &Phase) -> String {
@@ -465,17 +363,10 @@ fn markdown(qemu: QemuVersion, upgraded: &Phase, restarted: &Phase) -> String {
          |---|---|---|---|---|---|---|\n",
         upgraded.events.len()
     );
-    md += &row(
-        &format!("{} live upgrades", upgraded.events.len()),
-        upgraded,
-    );
+    md += &row(&format!("{} live upgrades", upgraded.events.len()), upgraded);
     md += &row("restart (SIGKILL + start)", restarted);
     md += "\n## Per event\n\n| event | pause | longest ping gap | iperf3 peer→guest median / worst (Mbit/s) | dip | guest→peer median / worst | dip |\n|---|---|---|---|---|---|---|\n";
-    let mbps = |d: Option<(f64, f64)>| {
-        d.map_or("-".to_string(), |(m, w)| {
-            format!("{:.0} / {:.0}", m / 1e3, w / 1e3)
-        })
-    };
+    let mbps = |d: Option<(f64, f64)>| d.map_or("-".to_string(), |(m, w)| format!("{:.0} / {:.0}", m / 1e3, w / 1e3));
     let events = upgraded
         .events
         .iter()

@@ -48,7 +48,8 @@ fn test_fuzz_finding_mem_region_past_end_of_file_is_refused() {
     tx_ok(&bed, &mut fe, 1);
     let raw = conn_fd(fe.vhost());
     let mark = log_mark();
-    let (errors, bad_fds) = (bed.daemon.protocol_errors(), bed.daemon.dev.device_metrics.bad_memory_fds.load(std::sync::atomic::Ordering::SeqCst));
+    let (errors, bad_fds) =
+        (bed.daemon.protocol_errors(), bed.daemon.dev.device_metrics.bad_memory_fds.load(std::sync::atomic::Ordering::SeqCst));
     let small = memfd(0x1000);
     let body = mem_table(&[(0, fe.memory().size() as u64, 0x7000_0000_0000)]);
     raw_send(raw.as_raw_fd(), SET_MEM_TABLE, NEED_REPLY, body.len() as u32, &body, &[small.as_raw_fd()]).unwrap();

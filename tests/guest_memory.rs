@@ -19,13 +19,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
-use vhost::vhost_user::message::FrontendReq;
-use vutap_bench::testbed::free_port;
-use vutap_bench::testbed::scrape::{http_get, metric};
 use hardening_util::{closed_within, conn_fd, memfd, raw_send, NO_REPLY};
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vutap_bench::frontend::{tx_queue, Descriptor, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_bench::testbed::free_port;
+use vutap_bench::testbed::scrape::{http_get, metric};
 use vutap_bench::testbed::{log_dir, Vutap};
 
 const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
@@ -44,39 +44,23 @@ struct Dev {
 fn roundtrip(fe: &mut NetFrontend, far: &PacketSocket, seq: u32) -> Result<(), String> {
     let src = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     let tx = test_frame([0xff; 6], src, 60 + (seq as usize % 200), seq);
-    fe.send_frame(0, &VirtioNetHdr::default(), &tx)
-        .map_err(|e| format!("send_frame {seq}: {e}"))?;
-    let got = far
-        .recv_matching(WAIT, |f| is_test_frame(f) && seq_of(f) == seq)
-        .ok_or(format!("TX frame {seq} never reached the tap"))?;
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx).map_err(|e| format!("send_frame {seq}: {e}"))?;
+    let got = far.recv_matching(WAIT, |f| is_test_frame(f) && seq_of(f) == seq).ok_or(format!("TX frame {seq} never reached the tap"))?;
     if got != tx {
         return Err(format!("TX frame {seq} differs on the tap"));
     }
     let rx_seq = seq | 0x8000_0000;
-    let rx = test_frame(
-        [0xff; 6],
-        [0x02, 0x77, 0, 0, 0, 1],
-        60 + (seq as usize % 300),
-        rx_seq,
-    );
+    let rx = test_frame([0xff; 6], [0x02, 0x77, 0, 0, 0, 1], 60 + (seq as usize % 300), rx_seq);
     far.send(&rx);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let left = deadline
-            .checked_duration_since(std::time::Instant::now())
-            .ok_or(format!("RX frame {rx_seq:#x} never reached the guest"))?;
-        let Some(f) = fe
-            .recv_frame(0, left)
-            .map_err(|e| format!("recv_frame: {e}"))?
-        else {
+        let left =
+            deadline.checked_duration_since(std::time::Instant::now()).ok_or(format!("RX frame {rx_seq:#x} never reached the guest"))?;
+        let Some(f) = fe.recv_frame(0, left).map_err(|e| format!("recv_frame: {e}"))? else {
             continue;
         };
         if is_test_frame(&f.payload) && seq_of(&f.payload) == rx_seq {
-            return if f.payload == rx {
-                Ok(())
-            } else {
-                Err(format!("RX frame {rx_seq:#x} differs in the guest"))
-            };
+            return if f.payload == rx { Ok(()) } else { Err(format!("RX frame {rx_seq:#x} differs in the guest")) };
         }
     }
 }
@@ -90,8 +74,7 @@ struct Forwarding {
 
 impl Forwarding {
     fn start(dev: &Dev) -> Forwarding {
-        let mut fe = NetFrontend::connect(&dev.socket, FrontendOptions::default())
-            .expect("handshake on device b");
+        let mut fe = NetFrontend::connect(&dev.socket, FrontendOptions::default()).expect("handshake on device b");
         let far = PacketSocket::bind(&dev.tap);
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicU32::new(0));
@@ -110,14 +93,8 @@ impl Forwarding {
     }
 
     fn wait_for_more(&self, than: u32) {
-        let more = wait_until(WAIT, || {
-            self.done.load(Ordering::SeqCst) >= than + 3 || self.thread.is_finished()
-        });
-        assert!(
-            more && !self.thread.is_finished(),
-            "device b stopped forwarding after {} round trips",
-            self.done.load(Ordering::SeqCst)
-        );
+        let more = wait_until(WAIT, || self.done.load(Ordering::SeqCst) >= than + 3 || self.thread.is_finished());
+        assert!(more && !self.thread.is_finished(), "device b stopped forwarding after {} round trips", self.done.load(Ordering::SeqCst));
     }
 
     /// ...and still after it ended: no round trip failed in between. Returns how many
@@ -152,39 +129,14 @@ impl Bed {
         let port = free_port();
         let dev_b = format!("socket={},tap={tap_b},name=b", sb.display());
         let addr = format!("127.0.0.1:{port}");
-        let vutap = Vutap::spawn(
-            &sa,
-            Path::new(&tap_a),
-            1,
-            &["--device", &dev_b, "--metrics-addr", &addr],
-            &dir,
-        )
-        .expect("spawn vutap");
-        assert!(
-            wait_until(WAIT, || sb.exists()),
-            "socket b: {}",
-            vutap.log_text()
-        );
+        let vutap = Vutap::spawn(&sa, Path::new(&tap_a), 1, &["--device", &dev_b, "--metrics-addr", &addr], &dir).expect("spawn vutap");
+        assert!(wait_until(WAIT, || sb.exists()), "socket b: {}", vutap.log_text());
         for tap in [&tap_a, &tap_b] {
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
             sh("ip", &["link", "set", tap, "up"]);
         }
         let (far_a, far_b) = (PacketSocket::bind(&tap_a), PacketSocket::bind(&tap_b));
-        Bed {
-            vutap,
-            a: Dev {
-                socket: sa,
-                tap: tap_a,
-                far: far_a,
-            },
-            b: Dev {
-                socket: sb,
-                tap: tap_b,
-                far: far_b,
-            },
-            port,
-            _dir: dir,
-        }
+        Bed { vutap, a: Dev { socket: sa, tap: tap_a, far: far_a }, b: Dev { socket: sb, tap: tap_b, far: far_b }, port, _dir: dir }
     }
 
     fn metrics(&self) -> String {
@@ -192,35 +144,21 @@ impl Bed {
     }
 
     fn device_counter(&self, dev: &str, name: &str) -> Option<u64> {
-        metric(
-            &self.metrics(),
-            &format!("vutap_device_{name}_total"),
-            &format!("device=\"{dev}\""),
-        )
+        metric(&self.metrics(), &format!("vutap_device_{name}_total"), &format!("device=\"{dev}\""))
     }
 
     fn pair_counter(&self, dev: &str, name: &str) -> Option<u64> {
-        metric(
-            &self.metrics(),
-            &format!("vutap_{name}_total"),
-            &format!("device=\"{dev}\",queue_pair=\"0\""),
-        )
+        metric(&self.metrics(), &format!("vutap_{name}_total"), &format!("device=\"{dev}\",queue_pair=\"0\""))
     }
 
     fn wait_logged(&self, needle: &str) {
-        assert!(
-            wait_until(WAIT, || self.vutap.log_text().contains(needle)),
-            "no {needle:?} in the log:\n{}",
-            self.vutap.log_text()
-        );
+        assert!(wait_until(WAIT, || self.vutap.log_text().contains(needle)), "no {needle:?} in the log:\n{}", self.vutap.log_text());
     }
 
     /// Device a serves a new connection, byte for byte, and vutap is still the same process.
     fn assert_a_serves_again(&mut self) {
-        let mut fe = NetFrontend::connect(&self.a.socket, FrontendOptions::default())
-            .expect("next connection on device a");
-        roundtrip(&mut fe, &self.a.far, 7000)
-            .unwrap_or_else(|e| panic!("device a after reconnect: {e}\n{}", self.vutap.log_text()));
+        let mut fe = NetFrontend::connect(&self.a.socket, FrontendOptions::default()).expect("next connection on device a");
+        roundtrip(&mut fe, &self.a.far, 7000).unwrap_or_else(|e| panic!("device a after reconnect: {e}\n{}", self.vutap.log_text()));
         assert!(self.vutap.is_running(), "{}", self.vutap.log_text());
     }
 
@@ -231,8 +169,7 @@ impl Bed {
 
 /// Device b before the attack, then forwarding in the background during it.
 fn b_before_and_during(bed: &Bed) -> Forwarding {
-    let mut fe = NetFrontend::connect(&bed.b.socket, FrontendOptions::default())
-        .expect("handshake on device b");
+    let mut fe = NetFrontend::connect(&bed.b.socket, FrontendOptions::default()).expect("handshake on device b");
     roundtrip(&mut fe, &bed.b.far, 1).expect("device b before");
     drop(fe);
     Forwarding::start(&bed.b)
@@ -241,14 +178,11 @@ fn b_before_and_during(bed: &Bed) -> Forwarding {
 /// Device b after the attack: the background forwarding ran, and a fresh check passes.
 fn b_during_and_after(bed: &Bed, fwd: Forwarding) {
     let during = fwd.finish();
-    let mut fe = NetFrontend::connect(&bed.b.socket, FrontendOptions::default())
-        .expect("handshake on device b after");
+    let mut fe = NetFrontend::connect(&bed.b.socket, FrontendOptions::default()).expect("handshake on device b after");
     roundtrip(&mut fe, &bed.b.far, 9000).expect("device b after");
     assert_eq!(bed.device_counter("b", "guest_memory_lost"), Some(0));
     assert_eq!(bed.device_counter("b", "bad_memory_fds"), Some(0));
-    eprintln!(
-        "device b: {during} round trips in the background across the attack, all byte for byte"
-    );
+    eprintln!("device b: {during} round trips in the background across the attack, all byte for byte");
 }
 
 /// A SET_MEM_TABLE body with one region (gpa 0) of `size` bytes at `offset` in the fd.
@@ -269,34 +203,16 @@ fn test_guest_memory_region_larger_than_its_fd_is_refused() {
     let fwd = b_before_and_during(&bed);
 
     // 64 KiB behind a region that claims 1 MiB; then 64 KiB at an offset that leaves 60 KiB.
-    let cases = [
-        (1u64 << 20, 0u64, "needs 1048576"),
-        (0x10000, 0x1000, "needs 69632"),
-    ];
+    let cases = [(1u64 << 20, 0u64, "needs 1048576"), (0x10000, 0x1000, "needs 69632")];
     for (i, (size, offset, needle)) in cases.into_iter().enumerate() {
         let s = std::os::unix::net::UnixStream::connect(&bed.a.socket).unwrap();
         let fd = memfd(0x10000);
         raw_send(s.as_raw_fd(), SET_OWNER, NO_REPLY, 0, &[], &[]).unwrap();
         let body = one_region(size, 0x7f00_0000_0000, offset);
-        raw_send(
-            s.as_raw_fd(),
-            SET_MEM_TABLE,
-            NO_REPLY,
-            body.len() as u32,
-            &body,
-            &[fd.as_raw_fd()],
-        )
-        .unwrap();
-        assert!(
-            closed_within(s.as_raw_fd(), WAIT),
-            "case {i}: connection not closed\n{}",
-            bed.vutap.log_text()
-        );
+        raw_send(s.as_raw_fd(), SET_MEM_TABLE, NO_REPLY, body.len() as u32, &body, &[fd.as_raw_fd()]).unwrap();
+        assert!(closed_within(s.as_raw_fd(), WAIT), "case {i}: connection not closed\n{}", bed.vutap.log_text());
         bed.wait_logged(&format!("SET_MEM_TABLE refused: region 0 (gpa 0x0): the fd holds 65536 bytes but the mapping {needle}"));
-        assert_eq!(
-            bed.device_counter(&bed.a_label(), "bad_memory_fds"),
-            Some(i as u64 + 1)
-        );
+        assert_eq!(bed.device_counter(&bed.a_label(), "bad_memory_fds"), Some(i as u64 + 1));
     }
     // Each refused table ends its connection as a protocol error, once.
     assert!(
@@ -315,36 +231,19 @@ fn test_guest_memory_dirty_log_fd_too_short_is_refused() {
     let fwd = b_before_and_during(&bed);
 
     let opts = FrontendOptions {
-        requested_protocol: FrontendOptions::default().requested_protocol
-            | VhostUserProtocolFeatures::LOG_SHMFD,
+        requested_protocol: FrontendOptions::default().requested_protocol | VhostUserProtocolFeatures::LOG_SHMFD,
         ..FrontendOptions::default()
     };
     let mut fe = NetFrontend::connect(&bed.a.socket, opts).expect("handshake on device a");
-    assert!(fe
-        .protocol_features()
-        .contains(VhostUserProtocolFeatures::LOG_SHMFD));
+    assert!(fe.protocol_features().contains(VhostUserProtocolFeatures::LOG_SHMFD));
     roundtrip(&mut fe, &bed.a.far, 1).expect("device a before");
     let raw = conn_fd(fe.vhost());
     let log = memfd(4096);
-    let region = VhostUserDirtyLogRegion {
-        mmap_size: 64 * 4096,
-        mmap_offset: 0,
-        mmap_handle: log.as_raw_fd(),
-    };
-    assert!(
-        fe.vhost().set_log_base(0, Some(region)).is_err(),
-        "a short log must not be acked"
-    );
-    assert!(
-        closed_within(raw.as_raw_fd(), WAIT),
-        "connection not closed\n{}",
-        bed.vutap.log_text()
-    );
+    let region = VhostUserDirtyLogRegion { mmap_size: 64 * 4096, mmap_offset: 0, mmap_handle: log.as_raw_fd() };
+    assert!(fe.vhost().set_log_base(0, Some(region)).is_err(), "a short log must not be acked");
+    assert!(closed_within(raw.as_raw_fd(), WAIT), "connection not closed\n{}", bed.vutap.log_text());
     bed.wait_logged("SET_LOG_BASE refused (262144 bytes at 0): log fd: the fd holds 4096 bytes but the mapping needs 262144");
-    assert_eq!(
-        bed.device_counter(&bed.a_label(), "bad_memory_fds"),
-        Some(1)
-    );
+    assert_eq!(bed.device_counter(&bed.a_label(), "bad_memory_fds"), Some(1));
     drop(fe);
     bed.assert_a_serves_again();
     b_during_and_after(&bed, fwd);
@@ -359,38 +258,14 @@ fn truncate_guest_memory(fe: &NetFrontend, len: u64) {
 
 /// After a truncation: device a's connection closes, the fault is logged and counted, and the
 /// next connection on a is served.
-fn assert_memory_lost_contained(
-    bed: &mut Bed,
-    raw: &impl AsRawFd,
-    kernel_copy: bool,
-    range_len: u64,
-) {
-    assert!(
-        closed_within(raw.as_raw_fd(), WAIT),
-        "connection not closed\n{}",
-        bed.vutap.log_text()
-    );
+fn assert_memory_lost_contained(bed: &mut Bed, raw: &impl AsRawFd, kernel_copy: bool, range_len: u64) {
+    assert!(closed_within(raw.as_raw_fd(), WAIT), "connection not closed\n{}", bed.vutap.log_text());
     bed.wait_logged("closing connection: guest memory lost: SIGBUS at");
-    assert_eq!(
-        lost_range_len(&bed.vutap.log_text()),
-        Some(range_len),
-        "{}",
-        bed.vutap.log_text()
-    );
+    assert_eq!(lost_range_len(&bed.vutap.log_text()), Some(range_len), "{}", bed.vutap.log_text());
     assert!(bed.vutap.is_running(), "{}", bed.vutap.log_text());
     let a = bed.a_label();
-    assert!(
-        wait_until(WAIT, || bed.device_counter(&a, "guest_memory_lost")
-            == Some(1)),
-        "{}",
-        bed.metrics()
-    );
-    assert_eq!(
-        bed.pair_counter(&a, "guest_memory_faults"),
-        Some(u64::from(kernel_copy)),
-        "{}",
-        bed.metrics()
-    );
+    assert!(wait_until(WAIT, || bed.device_counter(&a, "guest_memory_lost") == Some(1)), "{}", bed.metrics());
+    assert_eq!(bed.pair_counter(&a, "guest_memory_faults"), Some(u64::from(kernel_copy)), "{}", bed.metrics());
     assert_eq!(bed.pair_counter(&a, "tap_errors"), Some(0));
     assert_eq!(bed.pair_counter(&a, "tx_dropped"), Some(0));
     assert_eq!(bed.pair_counter(&a, "rx_dropped"), Some(0));
@@ -403,8 +278,7 @@ fn test_guest_memory_truncated_under_tx_ring_access_is_contained() {
     let mut bed = Bed::start("trunc-ring");
     let fwd = b_before_and_during(&bed);
 
-    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default())
-        .expect("handshake on device a");
+    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default()).expect("handshake on device a");
     roundtrip(&mut fe, &bed.a.far, 1).expect("device a before");
     bed.wait_logged("memory region 0: fd NOT sealed against shrinking");
     let raw = conn_fd(fe.vhost());
@@ -422,8 +296,7 @@ fn test_guest_memory_truncated_under_tx_frame_is_contained() {
     let mut bed = Bed::start("trunc-tx");
     let fwd = b_before_and_during(&bed);
 
-    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default())
-        .expect("handshake on device a");
+    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default()).expect("handshake on device a");
     roundtrip(&mut fe, &bed.a.far, 1).expect("device a before");
     let raw = conn_fd(fe.vhost());
     // Keep the rings, cut the TX buffers: the tap's writev reads a lost page (EFAULT).
@@ -432,12 +305,7 @@ fn test_guest_memory_truncated_under_tx_frame_is_contained() {
     truncate_guest_memory(&fe, slots);
     let txq = fe.queue_mut(q).unwrap();
     let head = txq.next_head().expect("a free TX descriptor");
-    let desc = Descriptor {
-        addr: txq.slot_gpa(head),
-        len: 12 + 60,
-        flags: 0,
-        next: 0,
-    };
+    let desc = Descriptor { addr: txq.slot_gpa(head), len: 12 + 60, flags: 0, next: 0 };
     assert!(desc.addr >= slots);
     txq.add_raw_descriptors(&[(head, desc)], &[head]);
     txq.kick().unwrap();
@@ -452,17 +320,14 @@ fn test_guest_memory_truncated_under_rx_buffers_is_contained() {
     let mut bed = Bed::start("trunc-rx");
     let fwd = b_before_and_during(&bed);
 
-    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default())
-        .expect("handshake on device a");
+    let mut fe = NetFrontend::connect(&bed.a.socket, FrontendOptions::default()).expect("handshake on device a");
     roundtrip(&mut fe, &bed.a.far, 1).expect("device a before");
     let raw = conn_fd(fe.vhost());
     // Keep the RX rings (posted buffers), cut the RX buffers and everything after: the tap's
     // readv writes into a lost page (EFAULT).
     let slots = fe.queue(0).unwrap().layout().slots;
     truncate_guest_memory(&fe, slots);
-    bed.a
-        .far
-        .send(&test_frame([0xff; 6], [0x02, 0x77, 0, 0, 0, 1], 100, 42));
+    bed.a.far.send(&test_frame([0xff; 6], [0x02, 0x77, 0, 0, 0, 1], 100, 42));
     assert_memory_lost_contained(&mut bed, &raw, true, fe.memory().size() as u64);
     drop(fe);
     b_during_and_after(&bed, fwd);
@@ -475,8 +340,7 @@ fn test_guest_memory_dirty_log_truncated_while_logging_is_contained() {
     let fwd = b_before_and_during(&bed);
 
     let opts = FrontendOptions {
-        requested_protocol: FrontendOptions::default().requested_protocol
-            | VhostUserProtocolFeatures::LOG_SHMFD,
+        requested_protocol: FrontendOptions::default().requested_protocol | VhostUserProtocolFeatures::LOG_SHMFD,
         ..FrontendOptions::default()
     };
     let mut fe = NetFrontend::connect(&bed.a.socket, opts).expect("handshake on device a");
@@ -488,10 +352,7 @@ fn test_guest_memory_dirty_log_truncated_while_logging_is_contained() {
     // The log was written: the used rings' pages are marked.
     let mut bitmap = vec![0u8; log_len];
     std::os::unix::fs::FileExt::read_exact_at(&log, &mut bitmap, 0).unwrap();
-    assert!(
-        bitmap.iter().any(|b| *b != 0),
-        "nothing marked in the dirty log"
-    );
+    assert!(bitmap.iter().any(|b| *b != 0), "nothing marked in the dirty log");
     // The log goes; the next frame's used-ring update marks it: SIGBUS in vutap.
     log.set_len(0).unwrap();
     let frame = test_frame([0xff; 6], [0x52, 0x54, 0, 0x12, 0x34, 0x56], 100, 77);

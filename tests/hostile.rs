@@ -20,9 +20,7 @@ use common::*;
 use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
 use vutap_bench::frontend::net::{rx_queue, tx_queue};
-use vutap_bench::frontend::virtqueue::{
-    VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,
-};
+use vutap_bench::frontend::virtqueue::{VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE};
 use vutap_bench::frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -184,11 +182,7 @@ fn test_hostile_tx_descriptor_loops() {
     tx_case("cut short", 2, |q, _| {
         let s = q.slot_gpa(top(0));
         (
-            vec![
-                (top(0), desc(s, 100, F_NEXT, top(0))),
-                (top(1), desc(s, 100, F_NEXT, top(2))),
-                (top(2), desc(s, 100, F_NEXT, top(1))),
-            ],
+            vec![(top(0), desc(s, 100, F_NEXT, top(0))), (top(1), desc(s, 100, F_NEXT, top(2))), (top(2), desc(s, 100, F_NEXT, top(1)))],
             vec![top(0), top(1)],
         )
     });
@@ -230,10 +224,7 @@ fn test_hostile_tx_frame_shorter_than_header() {
     tx_case("fewer than the 12", 2, |q, _| {
         let s = q.slot_gpa(top(0));
         // 8 bytes; and only zero-length descriptors.
-        (
-            vec![(top(0), desc(s, 8, 0, 0)), (top(1), desc(s, 0, F_NEXT, top(2))), (top(2), desc(s, 0, 0, 0))],
-            vec![top(0), top(1)],
-        )
+        (vec![(top(0), desc(s, 8, 0, 0)), (top(1), desc(s, 0, F_NEXT, top(2))), (top(2), desc(s, 0, 0, 0))], vec![top(0), top(1)])
     });
 }
 
@@ -275,10 +266,7 @@ fn test_hostile_tx_zero_length_descriptors_are_legal() {
     bytes.extend_from_slice(&frame);
     assert!(q.memory().write(s, &bytes));
     let (a, b, c) = (top(0), top(1), top(2));
-    q.add_raw_descriptors(
-        &[(a, desc(s, 0, F_NEXT, b)), (b, desc(s, bytes.len() as u32, F_NEXT, c)), (c, desc(s, 0, 0, 0))],
-        &[a],
-    );
+    q.add_raw_descriptors(&[(a, desc(s, 0, F_NEXT, b)), (b, desc(s, bytes.len() as u32, F_NEXT, c)), (c, desc(s, 0, 0, 0))], &[a]);
     q.kick().unwrap();
     let got = bed.far.recv_matching(WAIT, |f| is_test_frame(f) && seq_of(f) == 77);
     assert!(got.as_deref() == Some(&frame[..]), "a chain with zero-length descriptors is a valid frame");
@@ -574,10 +562,8 @@ fn test_hostile_msg_unknown_request_closes_connection() {
 fn test_hostile_kick_storm_then_idle() {
     let (_g, bed) = start();
     let (mut fe, _raw) = live(&bed);
-    let kicks: Vec<_> = [rx_queue(0), tx_queue(0), rx_queue(1), tx_queue(1)]
-        .iter()
-        .map(|q| fe.queue(*q).unwrap().kick_fd().try_clone().unwrap())
-        .collect();
+    let kicks: Vec<_> =
+        [rx_queue(0), tx_queue(0), rx_queue(1), tx_queue(1)].iter().map(|q| fe.queue(*q).unwrap().kick_fd().try_clone().unwrap()).collect();
     let t0 = Instant::now();
     let mut n = 0u64;
     while t0.elapsed() < Duration::from_millis(500) {

@@ -33,14 +33,9 @@ fn scrape(port: u16) -> (String, Duration) {
     let started = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(SCRAPE_TIMEOUT)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n").unwrap();
     let mut out = String::new();
-    s.read_to_string(&mut out)
-        .unwrap_or_else(|e| panic!("scrape not answered within {SCRAPE_TIMEOUT:?}: {e}"));
+    s.read_to_string(&mut out).unwrap_or_else(|e| panic!("scrape not answered within {SCRAPE_TIMEOUT:?}: {e}"));
     (out, started.elapsed())
 }
 
@@ -52,12 +47,7 @@ fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => continue, // a 400 for a head cut short, then EOF
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                return false
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => return false,
             Err(_) => return true,
         }
     }
@@ -71,23 +61,14 @@ fn spawn_vutap(name: &str, topo: &Topology) -> (Vutap, u16, std::path::PathBuf) 
         &dir.join("vutap.sock"),
         &topo.taps[0].dev,
         1,
-        &[
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-            "--metrics-unix",
-            munix.to_str().unwrap(),
-        ],
+        &["--metrics-addr", &format!("127.0.0.1:{port}"), "--metrics-unix", munix.to_str().unwrap()],
         &dir,
     )
     .unwrap();
     // The socket exists once vutap serves; the metrics thread starts just before it.
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "metrics endpoint never listened:\n{}",
-            v.log_text()
-        );
+        assert!(Instant::now() < deadline, "metrics endpoint never listened:\n{}", v.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
     (v, port, munix)
@@ -102,15 +83,9 @@ fn test_metrics_scrape_not_stalled_by_idle_slowloris_or_too_many_clients() {
 
     let (_, quiet) = scrape(port);
     // 48 idle + 24 slow-loris: more than the 64 connections the endpoint keeps.
-    let mut idle: Vec<TcpStream> = (0..48)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    let mut loris: Vec<TcpStream> = (0..24)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    let unix_idle: Vec<UnixStream> = (0..8)
-        .map(|_| UnixStream::connect(&munix).unwrap())
-        .collect();
+    let mut idle: Vec<TcpStream> = (0..48).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let mut loris: Vec<TcpStream> = (0..24).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let unix_idle: Vec<UnixStream> = (0..8).map(|_| UnixStream::connect(&munix).unwrap()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let dripper = {
         let mut streams: Vec<TcpStream> = loris.iter().map(|s| s.try_clone().unwrap()).collect();
@@ -135,38 +110,24 @@ fn test_metrics_scrape_not_stalled_by_idle_slowloris_or_too_many_clients() {
     for _ in 0..5 {
         let (text, took) = scrape(port);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-        assert!(
-            text.contains(&format!("vutap_queue_pairs{{{device}}} 1\n")),
-            "{text}"
-        );
+        assert!(text.contains(&format!("vutap_queue_pairs{{{device}}} 1\n")), "{text}");
         worst = worst.max(took);
     }
     let started = Instant::now();
-    let out = std::process::Command::new(Vutap::binary().unwrap())
-        .args(["stats", munix.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(Vutap::binary().unwrap()).args(["stats", munix.to_str().unwrap()]).output().unwrap();
     let stats_took = started.elapsed();
     assert!(out.status.success(), "{out:?}");
     eprintln!(
         "scrape: {quiet:?} alone; worst of 5 with 48 idle + 24 slow-loris TCP and 8 idle unix clients: {worst:?}; vutap stats: {stats_took:?}"
     );
-    assert!(
-        worst < SCRAPE_BOUND,
-        "a scrape took {worst:?} with hostile clients connected"
-    );
+    assert!(worst < SCRAPE_BOUND, "a scrape took {worst:?} with hostile clients connected");
     assert!(stats_took < SCRAPE_BOUND, "vutap stats took {stats_took:?}");
 
     // Every hostile client is closed by its deadline (or earlier, evicted for a newer one).
     let deadline = Instant::now() + CONNECTION_DEADLINE + Duration::from_secs(3);
     for s in idle.iter_mut().chain(loris.iter_mut()) {
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        assert!(
-            closed_by_peer(s, left),
-            "a hostile connection outlived its deadline"
-        );
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        assert!(closed_by_peer(s, left), "a hostile connection outlived its deadline");
     }
     stop.store(true, Ordering::Relaxed);
     dripper.join().unwrap();
@@ -190,10 +151,7 @@ fn test_metrics_bad_requests_answered_and_endpoint_survives() {
     assert!(ask(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(ask(b"DELETE /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
     assert!(ask(b"\x00\x01garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
-    assert!(
-        ask(&vec![b'A'; 20_000]).starts_with("HTTP/1.1 400"),
-        "an endless head is refused, not buffered"
-    );
+    assert!(ask(&vec![b'A'; 20_000]).starts_with("HTTP/1.1 400"), "an endless head is refused, not buffered");
     // A client that connects and leaves at once.
     drop(TcpStream::connect(("127.0.0.1", port)).unwrap());
     let (text, _) = scrape(port);
@@ -210,10 +168,7 @@ fn queried_metrics(node: &serde_json::Value, out: &mut BTreeSet<String>) {
                     ("expr" | "definition", serde_json::Value::String(e)) => {
                         let mut rest = e.as_str();
                         while let Some(at) = rest.find("vutap_") {
-                            let name: String = rest[at..]
-                                .chars()
-                                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                                .collect();
+                            let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
                             rest = &rest[at + name.len()..];
                             out.insert(name);
                         }
@@ -231,37 +186,20 @@ fn queried_metrics(node: &serde_json::Value, out: &mut BTreeSet<String>) {
 fn test_metrics_grafana_dashboard_queries_only_exported_metrics() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let path = workspace_root().join("examples/grafana/vutap.json");
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let mut queried = BTreeSet::new();
     queried_metrics(&dashboard, &mut queried);
     let panels = dashboard["panels"].as_array().expect("panels");
-    assert!(
-        panels
-            .iter()
-            .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())),
-        "a panel without a query"
-    );
+    assert!(panels.iter().all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())), "a panel without a query");
 
     let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
     let (_v, port, _) = spawn_vutap("metrics-grafana", &topo);
     let (text, _) = scrape(port);
-    let exported: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_string)
-        .collect();
+    let exported: BTreeSet<String> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).map(str::to_string).collect();
     let missing: Vec<&String> = queried.difference(&exported).collect();
-    assert!(
-        missing.is_empty(),
-        "the dashboard queries metrics vutap does not export: {missing:?}\nexported: {exported:?}"
-    );
+    assert!(missing.is_empty(), "the dashboard queries metrics vutap does not export: {missing:?}\nexported: {exported:?}");
     let unused: Vec<&String> = exported.difference(&queried).collect();
-    eprintln!(
-        "dashboard queries {} of {} exported metrics; not shown: {unused:?}",
-        queried.len(),
-        exported.len()
-    );
+    eprintln!("dashboard queries {} of {} exported metrics; not shown: {unused:?}", queried.len(), exported.len());
     assert!(queried.len() >= 20, "{queried:?}");
 }

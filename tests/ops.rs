@@ -18,7 +18,6 @@ use vutap_bench::testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topo
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -171,11 +170,20 @@ fn test_ops_user_drops_to_nobody_without_capabilities() {
     let mut fe = NetFrontend::connect(&sock, FrontendOptions::default()).unwrap();
     let mac = mac_of(&topo.taps[0].mac);
     fe.send_frame(0, &VirtioNetHdr::default(), &broadcast_frame(mac)).unwrap();
-    wait_for("tx as nobody", Duration::from_secs(5), || stats(munix.to_str().unwrap()).1.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(4) == Some("1")));
+    wait_for("tx as nobody", Duration::from_secs(5), || {
+        stats(munix.to_str().unwrap()).1.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(4) == Some("1"))
+    });
     assert!(v.is_running());
     // Unknown user: refused at start.
     let out = Command::new(Vutap::binary().unwrap())
-        .args(["--socket", dir.join("x.sock").to_str().unwrap(), "--tap", topo.taps[0].dev.to_str().unwrap(), "--user", "vutap-no-such-user"])
+        .args([
+            "--socket",
+            dir.join("x.sock").to_str().unwrap(),
+            "--tap",
+            topo.taps[0].dev.to_str().unwrap(),
+            "--user",
+            "vutap-no-such-user",
+        ])
         .output()
         .unwrap();
     drop(fe);

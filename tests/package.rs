@@ -17,12 +17,7 @@ use vutap_bench::testbed::{log_dir, workspace_root};
 
 fn output(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{cmd:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -30,13 +25,7 @@ fn output(cmd: &mut Command) -> String {
 fn build_and_unpack() -> (PathBuf, PathBuf) {
     let started = Instant::now();
     let stdout = output(Command::new("bash").arg(workspace_root().join("scripts/build-deb.sh")));
-    let deb = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-deb.sh prints the .deb")
-            .trim(),
-    );
+    let deb = PathBuf::from(stdout.lines().last().expect("build-deb.sh prints the .deb").trim());
     eprintln!("build-deb.sh: {} in {:?}", deb.display(), started.elapsed());
     assert!(deb.is_file(), "{}", deb.display());
     let root = log_dir(&format!("package-root-{}", unique())).unwrap();
@@ -49,18 +38,10 @@ fn test_package_contents_describe_the_binary() {
     let _g = serial();
     let (deb, root) = build_and_unpack();
 
-    let field = |name: &str| {
-        output(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name))
-            .trim()
-            .to_string()
-    };
+    let field = |name: &str| output(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name)).trim().to_string();
     assert_eq!(field("Package"), "vutap");
     assert_eq!(field("Version"), env!("CARGO_PKG_VERSION"));
-    assert!(
-        field("Depends").starts_with("libc6 (>= 2."),
-        "{}",
-        field("Depends")
-    );
+    assert!(field("Depends").starts_with("libc6 (>= 2."), "{}", field("Depends"));
 
     for f in [
         "usr/bin/vutap",
@@ -77,10 +58,7 @@ fn test_package_contents_describe_the_binary() {
     }
     let bin = root.join("usr/bin/vutap");
     let version = output(Command::new(&bin).arg("--version"));
-    assert_eq!(
-        version.trim(),
-        format!("vutap {}", env!("CARGO_PKG_VERSION"))
-    );
+    assert_eq!(version.trim(), format!("vutap {}", env!("CARGO_PKG_VERSION")));
 
     // The man page and completions describe the options the binary has.
     let man = output(Command::new("zcat").arg(root.join("usr/share/man/man1/vutap.1.gz")));
@@ -89,27 +67,14 @@ fn test_package_contents_describe_the_binary() {
         assert!(man.contains(opt), "man page lacks {opt}");
     }
     let bash = root.join("usr/share/bash-completion/completions/vutap");
-    let complete = output(
-        Command::new("bash")
-            .arg("-c")
-            .arg(format!("source {} && complete -p vutap", bash.display())),
-    );
+    let complete = output(Command::new("bash").arg("-c").arg(format!("source {} && complete -p vutap", bash.display())));
     assert!(complete.contains("vutap"), "{complete}");
-    for f in [
-        "usr/share/zsh/vendor-completions/_vutap",
-        "usr/share/fish/vendor_completions.d/vutap.fish",
-    ] {
-        assert!(
-            std::fs::read_to_string(root.join(f))
-                .unwrap()
-                .contains("queues"),
-            "{f}"
-        );
+    for f in ["usr/share/zsh/vendor-completions/_vutap", "usr/share/fish/vendor_completions.d/vutap.fish"] {
+        assert!(std::fs::read_to_string(root.join(f)).unwrap().contains("queues"), "{f}");
     }
     // The example config parses as vutap reads it.
     let devices =
-        vutap::cli::parse_config_file(&root.join("usr/share/doc/vutap/examples/vutap.conf"), false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        vutap::cli::parse_config_file(&root.join("usr/share/doc/vutap/examples/vutap.conf"), false).unwrap_or_else(|e| panic!("{e}"));
     assert!(!devices.is_empty());
 
     // The unit runs the packaged binary and passes systemd's checks (pointed at the unpacked one).
@@ -117,14 +82,7 @@ fn test_package_contents_describe_the_binary() {
     assert!(unit.contains("ExecStart=/usr/bin/vutap "), "{unit}");
     let copy = root.join("vutap@vm0.service");
     std::fs::write(&copy, unit.replace("/usr/bin/vutap", bin.to_str().unwrap())).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&copy)
-        .output()
-        .unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&copy).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !err.lines().any(|l| l.contains("vutap@")),
-        "systemd-analyze verify: {err}"
-    );
+    assert!(out.status.success() && !err.lines().any(|l| l.contains("vutap@")), "systemd-analyze verify: {err}");
 }

@@ -35,13 +35,7 @@ fn build_deb() -> PathBuf {
         .expect("run scripts/build-deb.sh");
     assert!(out.status.success(), "scripts/build-deb.sh: {}", out.status);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let deb = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-deb.sh prints the .deb")
-            .trim(),
-    );
+    let deb = PathBuf::from(stdout.lines().last().expect("build-deb.sh prints the .deb").trim());
     assert!(deb.is_file(), "{}", deb.display());
     deb
 }
@@ -49,10 +43,7 @@ fn build_deb() -> PathBuf {
 /// The unit's ExecStart as systemd would run it for instance `instance` with `env` from its
 /// EnvironmentFile: `%i` replaced, `${VAR}` substituted in place, a bare `$VAR` word split.
 fn exec_start(unit: &str, instance: &str, env: &[(&str, &str)]) -> Vec<String> {
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("ExecStart="))
-        .expect("the unit has an ExecStart line");
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has an ExecStart line");
     let mut words = Vec::new();
     for word in line.split_whitespace() {
         let word = word.replace("%i", instance);
@@ -64,10 +55,7 @@ fn exec_start(unit: &str, instance: &str, env: &[(&str, &str)]) -> Vec<String> {
         for (k, v) in env {
             word = word.replace(&format!("${{{k}}}"), v);
         }
-        assert!(
-            !word.contains(['$', '%']),
-            "ExecStart word {word:?} left unsubstituted"
-        );
+        assert!(!word.contains(['$', '%']), "ExecStart word {word:?} left unsubstituted");
         words.push(word);
     }
     words
@@ -83,23 +71,11 @@ impl Served {
     /// Starts `args` in the root and waits until vutap listens on `socket` (host path).
     fn start(root: &ThrowawayRoot, args: &[String], log: PathBuf, socket: &Path) -> Served {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = root
-            .command(&args)
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("start the installed vutap");
-        let mut served = Served {
-            child,
-            log: log.clone(),
-        };
+        let child = root.command(&args).stderr(File::create(&log).unwrap()).spawn().expect("start the installed vutap");
+        let mut served = Served { child, log: log.clone() };
         // The line comes after the bind; the socket file alone may be a stale one.
-        let listening = format!(
-            "listening on /run/vutap/{}",
-            socket.file_name().unwrap().to_str().unwrap()
-        );
-        served.wait_until(&listening, || {
-            served_log(&log).contains(&listening) && socket.exists()
-        });
+        let listening = format!("listening on /run/vutap/{}", socket.file_name().unwrap().to_str().unwrap());
+        served.wait_until(&listening, || served_log(&log).contains(&listening) && socket.exists());
         served
     }
 
@@ -124,26 +100,16 @@ impl Served {
     /// SIGTERM, as `systemctl stop` sends it; vutap must exit 0.
     fn stop(mut self) {
         // SAFETY: kill with the pid of a child this test spawned and has not reaped.
-        assert_eq!(
-            unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) },
-            0
-        );
+        assert_eq!(unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) }, 0);
         let deadline = Instant::now() + WAIT;
         let exit = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 break st;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the installed vutap ignored SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "the installed vutap ignored SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert!(
-            exit.success(),
-            "vutap after SIGTERM: {exit}; its log:\n{}",
-            served_log(&self.log)
-        );
+        assert!(exit.success(), "vutap after SIGTERM: {exit}; its log:\n{}", served_log(&self.log));
     }
 }
 
@@ -162,10 +128,7 @@ fn served_log(log: &Path) -> String {
 fn uids_of(pid: u32) -> (u32, u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
-    let ids: Vec<u32> = line
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let ids: Vec<u32> = line.split_whitespace().map(|s| s.parse().unwrap()).collect();
     (ids[0], ids[1])
 }
 
@@ -177,18 +140,12 @@ fn test_package_installs_into_a_fresh_debian_root_and_serves_a_tap() {
     let started = Instant::now();
 
     // A fresh root: no vutap, no vutap user.
-    assert!(
-        !root.succeeds(&["getent", "passwd", "vutap"]),
-        "the pristine root already has a vutap user"
-    );
+    assert!(!root.succeeds(&["getent", "passwd", "vutap"]), "the pristine root already has a vutap user");
     assert!(!root.succeeds(&["test", "-e", "/usr/bin/vutap"]));
 
     root.copy_in(&deb, "/tmp/vutap.deb");
     let installed = root.run(&["dpkg", "-i", "/tmp/vutap.deb"]);
-    assert!(
-        installed.contains(&format!("Setting up vutap ({VERSION})")),
-        "{installed}"
-    );
+    assert!(installed.contains(&format!("Setting up vutap ({VERSION})")), "{installed}");
     let status = root.run(&["dpkg-query", "-W", "-f=${Status} ${Version}", "vutap"]);
     assert_eq!(status, format!("install ok installed {VERSION}"));
 
@@ -198,11 +155,7 @@ fn test_package_installs_into_a_fresh_debian_root_and_serves_a_tap() {
     assert_eq!(fields.len(), 7, "{passwd}");
     let uid: u32 = fields[2].parse().unwrap();
     assert!(uid > 0 && uid < 1000, "not a system uid: {passwd}");
-    assert_eq!(
-        &fields[5..],
-        ["/nonexistent", "/usr/sbin/nologin"],
-        "{passwd}"
-    );
+    assert_eq!(&fields[5..], ["/nonexistent", "/usr/sbin/nologin"], "{passwd}");
 
     // dpkg owns every file, and each is where a user's tools look for it.
     let listed = root.run(&["dpkg", "-L", "vutap"]);
@@ -218,68 +171,33 @@ fn test_package_installs_into_a_fresh_debian_root_and_serves_a_tap() {
         "/usr/share/doc/vutap/examples/vm0.env",
         "/usr/share/doc/vutap/examples/grafana-vutap.json",
     ] {
-        assert!(
-            listed.lines().any(|l| l == f),
-            "dpkg -L vutap lacks {f}:\n{listed}"
-        );
+        assert!(listed.lines().any(|l| l == f), "dpkg -L vutap lacks {f}:\n{listed}");
         assert!(root.succeeds(&["test", "-f", f]), "{f} not installed");
     }
-    assert_eq!(
-        root.run(&["man", "-w", "vutap"]).trim(),
-        "/usr/share/man/man1/vutap.1.gz"
-    );
+    assert_eq!(root.run(&["man", "-w", "vutap"]).trim(), "/usr/share/man/man1/vutap.1.gz");
     let page = root.run(&["sh", "-c", "man vutap | cat"]);
-    assert!(
-        page.contains("--queues") && page.contains("--tap"),
-        "{page}"
-    );
+    assert!(page.contains("--queues") && page.contains("--tap"), "{page}");
     // bash-completion's on-demand loader finds the completion by the command's name.
-    let complete = root.run(&[
-        "bash",
-        "-c",
-        ". /usr/share/bash-completion/bash_completion && __load_completion vutap && complete -p vutap",
-    ]);
+    let complete =
+        root.run(&["bash", "-c", ". /usr/share/bash-completion/bash_completion && __load_completion vutap && complete -p vutap"]);
     assert!(complete.trim_end().ends_with(" vutap"), "{complete}");
-    assert_eq!(
-        root.run(&["vutap", "--version"]).trim(),
-        format!("vutap {VERSION}")
-    );
+    assert_eq!(root.run(&["vutap", "--version"]).trim(), format!("vutap {VERSION}"));
 
     // Serve a tap the way the unit would: its ExecStart, as root, dropping to the vutap user.
     let unit = root.run(&["cat", UNIT]);
     let tap = UserTap::create(&["multi_queue", "vnet_hdr"]);
-    let args = exec_start(
-        &unit,
-        "vm0",
-        &[
-            ("VUTAP_TAP", &tap.name),
-            ("VUTAP_QUEUES", "1"),
-            ("VUTAP_ARGS", "--log-level info"),
-        ],
-    );
+    let args = exec_start(&unit, "vm0", &[("VUTAP_TAP", &tap.name), ("VUTAP_QUEUES", "1"), ("VUTAP_ARGS", "--log-level info")]);
     assert_eq!(args[0], "/usr/bin/vutap", "{args:?}");
-    assert!(
-        args.windows(2).any(|w| w == ["--user", "vutap"]),
-        "{args:?}"
-    );
+    assert!(args.windows(2).any(|w| w == ["--user", "vutap"]), "{args:?}");
     let run = root.runtime_dir();
     let socket = run.join("vm0.sock");
     let served = Served::start(&root, &args, root.logs().join("vutap.log"), &socket);
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{}/comm", served.pid()))
-            .unwrap()
-            .trim(),
-        "vutap"
-    );
+    assert_eq!(std::fs::read_to_string(format!("/proc/{}/comm", served.pid())).unwrap().trim(), "vutap");
     for f in ["vm0.metrics", "vm0.ctl"] {
         assert!(run.join(f).exists(), "the unit's {f} socket is missing");
     }
     check_frames_both_ways(&socket, &tap.name);
-    assert_eq!(
-        uids_of(served.pid()),
-        (uid, uid),
-        "the installed vutap did not become the vutap user"
-    );
+    assert_eq!(uids_of(served.pid()), (uid, uid), "the installed vutap did not become the vutap user");
     served.stop();
 
     // systemd's Restart=: the new process binds over whatever sockets the last one left.
@@ -293,13 +211,6 @@ fn test_package_installs_into_a_fresh_debian_root_and_serves_a_tap() {
     assert!(!root.succeeds(&["test", "-e", UNIT]));
     assert!(root.succeeds(&["getent", "passwd", "vutap"]));
 
-    eprintln!(
-        "install, checks, serve and remove in the root: {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        host_mounts_under(root.logs()),
-        Vec::<String>::new(),
-        "a mount outlived its run"
-    );
+    eprintln!("install, checks, serve and remove in the root: {:?}", started.elapsed());
+    assert_eq!(host_mounts_under(root.logs()), Vec::<String>::new(), "a mount outlived its run");
 }

@@ -51,26 +51,15 @@ struct Task {
 
 fn tasks(pid: u32) -> Vec<Task> {
     let field = |status: &str, key: &str| -> u32 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(u32::MAX)
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(u32::MAX)
     };
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
         .filter_map(|t| {
-            let name = std::fs::read_to_string(t.path().join("comm"))
-                .ok()?
-                .trim()
-                .to_string();
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string();
             let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            Some(Task {
-                name,
-                mode: field(&status, "Seccomp:"),
-                filters: field(&status, "Seccomp_filters:"),
-            })
+            Some(Task { name, mode: field(&status, "Seccomp:"), filters: field(&status, "Seccomp_filters:") })
         })
         .collect()
 }
@@ -96,15 +85,8 @@ fn assert_all_filtered(pid: u32) -> BTreeMap<&'static str, usize> {
     let all = tasks(pid);
     for t in &all {
         let (kind, filters) = kind_of(&t.name);
-        assert_ne!(
-            kind, "unknown",
-            "a thread vutap does not name: {t:?} (all: {all:?})"
-        );
-        assert_eq!(
-            (t.mode, t.filters),
-            (2, filters),
-            "{kind} thread {t:?} not filtered as it should be (all: {all:?})"
-        );
+        assert_ne!(kind, "unknown", "a thread vutap does not name: {t:?} (all: {all:?})");
+        assert_eq!((t.mode, t.filters), (2, filters), "{kind} thread {t:?} not filtered as it should be (all: {all:?})");
         *kinds.entry(kind).or_default() += 1;
     }
     kinds
@@ -118,12 +100,7 @@ fn process_state(pid: u32) -> Option<char> {
 
 /// What a log must not contain when every thread's list is complete.
 fn assert_nothing_refused(log: &str) {
-    for bad in [
-        "os error 1)",
-        "Operation not permitted",
-        "panicked",
-        "running unfiltered",
-    ] {
+    for bad in ["os error 1)", "Operation not permitted", "panicked", "running unfiltered"] {
         assert!(!log.contains(bad), "{bad:?} in the log:\n{log}");
     }
 }
@@ -137,11 +114,7 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     let munix = dir.join("metrics.sock");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let dev_b = format!(
-        "socket={},tap={},queues=2,name=b",
-        sb.display(),
-        topo.taps[1].dev.display()
-    );
+    let dev_b = format!("socket={},tap={},queues=2,name=b", sb.display(), topo.taps[1].dev.display());
     let mut v = Vutap::spawn(
         &sa,
         &topo.taps[0].dev,
@@ -170,14 +143,7 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     let (mut channel, theirs) = UnixStream::pair().unwrap();
     fa.vhost().set_backend_request_fd(&theirs).unwrap();
     drop(theirs);
-    let mut fb = NetFrontend::connect(
-        &sb,
-        FrontendOptions {
-            queue_pairs: 2,
-            ..FrontendOptions::default()
-        },
-    )
-    .unwrap();
+    let mut fb = NetFrontend::connect(&sb, FrontendOptions { queue_pairs: 2, ..FrontendOptions::default() }).unwrap();
 
     // TX on a's worker, through the lower (bridge mode), RX on b's workers: byte for byte.
     let (a, ma) = (topo.taps[0].ifname.clone(), parse_mac(&topo.taps[0].mac));
@@ -204,72 +170,34 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     // Now every thread exists: main, signals, metrics (one for TCP and unix), stats summary, two
     // link monitors, two serving threads and three workers.
     let pid = v.pid();
-    let want: BTreeMap<&str, usize> = [
-        ("main", 1),
-        ("signals", 1),
-        ("metrics", 1),
-        ("stats summary", 1),
-        ("link monitor", 2),
-        ("control", 2),
-        ("worker", 3),
-    ]
-    .into();
-    wait_for("every thread", || {
-        tasks(pid).len() == want.values().sum::<usize>()
-    });
+    let want: BTreeMap<&str, usize> =
+        [("main", 1), ("signals", 1), ("metrics", 1), ("stats summary", 1), ("link monitor", 2), ("control", 2), ("worker", 3)].into();
+    wait_for("every thread", || tasks(pid).len() == want.values().sum::<usize>());
     assert_eq!(assert_all_filtered(pid), want);
 
     // Metrics over HTTP and the unix socket, and `vutap stats` on both.
     let la = format!("device=\"{a}\"");
     wait_for("counters", || {
         let t = http_get(port, "/metrics");
-        metric_sum(&t, "vutap_tx_frames_total", &la) == 5
-            && metric_sum(&t, "vutap_rx_frames_total", "device=\"b\"") >= 5
+        metric_sum(&t, "vutap_tx_frames_total", &la) == 5 && metric_sum(&t, "vutap_rx_frames_total", "device=\"b\"") >= 5
     });
     assert!(http_get(port, "/nope").starts_with("HTTP/1.1 404"));
     for endpoint in [addr.as_str(), munix.to_str().unwrap()] {
         let (code, out) = stats(endpoint);
         assert_eq!(code, 0, "{out}");
-        let row = out
-            .lines()
-            .find(|l| l.starts_with(&format!("{a} ")))
-            .unwrap_or_else(|| panic!("{out}"));
-        assert_eq!(
-            row.split_whitespace().nth(4),
-            Some("5"),
-            "tx_frames of {a}: {out}"
-        );
+        let row = out.lines().find(|l| l.starts_with(&format!("{a} "))).unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(row.split_whitespace().nth(4), Some("5"), "tx_frames of {a}: {out}");
     }
 
     // A link monitor reads the carrier and tells the frontend, both ways.
-    Command::new("ip")
-        .args(["link", "set", &topo.lower, "down"])
-        .status()
-        .unwrap();
-    assert_eq!(
-        read_backend_req(&mut channel, WAIT),
-        Some((2, 1, 0)),
-        "CONFIG_CHANGE_MSG after carrier loss"
-    );
-    assert_eq!(
-        fa.config().unwrap().unwrap().status & 1,
-        0,
-        "STATUS link down"
-    );
-    Command::new("ip")
-        .args(["link", "set", &topo.lower, "up"])
-        .status()
-        .unwrap();
-    assert_eq!(
-        read_backend_req(&mut channel, WAIT).map(|m| m.0),
-        Some(2),
-        "CONFIG_CHANGE_MSG after carrier back"
-    );
+    Command::new("ip").args(["link", "set", &topo.lower, "down"]).status().unwrap();
+    assert_eq!(read_backend_req(&mut channel, WAIT), Some((2, 1, 0)), "CONFIG_CHANGE_MSG after carrier loss");
+    assert_eq!(fa.config().unwrap().unwrap().status & 1, 0, "STATUS link down");
+    Command::new("ip").args(["link", "set", &topo.lower, "up"]).status().unwrap();
+    assert_eq!(read_backend_req(&mut channel, WAIT).map(|m| m.0), Some(2), "CONFIG_CHANGE_MSG after carrier back");
 
     // The stats summary thread logs.
-    wait_for("a stats summary line", || {
-        v.log_text().contains(&format!("stats {a}: rx "))
-    });
+    wait_for("a stats summary line", || v.log_text().contains(&format!("stats {a}: rx ")));
 
     // SIGSTOP/SIGCONT (job control, a debugger) interrupts the sleeping link monitors and stats
     // thread; the kernel resumes their sleeps with restart_syscall, which their lists allow.
@@ -278,9 +206,7 @@ fn test_sandbox_every_thread_filtered_and_everything_works_until_sigterm() {
     v.signal(libc::SIGCONT);
     wait_for("vutap running again", || process_state(pid) != Some('T'));
     let summaries = v.log_text().matches(&format!("stats {a}: rx ")).count();
-    wait_for("a stats summary after SIGCONT", || {
-        v.log_text().matches(&format!("stats {a}: rx ")).count() > summaries
-    });
+    wait_for("a stats summary after SIGCONT", || v.log_text().matches(&format!("stats {a}: rx ")).count() > summaries);
     assert!(http_get(port, "/metrics").starts_with("HTTP/1.1 200 OK"));
 
     // Still the same threads, all filtered; then SIGTERM: sockets removed, exit 0.
@@ -304,58 +230,22 @@ fn test_sandbox_user_and_once_filtered_and_main_thread_ends_the_process() {
     let dir = log_dir("sandbox-user-once").unwrap();
     let sock = dir.join("vutap.sock");
     let munix = dir.join("metrics.sock");
-    let mut v = Vutap::spawn(
-        &sock,
-        &topo.taps[0].dev,
-        1,
-        &[
-            "--user",
-            "nobody",
-            "--once",
-            "--metrics-unix",
-            munix.to_str().unwrap(),
-        ],
-        &dir,
-    )
-    .unwrap();
-    wait_for("privilege drop", || {
-        v.log_text().contains("with no capabilities")
-    });
+    let mut v = Vutap::spawn(&sock, &topo.taps[0].dev, 1, &["--user", "nobody", "--once", "--metrics-unix", munix.to_str().unwrap()], &dir)
+        .unwrap();
+    wait_for("privilege drop", || v.log_text().contains("with no capabilities"));
     let mut fe = NetFrontend::connect(&sock, FrontendOptions::default()).unwrap();
-    fe.send_frame(
-        0,
-        &VirtioNetHdr::default(),
-        &frame(parse_mac(&topo.taps[0].mac), 1),
-    )
-    .unwrap();
-    wait_for("tx as nobody", || {
-        stats(munix.to_str().unwrap())
-            .1
-            .lines()
-            .nth(1)
-            .is_some_and(|l| l.split_whitespace().nth(4) == Some("1"))
-    });
+    fe.send_frame(0, &VirtioNetHdr::default(), &frame(parse_mac(&topo.taps[0].mac), 1)).unwrap();
+    wait_for("tx as nobody", || stats(munix.to_str().unwrap()).1.lines().nth(1).is_some_and(|l| l.split_whitespace().nth(4) == Some("1")));
     let pid = v.pid();
-    let want: BTreeMap<&str, usize> = [
-        ("main", 1),
-        ("signals", 1),
-        ("metrics", 1),
-        ("link monitor", 1),
-        ("control", 1),
-        ("worker", 1),
-    ]
-    .into();
-    wait_for("every thread", || {
-        tasks(pid).len() == want.values().sum::<usize>()
-    });
+    let want: BTreeMap<&str, usize> =
+        [("main", 1), ("signals", 1), ("metrics", 1), ("link monitor", 1), ("control", 1), ("worker", 1)].into();
+    wait_for("every thread", || tasks(pid).len() == want.values().sum::<usize>());
     assert_eq!(assert_all_filtered(pid), want);
 
     // `--once`: the frontend leaves, the serving thread ends, the main thread (under its own
     // filter) joins it, stops the link monitor and ends the process with 0.
     drop(fe);
-    let st = v
-        .wait_exit(WAIT)
-        .expect("vutap --once exits after its frontend leaves");
+    let st = v.wait_exit(WAIT).expect("vutap --once exits after its frontend leaves");
     let log = v.log_text();
     assert_eq!(st.code(), Some(0), "{st}\n{log}");
     assert_nothing_refused(&log);
@@ -368,19 +258,10 @@ fn test_sandbox_no_seccomp_leaves_every_thread_unfiltered() {
     let dir = log_dir("sandbox-off").unwrap();
     let sock = dir.join("vutap.sock");
     let munix = dir.join("metrics.sock");
-    let v = Vutap::spawn(
-        &sock,
-        &topo.taps[0].dev,
-        1,
-        &["--no-seccomp", "--metrics-unix", munix.to_str().unwrap()],
-        &dir,
-    )
-    .unwrap();
+    let v = Vutap::spawn(&sock, &topo.taps[0].dev, 1, &["--no-seccomp", "--metrics-unix", munix.to_str().unwrap()], &dir).unwrap();
     let _fe = NetFrontend::connect(&sock, FrontendOptions::default()).unwrap();
     let pid = v.pid();
-    wait_for("a worker", || {
-        tasks(pid).iter().any(|t| t.name.starts_with("vutap-q"))
-    });
+    wait_for("a worker", || tasks(pid).iter().any(|t| t.name.starts_with("vutap-q")));
     let all = tasks(pid);
     assert!(all.len() >= 5, "{all:?}");
     assert!(all.iter().all(|t| (t.mode, t.filters) == (0, 0)), "{all:?}");

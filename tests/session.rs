@@ -114,7 +114,7 @@ fn test_protocol_bad_header_flags_disconnected_then_proper_frontend() {
     let bed = Bed::macvtap_serve_forever(1);
     garbage(&bed, &header(1, 0x2, 0), false); // GET_FEATURES with version 2
     garbage(&bed, &header(1, 0x1, 0x10_0000), false); // absurd body size
-    // Reserved flag bits, with a body vhost rejects before reading it.
+                                                      // Reserved flag bits, with a body vhost rejects before reading it.
     garbage(&bed, &[header(1, 0x101, 12), header(1, 0x1, 0)].concat(), false);
     let mut fe = bed.daemon.connect(opts(HandshakeOrder::CloudHypervisor));
     traffic(&bed, &mut fe, 1);

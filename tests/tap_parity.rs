@@ -27,12 +27,7 @@ const NOBODY: u32 = 65534;
 
 /// Runs vutap to completion (it is expected to refuse); returns its exit code and stderr lines.
 fn run_refused(cmd: &mut Command) -> (i32, Vec<String>) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vutap");
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vutap");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -47,28 +42,14 @@ fn run_refused(cmd: &mut Command) -> (i32, Vec<String>) {
     };
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let lines: Vec<String> = err
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_string)
-        .collect();
+    let lines: Vec<String> = err.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
     eprintln!("vutap -> {status}: {lines:?}");
     (status.code().expect("exited, not killed"), lines)
 }
 
 fn vutap(socket: &Path, tap: &str, queues: u16) -> Command {
     let mut c = Command::new(Vutap::binary().unwrap());
-    c.arg("--socket")
-        .arg(socket)
-        .args([
-            "--tap",
-            tap,
-            "--queues",
-            &queues.to_string(),
-            "--log-level",
-            "error",
-        ])
-        .env_remove("RUST_LOG");
+    c.arg("--socket").arg(socket).args(["--tap", tap, "--queues", &queues.to_string(), "--log-level", "error"]).env_remove("RUST_LOG");
     c
 }
 
@@ -76,11 +57,7 @@ fn assert_one_line(code: i32, lines: &[String], needles: &[&str]) {
     assert_eq!(code, 1, "{lines:?}");
     assert_eq!(lines.len(), 1, "exactly one line on stderr: {lines:?}");
     for n in needles {
-        assert!(
-            lines[0].contains(n),
-            "{:?} does not mention {n:?}",
-            lines[0]
-        );
+        assert!(lines[0].contains(n), "{:?} does not mention {n:?}", lines[0]);
     }
 }
 
@@ -121,12 +98,7 @@ fn test_tap_parity_single_queue_tap_served_with_one_queue_pair() {
     let sock = dir.join("vutap.sock");
     let v = Vutap::spawn(&sock, Path::new(&tap.name), 1, &[], &dir).unwrap();
     check_frames_both_ways(&sock, &tap.name);
-    assert!(
-        v.log_text()
-            .contains("is not multi_queue: serving its one queue"),
-        "{}",
-        v.log_text()
-    );
+    assert!(v.log_text().contains("is not multi_queue: serving its one queue"), "{}", v.log_text());
 }
 
 #[test]
@@ -135,16 +107,7 @@ fn test_tap_parity_single_queue_tap_refused_with_more_queue_pairs() {
     let tap = UserTap::create(&["vnet_hdr"]);
     let sock = log_dir("tap-parity-single-mq").unwrap().join("vutap.sock");
     let (code, lines) = run_refused(&mut vutap(&sock, &tap.name, 2));
-    assert_one_line(
-        code,
-        &lines,
-        &[
-            &tap.name,
-            "not a multi_queue tap",
-            "multi_queue vnet_hdr",
-            "--queues 1",
-        ],
-    );
+    assert_one_line(code, &lines, &[&tap.name, "not a multi_queue tap", "multi_queue vnet_hdr", "--queues 1"]);
     assert!(!sock.exists(), "no socket left behind");
 }
 
@@ -175,10 +138,7 @@ fn test_tap_parity_persistent_tap_of_another_user() {
     let mut v = AsNobody(cmd.spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
-        assert!(
-            v.0.try_wait().unwrap().is_none(),
-            "vutap as nobody exited on a tap nobody owns"
-        );
+        assert!(v.0.try_wait().unwrap().is_none(), "vutap as nobody exited on a tap nobody owns");
         assert!(Instant::now() < deadline, "vutap as nobody never listened");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -192,16 +152,7 @@ fn test_tap_parity_persistent_tap_of_another_user() {
     let mut cmd = vutap(&sock, &tap.name, 1);
     cmd.uid(NOBODY).gid(NOBODY);
     let (code, lines) = run_refused(&mut cmd);
-    assert_one_line(
-        code,
-        &lines,
-        &[
-            &tap.name,
-            "Operation not permitted",
-            "owner",
-            "CAP_NET_ADMIN",
-        ],
-    );
+    assert_one_line(code, &lines, &[&tap.name, "Operation not permitted", "owner", "CAP_NET_ADMIN"]);
 }
 
 /// Opens one queue of tap `name` the way a manager would hand it over: `/dev/net/tun`, TUNSETIFF
@@ -215,34 +166,16 @@ fn open_inheritable_queue(name: &str, flags: u16) -> std::os::fd::OwnedFd {
         flags: u16,
         _pad: [u8; 22],
     }
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags,
-        _pad: [0; 22],
-    };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags, _pad: [0; 22] };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: a NUL-terminated path; the returned fd is checked and then owned.
     let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
-    assert!(
-        fd >= 0,
-        "open /dev/net/tun: {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(fd >= 0, "open /dev/net/tun: {}", std::io::Error::last_os_error());
     // SAFETY: open just returned this fd; nothing else owns it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
     // SAFETY: `req` is a valid ifreq for TUNSETIFF, alive across the call.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            TUNSETIFF as _,
-            &mut req as *mut IfReq,
-        )
-    };
-    assert!(
-        rc == 0,
-        "TUNSETIFF {name} {flags:#x}: {}",
-        std::io::Error::last_os_error()
-    );
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), TUNSETIFF as _, &mut req as *mut IfReq) };
+    assert!(rc == 0, "TUNSETIFF {name} {flags:#x}: {}", std::io::Error::last_os_error());
     fd
 }
 
@@ -258,14 +191,7 @@ fn test_tap_parity_inherited_fd_with_and_without_vnet_hdr() {
     let fd = open_inheritable_queue(&tap.name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
     let dir = log_dir("tap-parity-fd").unwrap();
     let sock = dir.join("vutap.sock");
-    let v = Vutap::spawn(
-        &sock,
-        Path::new(&format!("fd:{}", fd.as_raw_fd())),
-        1,
-        &[],
-        &dir,
-    )
-    .unwrap();
+    let v = Vutap::spawn(&sock, Path::new(&format!("fd:{}", fd.as_raw_fd())), 1, &[], &dir).unwrap();
     drop(fd); // vutap holds its own copy
     check_frames_both_ways(&sock, &tap.name);
     drop(v);
@@ -286,10 +212,7 @@ fn pair0_counter(port: u16, device: &str, name: &str) -> u64 {
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let key = format!("{name}{{device=\"{device}\",queue_pair=\"0\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in\n{text}"))
+    text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {key} in\n{text}"))
 }
 
 /// Test frames waiting on a macvtap queue (each after its 10-byte virtio_net_hdr), until `n`
@@ -302,16 +225,10 @@ fn read_test_frames(queue: &std::fs::File, n: usize) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.len() < n && Instant::now() < deadline {
         match (&*queue).read(&mut buf) {
-            Ok(len) if len > 10 && common::is_test_frame(&buf[10..len]) => {
-                got.push(buf[10..len].to_vec())
-            }
+            Ok(len) if len > 10 && common::is_test_frame(&buf[10..len]) => got.push(buf[10..len].to_vec()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: queue.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
+                let mut p = libc::pollfd { fd: queue.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one valid pollfd, alive across the call.
                 unsafe { libc::poll(&mut p, 1, 100) };
             }
@@ -334,12 +251,7 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
     let _g = serial();
     for limit in [Some("32768"), None] {
         let topo = Topology::new(2, MacvtapMode::Bridge).unwrap();
-        let receiver = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&topo.taps[1].dev)
-            .unwrap();
+        let receiver = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&topo.taps[1].dev).unwrap();
         let dir = log_dir("tap-parity-sndbuf").unwrap();
         let sock = dir.join("vutap.sock");
         let port = free_port();
@@ -351,13 +263,8 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
         let v = Vutap::spawn(&sock, &topo.taps[0].dev, 1, &extra, &dir).unwrap();
         let device = topo.taps[0].ifname.as_str();
         let mut fe = NetFrontend::connect(&sock, FrontendOptions::default()).unwrap();
-        let (src, dst) = (
-            common::parse_mac(&topo.taps[0].mac),
-            common::parse_mac(&topo.taps[1].mac),
-        );
-        let frames: Vec<Vec<u8>> = (0..64)
-            .map(|seq| common::test_frame(dst, src, 1514, seq))
-            .collect();
+        let (src, dst) = (common::parse_mac(&topo.taps[0].mac), common::parse_mac(&topo.taps[1].mac));
+        let frames: Vec<Vec<u8>> = (0..64).map(|seq| common::test_frame(dst, src, 1514, seq)).collect();
         for f in &frames {
             fe.send_frame(0, &VirtioNetHdr::default(), f).unwrap();
         }
@@ -370,9 +277,7 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
             v.log_text()
         );
         let (w, e) = (written(), waits());
-        eprintln!(
-            "sndbuf {limit:?}: {w} frames written, {e} EAGAIN wait(s) before the receiver read"
-        );
+        eprintln!("sndbuf {limit:?}: {w} frames written, {e} EAGAIN wait(s) before the receiver read");
         match limit {
             Some(_) => assert!(e >= 1 && w < 64, "with --sndbuf: {w} written, {e} waits"),
             None => assert_eq!((w, e), (64, 0), "unlimited: every frame written at once"),
@@ -380,18 +285,9 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
         let got = read_test_frames(&receiver, frames.len());
         assert_eq!(got.len(), frames.len(), "frames at the receiving macvtap");
         assert!(got == frames, "frames changed or reordered on the way");
-        assert!(
-            common::wait_until(Duration::from_secs(5), || written() == 64),
-            "{}",
-            v.log_text()
-        );
+        assert!(common::wait_until(Duration::from_secs(5), || written() == 64), "{}", v.log_text());
         if limit.is_some() {
-            assert!(
-                v.log_text()
-                    .contains("tap send buffer 32768 bytes per queue"),
-                "{}",
-                v.log_text()
-            );
+            assert!(v.log_text().contains("tap send buffer 32768 bytes per queue"), "{}", v.log_text());
         }
     }
 }

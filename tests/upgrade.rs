@@ -50,18 +50,12 @@ fn http_get(port: u16) -> String {
 
 fn device_counter(port: u16, tap: &str, name: &str) -> Option<u64> {
     let key = format!("vutap_device_{name}_total{{device=\"{tap}\"}} ");
-    http_get(port)
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
+    http_get(port).lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok())
 }
 
 fn pair_counter(port: u16, tap: &str, pair: u16, name: &str) -> Option<u64> {
     let key = format!("vutap_{name}_total{{device=\"{tap}\",queue_pair=\"{pair}\"}} ");
-    http_get(port)
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
+    http_get(port).lines().find_map(|l| l.strip_prefix(&key)).and_then(|v| v.trim().parse().ok())
 }
 
 /// The vutap process serving now: the one the test spawned, then each one an upgrade started
@@ -110,30 +104,14 @@ impl Bed {
             &socket,
             Path::new(&tap),
             queues,
-            &[
-                &[
-                    "--control-socket",
-                    control.to_str().unwrap(),
-                    "--metrics-addr",
-                    &addr,
-                ][..],
-                extra,
-            ]
-            .concat(),
+            &[&["--control-socket", control.to_str().unwrap(), "--metrics-addr", &addr][..], extra].concat(),
             &dir,
         )
         .expect("spawn vutap");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
         sh("ip", &["link", "set", &tap, "up"]);
         let pid = vutap.pid();
-        Bed {
-            serving: Serving { first: vutap, pid },
-            socket,
-            control,
-            tap,
-            port,
-            dir,
-        }
+        Bed { serving: Serving { first: vutap, pid }, socket, control, tap, port, dir }
     }
 
     fn log(&self) -> String {
@@ -154,11 +132,7 @@ fn run_upgrade(control: &Path, binary: Option<&Path>) -> (bool, String) {
         cmd.arg("--binary").arg(b);
     }
     let out = cmd.output().expect("run vutap upgrade");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -194,16 +168,8 @@ fn probe_control_plane(fe: &mut NetFrontend, pairs: u16) -> Result<(), String> {
 
 /// "upgraded: pid N serves every device now (queue pairs paused X ms)" -> (N, X).
 fn parse_upgraded(out: &str) -> (u32, f64) {
-    let pid = out
-        .split("pid ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok());
-    let pause = out
-        .split("paused ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok());
+    let pid = out.split("pid ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok());
+    let pause = out.split("paused ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok());
     match (pid, pause) {
         (Some(p), Some(ms)) => (p, ms),
         _ => panic!("unexpected `vutap upgrade` output: {out}"),
@@ -234,10 +200,7 @@ impl Traffic {
     /// With `pairs` queue pairs, TX frames go out on each in turn and RX frames are taken from
     /// any (the tap picks the queue by flow hash).
     fn start(socket: &Path, tap: &str, pairs: u16) -> Traffic {
-        let opts = FrontendOptions {
-            queue_pairs: pairs,
-            ..FrontendOptions::default()
-        };
+        let opts = FrontendOptions { queue_pairs: pairs, ..FrontendOptions::default() };
         let fe = NetFrontend::connect(socket, opts).expect("handshake");
         Traffic::start_on(fe, tap, pairs)
     }
@@ -246,10 +209,7 @@ impl Traffic {
     fn start_on(mut fe: NetFrontend, tap: &str, pairs: u16) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx_sent, rx_sent) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
-        let (tx_seen, rx_seen) = (
-            Arc::new(Mutex::new(BTreeSet::new())),
-            Arc::new(Mutex::new(BTreeSet::new())),
-        );
+        let (tx_seen, rx_seen) = (Arc::new(Mutex::new(BTreeSet::new())), Arc::new(Mutex::new(BTreeSet::new())));
         let rx_gap = Arc::new(Mutex::new(Duration::ZERO));
         let probes_asked = Arc::new(AtomicU32::new(0));
         let probes_done = Arc::new(Mutex::new(Vec::new()));
@@ -258,12 +218,7 @@ impl Traffic {
         let peer_rx_sock = PacketSocket::bind(tap);
 
         let guest = {
-            let (stop, sent, seen, gap) = (
-                stop.clone(),
-                tx_sent.clone(),
-                rx_seen.clone(),
-                rx_gap.clone(),
-            );
+            let (stop, sent, seen, gap) = (stop.clone(), tx_sent.clone(), rx_seen.clone(), rx_gap.clone());
             let (asked, done) = (probes_asked.clone(), probes_done.clone());
             spawn_recorded(failures.clone(), move || -> Result<(), String> {
                 let mut last_rx = Instant::now();
@@ -278,11 +233,7 @@ impl Traffic {
                     let stopping = stop.load(Ordering::SeqCst);
                     if !stopping && Instant::now() >= next_tx {
                         let seq = sent.load(Ordering::SeqCst);
-                        let sent_now = fe.send_frame(
-                            (seq % u32::from(pairs)) as u16,
-                            &VirtioNetHdr::default(),
-                            &tx_frame(seq),
-                        );
+                        let sent_now = fe.send_frame((seq % u32::from(pairs)) as u16, &VirtioNetHdr::default(), &tx_frame(seq));
                         match sent_now {
                             Ok(()) => {
                                 sent.fetch_add(1, Ordering::SeqCst);
@@ -294,11 +245,7 @@ impl Traffic {
                             Err(e) => return Err(format!("send_frame {seq}: {e}")),
                         }
                     }
-                    match fe
-                        .recv_frame_any(Duration::from_micros(500))
-                        .map_err(|e| format!("recv_frame: {e}"))?
-                        .map(|(_, f)| f)
-                    {
+                    match fe.recv_frame_any(Duration::from_micros(500)).map_err(|e| format!("recv_frame: {e}"))?.map(|(_, f)| f) {
                         Some(f) if is_test_frame(&f.payload) => {
                             let seq = seq_of(&f.payload);
                             if f.payload != rx_frame(seq) {
@@ -351,9 +298,7 @@ impl Traffic {
             let (stop, seen, sock) = (stop.clone(), tx_seen.clone(), peer_rx_sock);
             spawn_recorded(failures.clone(), move || -> Result<(), String> {
                 loop {
-                    let got = sock.recv_matching(Duration::from_secs(2), |f| {
-                        is_test_frame(f) && f[6..12] == GUEST_MAC
-                    });
+                    let got = sock.recv_matching(Duration::from_secs(2), |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
                     match got {
                         Some(f) => {
                             let seq = seq_of(&f);
@@ -370,39 +315,20 @@ impl Traffic {
                 }
             })
         };
-        let t = Traffic {
-            stop,
-            tx_sent,
-            rx_sent,
-            tx_seen,
-            rx_seen,
-            rx_gap,
-            probes_asked,
-            probes_done,
-            failures,
-            guest,
-            peer_tx,
-            peer_rx,
-        };
+        let t = Traffic { stop, tx_sent, rx_sent, tx_seen, rx_seen, rx_gap, probes_asked, probes_done, failures, guest, peer_tx, peer_rx };
         t.wait_for_more(0, 0);
         t
     }
 
     fn counts(&self) -> (usize, usize) {
-        (
-            self.tx_seen.lock().unwrap().len(),
-            self.rx_seen.lock().unwrap().len(),
-        )
+        (self.tx_seen.lock().unwrap().len(), self.rx_seen.lock().unwrap().len())
     }
 
     /// Has the guest thread send control messages on the connection (see
     /// [`probe_control_plane`]) and checks their answers.
     fn probe(&self) {
         let n = self.probes_asked.fetch_add(1, Ordering::SeqCst) as usize + 1;
-        assert!(
-            wait_until(WAIT, || self.probes_done.lock().unwrap().len() >= n),
-            "no answer to control messages after an upgrade"
-        );
+        assert!(wait_until(WAIT, || self.probes_done.lock().unwrap().len() >= n), "no answer to control messages after an upgrade");
         if let Err(e) = &self.probes_done.lock().unwrap()[n - 1] {
             panic!("control messages after an upgrade: {e}");
         }
@@ -426,34 +352,14 @@ impl Traffic {
     fn finish(self) -> (u32, u32, Duration) {
         self.stop.store(true, Ordering::SeqCst);
         self.peer_tx.join().expect("peer sender");
-        self.guest
-            .join()
-            .expect("guest thread")
-            .unwrap_or_else(|e| panic!("guest: {e}"));
-        self.peer_rx
-            .join()
-            .expect("peer receiver")
-            .unwrap_or_else(|e| panic!("peer: {e}"));
-        let (tx, rx) = (
-            self.tx_sent.load(Ordering::SeqCst),
-            self.rx_sent.load(Ordering::SeqCst),
-        );
-        let missing =
-            |seen: &BTreeSet<u32>, n: u32| (0..n).filter(|s| !seen.contains(s)).collect::<Vec<_>>();
+        self.guest.join().expect("guest thread").unwrap_or_else(|e| panic!("guest: {e}"));
+        self.peer_rx.join().expect("peer receiver").unwrap_or_else(|e| panic!("peer: {e}"));
+        let (tx, rx) = (self.tx_sent.load(Ordering::SeqCst), self.rx_sent.load(Ordering::SeqCst));
+        let missing = |seen: &BTreeSet<u32>, n: u32| (0..n).filter(|s| !seen.contains(s)).collect::<Vec<_>>();
         let tx_missing = missing(&self.tx_seen.lock().unwrap(), tx);
         let rx_missing = missing(&self.rx_seen.lock().unwrap(), rx);
-        assert!(
-            tx_missing.is_empty(),
-            "{} of {tx} TX frames lost: {:?}",
-            tx_missing.len(),
-            &tx_missing[..tx_missing.len().min(20)]
-        );
-        assert!(
-            rx_missing.is_empty(),
-            "{} of {rx} RX frames lost: {:?}",
-            rx_missing.len(),
-            &rx_missing[..rx_missing.len().min(20)]
-        );
+        assert!(tx_missing.is_empty(), "{} of {tx} TX frames lost: {:?}", tx_missing.len(), &tx_missing[..tx_missing.len().min(20)]);
+        assert!(rx_missing.is_empty(), "{} of {rx} RX frames lost: {:?}", rx_missing.len(), &rx_missing[..rx_missing.len().min(20)]);
         let gap = *self.rx_gap.lock().unwrap();
         (tx, rx, gap)
     }
@@ -475,9 +381,7 @@ fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
     let _g = serial();
     // Stands in for systemd's notify socket: each old process must name its successor the
     // main process (MAINPID) before it exits.
-    let notify_path = log_dir(&format!("upgrade-notify-{name}"))
-        .unwrap()
-        .join("notify.sock");
+    let notify_path = log_dir(&format!("upgrade-notify-{name}")).unwrap().join("notify.sock");
     let _ = std::fs::remove_file(&notify_path);
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(WAIT)).unwrap();
@@ -497,25 +401,13 @@ fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
         bed.serving.pid = pid;
         let mut buf = [0u8; 64];
         let n = notify.recv(&mut buf).expect("MAINPID notification");
-        assert_eq!(
-            std::str::from_utf8(&buf[..n]).unwrap(),
-            format!("MAINPID={pid}\n")
-        );
-        assert!(
-            wait_until(WAIT, || !Serving::alive(old)),
-            "the old vutap {old} did not exit after upgrade {round}"
-        );
-        assert!(
-            Serving::alive(pid),
-            "the new vutap {pid} is not running:\n{}",
-            bed.log()
-        );
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("MAINPID={pid}\n"));
+        assert!(wait_until(WAIT, || !Serving::alive(old)), "the old vutap {old} did not exit after upgrade {round}");
+        assert!(Serving::alive(pid), "the new vutap {pid} is not running:\n{}", bed.log());
         // Started by an unprivileged process, it runs with no more than that one had. Its main
         // thread installs its own list last, after answering: wait for it.
         let status_path = format!("/proc/{pid}/status");
-        wait_until(WAIT, || {
-            std::fs::read_to_string(&status_path).is_ok_and(|s| s.contains("Seccomp_filters:\t2"))
-        });
+        wait_until(WAIT, || std::fs::read_to_string(&status_path).is_ok_and(|s| s.contains("Seccomp_filters:\t2")));
         let status = std::fs::read_to_string(&status_path).unwrap();
         for want in [
             "Uid:\t65534\t65534",
@@ -525,58 +417,27 @@ fn upgrades_under_traffic(name: &str, pairs: u16, upgrades: usize) {
             // The previous process's upgrade list (inherited) and its own: no pile-up.
             "Seccomp_filters:\t2",
         ] {
-            assert!(
-                status.contains(want),
-                "new vutap {pid}: no {want:?} in\n{status}"
-            );
+            assert!(status.contains(want), "new vutap {pid}: no {want:?} in\n{status}");
         }
         pauses.push(pause_ms);
         let (t, r) = traffic.counts();
         traffic.wait_for_more(t, r);
         traffic.probe();
     }
-    assert_eq!(
-        bed.serving.first.wait_exit(WAIT).map(|s| s.code()),
-        Some(Some(0)),
-        "the first vutap's exit status"
-    );
+    assert_eq!(bed.serving.first.wait_exit(WAIT).map(|s| s.code()), Some(Some(0)), "the first vutap's exit status");
     // Same connection: one accepted in all, none ended (device counters carry over).
-    assert_eq!(
-        device_counter(bed.port, &bed.tap, "connections"),
-        Some(1),
-        "{}",
-        bed.log()
-    );
+    assert_eq!(device_counter(bed.port, &bed.tap, "connections"), Some(1), "{}", bed.log());
     assert_eq!(device_counter(bed.port, &bed.tap, "disconnects"), Some(0));
-    assert_eq!(
-        device_counter(bed.port, &bed.tap, "protocol_errors"),
-        Some(0)
-    );
+    assert_eq!(device_counter(bed.port, &bed.tap, "protocol_errors"), Some(0));
     let (tx, rx, gap) = traffic.finish();
     // The pair's counters carried over every upgrade: once the connection is gone (its last
     // batch flushed), every TX frame of the run is counted once.
-    assert!(wait_until(WAIT, || device_counter(
-        bed.port,
-        &bed.tap,
-        "disconnects"
-    ) == Some(1)));
-    let total = |counter: &str| -> u64 {
-        (0..pairs)
-            .map(|p| pair_counter(bed.port, &bed.tap, p, counter).unwrap())
-            .sum()
-    };
-    assert_eq!(
-        total("tx_frames"),
-        u64::from(tx),
-        "tx_frames_total after {upgrades} upgrades"
-    );
+    assert!(wait_until(WAIT, || device_counter(bed.port, &bed.tap, "disconnects") == Some(1)));
+    let total = |counter: &str| -> u64 { (0..pairs).map(|p| pair_counter(bed.port, &bed.tap, p, counter).unwrap()).sum() };
+    assert_eq!(total("tx_frames"), u64::from(tx), "tx_frames_total after {upgrades} upgrades");
     assert!(total("rx_frames") >= u64::from(rx));
     let log = bed.log();
-    assert_eq!(
-        log.matches("frontend connected").count(),
-        1,
-        "a reconnect was logged:\n{log}"
-    );
+    assert_eq!(log.matches("frontend connected").count(), 1, "a reconnect was logged:\n{log}");
     assert_eq!(log.matches("took over every device").count(), upgrades);
     pauses.sort_by(f64::total_cmp);
     eprintln!(
@@ -605,10 +466,7 @@ fn test_upgrade_that_fails_leaves_the_old_vutap_serving() {
     // The new binary exits at once.
     let (ok, out) = bed.upgrade(Some(Path::new("/bin/false")));
     assert!(!ok, "{out}");
-    assert!(
-        out.contains("the running vutap goes on") && out.contains("exit status: 1"),
-        "{out}"
-    );
+    assert!(out.contains("the running vutap goes on") && out.contains("exit status: 1"), "{out}");
     let (t, r) = traffic.counts();
     traffic.wait_for_more(t, r);
     // A new binary that starts and then cannot take the state over (configured for another
@@ -617,28 +475,18 @@ fn test_upgrade_that_fails_leaves_the_old_vutap_serving() {
     let wrong = script(
         &bed.dir,
         "wrong-config.sh",
-        &format!(
-            "#!/bin/sh\nexec {} --socket {} --tap {}\n",
-            Vutap::binary().unwrap().display(),
-            other.display(),
-            bed.tap
-        ),
+        &format!("#!/bin/sh\nexec {} --socket {} --tap {}\n", Vutap::binary().unwrap().display(), other.display(), bed.tap),
     );
     let (ok, out) = bed.upgrade(Some(&wrong));
     assert!(!ok, "{out}");
-    assert!(
-        out.contains("the new process refused") && out.contains("this one is configured for"),
-        "{out}"
-    );
+    assert!(out.contains("the new process refused") && out.contains("this one is configured for"), "{out}");
     let (t, r) = traffic.counts();
     traffic.wait_for_more(t, r);
     assert!(bed.serving.first.is_running(), "{}", bed.log());
     let (tx, rx, _) = traffic.finish();
     assert_eq!(device_counter(bed.port, &bed.tap, "connections"), Some(1));
     assert!(bed.log().contains("every device resumed"), "{}", bed.log());
-    eprintln!(
-        "two failed upgrades: the old vutap kept serving; TX {tx} / RX {rx} frames, none lost"
-    );
+    eprintln!("two failed upgrades: the old vutap kept serving; TX {tx} / RX {rx} frames, none lost");
     let _ = std::fs::remove_dir_all(&bed.dir);
 }
 
@@ -660,20 +508,11 @@ fn test_upgrade_to_another_major_state_version_is_refused_before_anything_stops(
     );
     let (ok, out) = bed.upgrade(Some(&future));
     assert!(!ok, "{out}");
-    assert!(
-        out.contains("reads hand-over state version 2.0, this vutap writes 1.0")
-            && out.contains("restart instead"),
-        "{out}"
-    );
-    assert!(
-        !bed.log().contains("parking the devices"),
-        "devices were halted for a refused version:\n{}",
-        bed.log()
-    );
+    assert!(out.contains("reads hand-over state version 2.0, this vutap writes 1.0") && out.contains("restart instead"), "{out}");
+    assert!(!bed.log().contains("parking the devices"), "devices were halted for a refused version:\n{}", bed.log());
     // Still the same connection, still forwarding.
     let far = PacketSocket::bind(&bed.tap);
-    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(1))
-        .unwrap();
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(1)).unwrap();
     let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
     assert_eq!(got, Some(tx_frame(1)));
     let _ = std::fs::remove_dir_all(&bed.dir);
@@ -687,23 +526,16 @@ fn test_upgrade_without_a_frontend_hands_over_the_listener() {
     assert!(ok, "{out}\n{}", bed.log());
     let (pid, _) = parse_upgraded(&out);
     bed.serving.pid = pid;
-    assert!(
-        bed.serving.first.wait_exit(WAIT).is_some(),
-        "the old vutap did not exit"
-    );
+    assert!(bed.serving.first.wait_exit(WAIT).is_some(), "the old vutap did not exit");
     // The new process accepts on the listener it took over: a frontend connects and forwards.
     let mut fe = NetFrontend::connect(&bed.socket, FrontendOptions::default()).expect("handshake");
     let far = PacketSocket::bind(&bed.tap);
-    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(7))
-        .unwrap();
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(7)).unwrap();
     let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
     assert_eq!(got, Some(tx_frame(7)), "{}", bed.log());
     far.send(&rx_frame(8));
     let rx = loop {
-        let f = fe
-            .recv_frame(0, WAIT)
-            .unwrap()
-            .expect("RX frame after the upgrade");
+        let f = fe.recv_frame(0, WAIT).unwrap().expect("RX frame after the upgrade");
         if is_test_frame(&f.payload) {
             break f.payload;
         }
@@ -723,13 +555,7 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
     let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let log = std::fs::File::create(dir.join("vutap.log")).unwrap();
     let mut first = Command::new(Vutap::binary().unwrap())
-        .args([
-            "--socket",
-            socket.to_str().unwrap(),
-            "--tap",
-            &tap,
-            "--client",
-        ])
+        .args(["--socket", socket.to_str().unwrap(), "--tap", &tap, "--client"])
         .args(["--control-socket", control.to_str().unwrap()])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -750,18 +576,11 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
         traffic.probe();
     }
     // One connection across both upgrades.
-    assert_eq!(
-        log_text().matches("frontend connected").count(),
-        1,
-        "{}",
-        log_text()
-    );
+    assert_eq!(log_text().matches("frontend connected").count(), 1, "{}", log_text());
     let (tx, rx, _) = traffic.finish();
     let last = *pids.last().unwrap();
     // The frontend closed: a client-mode vutap tries to connect again, to the same listener.
-    let _again = listener
-        .accept()
-        .expect("the new vutap reconnects after the frontend closed");
+    let _again = listener.accept().expect("the new vutap reconnects after the frontend closed");
     // SAFETY: kill(2) on the pid the last upgrade reported (the test's grandchild).
     unsafe { libc::kill(last as libc::pid_t, libc::SIGTERM) };
     wait_until(WAIT, || !Serving::alive(last));
@@ -771,10 +590,7 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
 }
 
 /// A CONFIG_CHANGE_MSG header on the backend channel: (request, flags, size).
-fn read_backend_req(
-    ch: &mut std::os::unix::net::UnixStream,
-    timeout: Duration,
-) -> Option<(u32, u32, u32)> {
+fn read_backend_req(ch: &mut std::os::unix::net::UnixStream, timeout: Duration) -> Option<(u32, u32, u32)> {
     use std::io::Read;
     ch.set_read_timeout(Some(timeout)).unwrap();
     let mut h = [0u8; 12];
@@ -791,19 +607,8 @@ fn test_upgrade_hands_over_the_backend_channel() {
     let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
     let dir = log_dir("upgrade-channel").unwrap();
     let (sock, control) = (dir.join("vu.sock"), dir.join("ctl.sock"));
-    let first = Vutap::spawn(
-        &sock,
-        &topo.taps[0].dev,
-        1,
-        &[
-            "--control-socket",
-            control.to_str().unwrap(),
-            "--link-poll-ms",
-            "50",
-        ],
-        &dir,
-    )
-    .unwrap();
+    let first =
+        Vutap::spawn(&sock, &topo.taps[0].dev, 1, &["--control-socket", control.to_str().unwrap(), "--link-poll-ms", "50"], &dir).unwrap();
     let mut opts = FrontendOptions::default();
     opts.requested_protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
     let mut fe = NetFrontend::connect(&sock, opts).unwrap();
@@ -812,29 +617,14 @@ fn test_upgrade_hands_over_the_backend_channel() {
     drop(theirs);
     let (ok, out) = run_upgrade(&control, None);
     assert!(ok, "{out}\n{}", first.log_text());
-    let serving = Serving {
-        pid: parse_upgraded(&out).0,
-        first,
-    };
+    let serving = Serving { pid: parse_upgraded(&out).0, first };
     // The new process tells the frontend of a carrier change on the channel it took over.
     sh("ip", &["link", "set", &topo.lower, "down"]);
     let msg = read_backend_req(&mut ours, WAIT);
     sh("ip", &["link", "set", &topo.lower, "up"]);
-    assert_eq!(
-        msg,
-        Some((2, 1, 0)),
-        "CONFIG_CHANGE_MSG from the new vutap:\n{}",
-        serving.first.log_text()
-    );
-    assert_eq!(
-        fe.config().unwrap().unwrap().status & 1,
-        0,
-        "STATUS after the carrier loss"
-    );
-    assert!(
-        read_backend_req(&mut ours, WAIT).is_some(),
-        "CONFIG_CHANGE_MSG when the carrier returns"
-    );
+    assert_eq!(msg, Some((2, 1, 0)), "CONFIG_CHANGE_MSG from the new vutap:\n{}", serving.first.log_text());
+    assert_eq!(fe.config().unwrap().unwrap().status & 1, 0, "STATUS after the carrier loss");
+    assert!(read_backend_req(&mut ours, WAIT).is_some(), "CONFIG_CHANGE_MSG when the carrier returns");
     assert_eq!(fe.config().unwrap().unwrap().status & 1, 1);
     drop(fe);
     drop(serving);
@@ -847,8 +637,7 @@ fn test_upgrade_hands_over_the_dirty_log() {
     let _g = serial();
     let mut bed = Bed::start("log", 1, &[]);
     let opts = FrontendOptions {
-        requested_protocol: FrontendOptions::default().requested_protocol
-            | VhostUserProtocolFeatures::LOG_SHMFD,
+        requested_protocol: FrontendOptions::default().requested_protocol | VhostUserProtocolFeatures::LOG_SHMFD,
         ..FrontendOptions::default()
     };
     let mut fe = NetFrontend::connect(&bed.socket, opts).expect("handshake");
@@ -858,15 +647,11 @@ fn test_upgrade_hands_over_the_dirty_log() {
     let (ok, out) = bed.upgrade(None);
     assert!(ok, "{out}\n{}", bed.log());
     bed.serving.pid = parse_upgraded(&out).0;
-    assert!(
-        bed.serving.first.wait_exit(WAIT).is_some(),
-        "the old vutap did not exit"
-    );
+    assert!(bed.serving.first.wait_exit(WAIT).is_some(), "the old vutap did not exit");
     // Only the new process runs now: what it writes must be marked in the log it took over.
     log.write_all_at(&vec![0u8; log_len], 0).unwrap();
     let far = PacketSocket::bind(&bed.tap);
-    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(3))
-        .unwrap();
+    fe.send_frame(0, &VirtioNetHdr::default(), &tx_frame(3)).unwrap();
     let got = far.recv_matching(WAIT, |f| is_test_frame(f) && f[6..12] == GUEST_MAC);
     assert_eq!(got, Some(tx_frame(3)));
     let marked = wait_until(WAIT, || {
@@ -874,10 +659,6 @@ fn test_upgrade_hands_over_the_dirty_log() {
         log.read_exact_at(&mut bitmap, 0).unwrap();
         bitmap.iter().any(|b| *b != 0)
     });
-    assert!(
-        marked,
-        "the new vutap marked nothing in the dirty log:\n{}",
-        bed.log()
-    );
+    assert!(marked, "the new vutap marked nothing in the dirty log:\n{}", bed.log());
     let _ = std::fs::remove_dir_all(&bed.dir);
 }

@@ -269,11 +269,7 @@ pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigEr
 /// A `--config` file: one `--device` spec per line; `#` starts a comment.
 pub fn parse_config_file(path: &std::path::Path, once: bool) -> Result<Vec<NamedDevice>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ConfigFile { path: path.to_path_buf(), why: e.to_string() })?;
-    text.lines()
-        .map(|l| l.split('#').next().unwrap_or("").trim())
-        .filter(|l| !l.is_empty())
-        .map(|l| parse_device_spec(l, once))
-        .collect()
+    text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| parse_device_spec(l, once)).collect()
 }
 
 impl TryFrom<Args> for DaemonConfig {

@@ -37,7 +37,9 @@ const PARTIAL_SEND_WAIT: Duration = Duration::from_millis(50);
 pub enum LinkError {
     #[error("cannot send CONFIG_CHANGE_MSG to the frontend: {0}")]
     Send(#[source] io::Error),
-    #[error("CONFIG_CHANGE_MSG went out in part ({sent} of {len} bytes) and the frontend did not take the rest within {PARTIAL_SEND_WAIT:?}")]
+    #[error(
+        "CONFIG_CHANGE_MSG went out in part ({sent} of {len} bytes) and the frontend did not take the rest within {PARTIAL_SEND_WAIT:?}"
+    )]
     PartialSend { sent: usize, len: usize },
     #[error("cannot spawn the link monitor thread: {0}")]
     Spawn(#[source] io::Error),
@@ -306,9 +308,7 @@ mod tests {
         // The smallest send buffer: the channel is full after a few messages.
         let small: libc::c_int = 1;
         // SAFETY: setsockopt on a valid socket with a pointer to a c_int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&small as *const libc::c_int).cast(), 4)
-        };
+        let rc = unsafe { libc::setsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&small as *const libc::c_int).cast(), 4) };
         assert_eq!(rc, 0);
         link.set_channel(Some(BackendChannel { stream: a, config_acked: true }));
         const FLAPS: u64 = 2000;

@@ -36,7 +36,11 @@ fn upgrade_main(rest: &[String]) -> ! {
     };
     match vutap::upgrade::coordinator::request_upgrade(std::path::Path::new(control), binary, std::time::Duration::from_secs(60)) {
         Ok(reply) if reply.ok => {
-            println!("upgraded: pid {} serves every device now (queue pairs paused {:.1} ms)", reply.pid.unwrap_or(0), reply.pause_ms.unwrap_or(0.0));
+            println!(
+                "upgraded: pid {} serves every device now (queue pairs paused {:.1} ms)",
+                reply.pid.unwrap_or(0),
+                reply.pause_ms.unwrap_or(0.0)
+            );
             std::process::exit(0)
         }
         Ok(reply) => {
@@ -59,11 +63,7 @@ fn main() {
         upgrade_main(&argv[2..]);
     }
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .parse_default_env()
-        .format_timestamp_millis()
-        .init();
+    env_logger::Builder::new().parse_filters(&args.log_level).parse_default_env().format_timestamp_millis().init();
     vutap::sandbox::set_enabled(!args.no_seccomp);
     vutap::worker::set_exit_on_tap_loss(args.exit_on_tap_loss);
     let config = match DaemonConfig::try_from(args) {

@@ -30,9 +30,18 @@ pub enum MemoryError {
     #[error("VMM address {0:#x} is in no shared region")]
     UnknownVmmAddress(u64),
     #[error("region {index} (gpa {gpa:#x}): {source}")]
-    BadFd { index: usize, gpa: u64, #[source] source: MappedFdError },
+    BadFd {
+        index: usize,
+        gpa: u64,
+        #[source]
+        source: MappedFdError,
+    },
     #[error("region {index}: {source}")]
-    Guard { index: usize, #[source] source: GuardError },
+    Guard {
+        index: usize,
+        #[source]
+        source: GuardError,
+    },
 }
 
 /// Where one region lives for the frontend (its user address) and for the guest (its GPA).
@@ -80,8 +89,11 @@ impl SharedMemory {
         }
         let mut seals = Vec::with_capacity(regions.len());
         for (index, (region, file)) in regions.iter().zip(&files).enumerate() {
-            let seal = check_mappable(file, region.mmap_offset, region.memory_size)
-                .map_err(|source| MemoryError::BadFd { index, gpa: region.guest_phys_addr, source })?;
+            let seal = check_mappable(file, region.mmap_offset, region.memory_size).map_err(|source| MemoryError::BadFd {
+                index,
+                gpa: region.guest_phys_addr,
+                source,
+            })?;
             seals.push(seal);
         }
         let mut mapped = Vec::with_capacity(regions.len());
@@ -89,12 +101,7 @@ impl SharedMemory {
         let mut guards = Vec::with_capacity(regions.len());
         let mut kept = Vec::with_capacity(regions.len());
         for (index, (region, file)) in regions.iter().zip(files).enumerate() {
-            let map_err = |reason: String| MemoryError::Map {
-                index,
-                gpa: region.guest_phys_addr,
-                size: region.memory_size,
-                reason,
-            };
+            let map_err = |reason: String| MemoryError::Map { index, gpa: region.guest_phys_addr, size: region.memory_size, reason };
             let dup = file.try_clone().map_err(|e| map_err(format!("cannot dup the fd: {e}")))?;
             kept.push(SharedRegion {
                 guest_phys_addr: region.guest_phys_addr,

@@ -84,11 +84,7 @@ impl RangeSlot {
                 std::hint::spin_loop();
                 continue;
             }
-            let entry = (
-                self.start.load(Ordering::Relaxed),
-                self.len.load(Ordering::Relaxed),
-                self.owner.load(Ordering::Relaxed),
-            );
+            let entry = (self.start.load(Ordering::Relaxed), self.len.load(Ordering::Relaxed), self.owner.load(Ordering::Relaxed));
             fence(Ordering::Acquire);
             if self.seq.load(Ordering::Relaxed) == before {
                 return Some(entry);
@@ -136,22 +132,15 @@ struct Hit {
 
 /// The registered range of `slots` that contains `addr`.
 fn find(slots: &[RangeSlot], addr: usize) -> Option<Hit> {
-    slots
-        .iter()
-        .filter(|s| s.claimed.load(Ordering::Acquire))
-        .find_map(|s| {
-            let (start, len, owner) = s.read()?;
-            (len != 0 && addr >= start && addr - start < len).then_some(Hit { start, len, owner })
-        })
+    slots.iter().filter(|s| s.claimed.load(Ordering::Acquire)).find_map(|s| {
+        let (start, len, owner) = s.read()?;
+        (len != 0 && addr >= start && addr - start < len).then_some(Hit { start, len, owner })
+    })
 }
 
 /// Claims a free slot of `slots` for `start..start+len`; None when all are taken.
 fn claim(slots: &[RangeSlot], start: usize, len: usize, owner: usize) -> Option<usize> {
-    let index = slots.iter().position(|s| {
-        s.claimed
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-    })?;
+    let index = slots.iter().position(|s| s.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok())?;
     slots[index].write(start, len, owner);
     Some(index)
 }
@@ -211,23 +200,13 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 }
 
 /// What SIGBUS did before vutap's handler: the previous handler, or the default action.
-fn pass_on(
-    sig: libc::c_int,
-    info: *mut libc::siginfo_t,
-    ctx: *mut libc::c_void,
-    code: libc::c_int,
-) {
+fn pass_on(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void, code: libc::c_int) {
     if let Some(prev) = PREVIOUS.get() {
         let h = prev.sa_sigaction;
         if code > 0 && h != libc::SIG_DFL && h != libc::SIG_IGN {
             if prev.sa_flags & libc::SA_SIGINFO != 0 {
                 // SAFETY: with SA_SIGINFO the previous handler has this signature.
-                let f = unsafe {
-                    std::mem::transmute::<
-                        usize,
-                        extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
-                    >(h)
-                };
+                let f = unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)>(h) };
                 f(sig, info, ctx);
             } else {
                 // SAFETY: without SA_SIGINFO the previous handler takes the signal number only.
@@ -266,7 +245,10 @@ fn install_handler() {
                 let _ = PREVIOUS.set(old);
             }
             if libc::sigaction(libc::SIGBUS, &act, std::ptr::null_mut()) != 0 {
-                warn!("cannot install the SIGBUS handler ({}): a frontend shrinking guest memory would kill vutap", io::Error::last_os_error());
+                warn!(
+                    "cannot install the SIGBUS handler ({}): a frontend shrinking guest memory would kill vutap",
+                    io::Error::last_os_error()
+                );
             }
         }
     });
@@ -322,11 +304,7 @@ impl FaultOwner {
         let notify = EventFd::new(EFD_NONBLOCK).map_err(GuardError::EventFd)?;
         let index = OWNERS
             .iter()
-            .position(|o| {
-                o.claimed
-                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            })
+            .position(|o| o.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed).is_ok())
             .ok_or(GuardError::OwnersFull)?;
         let o = &OWNERS[index];
         o.lost.store(false, Ordering::Relaxed);
@@ -347,8 +325,7 @@ impl FaultOwner {
     /// Registers `len` bytes mapped at `start`; the range is guarded until the guard drops
     /// (drop it after unmapping).
     pub fn guard(&self, start: *const u8, len: usize) -> Result<RangeGuard, GuardError> {
-        let index =
-            claim(&RANGES, start as usize, len, self.index).ok_or(GuardError::RangesFull)?;
+        let index = claim(&RANGES, start as usize, len, self.index).ok_or(GuardError::RangesFull)?;
         Ok(RangeGuard { index })
     }
 
@@ -425,22 +402,8 @@ mod tests {
         let a = claim(&slots, 0x10000, 0x2000, 3).unwrap();
         let b = claim(&slots, 0x40000, 0x1000, 5).unwrap();
         assert_ne!(a, b);
-        assert_eq!(
-            find(&slots, 0x10000),
-            Some(Hit {
-                start: 0x10000,
-                len: 0x2000,
-                owner: 3
-            })
-        );
-        assert_eq!(
-            find(&slots, 0x11fff),
-            Some(Hit {
-                start: 0x10000,
-                len: 0x2000,
-                owner: 3
-            })
-        );
+        assert_eq!(find(&slots, 0x10000), Some(Hit { start: 0x10000, len: 0x2000, owner: 3 }));
+        assert_eq!(find(&slots, 0x11fff), Some(Hit { start: 0x10000, len: 0x2000, owner: 3 }));
         assert_eq!(find(&slots, 0x12000), None, "one past the end");
         assert_eq!(find(&slots, 0xffff), None);
         assert_eq!(find(&slots, 0x40800).map(|h| h.owner), Some(5));
@@ -448,9 +411,7 @@ mod tests {
         assert_eq!(find(&slots, 0x10000), None, "released");
         assert_eq!(find(&slots, 0x40000).map(|h| h.owner), Some(5));
         // Full registry: claims fail, then succeed again after a release.
-        let rest: Vec<usize> = (0..3)
-            .map(|i| claim(&slots, 0x100000 * (i + 1), 0x1000, 1).unwrap())
-            .collect();
+        let rest: Vec<usize> = (0..3).map(|i| claim(&slots, 0x100000 * (i + 1), 0x1000, 1).unwrap()).collect();
         assert_eq!(claim(&slots, 0x900000, 0x1000, 1), None);
         release(&slots, rest[0]);
         assert!(claim(&slots, 0x900000, 0x1000, 1).is_some());
@@ -466,16 +427,7 @@ mod tests {
         let f = unsafe { File::from_raw_fd(libc::memfd_create(c"vutap-guard-test".as_ptr(), 0)) };
         f.set_len(len as u64).unwrap();
         // SAFETY: a fresh shared mapping of our own memfd, checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0) };
         assert_ne!(p, libc::MAP_FAILED);
         (f, p.cast())
     }
@@ -497,10 +449,7 @@ mod tests {
             seccompiler::apply_filter(&crate::sandbox::worker_filter().unwrap()).unwrap();
             assert!(!watch.lost());
             // Page 0 is still backed: no fault.
-            let iov = [IoVec(libc::iovec {
-                iov_base: addr as *mut libc::c_void,
-                iov_len: 4096,
-            })];
+            let iov = [IoVec(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 4096 })];
             assert!(!watch.probe_lost(&iov));
             // Page 2 is past the new end: SIGBUS, contained.
             // SAFETY: inside the mapping we registered; the handler makes it readable.
@@ -511,14 +460,7 @@ mod tests {
         .unwrap();
         assert_eq!(seen, (0, true));
         let lost = owner.lost_range().expect("fault recorded");
-        assert_eq!(
-            lost,
-            LostRange {
-                fault_addr: addr + 2 * 4096 + 8,
-                start: addr,
-                len
-            }
-        );
+        assert_eq!(lost, LostRange { fault_addr: addr + 2 * 4096 + 8, start: addr, len });
         assert_eq!(owner.lost_range(), Some(lost), "stays recorded until reset");
         owner.reset();
         assert!(owner.lost_range().is_none());
@@ -542,17 +484,11 @@ mod tests {
         file.set_len(0).unwrap();
         // A kernel copy from the truncated range fails with EFAULT, no signal.
         let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-        let iov = [IoVec(libc::iovec {
-            iov_base: p.cast(),
-            iov_len: 64,
-        })];
+        let iov = [IoVec(libc::iovec { iov_base: p.cast(), iov_len: 64 })];
         // SAFETY: writev from our (truncated) mapping; the kernel checks the access.
         let n = unsafe { libc::writev(w.as_raw_fd(), iov.as_ptr().cast(), 1) };
         assert_eq!(n, -1);
-        assert_eq!(
-            io::Error::last_os_error().raw_os_error(),
-            Some(libc::EFAULT)
-        );
+        assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
         assert!(!owner.watch().lost());
         assert!(owner.watch().probe_lost(&iov));
         assert!(owner.lost_range().is_some());
@@ -595,22 +531,12 @@ mod tests {
         }
         for how in ["fault", "raise"] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "--exact",
-                    "memory_guard::tests::test_sigbus_child_outside_guarded_ranges",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args(["--exact", "memory_guard::tests::test_sigbus_child_outside_guarded_ranges", "--nocapture", "--test-threads=1"])
                 .env(CHILD_ENV, how)
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(
-                out.status.signal(),
-                Some(libc::SIGBUS),
-                "{how}: {:?}\n{text}",
-                out.status
-            );
+            assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{how}: {:?}\n{text}", out.status);
         }
     }
 }

@@ -115,9 +115,21 @@ impl DeviceMetrics {
             ("protocol_errors", "connections closed because the frontend broke the protocol", l(&self.protocol_errors)),
             ("link_changes", "carrier changes of the tap or macvtap lower", l(&self.link_changes)),
             ("config_change_msgs", "config-change messages sent over the backend request channel", l(&self.config_change_msgs)),
-            ("bad_memory_fds", "connections closed because a memory or log fd was shorter than its declared mapping", l(&self.bad_memory_fds)),
-            ("guest_memory_lost", "connections closed because mapped guest memory or the log was truncated under vutap (fault contained)", l(&self.guest_memory_lost)),
-            ("config_change_dropped", "config-change messages dropped because the frontend was not reading its backend channel", l(&self.config_change_dropped)),
+            (
+                "bad_memory_fds",
+                "connections closed because a memory or log fd was shorter than its declared mapping",
+                l(&self.bad_memory_fds),
+            ),
+            (
+                "guest_memory_lost",
+                "connections closed because mapped guest memory or the log was truncated under vutap (fault contained)",
+                l(&self.guest_memory_lost),
+            ),
+            (
+                "config_change_dropped",
+                "config-change messages dropped because the frontend was not reading its backend channel",
+                l(&self.config_change_dropped),
+            ),
         ]
     }
 }

@@ -54,19 +54,13 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 /// Parses the head received so far.
 pub fn parse(buf: &[u8]) -> Parsed {
     let Some(end) = head_end(buf) else {
-        return if buf.len() >= MAX_HEAD {
-            Parsed::Complete(Route::BadRequest)
-        } else {
-            Parsed::NeedMore
-        };
+        return if buf.len() >= MAX_HEAD { Parsed::Complete(Route::BadRequest) } else { Parsed::NeedMore };
     };
     if end >= MAX_HEAD {
         return Parsed::Complete(Route::BadRequest);
     }
     let line_end = buf[..end].iter().position(|&b| b == b'\n').unwrap_or(end);
-    let line = buf[..line_end]
-        .strip_suffix(b"\r")
-        .unwrap_or(&buf[..line_end]);
+    let line = buf[..line_end].strip_suffix(b"\r").unwrap_or(&buf[..line_end]);
     Parsed::Complete(route(line))
 }
 
@@ -75,15 +69,10 @@ fn route(request_line: &[u8]) -> Route {
         return Route::BadRequest;
     };
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Route::BadRequest;
     };
-    if method.is_empty()
-        || !method.bytes().all(|b| b.is_ascii_uppercase())
-        || !version.starts_with("HTTP/")
-    {
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) || !version.starts_with("HTTP/") {
         return Route::BadRequest;
     }
     if method != "GET" {
@@ -98,13 +87,9 @@ fn route(request_line: &[u8]) -> Route {
 /// The whole response for `route`, `body` being the metrics text for [`Route::Metrics`].
 pub fn response(route: Route, metrics_body: impl FnOnce() -> String) -> Vec<u8> {
     let (status, ctype, fixed) = route.status();
-    let body = if route == Route::Metrics {
-        metrics_body()
-    } else {
-        fixed.to_string()
-    };
-    let mut out = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-        .into_bytes();
+    let body = if route == Route::Metrics { metrics_body() } else { fixed.to_string() };
+    let mut out =
+        format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
 }
@@ -116,44 +101,17 @@ mod tests {
 
     #[test]
     fn test_parse_routes() {
-        assert_eq!(
-            parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Parsed::Complete(Route::Metrics)
-        );
-        assert_eq!(
-            parse(b"GET /?a=b HTTP/1.0\r\n\r\n"),
-            Parsed::Complete(Route::Metrics)
-        );
-        assert_eq!(
-            parse(b"GET /metrics?name[]=x HTTP/1.1\n\n"),
-            Parsed::Complete(Route::Metrics)
-        );
-        assert_eq!(
-            parse(b"GET /nope HTTP/1.1\r\n\r\n"),
-            Parsed::Complete(Route::NotFound)
-        );
-        assert_eq!(
-            parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Parsed::Complete(Route::MethodNotAllowed)
-        );
-        assert_eq!(
-            parse(b"GET /metrics\r\n\r\n"),
-            Parsed::Complete(Route::BadRequest)
-        );
-        assert_eq!(
-            parse(b"get /metrics HTTP/1.1\r\n\r\n"),
-            Parsed::Complete(Route::BadRequest)
-        );
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), Parsed::Complete(Route::Metrics));
+        assert_eq!(parse(b"GET /?a=b HTTP/1.0\r\n\r\n"), Parsed::Complete(Route::Metrics));
+        assert_eq!(parse(b"GET /metrics?name[]=x HTTP/1.1\n\n"), Parsed::Complete(Route::Metrics));
+        assert_eq!(parse(b"GET /nope HTTP/1.1\r\n\r\n"), Parsed::Complete(Route::NotFound));
+        assert_eq!(parse(b"POST /metrics HTTP/1.1\r\n\r\n"), Parsed::Complete(Route::MethodNotAllowed));
+        assert_eq!(parse(b"GET /metrics\r\n\r\n"), Parsed::Complete(Route::BadRequest));
+        assert_eq!(parse(b"get /metrics HTTP/1.1\r\n\r\n"), Parsed::Complete(Route::BadRequest));
         assert_eq!(parse(b"\r\n\r\n"), Parsed::Complete(Route::BadRequest));
-        assert_eq!(
-            parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"),
-            Parsed::NeedMore
-        );
+        assert_eq!(parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"), Parsed::NeedMore);
         assert_eq!(parse(b""), Parsed::NeedMore);
-        assert_eq!(
-            parse(&vec![b'a'; MAX_HEAD]),
-            Parsed::Complete(Route::BadRequest)
-        );
+        assert_eq!(parse(&vec![b'a'; MAX_HEAD]), Parsed::Complete(Route::BadRequest));
         assert_eq!(parse(&vec![b'a'; MAX_HEAD - 1]), Parsed::NeedMore);
     }
 
@@ -165,9 +123,7 @@ mod tests {
         assert!(text.contains("Content-Length: 4\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\na 1\n"), "{text}");
         let r = response(Route::NotFound, || unreachable!("only /metrics renders"));
-        assert!(String::from_utf8(r)
-            .unwrap()
-            .ends_with("\r\n\r\ntry /metrics\n"));
+        assert!(String::from_utf8(r).unwrap().ends_with("\r\n\r\ntry /metrics\n"));
     }
 
     fn header() -> impl Strategy<Value = String> {

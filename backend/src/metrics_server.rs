@@ -45,71 +45,39 @@ pub enum MetricsError {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// The text format (version 0.0.4) for `devices`.
 pub fn render(devices: &[Arc<Device>]) -> String {
     let mut out = String::new();
     for (name, help) in PairCounts::HELP {
-        let _ = writeln!(
-            out,
-            "# HELP vutap_{name}_total {help}\n# TYPE vutap_{name}_total counter"
-        );
+        let _ = writeln!(out, "# HELP vutap_{name}_total {help}\n# TYPE vutap_{name}_total counter");
         for d in devices {
             for (pair, m) in d.metrics.iter().enumerate() {
-                let v = m
-                    .snapshot()
-                    .fields()
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map_or(0, |(_, v)| *v);
-                let _ = writeln!(
-                    out,
-                    "vutap_{name}_total{{device=\"{}\",queue_pair=\"{pair}\"}} {v}",
-                    escape(&d.label)
-                );
+                let v = m.snapshot().fields().iter().find(|(k, _)| k == name).map_or(0, |(_, v)| *v);
+                let _ = writeln!(out, "vutap_{name}_total{{device=\"{}\",queue_pair=\"{pair}\"}} {v}", escape(&d.label));
             }
         }
     }
     if let Some(d0) = devices.first() {
         for (i, (name, help, _)) in d0.device_metrics.fields().iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "# HELP vutap_device_{name}_total {help}\n# TYPE vutap_device_{name}_total counter"
-            );
+            let _ = writeln!(out, "# HELP vutap_device_{name}_total {help}\n# TYPE vutap_device_{name}_total counter");
             for d in devices {
                 let v = d.device_metrics.fields()[i].2;
-                let _ = writeln!(
-                    out,
-                    "vutap_device_{name}_total{{device=\"{}\"}} {v}",
-                    escape(&d.label)
-                );
+                let _ = writeln!(out, "vutap_device_{name}_total{{device=\"{}\"}} {v}", escape(&d.label));
             }
         }
     }
     type Gauge = (&'static str, &'static str, fn(&Device) -> u64);
     let gauges: [Gauge; 2] = [
-        (
-            "link_up",
-            "1 when the tap has carrier (announced to the frontend as VIRTIO_NET_S_LINK_UP)",
-            |d| u64::from(d.link.is_up()),
-        ),
-        ("queue_pairs", "queue pairs offered", |d| {
-            d.queue_pairs() as u64
-        }),
+        ("link_up", "1 when the tap has carrier (announced to the frontend as VIRTIO_NET_S_LINK_UP)", |d| u64::from(d.link.is_up())),
+        ("queue_pairs", "queue pairs offered", |d| d.queue_pairs() as u64),
     ];
     for (name, help, f) in gauges {
         let _ = writeln!(out, "# HELP vutap_{name} {help}\n# TYPE vutap_{name} gauge");
         for d in devices {
-            let _ = writeln!(
-                out,
-                "vutap_{name}{{device=\"{}\"}} {}",
-                escape(&d.label),
-                f(d)
-            );
+            let _ = writeln!(out, "vutap_{name}{{device=\"{}\"}} {}", escape(&d.label), f(d));
         }
     }
     out
@@ -122,17 +90,12 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    pub fn bind(
-        addr: Option<SocketAddr>,
-        unix: Option<&Path>,
-    ) -> Result<MetricsServer, MetricsError> {
+    pub fn bind(addr: Option<SocketAddr>, unix: Option<&Path>) -> Result<MetricsServer, MetricsError> {
         let tcp = addr
             .map(|a| {
-                let l = TcpListener::bind(a)
-                    .map_err(|source| MetricsError::BindTcp { addr: a, source })?;
+                let l = TcpListener::bind(a).map_err(|source| MetricsError::BindTcp { addr: a, source })?;
                 // Non-blocking, so an accept after a client vanished cannot block the loop.
-                l.set_nonblocking(true)
-                    .map_err(|source| MetricsError::BindTcp { addr: a, source })?;
+                l.set_nonblocking(true).map_err(|source| MetricsError::BindTcp { addr: a, source })?;
                 Ok(l)
             })
             .transpose()?;
@@ -141,10 +104,7 @@ impl MetricsServer {
                 if p.exists() && std::os::unix::net::UnixStream::connect(p).is_err() {
                     let _ = std::fs::remove_file(p);
                 }
-                let bind_err = |source| MetricsError::BindUnix {
-                    path: p.to_path_buf(),
-                    source,
-                };
+                let bind_err = |source| MetricsError::BindUnix { path: p.to_path_buf(), source };
                 let l = UnixListener::bind(p).map_err(bind_err)?;
                 l.set_nonblocking(true).map_err(bind_err)?;
                 Some((l, p.to_path_buf()))
@@ -247,28 +207,14 @@ enum Io {
 
 fn recv_nonblocking(fd: &OwnedFd, buf: &mut [u8]) -> Io {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call; the fd is ours.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     io_outcome(n)
 }
 
 fn send_nonblocking(fd: &OwnedFd, buf: &[u8]) -> Io {
     // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call; the fd is ours.
     // MSG_NOSIGNAL: a peer that hung up gives EPIPE, not SIGPIPE.
-    let n = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
+    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     io_outcome(n)
 }
 
@@ -287,23 +233,12 @@ impl Endpoint {
     fn new(tcp: Option<TcpListener>, unix: Option<UnixListener>) -> Endpoint {
         let mut listeners = Vec::new();
         if let Some(l) = tcp {
-            listeners.push(Listener {
-                fd: l.into(),
-                http: true,
-                resting_until: None,
-            });
+            listeners.push(Listener { fd: l.into(), http: true, resting_until: None });
         }
         if let Some(l) = unix {
-            listeners.push(Listener {
-                fd: l.into(),
-                http: false,
-                resting_until: None,
-            });
+            listeners.push(Listener { fd: l.into(), http: false, resting_until: None });
         }
-        Endpoint {
-            listeners,
-            connections: Vec::with_capacity(MAX_CONNECTIONS),
-        }
+        Endpoint { listeners, connections: Vec::with_capacity(MAX_CONNECTIONS) }
     }
 
     /// Waits for something to do (at most until the next deadline), then does it.
@@ -316,11 +251,7 @@ impl Endpoint {
             if let Some(t) = l.resting_until.filter(|_| resting) {
                 wake = wake.min(t);
             }
-            pollfds.push(libc::pollfd {
-                fd: if resting { -1 } else { l.fd.as_raw_fd() },
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            pollfds.push(libc::pollfd { fd: if resting { -1 } else { l.fd.as_raw_fd() }, events: libc::POLLIN, revents: 0 });
         }
         for c in &self.connections {
             let events = match c.phase {
@@ -328,27 +259,13 @@ impl Endpoint {
                 Phase::Writing { .. } => libc::POLLOUT,
             };
             wake = wake.min(c.deadline);
-            pollfds.push(libc::pollfd {
-                fd: c.fd.as_raw_fd(),
-                events,
-                revents: 0,
-            });
+            pollfds.push(libc::pollfd { fd: c.fd.as_raw_fd(), events, revents: 0 });
         }
         let wait = wake.saturating_duration_since(now);
-        let ts = libc::timespec {
-            tv_sec: wait.as_secs() as libc::time_t,
-            tv_nsec: wait.subsec_nanos() as libc::c_long,
-        };
+        let ts = libc::timespec { tv_sec: wait.as_secs() as libc::time_t, tv_nsec: wait.subsec_nanos() as libc::c_long };
         // SAFETY: `pollfds` is a valid array of `pollfds.len()` entries and `ts` a valid timespec,
         // both alive across the call; no signal mask is passed.
-        let ready = unsafe {
-            libc::ppoll(
-                pollfds.as_mut_ptr(),
-                pollfds.len() as libc::nfds_t,
-                &ts,
-                std::ptr::null(),
-            )
-        };
+        let ready = unsafe { libc::ppoll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, &ts, std::ptr::null()) };
         if ready < 0 {
             return; // EINTR: go round again.
         }
@@ -359,14 +276,8 @@ impl Endpoint {
             }
         }
         let now = Instant::now();
-        self.connections
-            .retain(|c| !c.finished() && c.deadline > now);
-        let ready: Vec<usize> = listener_events
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.revents != 0)
-            .map(|(i, _)| i)
-            .collect();
+        self.connections.retain(|c| !c.finished() && c.deadline > now);
+        let ready: Vec<usize> = listener_events.iter().enumerate().filter(|(_, p)| p.revents != 0).map(|(i, _)| i).collect();
         for i in ready {
             self.accept_all(i, &render);
         }
@@ -405,19 +316,9 @@ impl Endpoint {
                 debug!("metrics: {MAX_CONNECTIONS} connections open; closing the oldest");
                 self.connections.remove(0);
             }
-            let phase = if self.listeners[i].http {
-                Phase::Reading(Vec::new())
-            } else {
-                Phase::Writing {
-                    out: render().into_bytes(),
-                    sent: 0,
-                }
-            };
-            let mut c = Connection {
-                fd,
-                phase,
-                deadline: Instant::now() + CONNECTION_DEADLINE,
-            };
+            let phase =
+                if self.listeners[i].http { Phase::Reading(Vec::new()) } else { Phase::Writing { out: render().into_bytes(), sent: 0 } };
+            let mut c = Connection { fd, phase, deadline: Instant::now() + CONNECTION_DEADLINE };
             // Most requests are already there: answer without another turn.
             c.progress(render);
             if !c.finished() {
@@ -438,9 +339,7 @@ impl Connection {
             let mut buf = [0u8; 1024];
             loop {
                 match recv_nonblocking(&self.fd, &mut buf) {
-                    Io::Done(n) => {
-                        head.extend_from_slice(&buf[..n.min(MAX_HEAD.saturating_sub(head.len()))])
-                    }
+                    Io::Done(n) => head.extend_from_slice(&buf[..n.min(MAX_HEAD.saturating_sub(head.len()))]),
                     Io::WouldBlock => break,
                     // Gone before a whole request: nothing to answer.
                     Io::Closed => {
@@ -449,10 +348,7 @@ impl Connection {
                     }
                 }
                 if let Parsed::Complete(route) = metrics_http::parse(head) {
-                    self.phase = Phase::Writing {
-                        out: metrics_http::response(route, render),
-                        sent: 0,
-                    };
+                    self.phase = Phase::Writing { out: metrics_http::response(route, render), sent: 0 };
                     break;
                 }
             }

@@ -18,7 +18,11 @@ pub enum PrivilegeError {
     #[error("--user {0:?}: user name contains a NUL byte")]
     BadName(String),
     #[error("{step} failed: {source}")]
-    Syscall { step: &'static str, #[source] source: std::io::Error },
+    Syscall {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("privileges not dropped: {0}")]
     Verify(String),
 }

@@ -33,8 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, warn};
 use seccompiler::{
-    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-    SeccompFilter, SeccompRule, TargetArch,
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 use thiserror::Error;
 
@@ -193,64 +192,33 @@ impl AllowList {
     pub fn compile(&self) -> Result<BpfProgram, SandboxError> {
         let list = self.name;
         let compile = |source| SandboxError::Compile { list, source };
-        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = self
-            .any_args
-            .iter()
-            .flat_map(|l| l.iter())
-            .map(|s| (*s, vec![]))
-            .collect();
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = self.any_args.iter().flat_map(|l| l.iter()).map(|s| (*s, vec![])).collect();
         for (nr, checks) in self.with_args {
             let conditions = checks
                 .iter()
-                .map(|c| {
-                    SeccompCondition::new(
-                        c.arg,
-                        SeccompCmpArgLen::Qword,
-                        SeccompCmpOp::MaskedEq(c.mask),
-                        c.value,
-                    )
-                })
+                .map(|c| SeccompCondition::new(c.arg, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(c.mask), c.value))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(compile)?;
-            rules
-                .entry(*nr)
-                .or_default()
-                .push(SeccompRule::new(conditions).map_err(compile)?);
+            rules.entry(*nr).or_default().push(SeccompRule::new(conditions).map_err(compile)?);
         }
         let arch = std::env::consts::ARCH;
-        let target =
-            TargetArch::try_from(arch).map_err(|source| SandboxError::Arch { arch, source })?;
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Errno(libc::EPERM as u32),
-            SeccompAction::Allow,
-            target,
-        )
-        .map_err(compile)?;
+        let target = TargetArch::try_from(arch).map_err(|source| SandboxError::Arch { arch, source })?;
+        let filter = SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, target).map_err(compile)?;
         BpfProgram::try_from(filter).map_err(compile)
     }
 
     /// Installs the filter on the calling thread, whether or not the sandbox is enabled.
     pub fn apply(&self) -> Result<(), SandboxError> {
         let list = self.name;
-        seccompiler::apply_filter(&self.compile()?)
-            .map_err(|source| SandboxError::Install { list, source })
+        seccompiler::apply_filter(&self.compile()?).map_err(|source| SandboxError::Install { list, source })
     }
 }
 
 /// The worker threads' list.
-pub const WORKER: AllowList = AllowList {
-    name: "worker",
-    any_args: &[WORKER_SYSCALLS],
-    with_args: &[],
-};
+pub const WORKER: AllowList = AllowList { name: "worker", any_args: &[WORKER_SYSCALLS], with_args: &[] };
 
 /// The device serving threads' list.
-pub const CONTROL: AllowList = AllowList {
-    name: "control",
-    any_args: &[WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS],
-    with_args: &[],
-};
+pub const CONTROL: AllowList = AllowList { name: "control", any_args: &[WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS], with_args: &[] };
 
 /// Every kind of thread vutap runs, each with its own list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::*;
-use vhost::vhost_user::{Backend, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut};
 use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::{Backend, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -28,8 +28,8 @@ use crate::mapped_fd::ShrinkSeal;
 use crate::memory::{MemoryError, SharedMemory};
 use crate::upgrade::state::{ChannelState, ConnectionState, LogState, RegionState, VringState};
 use crate::used_ring::read_used_idx;
-use vutap_virtio::resume::resume_position;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
+use vutap_virtio::resume::resume_position;
 
 /// Largest ring vutap accepts (the split-ring maximum).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -122,9 +122,7 @@ impl Session {
 
     fn vring(&mut self, index: u32) -> VhostResult<&mut Vring> {
         let n = self.vrings.len();
-        self.vrings
-            .get_mut(index as usize)
-            .ok_or_else(|| handler_error(format!("vring index {index} out of range (device has {n} rings)")))
+        self.vrings.get_mut(index as usize).ok_or_else(|| handler_error(format!("vring index {index} out of range (device has {n} rings)")))
     }
 
     /// Records an enable/disable. Called for SET_VRING_ENABLE also when it arrives before
@@ -514,7 +512,15 @@ impl VhostUserBackendReqHandlerMut for Session {
         Ok(())
     }
 
-    fn set_vring_addr(&mut self, index: u32, _flags: VhostUserVringAddrFlags, descriptor: u64, used: u64, available: u64, _log: u64) -> VhostResult<()> {
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
         let mem = self.memory.as_ref().ok_or_else(|| handler_error("SET_VRING_ADDR before SET_MEM_TABLE"))?;
         let to_gpa = |a: u64| mem.vmm_to_gpa(a).map_err(|e| handler_error(format!("vring {index}: {e}")));
         let (desc, used, avail) = (to_gpa(descriptor)?, to_gpa(used)?, to_gpa(available)?);
@@ -624,7 +630,12 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(VhostError::InvalidOperation("memory slots are not supported"))
     }
 
-    fn add_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion, _fd: File, _postcopy: Option<bool>) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
         Err(VhostError::InvalidOperation("memory slots are not supported"))
     }
 
@@ -632,7 +643,12 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(VhostError::InvalidOperation("memory slots are not supported"))
     }
 
-    fn set_device_state_fd(&mut self, _d: VhostTransferStateDirection, _p: VhostTransferStatePhase, _fd: File) -> VhostResult<Option<File>> {
+    fn set_device_state_fd(
+        &mut self,
+        _d: VhostTransferStateDirection,
+        _p: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
         Err(VhostError::InvalidOperation("device state transfer is not supported"))
     }
 
@@ -659,4 +675,3 @@ impl VhostUserBackendReqHandlerMut for Session {
         })
     }
 }
-

@@ -17,7 +17,11 @@ use crate::metrics::PairCounts;
 #[derive(Debug, Error)]
 pub enum StatsError {
     #[error("cannot reach the metrics endpoint {what}: {source}")]
-    Connect { what: String, #[source] source: io::Error },
+    Connect {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("metrics endpoint {0} answered: {1}")]
     Http(String, String),
     #[error("no vutap metrics in the answer of {0}")]

@@ -33,23 +33,52 @@ pub enum TapError {
     #[error("no such network device {0:?} (create it first, e.g. `ip link add link LOWER name {0} type macvtap mode bridge`)")]
     NoSuchDevice(String),
     #[error("cannot open {path}: {source}")]
-    Open { path: PathBuf, #[source] source: io::Error },
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{0} is not a tap/macvtap character device")]
     NotATap(PathBuf),
     #[error("TUNSETIFF on {name}: {source}{hint}")]
-    SetIff { name: String, hint: &'static str, #[source] source: io::Error },
+    SetIff {
+        name: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("inherited fd {fd} is not a tap/macvtap: {source}")]
-    InheritedNotTap { fd: RawFd, #[source] source: io::Error },
+    InheritedNotTap {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
     #[error("{count} fds given for {queues} queue pairs: pass exactly one fd per queue pair")]
     FdCount { count: usize, queues: usize },
     #[error("TUNSETVNETHDRSZ {len}: {source}")]
-    SetVnetHdrSz { len: usize, #[source] source: io::Error },
+    SetVnetHdrSz {
+        len: usize,
+        #[source]
+        source: io::Error,
+    },
     #[error("TUNSETOFFLOAD {flags:#x}: {source}")]
-    SetOffload { flags: u32, #[source] source: io::Error },
+    SetOffload {
+        flags: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("TUNSETQUEUE ({action}): {source}")]
-    SetQueue { action: &'static str, #[source] source: io::Error },
+    SetQueue {
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading {path}: {source}")]
-    Sysfs { path: PathBuf, #[source] source: io::Error },
+    Sysfs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// `struct ifreq` as the tun ioctls use it: a name and the flags of the union.
@@ -136,8 +165,7 @@ impl TapQueue {
 
     /// Sets the virtio_net_hdr length the tap reads and writes (10 or 12).
     pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
-        ioctl_int(self.as_raw_fd(), TUNSETVNETHDRSZ, &(len as libc::c_int))
-            .map_err(|source| TapError::SetVnetHdrSz { len, source })
+        ioctl_int(self.as_raw_fd(), TUNSETVNETHDRSZ, &(len as libc::c_int)).map_err(|source| TapError::SetVnetHdrSz { len, source })
     }
 
     /// Tells the tap which offloads (`TUN_F_*`) the reader copes with.
@@ -249,9 +277,7 @@ fn sysfs_net(name: &str) -> PathBuf {
 }
 
 fn read_sysfs(path: &Path) -> Result<String, TapError> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|source| TapError::Sysfs { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).map_err(|source| TapError::Sysfs { path: path.to_path_buf(), source })
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -333,10 +359,8 @@ fn macvtap_dev_path(name: &str) -> Result<PathBuf, TapError> {
     }
     let devnum = read_sysfs(&sysfs_net(name).join("macvtap").join(format!("tap{ifindex}")).join("dev"))?;
     let (major, minor) = devnum.split_once(':').ok_or_else(|| TapError::NotATap(path.clone()))?;
-    let (major, minor): (u32, u32) = (
-        major.parse().map_err(|_| TapError::NotATap(path.clone()))?,
-        minor.parse().map_err(|_| TapError::NotATap(path.clone()))?,
-    );
+    let (major, minor): (u32, u32) =
+        (major.parse().map_err(|_| TapError::NotATap(path.clone()))?, minor.parse().map_err(|_| TapError::NotATap(path.clone()))?);
     let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| TapError::NotATap(path.clone()))?;
     // SAFETY: `cpath` is a valid NUL-terminated path; mknod does not retain it.
     let ret = unsafe { libc::mknod(cpath.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(major, minor)) };

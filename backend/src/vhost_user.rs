@@ -35,9 +35,17 @@ pub enum SocketError {
     #[error("socket path {0} is in use by a running process (another vutap or VMM is listening there)")]
     InUse(PathBuf),
     #[error("cannot bind {path}: {source}")]
-    Bind { path: PathBuf, #[source] source: io::Error },
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot remove stale socket {path}: {source}")]
-    RemoveStale { path: PathBuf, #[source] source: io::Error },
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Binds the server socket, replacing a stale socket file but never a live one.

@@ -23,11 +23,11 @@ use vutap_virtio::Features;
 use crate::dirty_log::DirtyLog;
 use crate::memory::GuestMem;
 use crate::memory_guard::{FaultWatch, RangeGuard};
-use crate::used_ring::log_used_ring;
 use crate::metrics::{PairCounts, PairMetrics};
 use crate::rx::{RxLoop, RxOutcome};
 use crate::tap::TapQueue;
 use crate::tx::{TxLoop, TxOutcome};
+use crate::used_ring::log_used_ring;
 
 /// Exit status for `--exit-on-tap-loss` (EX_TEMPFAIL: a supervisor should restart vutap).
 pub const EXIT_TAP_LOST: i32 = 75;
@@ -93,12 +93,10 @@ impl Worker {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_for_thread = stop.try_clone()?;
         let pair = setup.pair;
-        let thread = std::thread::Builder::new()
-            .name(format!("vutap-q{pair}"))
-            .spawn(move || {
-                crate::sandbox::enter_worker();
-                PairLoop::new(setup, stop_for_thread).run()
-            })?;
+        let thread = std::thread::Builder::new().name(format!("vutap-q{pair}")).spawn(move || {
+            crate::sandbox::enter_worker();
+            PairLoop::new(setup, stop_for_thread).run()
+        })?;
         Ok(Worker { stop, thread })
     }
 
@@ -340,7 +338,10 @@ impl PairLoop {
     /// woken by the SIGBUS guard and closes the connection, which stops this worker.
     fn mark_memory_lost(&mut self) {
         if !self.memory_lost {
-            error!("queue pair {}: guest memory lost (an fd shrank under the mapping); this queue pair stops until the connection closes", self.setup.pair);
+            error!(
+                "queue pair {}: guest memory lost (an fd shrank under the mapping); this queue pair stops until the connection closes",
+                self.setup.pair
+            );
         }
         self.memory_lost = true;
     }

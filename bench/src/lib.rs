@@ -5,6 +5,6 @@
 //! - [`testbed`]: network namespaces, veth pairs, macvtaps, and TCG QEMU guests for end-to-end runs.
 
 pub mod frontend;
-pub mod testbed;
 pub mod loadgen;
 pub mod packet;
+pub mod testbed;

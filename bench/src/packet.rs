@@ -93,8 +93,7 @@ impl PacketSocket {
 
     /// Opens the socket on `ifname` in the calling thread's network namespace.
     fn open_here(ifname: &str, opts: PacketOptions) -> io::Result<PacketSocket> {
-        let ifindex =
-            ifindex(ifname).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifname}")))?;
+        let ifindex = ifindex(ifname).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {ifname}")))?;
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call; the result is checked.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) };
@@ -115,9 +114,7 @@ impl PacketSocket {
         }
         let sll = sockaddr(ifindex, proto, None);
         // SAFETY: sll is a valid sockaddr_ll and its exact size is passed.
-        let r = unsafe {
-            libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
-        };
+        let r = unsafe { libc::bind(raw, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32) };
         if r != 0 {
             return Err(last_err(&format!("bind AF_PACKET to {ifname}")));
         }
@@ -171,8 +168,7 @@ impl PacketSocket {
 
     /// Sends a batch with one sendmmsg; returns how many went (0 on an error).
     pub fn send_batch(&self, frames: &[Vec<u8>]) -> usize {
-        let mut iovs: Vec<libc::iovec> =
-            frames.iter().map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }).collect();
+        let mut iovs: Vec<libc::iovec> = frames.iter().map(|f| libc::iovec { iov_base: f.as_ptr() as *mut _, iov_len: f.len() }).collect();
         // SAFETY: mmsghdr is plain old data.
         let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; frames.len()];
         for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {

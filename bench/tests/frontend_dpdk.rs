@@ -11,9 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vutap_bench::frontend::features::{F_VERSION_1, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
-use vutap_bench::frontend::{
-    rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr,
-};
+use vutap_bench::frontend::{rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr};
 use vutap_bench::packet::{ifindex, PacketOptions, PacketSocket};
 
 const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
@@ -200,11 +198,7 @@ fn check_rx(fe: &mut NetFrontend, sock: &PacketSocket, frames: &[Vec<u8>]) {
 }
 
 fn sizes() -> Vec<Vec<u8>> {
-    [60usize, 1514, 60, 1514, 61, 1000]
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| test_frame(l, i as u32))
-        .collect()
+    [60usize, 1514, 60, 1514, 61, 1000].iter().enumerate().map(|(i, &l)| test_frame(l, i as u32)).collect()
 }
 
 #[test]
@@ -319,12 +313,7 @@ fn test_frontend_dpdk_batch_throughput_and_vring_base() {
     }
     let secs = start.elapsed().as_secs_f64();
     let s = fe.stats();
-    eprintln!(
-        "TX {} frames of 60 B in {secs:.3}s = {:.0} pps, {} kicks",
-        s.tx_completed,
-        s.tx_completed as f64 / secs,
-        s.tx_kicks
-    );
+    eprintln!("TX {} frames of 60 B in {secs:.3}s = {:.0} pps, {} kicks", s.tx_completed, s.tx_completed as f64 / secs, s.tx_kicks);
     assert_eq!(s.tx_completed, total);
     assert!(s.tx_kicks < total, "batching kicks at most once per batch");
     // Stopping the TX ring reports where the backend stopped: all frames consumed.

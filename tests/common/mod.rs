@@ -49,7 +49,11 @@ pub fn unique() -> String {
 }
 
 pub fn sh(prog: &str, args: &[&str]) {
-    let st = std::process::Command::new(prog).args(args).stdout(std::process::Stdio::null()).status().unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
+    let st = std::process::Command::new(prog)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
     assert!(st.success(), "`{prog} {}` failed: {st}", args.join(" "));
 }
 

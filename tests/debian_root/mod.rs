@@ -50,35 +50,17 @@ impl ThrowawayRoot {
             .stderr(Stdio::inherit())
             .output()
             .expect("run scripts/build-debian-root.sh");
-        assert!(
-            out.status.success(),
-            "scripts/build-debian-root.sh: {}",
-            out.status
-        );
+        assert!(out.status.success(), "scripts/build-debian-root.sh: {}", out.status);
         let lower = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        assert!(
-            lower.join("usr/bin/dpkg").is_file(),
-            "{} is no Debian root",
-            lower.display()
-        );
+        assert!(lower.join("usr/bin/dpkg").is_file(), "{} is no Debian root", lower.display());
 
         let logs = log_dir(name).unwrap();
         let layers = logs.join("root");
         let runtime = logs.join("run-vutap");
-        for d in [
-            layers.join("upper"),
-            layers.join("work"),
-            layers.join("merged"),
-            runtime.clone(),
-        ] {
+        for d in [layers.join("upper"), layers.join("work"), layers.join("merged"), runtime.clone()] {
             std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
         }
-        ThrowawayRoot {
-            lower,
-            layers,
-            runtime,
-            logs,
-        }
+        ThrowawayRoot { lower, layers, runtime, logs }
     }
 
     /// The host directory the root sees as `/run/vutap` (sockets made there are reachable here).
@@ -94,27 +76,19 @@ impl ThrowawayRoot {
     /// `chroot ROOT args...` with the mounts above, a clean environment and no stdin.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            ENTER,
-            "enter",
-        ])
-        .arg(&self.lower)
-        .arg(self.layers.join("upper"))
-        .arg(self.layers.join("work"))
-        .arg(self.layers.join("merged"))
-        .arg(&self.runtime)
-        .args(args)
-        .env_clear()
-        .env("PATH", PATH)
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null());
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", ENTER, "enter"])
+            .arg(&self.lower)
+            .arg(self.layers.join("upper"))
+            .arg(self.layers.join("work"))
+            .arg(self.layers.join("merged"))
+            .arg(&self.runtime)
+            .args(args)
+            .env_clear()
+            .env("PATH", PATH)
+            .env("HOME", "/root")
+            .env("LANG", "C.UTF-8")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -126,11 +100,7 @@ impl ThrowawayRoot {
 
     /// Runs `args` in the root; returns whether it exited 0 (its output goes to the test's).
     pub fn succeeds(&self, args: &[&str]) -> bool {
-        self.command(args)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
+        self.command(args).stdout(Stdio::null()).status().unwrap().success()
     }
 
     /// Copies the host file `from` to `to` inside the root (through the root's own `cat`).
@@ -142,9 +112,7 @@ impl ThrowawayRoot {
 }
 
 fn expect_success(args: &[&str], mut cmd: Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?} in the root: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{args:?} in the root: {e}"));
     assert!(
         out.status.success(),
         "{args:?} in the root: {}\n{}{}",
@@ -175,10 +143,7 @@ impl Drop for ThrowawayRoot {
         if mounts.is_empty() {
             let _ = std::fs::remove_dir_all(&self.layers);
         } else {
-            eprintln!(
-                "leaving {}: still mounted at {mounts:?}",
-                self.layers.display()
-            );
+            eprintln!("leaving {}: still mounted at {mounts:?}", self.layers.display());
         }
     }
 }

@@ -265,19 +265,13 @@ pub fn thread_count() -> usize {
 /// Threads of this process whose name starts with `prefix`.
 pub fn threads_named(prefix: &str) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
-        .count()
+    dir.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))).count()
 }
 
 /// Resident set size of this process in KiB.
 pub fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// A dup of the connection of a frontend, to send raw messages on.

@@ -47,11 +47,7 @@ impl StampedLines {
                 .map(|l| (Instant::now(), l))
                 .collect()
         });
-        StampedLines {
-            child,
-            reader,
-            seen,
-        }
+        StampedLines { child, reader, seen }
     }
 
     /// Sends SIGINT (ping then prints its summary) and collects every line.
@@ -79,11 +75,7 @@ pub struct PingRun {
 
 impl Pinger {
     pub fn start(topo: &Topology, target: &str) -> Pinger {
-        Pinger(StampedLines::spawn(
-            &topo.netns,
-            &["busybox", "ping", "-i", "0.01", "-W", "1", target],
-            "seq=",
-        ))
+        Pinger(StampedLines::spawn(&topo.netns, &["busybox", "ping", "-i", "0.01", "-W", "1", target], "seq="))
     }
 
     pub fn stop(self) -> PingRun {
@@ -233,11 +225,7 @@ fn rate_kbps(line: &str) -> Option<f64> {
 pub fn dip(ivs: &[Interval], window: (Instant, Instant)) -> Option<(f64, f64)> {
     let median = median_kbps(ivs)?;
     let step = Duration::from_millis(100);
-    let worst = ivs
-        .iter()
-        .filter(|i| i.at >= window.0 && i.at - step <= window.1)
-        .map(|i| i.kbps)
-        .min_by(f64::total_cmp)?;
+    let worst = ivs.iter().filter(|i| i.at >= window.0 && i.at - step <= window.1).map(|i| i.kbps).min_by(f64::total_cmp)?;
     Some((median, worst))
 }
 
@@ -252,11 +240,7 @@ pub fn median_kbps(ivs: &[Interval]) -> Option<f64> {
 /// rate swings on this host without any event.
 pub fn worst_outside(ivs: &[Interval], windows: &[(Instant, Instant)]) -> Option<f64> {
     let step = Duration::from_millis(100);
-    ivs.iter()
-        .skip(5)
-        .filter(|i| !windows.iter().any(|&w| overlaps((i.at - step, i.at), w)))
-        .map(|i| i.kbps)
-        .min_by(f64::total_cmp)
+    ivs.iter().skip(5).filter(|i| !windows.iter().any(|&w| overlaps((i.at - step, i.at), w))).map(|i| i.kbps).min_by(f64::total_cmp)
 }
 
 /// Frame counters of both ends and the drop/error counters of the host devices in between.
@@ -274,25 +258,15 @@ pub struct PathCounters {
 
 fn sysfs_u64(ifname: &str, stat: &str) -> u64 {
     let path = format!("/sys/class/net/{ifname}/statistics/{stat}");
-    std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("read {path}"))
+    std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| panic!("read {path}"))
 }
 
 fn peer_counts(topo: &Topology) -> (u64, u64) {
     let p = &topo.peer;
     let out = topo
-        .exec_ok(&[
-            "cat",
-            &format!("/sys/class/net/{p}/statistics/rx_packets"),
-            &format!("/sys/class/net/{p}/statistics/tx_packets"),
-        ])
+        .exec_ok(&["cat", &format!("/sys/class/net/{p}/statistics/rx_packets"), &format!("/sys/class/net/{p}/statistics/tx_packets")])
         .unwrap();
-    let v: Vec<u64> = out
-        .split_whitespace()
-        .filter_map(|t| t.parse().ok())
-        .collect();
+    let v: Vec<u64> = out.split_whitespace().filter_map(|t| t.parse().ok()).collect();
     assert_eq!(v.len(), 2, "peer counters: {out:?}");
     (v[0], v[1])
 }
@@ -301,21 +275,14 @@ fn guest_counts(g: &mut Guest) -> (u64, u64, u64) {
     let s = "/sys/class/net/eth0";
     let out = g
         .run_ok(
-            &format!(
-                "echo C $(cat {s}/statistics/rx_packets) $(cat {s}/statistics/tx_packets) $(cat {s}/carrier_changes)"
-            ),
+            &format!("echo C $(cat {s}/statistics/rx_packets) $(cat {s}/statistics/tx_packets) $(cat {s}/carrier_changes)"),
             Duration::from_secs(20),
         )
         .unwrap();
     out.lines()
         .find_map(|l| {
             // The shell's prompt may precede the output on the same line.
-            let v: Vec<u64> = l
-                .rsplit_once("C ")?
-                .1
-                .split_whitespace()
-                .map(|t| t.parse().ok())
-                .collect::<Option<_>>()?;
+            let v: Vec<u64> = l.rsplit_once("C ")?.1.split_whitespace().map(|t| t.parse().ok()).collect::<Option<_>>()?;
             (v.len() == 3).then(|| (v[0], v[1], v[2]))
         })
         .unwrap_or_else(|| panic!("guest counters: {out:?}"))
@@ -339,14 +306,7 @@ impl PathCounters {
                         host_drops += sysfs_u64(dev, stat);
                     }
                 }
-                return PathCounters {
-                    guest_rx,
-                    guest_tx,
-                    guest_carrier_changes,
-                    peer_rx: after.0,
-                    peer_tx: after.1,
-                    host_drops,
-                };
+                return PathCounters { guest_rx, guest_tx, guest_carrier_changes, peer_rx: after.0, peer_tx: after.1, host_drops };
             }
         }
     }
@@ -392,11 +352,9 @@ impl PathDelta {
 /// the peer without the guest having sent them).
 pub fn quiet_ipv6(topo: &Topology) {
     for dev in [topo.lower.as_str(), topo.taps[0].ifname.as_str()] {
-        std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1")
-            .unwrap_or_else(|e| panic!("disable IPv6 on {dev}: {e}"));
+        std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1").unwrap_or_else(|e| panic!("disable IPv6 on {dev}: {e}"));
     }
-    topo.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
-        .unwrap();
+    topo.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]).unwrap();
 }
 
 #[cfg(test)]

@@ -22,16 +22,8 @@ impl UserTap {
     pub fn create(extra: &[&str]) -> UserTap {
         let name = format!("vpk{}", unique());
         assert!(name.len() < 16, "{name}");
-        let out = Command::new("ip")
-            .args(["tuntap", "add", "dev", &name, "mode", "tap"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip tuntap add {name} {extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("ip").args(["tuntap", "add", "dev", &name, "mode", "tap"]).args(extra).output().unwrap();
+        assert!(out.status.success(), "ip tuntap add {name} {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
         // No router solicitations or MLD reports: only the test's frames cross the tap.
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         UserTap { name }
@@ -46,56 +38,35 @@ impl UserTap {
 
 impl Drop for UserTap {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["link", "del", &self.name]).status();
     }
 }
 
 /// Connects the test frontend to the vutap serving `socket` on tap `tap`, then sends a frame
 /// each way and checks both arrive unchanged.
 pub fn check_frames_both_ways(socket: &Path, tap: &str) {
-    let mut fe =
-        NetFrontend::connect(socket, FrontendOptions::default()).expect("frontend connects");
-    let ok = Command::new("ip")
-        .args(["link", "set", tap, "up"])
-        .status()
-        .unwrap();
+    let mut fe = NetFrontend::connect(socket, FrontendOptions::default()).expect("frontend connects");
+    let ok = Command::new("ip").args(["link", "set", tap, "up"]).status().unwrap();
     assert!(ok.success(), "ip link set {tap} up");
     let far = PacketSocket::bind(tap);
     let guest_mac = fe.config().unwrap().expect("config space").mac;
     let far_mac = [0x02, 0x77, 0, 0, 0, 9];
 
     let out = test_frame(far_mac, guest_mac, 300, 7001);
-    fe.send_frame(0, &VirtioNetHdr::default(), &out)
-        .expect("send_frame");
-    let got = far
-        .recv_matching(WAIT, |g| is_test_frame(g) && seq_of(g) == 7001)
-        .expect("guest frame reaches the tap");
-    assert!(
-        got == out,
-        "guest -> tap frame changed: {} B sent, {} B seen",
-        out.len(),
-        got.len()
-    );
+    fe.send_frame(0, &VirtioNetHdr::default(), &out).expect("send_frame");
+    let got = far.recv_matching(WAIT, |g| is_test_frame(g) && seq_of(g) == 7001).expect("guest frame reaches the tap");
+    assert!(got == out, "guest -> tap frame changed: {} B sent, {} B seen", out.len(), got.len());
 
     let back = test_frame(guest_mac, far_mac, 900, 7002);
     far.send(&back);
     let deadline = Instant::now() + WAIT;
     loop {
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .expect("tap frame reaches the guest");
+        let left = deadline.checked_duration_since(Instant::now()).expect("tap frame reaches the guest");
         let Some(fr) = fe.recv_frame(0, left).expect("recv_frame") else {
             continue;
         };
         if is_test_frame(&fr.payload) && seq_of(&fr.payload) == 7002 {
-            assert!(
-                fr.payload == back,
-                "tap -> guest frame changed: {} B sent, {} B seen",
-                back.len(),
-                fr.payload.len()
-            );
+            assert!(fr.payload == back, "tap -> guest frame changed: {} B sent, {} B seen", back.len(), fr.payload.len());
             break;
         }
     }

@@ -289,7 +289,10 @@ mod tests {
         let f = Features::negotiate(offered_features(), acked).unwrap();
         assert!(f.has(VIRTIO_NET_F_CTRL_VQ) && f.mrg_rxbuf() && f.event_idx() && f.guest_gso());
         // Before CTRL_VQ was offered, CH could only have sent the set without it.
-        assert_eq!(Features::negotiate(offered_features() & !bit(VIRTIO_NET_F_CTRL_VQ), acked), Err(FeatureError::NotOffered(bit(VIRTIO_NET_F_CTRL_VQ))));
+        assert_eq!(
+            Features::negotiate(offered_features() & !bit(VIRTIO_NET_F_CTRL_VQ), acked),
+            Err(FeatureError::NotOffered(bit(VIRTIO_NET_F_CTRL_VQ)))
+        );
     }
 
     #[test]

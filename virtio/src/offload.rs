@@ -27,10 +27,7 @@ pub fn tun_offload_flags(features: Features) -> u32 {
     if !features.has(VIRTIO_NET_F_GUEST_CSUM) {
         return 0;
     }
-    OFFLOAD_TABLE
-        .iter()
-        .filter(|(feature, _)| features.has(*feature))
-        .fold(0, |acc, (_, flag)| acc | flag)
+    OFFLOAD_TABLE.iter().filter(|(feature, _)| features.has(*feature)).fold(0, |acc, (_, flag)| acc | flag)
 }
 
 #[cfg(test)]

@@ -26,25 +26,13 @@ pub struct Resume {
 /// the used index for `next_used`, as before. Without a readable used index, both are `base`.
 pub fn resume_position(base: u16, used: Option<u16>, size: u16) -> Resume {
     let Some(used) = used else {
-        return Resume {
-            next_avail: base,
-            next_used: base,
-            retaken: 0,
-        };
+        return Resume { next_avail: base, next_used: base, retaken: 0 };
     };
     let gap = base.wrapping_sub(used);
     if gap > 0 && gap <= size {
-        Resume {
-            next_avail: used,
-            next_used: used,
-            retaken: gap,
-        }
+        Resume { next_avail: used, next_used: used, retaken: gap }
     } else {
-        Resume {
-            next_avail: base,
-            next_used: used,
-            retaken: 0,
-        }
+        Resume { next_avail: base, next_used: used, retaken: 0 }
     }
 }
 
@@ -54,75 +42,26 @@ mod tests {
 
     #[test]
     fn test_resume_position_clean_stop_keeps_base() {
-        assert_eq!(
-            resume_position(40, Some(40), 256),
-            Resume {
-                next_avail: 40,
-                next_used: 40,
-                retaken: 0
-            }
-        );
-        assert_eq!(
-            resume_position(0, Some(0), 256),
-            Resume {
-                next_avail: 0,
-                next_used: 0,
-                retaken: 0
-            }
-        );
+        assert_eq!(resume_position(40, Some(40), 256), Resume { next_avail: 40, next_used: 40, retaken: 0 });
+        assert_eq!(resume_position(0, Some(0), 256), Resume { next_avail: 0, next_used: 0, retaken: 0 });
     }
 
     #[test]
     fn test_resume_position_takes_back_unfinished_chains() {
         // cloud-hypervisor after a backend was killed: base = avail index, 256 RX buffers posted.
-        assert_eq!(
-            resume_position(1256, Some(1000), 256),
-            Resume {
-                next_avail: 1000,
-                next_used: 1000,
-                retaken: 256
-            }
-        );
-        assert_eq!(
-            resume_position(3, Some(65533), 256),
-            Resume {
-                next_avail: 65533,
-                next_used: 65533,
-                retaken: 6
-            }
-        );
+        assert_eq!(resume_position(1256, Some(1000), 256), Resume { next_avail: 1000, next_used: 1000, retaken: 256 });
+        assert_eq!(resume_position(3, Some(65533), 256), Resume { next_avail: 65533, next_used: 65533, retaken: 6 });
     }
 
     #[test]
     fn test_resume_position_ignores_impossible_gaps() {
         // More than a ring's worth, or the used index ahead of the base: not ours to fix.
-        assert_eq!(
-            resume_position(1000, Some(700), 256),
-            Resume {
-                next_avail: 1000,
-                next_used: 700,
-                retaken: 0
-            }
-        );
-        assert_eq!(
-            resume_position(10, Some(12), 256),
-            Resume {
-                next_avail: 10,
-                next_used: 12,
-                retaken: 0
-            }
-        );
+        assert_eq!(resume_position(1000, Some(700), 256), Resume { next_avail: 1000, next_used: 700, retaken: 0 });
+        assert_eq!(resume_position(10, Some(12), 256), Resume { next_avail: 10, next_used: 12, retaken: 0 });
     }
 
     #[test]
     fn test_resume_position_without_used_index() {
-        assert_eq!(
-            resume_position(77, None, 256),
-            Resume {
-                next_avail: 77,
-                next_used: 77,
-                retaken: 0
-            }
-        );
+        assert_eq!(resume_position(77, None, 256), Resume { next_avail: 77, next_used: 77, retaken: 0 });
     }
 }

@@ -35,43 +35,23 @@ const MAIN_SYSCALLS: &[libc::c_long] = &[libc::SYS_exit_group];
 /// The signal thread: waits on signal-hook's self-pipe (a socketpair; the handler, which runs on
 /// this thread because every other thread blocks SIGTERM/SIGINT, sends a byte to it), removes
 /// vutap's socket files and exits the process.
-const SIGNALS_SYSCALLS: &[libc::c_long] = &[
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_unlink,
-    libc::SYS_exit_group,
-];
+const SIGNALS_SYSCALLS: &[libc::c_long] =
+    &[libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_rt_sigreturn, libc::SYS_unlink, libc::SYS_exit_group];
 
 /// The metrics thread (HTTP on TCP and the unix socket, one loop): waits in ppoll, accepts on
 /// the listeners bound before the drop of privileges (non-blocking, close-on-exec), reads a
 /// request and writes the answer without blocking, closes.
-const METRICS_SYSCALLS: &[libc::c_long] = &[
-    libc::SYS_ppoll,
-    libc::SYS_accept4,
-    libc::SYS_recvfrom,
-    libc::SYS_sendto,
-    libc::SYS_close,
-];
+const METRICS_SYSCALLS: &[libc::c_long] = &[libc::SYS_ppoll, libc::SYS_accept4, libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_close];
 
 /// A link monitor: reads `/sys/class/net/IF/carrier` (std sizes the read with statx), sleeps, and sends CONFIG_CHANGE_MSG on the
 /// frontend's backend request channel (a socket the serving thread received).
-const LINK_MONITOR_SYSCALLS: &[libc::c_long] = &[
-    libc::SYS_statx,
-    libc::SYS_read,
-    libc::SYS_close,
-    libc::SYS_clock_nanosleep,
-    libc::SYS_sendto,
-];
+const LINK_MONITOR_SYSCALLS: &[libc::c_long] =
+    &[libc::SYS_statx, libc::SYS_read, libc::SYS_close, libc::SYS_clock_nanosleep, libc::SYS_sendto];
 
 /// openat(.., flags) read-only, without O_CREAT or O_TRUNC: the carrier file, nothing written.
 const LINK_MONITOR_WITH_ARGS: &[(libc::c_long, &[ArgMatch])] = &[(
     libc::SYS_openat,
-    &[ArgMatch {
-        arg: 2,
-        mask: (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64,
-        value: libc::O_RDONLY as u64,
-    }],
+    &[ArgMatch { arg: 2, mask: (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64, value: libc::O_RDONLY as u64 }],
 )];
 
 /// The `--stats-interval` thread: sleeps and logs.
@@ -122,35 +102,17 @@ pub const UPGRADE: AllowList = AllowList {
     with_args: &[],
 };
 
-pub const MAIN: AllowList = AllowList {
-    name: "main",
-    any_args: &[THREAD_RUNTIME, MAIN_SYSCALLS],
-    with_args: &[],
-};
+pub const MAIN: AllowList = AllowList { name: "main", any_args: &[THREAD_RUNTIME, MAIN_SYSCALLS], with_args: &[] };
 
-pub const SIGNALS: AllowList = AllowList {
-    name: "signals",
-    any_args: &[THREAD_RUNTIME, SIGNALS_SYSCALLS],
-    with_args: &[],
-};
+pub const SIGNALS: AllowList = AllowList { name: "signals", any_args: &[THREAD_RUNTIME, SIGNALS_SYSCALLS], with_args: &[] };
 
-pub const METRICS: AllowList = AllowList {
-    name: "metrics",
-    any_args: &[THREAD_RUNTIME, METRICS_SYSCALLS],
-    with_args: &[],
-};
+pub const METRICS: AllowList = AllowList { name: "metrics", any_args: &[THREAD_RUNTIME, METRICS_SYSCALLS], with_args: &[] };
 
-pub const LINK_MONITOR: AllowList = AllowList {
-    name: "link monitor",
-    any_args: &[THREAD_RUNTIME, LINK_MONITOR_SYSCALLS],
-    with_args: LINK_MONITOR_WITH_ARGS,
-};
+pub const LINK_MONITOR: AllowList =
+    AllowList { name: "link monitor", any_args: &[THREAD_RUNTIME, LINK_MONITOR_SYSCALLS], with_args: LINK_MONITOR_WITH_ARGS };
 
-pub const STATS_SUMMARY: AllowList = AllowList {
-    name: "stats summary",
-    any_args: &[THREAD_RUNTIME, STATS_SUMMARY_SYSCALLS],
-    with_args: &[],
-};
+pub const STATS_SUMMARY: AllowList =
+    AllowList { name: "stats summary", any_args: &[THREAD_RUNTIME, STATS_SUMMARY_SYSCALLS], with_args: &[] };
 
 #[cfg(test)]
 mod tests {
@@ -206,10 +168,7 @@ mod tests {
         let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let missing = c"/nonexistent-vutap-probe/x";
         let mut buf = [0u8; 8];
-        let timeout = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
+        let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
         let one: libc::c_int = 1;
         // SAFETY: every call gets valid pointers to live locals (or null where the syscall
         // accepts it) and an fd of -1 or one it owns; none has an effect when it succeeds
@@ -230,28 +189,15 @@ mod tests {
                     fd as libc::c_long
                 }
                 Probe::Connect => libc::connect(-1, std::ptr::null(), 0) as libc::c_long,
-                Probe::Accept => {
-                    libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) as libc::c_long
-                }
+                Probe::Accept => libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) as libc::c_long,
                 Probe::Ioctl => libc::ioctl(-1, libc::FIONREAD, buf.as_mut_ptr()) as libc::c_long,
-                Probe::OpenRead => libc::openat(
-                    libc::AT_FDCWD,
-                    missing.as_ptr(),
-                    libc::O_RDONLY | libc::O_CLOEXEC,
-                ) as libc::c_long,
-                Probe::OpenWrite => libc::openat(
-                    libc::AT_FDCWD,
-                    missing.as_ptr(),
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
-                    0o600,
-                ) as libc::c_long,
+                Probe::OpenRead => libc::openat(libc::AT_FDCWD, missing.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) as libc::c_long,
+                Probe::OpenWrite => {
+                    libc::openat(libc::AT_FDCWD, missing.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC, 0o600) as libc::c_long
+                }
                 Probe::Unlink => libc::unlink(missing.as_ptr()) as libc::c_long,
-                Probe::Send => {
-                    libc::send(-1, buf.as_ptr().cast(), 1, libc::MSG_DONTWAIT) as libc::c_long
-                }
-                Probe::Recv => {
-                    libc::recv(-1, buf.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) as libc::c_long
-                }
+                Probe::Send => libc::send(-1, buf.as_ptr().cast(), 1, libc::MSG_DONTWAIT) as libc::c_long,
+                Probe::Recv => libc::recv(-1, buf.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT) as libc::c_long,
                 Probe::SetRcvTimeout => libc::setsockopt(
                     -1,
                     libc::SOL_SOCKET,
@@ -273,21 +219,14 @@ mod tests {
                     }
                 }
                 Probe::Poll => {
-                    let ts = libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 0,
-                    };
+                    let ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
                     libc::ppoll(std::ptr::null_mut(), 0, &ts, std::ptr::null()) as libc::c_long
                 }
                 // Without an interrupted sleep to resume it fails with EINTR.
                 Probe::RestartSyscall => libc::syscall(libc::SYS_restart_syscall),
                 Probe::Sleep => {
-                    let ts = libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 1000,
-                    };
-                    libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut())
-                        as libc::c_long
+                    let ts = libc::timespec { tv_sec: 0, tv_nsec: 1000 };
+                    libc::clock_nanosleep(libc::CLOCK_MONOTONIC, 0, &ts, std::ptr::null_mut()) as libc::c_long
                 }
             }
         };
@@ -350,11 +289,7 @@ mod tests {
     fn test_probes_all_allowed_without_a_filter() {
         std::thread::spawn(|| {
             for p in PROBES {
-                assert_ne!(
-                    run(p),
-                    libc::EPERM,
-                    "{p:?} refused without any filter: the probe cannot tell"
-                );
+                assert_ne!(run(p), libc::EPERM, "{p:?} refused without any filter: the probe cannot tell");
             }
         })
         .join()
@@ -372,17 +307,9 @@ mod tests {
             .unwrap();
             for (p, errno) in got {
                 let want_allowed = allowed(kind).contains(&p);
-                assert_eq!(
-                    errno != libc::EPERM,
-                    want_allowed,
-                    "{kind:?} filter, {p:?}: errno {errno}"
-                );
+                assert_eq!(errno != libc::EPERM, want_allowed, "{kind:?} filter, {p:?}: errno {errno}");
             }
-            eprintln!(
-                "{kind:?}: allowed {:?}, refused the other {}",
-                allowed(kind),
-                PROBES.len() - allowed(kind).len()
-            );
+            eprintln!("{kind:?}: allowed {:?}, refused the other {}", allowed(kind), PROBES.len() - allowed(kind).len());
         }
     }
 

@@ -120,17 +120,15 @@ pub struct Handover {
 
 /// Serves the control socket on the `vutap-upgrade` thread.
 pub fn spawn(listener: UnixListener, handover: Handover) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name("vutap-upgrade".into())
-        .spawn(move || {
-            sandbox::enter(ThreadKind::Upgrade);
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => serve_request(s, &handover),
-                    Err(e) => warn!("control socket accept: {e}"),
-                }
+    std::thread::Builder::new().name("vutap-upgrade".into()).spawn(move || {
+        sandbox::enter(ThreadKind::Upgrade);
+        for conn in listener.incoming() {
+            match conn {
+                Ok(s) => serve_request(s, &handover),
+                Err(e) => warn!("control socket accept: {e}"),
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 
@@ -142,31 +140,15 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
         return;
     }
     let reply = match serde_json::from_str::<UpgradeRequest>(&line) {
-        Err(e) => UpgradeReply {
-            ok: false,
-            error: Some(format!("bad request: {e}")),
-            pid: None,
-            pause_ms: None,
-        },
+        Err(e) => UpgradeReply { ok: false, error: Some(format!("bad request: {e}")), pid: None, pause_ms: None },
         Ok(req) => {
-            let binary = req
-                .binary
-                .unwrap_or_else(|| handover.default_binary.clone());
+            let binary = req.binary.unwrap_or_else(|| handover.default_binary.clone());
             info!("upgrade to {} requested", binary.display());
             match upgrade(handover, &binary) {
                 Ok(done) => {
                     tell_supervisor_main_pid(done.pid);
-                    info!(
-                        "upgrade done: pid {} runs every device (pause {:.1} ms); exiting",
-                        done.pid,
-                        done.pause.as_secs_f64() * 1e3
-                    );
-                    let reply = UpgradeReply {
-                        ok: true,
-                        error: None,
-                        pid: Some(done.pid),
-                        pause_ms: Some(done.pause.as_secs_f64() * 1e3),
-                    };
+                    info!("upgrade done: pid {} runs every device (pause {:.1} ms); exiting", done.pid, done.pause.as_secs_f64() * 1e3);
+                    let reply = UpgradeReply { ok: true, error: None, pid: Some(done.pid), pause_ms: Some(done.pause.as_secs_f64() * 1e3) };
                     write_reply(&stream, &reply);
                     log::logger().flush();
                     // No destructor runs: the sessions' would detach the tap queues the new
@@ -174,16 +156,8 @@ fn serve_request(stream: UnixStream, handover: &Handover) {
                     std::process::exit(0);
                 }
                 Err(e) => {
-                    error!(
-                        "upgrade to {} failed, every device resumed: {e}",
-                        binary.display()
-                    );
-                    UpgradeReply {
-                        ok: false,
-                        error: Some(e.to_string()),
-                        pid: None,
-                        pause_ms: None,
-                    }
+                    error!("upgrade to {} failed, every device resumed: {e}", binary.display());
+                    UpgradeReply { ok: false, error: Some(e.to_string()), pid: None, pause_ms: None }
                 }
             }
         }
@@ -261,11 +235,7 @@ struct ParkedDevices {
 
 impl Drop for ParkedDevices {
     fn drop(&mut self) {
-        let verdict = if self.handed_over {
-            Verdict::HandedOver
-        } else {
-            Verdict::Resume
-        };
+        let verdict = if self.handed_over { Verdict::HandedOver } else { Verdict::Resume };
         for v in &self.verdicts {
             let _ = v.send(verdict);
         }
@@ -275,10 +245,7 @@ impl Drop for ParkedDevices {
 fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
     // Declared before the child: on failure the child is killed and reaped first (dropped
     // first), and only then are the devices resumed, so no ring is ever served twice.
-    let mut parked = ParkedDevices {
-        verdicts: Vec::new(),
-        handed_over: false,
-    };
+    let mut parked = ParkedDevices { verdicts: Vec::new(), handed_over: false };
     let (ours, theirs) = UnixDatagram::pair().map_err(UpgradeError::Socketpair)?;
     let theirs_fd = theirs.as_raw_fd();
     clear_cloexec(theirs_fd).map_err(UpgradeError::Socketpair)?;
@@ -286,30 +253,18 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
         .args(h.args.iter().skip(1))
         .env(UPGRADE_FD_ENV, theirs_fd.to_string())
         .spawn()
-        .map_err(|source| UpgradeError::Start {
-            binary: binary.clone(),
-            source,
-        })?;
+        .map_err(|source| UpgradeError::Start { binary: binary.clone(), source })?;
     drop(theirs);
     let mut new = NewProcess { child, done: false };
     let channel = Channel::new(ours);
     let hello: Hello = channel
         .recv_json(HELLO_TIMEOUT, &mut || new.alive())
-        .map_err(|source| UpgradeError::NotReady {
-            source,
-            status: new.describe_end(),
-        })?;
+        .map_err(|source| UpgradeError::NotReady { source, status: new.describe_end() })?;
     if hello.version.major != STATE_MAJOR {
         // Refused before anything is halted: the new binary could not read what we would send.
-        return Err(UpgradeError::Version {
-            major: hello.version.major,
-            minor: hello.version.minor,
-        });
+        return Err(UpgradeError::Version { major: hello.version.major, minor: hello.version.minor });
     }
-    info!(
-        "new vutap pid {} (state version {}.{}) is ready; parking the devices",
-        hello.pid, hello.version.major, hello.version.minor
-    );
+    info!("new vutap pid {} (state version {}.{}) is ready; parking the devices", hello.pid, hello.version.major, hello.version.minor);
 
     let started = Instant::now();
     let mut answers: Vec<Receiver<Result<Parked, String>>> = Vec::new();
@@ -318,14 +273,8 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
         let (verdict_tx, verdict_rx) = bounded(1);
         d.dev
             .upgrade
-            .request(ParkRequest {
-                parked: parked_tx,
-                verdict: verdict_rx,
-            })
-            .map_err(|source| UpgradeError::Wake {
-                label: d.dev.label.clone(),
-                source,
-            })?;
+            .request(ParkRequest { parked: parked_tx, verdict: verdict_rx })
+            .map_err(|source| UpgradeError::Wake { label: d.dev.label.clone(), source })?;
         parked.verdicts.push(verdict_tx);
         answers.push(parked_rx);
     }
@@ -334,13 +283,8 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
     for (d, answer) in h.devices.iter().zip(answers) {
         let p = answer
             .recv_timeout(PARK_TIMEOUT)
-            .map_err(|_| UpgradeError::NotParked {
-                label: d.dev.label.clone(),
-            })?
-            .map_err(|why| UpgradeError::Export {
-                label: d.dev.label.clone(),
-                why,
-            })?;
+            .map_err(|_| UpgradeError::NotParked { label: d.dev.label.clone() })?
+            .map_err(|why| UpgradeError::Export { label: d.dev.label.clone(), why })?;
         devices.push(device_state(d, p, &mut fds)?);
     }
     let mut dup = |fd: Option<&OwnedFd>| -> Result<Option<usize>, UpgradeError> {
@@ -356,43 +300,27 @@ fn upgrade(h: &Handover, binary: &PathBuf) -> Result<Done, UpgradeError> {
         control: dup(Some(&h.control))?,
     };
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    channel
-        .send_state(&state.to_json(), &raw)
-        .map_err(UpgradeError::SendState)?;
+    channel.send_state(&state.to_json(), &raw).map_err(UpgradeError::SendState)?;
     let verdict: wire::Verdict = channel
         .recv_json(VERDICT_TIMEOUT, &mut || new.alive())
-        .map_err(|source| UpgradeError::NoVerdict {
-            source,
-            status: new.describe_end(),
-        })?;
+        .map_err(|source| UpgradeError::NoVerdict { source, status: new.describe_end() })?;
     if !verdict.ok {
         return Err(UpgradeError::Refused(verdict.error.unwrap_or_default()));
     }
     let pause = started.elapsed();
     new.done = true;
     parked.handed_over = true;
-    Ok(Done {
-        pid: hello.pid,
-        pause,
-    })
+    Ok(Done { pid: hello.pid, pause })
 }
 
 /// One device's state; its fds are appended to `fds`.
-fn device_state(
-    d: &DeviceHandle,
-    parked: Parked,
-    fds: &mut Vec<OwnedFd>,
-) -> Result<DeviceState, UpgradeError> {
+fn device_state(d: &DeviceHandle, parked: Parked, fds: &mut Vec<OwnedFd>) -> Result<DeviceState, UpgradeError> {
     let dev = &d.dev;
     let mut add = |fd: std::os::fd::BorrowedFd<'_>| -> Result<usize, UpgradeError> {
         fds.push(fd.try_clone_to_owned().map_err(UpgradeError::Dup)?);
         Ok(fds.len() - 1)
     };
-    let tap_queues = dev
-        .queues
-        .iter()
-        .map(|q| add(q.as_fd()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let tap_queues = dev.queues.iter().map(|q| add(q.as_fd())).collect::<Result<Vec<_>, _>>()?;
     let listener = match &d.listener {
         Some(l) => Some(add(l.as_fd())?),
         None => None,
@@ -431,23 +359,8 @@ fn device_state(
         tap_queues,
         listener,
         connection,
-        pair_counters: dev
-            .metrics
-            .iter()
-            .map(|m| {
-                m.snapshot()
-                    .fields()
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect()
-            })
-            .collect(),
-        device_counters: dev
-            .device_metrics
-            .fields()
-            .iter()
-            .map(|(k, _, v)| (k.to_string(), *v))
-            .collect(),
+        pair_counters: dev.metrics.iter().map(|m| m.snapshot().fields().into_iter().map(|(k, v)| (k.to_string(), v)).collect()).collect(),
+        device_counters: dev.device_metrics.fields().iter().map(|(k, _, v)| (k.to_string(), *v)).collect(),
     })
 }
 
@@ -461,22 +374,13 @@ fn clear_cloexec(fd: RawFd) -> std::io::Result<()> {
 
 /// `vutap upgrade CONTROL [--binary PATH]`: asks the running vutap to upgrade and waits for
 /// its answer.
-pub fn request_upgrade(
-    control: &std::path::Path,
-    binary: Option<PathBuf>,
-    timeout: Duration,
-) -> Result<UpgradeReply, String> {
-    let mut s = UnixStream::connect(control)
-        .map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
+pub fn request_upgrade(control: &std::path::Path, binary: Option<PathBuf>, timeout: Duration) -> Result<UpgradeReply, String> {
+    let mut s = UnixStream::connect(control).map_err(|e| format!("cannot connect to {}: {e}", control.display()))?;
     let mut line = serde_json::to_string(&UpgradeRequest { binary }).unwrap_or_default();
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .map_err(|e| format!("cannot send the request: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    s.write_all(line.as_bytes()).map_err(|e| format!("cannot send the request: {e}"))?;
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    BufReader::new(&s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("no answer: {e}"))?;
+    BufReader::new(&s).read_line(&mut answer).map_err(|e| format!("no answer: {e}"))?;
     serde_json::from_str(&answer).map_err(|e| format!("bad answer {answer:?}: {e}"))
 }

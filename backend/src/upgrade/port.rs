@@ -43,10 +43,7 @@ pub struct UpgradePort {
 
 impl UpgradePort {
     pub fn new() -> std::io::Result<Self> {
-        Ok(UpgradePort {
-            wake: EventFd::new(EFD_NONBLOCK)?,
-            request: Mutex::new(None),
-        })
+        Ok(UpgradePort { wake: EventFd::new(EFD_NONBLOCK)?, request: Mutex::new(None) })
     }
 
     /// The eventfd the serving thread polls.
@@ -62,10 +59,7 @@ impl UpgradePort {
 
     fn take(&self) -> Option<ParkRequest> {
         let _ = self.wake.read();
-        self.request
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.request.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Parks a serving thread that has no connection (it was waiting in accept).
@@ -81,25 +75,13 @@ impl UpgradePort {
 
     /// Parks a serving thread between two messages of `stream`: halts the pairs, hands the
     /// connection over, and resumes them unless the hand-over succeeded.
-    pub fn park_connection(
-        &self,
-        label: &str,
-        session: &Mutex<Session>,
-        stream: &UnixStream,
-        owned: bool,
-    ) {
+    pub fn park_connection(&self, label: &str, session: &Mutex<Session>, stream: &UnixStream, owned: bool) {
         let Some(req) = self.take() else { return };
         let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
         s.halt_all();
-        let parked = s.export(stream, owned).map(|connection| Parked {
-            connection: Some(connection),
-        });
+        let parked = s.export(stream, owned).map(|connection| Parked { connection: Some(connection) });
         let sent = req.parked.send(parked).is_ok();
-        let verdict = if sent {
-            wait_verdict(label, &req.verdict)
-        } else {
-            Verdict::Resume
-        };
+        let verdict = if sent { wait_verdict(label, &req.verdict) } else { Verdict::Resume };
         if verdict == Verdict::Resume {
             s.resume_all();
         } else {

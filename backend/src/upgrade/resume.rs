@@ -27,7 +27,9 @@ pub enum ResumeError {
     Wire(#[from] WireError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("the previous vutap serves sockets {got:?}, this one is configured for {want:?} (start the new binary with the same configuration)")]
+    #[error(
+        "the previous vutap serves sockets {got:?}, this one is configured for {want:?} (start the new binary with the same configuration)"
+    )]
     OtherDevices { got: Vec<String>, want: Vec<String> },
     #[error("hand-over fd #{0} is missing or named twice")]
     Fd(usize),
@@ -72,34 +74,18 @@ impl OwnedConnection {
     /// starts the pairs that ran.
     pub fn start(mut self, dev: Arc<Device>) -> Result<ResumedConnection, ResumeError> {
         let label = dev.label.clone();
-        let session = Session::restore(dev, &self.state, &mut self.fds).map_err(|why| {
-            ResumeError::Session {
-                label: label.clone(),
-                why,
-            }
-        })?;
+        let session =
+            Session::restore(dev, &self.state, &mut self.fds).map_err(|why| ResumeError::Session { label: label.clone(), why })?;
         let session = Arc::new(Mutex::new(session));
-        let handler = primed_handler(&self.stream, session.clone())
-            .map_err(|source| ResumeError::Parser { label, source })?;
-        session
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .resume_all();
-        Ok(ResumedConnection {
-            stream: self.stream,
-            session,
-            handler,
-            owned: self.state.owned,
-        })
+        let handler = primed_handler(&self.stream, session.clone()).map_err(|source| ResumeError::Parser { label, source })?;
+        session.lock().unwrap_or_else(|p| p.into_inner()).resume_all();
+        Ok(ResumedConnection { stream: self.stream, session, handler, owned: self.state.owned })
     }
 }
 
 /// Says hello and receives the state: the first steps of a process started by an upgrade.
 pub fn receive(channel: &Channel) -> Result<(ProcessState, Vec<OwnedFd>), ResumeError> {
-    channel.send_json(&Hello {
-        pid: std::process::id(),
-        version: Version::current(),
-    })?;
+    channel.send_json(&Hello { pid: std::process::id(), version: Version::current() })?;
     let (json, fds) = channel.recv_state(STATE_TIMEOUT)?;
     let state = ProcessState::from_json(&json, fds.len())?;
     Ok((state, fds))
@@ -107,32 +93,17 @@ pub fn receive(channel: &Channel) -> Result<(ProcessState, Vec<OwnedFd>), Resume
 
 /// Rebuilds the devices from the state; `sockets` are the configured devices' socket paths,
 /// which must match the state's (the same configuration).
-pub fn rebuild(
-    state: ProcessState,
-    fds: Vec<OwnedFd>,
-    sockets: &[String],
-) -> Result<TakenOver, ResumeError> {
+pub fn rebuild(state: ProcessState, fds: Vec<OwnedFd>, sockets: &[String]) -> Result<TakenOver, ResumeError> {
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-    let mut take = |i: usize| {
-        fds.get_mut(i)
-            .and_then(Option::take)
-            .ok_or(ResumeError::Fd(i))
-    };
+    let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).ok_or(ResumeError::Fd(i));
     let got: Vec<String> = state.devices.iter().map(|d| d.socket.clone()).collect();
     if got != sockets {
-        return Err(ResumeError::OtherDevices {
-            got,
-            want: sockets.to_vec(),
-        });
+        return Err(ResumeError::OtherDevices { got, want: sockets.to_vec() });
     }
     let mut devices = Vec::new();
     for d in state.devices {
         let dev = rebuild_device(&d, &mut take)?;
-        let listener = d
-            .listener
-            .map(&mut take)
-            .transpose()?
-            .map(UnixListener::from);
+        let listener = d.listener.map(&mut take).transpose()?.map(UnixListener::from);
         let connection = match d.connection {
             Some(c) => {
                 let stream = UnixStream::from(take(c.stream)?);
@@ -151,11 +122,7 @@ pub fn rebuild(
                     }
                     own[i] = Some(take(i)?);
                 }
-                Some(OwnedConnection {
-                    stream,
-                    state: c,
-                    fds: own,
-                })
+                Some(OwnedConnection { stream, state: c, fds: own })
             }
             None => None,
         };
@@ -163,48 +130,22 @@ pub fn rebuild(
     }
     Ok(TakenOver {
         devices,
-        metrics_tcp: state
-            .metrics_tcp
-            .map(&mut take)
-            .transpose()?
-            .map(std::net::TcpListener::from),
-        metrics_unix: state
-            .metrics_unix
-            .map(&mut take)
-            .transpose()?
-            .map(UnixListener::from),
-        control: state
-            .control
-            .map(&mut take)
-            .transpose()?
-            .map(UnixListener::from),
+        metrics_tcp: state.metrics_tcp.map(&mut take).transpose()?.map(std::net::TcpListener::from),
+        metrics_unix: state.metrics_unix.map(&mut take).transpose()?.map(UnixListener::from),
+        control: state.control.map(&mut take).transpose()?.map(UnixListener::from),
     })
 }
 
-fn rebuild_device(
-    d: &DeviceState,
-    take: &mut impl FnMut(usize) -> Result<OwnedFd, ResumeError>,
-) -> Result<Device, ResumeError> {
-    let queues = d
-        .tap_queues
-        .iter()
-        .map(|&i| take(i).map(TapQueue::from_fd))
-        .collect::<Result<Vec<_>, _>>()?;
+fn rebuild_device(d: &DeviceState, take: &mut impl FnMut(usize) -> Result<OwnedFd, ResumeError>) -> Result<Device, ResumeError> {
+    let queues = d.tap_queues.iter().map(|&i| take(i).map(TapQueue::from_fd)).collect::<Result<Vec<_>, _>>()?;
     let tap = Tap {
         queues,
-        kind: if d.macvtap {
-            TapKind::Macvtap
-        } else {
-            TapKind::Tap
-        },
+        kind: if d.macvtap { TapKind::Macvtap } else { TapKind::Tap },
         name: Some(d.name.clone()),
         mac: Some(d.mac),
         mtu: Some(d.mtu),
     };
-    let mut dev = Device::new(tap, d.mac, d.mtu).map_err(|source| ResumeError::Device {
-        label: d.label.clone(),
-        source,
-    })?;
+    let mut dev = Device::new(tap, d.mac, d.mtu).map_err(|source| ResumeError::Device { label: d.label.clone(), source })?;
     dev.label = d.label.clone();
     dev.link.restore_up(d.link_up);
     for (metrics, counters) in dev.metrics.iter().zip(&d.pair_counters) {
@@ -219,11 +160,7 @@ fn rebuild_device(
         "device {}: taken over ({} queue pair(s), {})",
         d.label,
         d.tap_queues.len(),
-        if d.connection.is_some() {
-            "connected"
-        } else {
-            "no frontend"
-        }
+        if d.connection.is_some() { "connected" } else { "no frontend" }
     );
     Ok(dev)
 }
@@ -236,24 +173,13 @@ fn rebuild_device(
 /// replaying GET_FEATURES, SET_FEATURES and SET_PROTOCOL_FEATURES with the session replaying
 /// (it records, the tap is not touched), and then its socket is replaced by the real
 /// connection with dup3: the frontend sees nothing.
-pub fn primed_handler(
-    stream: &UnixStream,
-    session: Arc<Mutex<Session>>,
-) -> std::io::Result<BackendReqHandler<Mutex<Session>>> {
-    let (features, protocol) = session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .negotiated();
+pub fn primed_handler(stream: &UnixStream, session: Arc<Mutex<Session>>) -> std::io::Result<BackendReqHandler<Mutex<Session>>> {
+    let (features, protocol) = session.lock().unwrap_or_else(|p| p.into_inner()).negotiated();
     let (ours, theirs) = UnixStream::pair()?;
     let ours_fd = ours.as_raw_fd();
     let mut handler = BackendReqHandler::from_stream(ours, session.clone());
-    let to_io = |e: vhost::vhost_user::Error| {
-        std::io::Error::other(format!("replaying the negotiation: {e}"))
-    };
-    session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .set_replaying(true);
+    let to_io = |e: vhost::vhost_user::Error| std::io::Error::other(format!("replaying the negotiation: {e}"));
+    session.lock().unwrap_or_else(|p| p.into_inner()).set_replaying(true);
     let mut replay = || -> std::io::Result<()> {
         send_request(&theirs, FrontendReq::GET_FEATURES, None)?;
         handler.handle_request().map_err(to_io)?;
@@ -265,10 +191,7 @@ pub fn primed_handler(
         handler.handle_request().map_err(to_io)
     };
     let replayed = replay();
-    session
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .set_replaying(false);
+    session.lock().unwrap_or_else(|p| p.into_inner()).set_replaying(false);
     replayed?;
     // SAFETY: both fds are open and owned (the connection by `stream`, `ours_fd` by the
     // handler); dup3 atomically makes `ours_fd` another descriptor of the connection.

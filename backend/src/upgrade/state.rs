@@ -32,10 +32,7 @@ pub struct Version {
 
 impl Version {
     pub fn current() -> Self {
-        Version {
-            major: STATE_MAJOR,
-            minor: STATE_MINOR,
-        }
+        Version { major: STATE_MAJOR, minor: STATE_MINOR }
     }
 }
 
@@ -154,29 +151,19 @@ impl ProcessState {
         struct Head {
             version: Version,
         }
-        let head: Head =
-            serde_json::from_slice(bytes).map_err(|e| StateError::Parse(e.to_string()))?;
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| StateError::Parse(e.to_string()))?;
         if head.version.major != STATE_MAJOR {
-            return Err(StateError::Major {
-                got: head.version.major,
-            });
+            return Err(StateError::Major { got: head.version.major });
         }
-        let state: ProcessState =
-            serde_json::from_slice(bytes).map_err(|e| StateError::Parse(e.to_string()))?;
+        let state: ProcessState = serde_json::from_slice(bytes).map_err(|e| StateError::Parse(e.to_string()))?;
         if let Some(index) = state.fd_indices().into_iter().find(|&i| i >= fd_count) {
-            return Err(StateError::FdIndex {
-                index,
-                count: fd_count,
-            });
+            return Err(StateError::FdIndex { index, count: fd_count });
         }
         Ok(state)
     }
 
     fn fd_indices(&self) -> Vec<usize> {
-        let mut all: Vec<usize> = [self.metrics_tcp, self.metrics_unix, self.control]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut all: Vec<usize> = [self.metrics_tcp, self.metrics_unix, self.control].into_iter().flatten().collect();
         for d in &self.devices {
             all.extend(&d.tap_queues);
             all.extend(d.listener);
@@ -263,10 +250,7 @@ mod tests {
     fn test_state_of_an_older_minor_without_optional_fields_is_accepted() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
         v.as_object_mut().unwrap().remove("metrics_tcp");
-        v["devices"][0]
-            .as_object_mut()
-            .unwrap()
-            .remove("pair_counters");
+        v["devices"][0].as_object_mut().unwrap().remove("pair_counters");
         let parsed = ProcessState::from_json(&serde_json::to_vec(&v).unwrap(), 7).unwrap();
         assert!(parsed.devices[0].pair_counters.is_empty());
     }
@@ -277,17 +261,8 @@ mod tests {
         v["version"]["major"] = (STATE_MAJOR + 1).into();
         v["devices"] = "a layout this build does not know".into();
         let err = ProcessState::from_json(&serde_json::to_vec(&v).unwrap(), 7).unwrap_err();
-        assert_eq!(
-            err,
-            StateError::Major {
-                got: STATE_MAJOR + 1
-            }
-        );
-        assert!(
-            err.to_string()
-                .contains("major version 2, this vutap accepts only 1"),
-            "{err}"
-        );
+        assert_eq!(err, StateError::Major { got: STATE_MAJOR + 1 });
+        assert!(err.to_string().contains("major version 2, this vutap accepts only 1"), "{err}");
     }
 
     #[test]

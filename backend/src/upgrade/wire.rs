@@ -71,24 +71,14 @@ impl Channel {
 
     /// Receives one JSON message, waiting at most `timeout`; `alive` is asked every 100 ms
     /// whether the other side can still answer (a child that exited cannot).
-    pub fn recv_json<T: for<'de> Deserialize<'de>>(
-        &self,
-        timeout: Duration,
-        alive: &mut dyn FnMut() -> bool,
-    ) -> Result<T, WireError> {
+    pub fn recv_json<T: for<'de> Deserialize<'de>>(&self, timeout: Duration, alive: &mut dyn FnMut() -> bool) -> Result<T, WireError> {
         let bytes = self.recv_waiting(timeout, alive)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| WireError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
+        serde_json::from_slice(&bytes).map_err(|e| WireError::Unexpected(format!("{e}: {}", String::from_utf8_lossy(&bytes))))
     }
 
-    fn recv_waiting(
-        &self,
-        timeout: Duration,
-        alive: &mut dyn FnMut() -> bool,
-    ) -> Result<Vec<u8>, WireError> {
+    fn recv_waiting(&self, timeout: Duration, alive: &mut dyn FnMut() -> bool) -> Result<Vec<u8>, WireError> {
         let deadline = Instant::now() + timeout;
-        self.sock
-            .set_read_timeout(Some(Duration::from_millis(100)))?;
+        self.sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             match self.sock.recv(&mut buf) {
@@ -97,14 +87,7 @@ impl Channel {
                     buf.truncate(n);
                     return Ok(buf);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {
                     if !alive() {
                         return Err(WireError::Closed);
                     }
@@ -141,10 +124,7 @@ impl Channel {
         while fds.len() < count {
             let mut tag = [0u8; 1];
             let mut raw = vec![-1 as RawFd; FDS_PER_MESSAGE];
-            let mut iov = [libc::iovec {
-                iov_base: tag.as_mut_ptr() as *mut libc::c_void,
-                iov_len: 1,
-            }];
+            let mut iov = [libc::iovec { iov_base: tag.as_mut_ptr() as *mut libc::c_void, iov_len: 1 }];
             // SAFETY: `iov` points at `tag`, which we own and may be overwritten with anything.
             let (n, got) = unsafe { self.sock.recv_with_fds(&mut iov, &mut raw)? };
             for &fd in &raw[..got] {
@@ -154,9 +134,7 @@ impl Channel {
                 fds.push(owned);
             }
             if n == 0 || tag[0] != FDS_TAG || got == 0 {
-                return Err(WireError::Unexpected(format!(
-                    "fd batch: {n} bytes, {got} fds"
-                )));
+                return Err(WireError::Unexpected(format!("fd batch: {n} bytes, {got} fds")));
             }
         }
         Ok((msg[5..].to_vec(), fds))

@@ -83,11 +83,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = start.elapsed().as_secs_f64();
     let s = fe.stats();
-    println!(
-        "{:?}\nTX {:.0} pps completed, RX {:.0} pps",
-        s,
-        s.tx_completed as f64 / secs,
-        s.rx_frames as f64 / secs
-    );
+    println!("{:?}\nTX {:.0} pps completed, RX {:.0} pps", s, s.tx_completed as f64 / secs, s.rx_frames as f64 / secs);
     Ok(())
 }

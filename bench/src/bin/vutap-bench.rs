@@ -74,12 +74,23 @@ fn main() {
         cfg.multi_sizes = v;
     }
     if let Some(v) = a.dirs {
-        cfg.dirs = v.iter().filter_map(|d| match d.as_str() { "tx" => Some(Dir::Tx), "rx" => Some(Dir::Rx), _ => None }).collect();
+        cfg.dirs = v
+            .iter()
+            .filter_map(|d| match d.as_str() {
+                "tx" => Some(Dir::Tx),
+                "rx" => Some(Dir::Rx),
+                _ => None,
+            })
+            .collect();
     }
     if let Some(v) = a.arrangements {
         cfg.arrangements = v
             .iter()
-            .filter_map(|d| match d.as_str() { "macvtap" => Some(Arrangement::Macvtap), "tap" => Some(Arrangement::Tap), _ => None })
+            .filter_map(|d| match d.as_str() {
+                "macvtap" => Some(Arrangement::Macvtap),
+                "tap" => Some(Arrangement::Tap),
+                _ => None,
+            })
             .collect();
     }
     if let Some(d) = a.duration {

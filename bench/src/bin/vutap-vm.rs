@@ -9,9 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use vutap_bench::testbed::{
-    seed, workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology,
-};
+use vutap_bench::testbed::{seed, workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology};
 
 #[derive(Parser)]
 #[command(about = "End-to-end runs of vutap with real QEMU guests")]
@@ -146,14 +144,7 @@ fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     let tap = topo.taps[0].clone();
-    eprintln!(
-        "topology: netns {} peer {} guest {} on {} ({})",
-        topo.netns,
-        topo.peer_ip,
-        tap.guest_ip,
-        tap.dev.display(),
-        tap.mac
-    );
+    eprintln!("topology: netns {} peer {} guest {} on {} ({})", topo.netns, topo.peer_ip, tap.guest_ip, tap.dev.display(), tap.mac);
 
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
@@ -161,15 +152,8 @@ fn demo(args: DemoArgs) -> ExitCode {
         for &backend in backends {
             let name = format!("demo-{backend}-q{}-{}q", qemu.label(), args.queues);
             eprintln!("== {backend} on QEMU {qemu}, {} queue pair(s)", args.queues);
-            let s = Scenario {
-                qemu,
-                backend,
-                queues: args.queues,
-                ping_count: 5,
-                iperf_secs: args.seconds,
-                streams: 1,
-                spread_flows: false,
-            };
+            let s =
+                Scenario { qemu, backend, queues: args.queues, ping_count: 5, iperf_secs: args.seconds, streams: 1, spread_flows: false };
             match s.run(&topo, &tap, &name) {
                 Ok(o) => {
                     eprintln!(
@@ -187,26 +171,12 @@ fn demo(args: DemoArgs) -> ExitCode {
     }
     let rows = rows(&outcomes);
     print_table(&rows);
-    let report = Report {
-        seconds: args.seconds,
-        outcomes,
-        rows,
-        failures,
-    };
-    let path = if args.json.is_absolute() {
-        args.json.clone()
-    } else {
-        workspace_root().join(&args.json)
-    };
+    let report = Report { seconds: args.seconds, outcomes, rows, failures };
+    let path = if args.json.is_absolute() { args.json.clone() } else { workspace_root().join(&args.json) };
     let written = path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|_| {
-            std::fs::write(
-                &path,
-                serde_json::to_string_pretty(&report).unwrap_or_default(),
-            )
-        });
+        .and_then(|_| std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()));
     match written {
         Ok(()) => eprintln!("wrote {}", path.display()),
         Err(e) => eprintln!("vutap-vm: write {}: {e}", path.display()),
@@ -229,13 +199,9 @@ fn rows(outcomes: &[Outcome]) -> Vec<Row> {
     let mut rows = Vec::new();
     for o in outcomes {
         for dir in ["guest->peer", "peer->guest"] {
-            let baseline = outcomes.iter().find(|b| {
-                b.backend == Backend::QemuTap && b.qemu == o.qemu && b.queues == o.queues
-            });
+            let baseline = outcomes.iter().find(|b| b.backend == Backend::QemuTap && b.qemu == o.qemu && b.queues == o.queues);
             let ratio = match (o.backend, baseline) {
-                (Backend::Vutap, Some(b)) if gbps(b, dir) > 0.0 => {
-                    Some(gbps(o, dir) / gbps(b, dir))
-                }
+                (Backend::Vutap, Some(b)) if gbps(b, dir) > 0.0 => Some(gbps(o, dir) / gbps(b, dir)),
                 _ => None,
             };
             rows.push(Row {
@@ -255,17 +221,12 @@ fn print_table(rows: &[Row]) {
     println!("| backend | qemu | queues | direction | Gbit/s | vutap/qemu-tap |");
     println!("|---|---|---|---|---|---|");
     for r in rows {
-        let ratio = r
-            .ratio_vs_qemu_tap
-            .map_or("-".to_string(), |x| format!("{x:.2}"));
+        let ratio = r.ratio_vs_qemu_tap.map_or("-".to_string(), |x| format!("{x:.2}"));
         let backend = match r.backend {
             Backend::Vutap => "vutap",
             Backend::QemuTap => "qemu-tap",
         };
-        println!(
-            "| {backend} | {} | {} | {} | {:.2} | {ratio} |",
-            r.qemu, r.queues, r.direction, r.gbps
-        );
+        println!("| {backend} | {} | {} | {} | {:.2} | {ratio} |", r.qemu, r.queues, r.direction, r.gbps);
     }
 }
 
@@ -303,30 +264,17 @@ fn seed_cmd(args: SeedArgs) -> ExitCode {
     let md = seed::markdown(&report);
     println!("{md}");
     let out = |p: &std::path::Path, text: String| {
-        let path = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            workspace_root().join(p)
-        };
-        let r = path
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|_| std::fs::write(&path, text));
+        let path = if p.is_absolute() { p.to_path_buf() } else { workspace_root().join(p) };
+        let r = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|_| std::fs::write(&path, text));
         match r {
             Ok(()) => eprintln!("wrote {}", path.display()),
             Err(e) => eprintln!("vutap-vm: write {}: {e}", path.display()),
         }
     };
-    out(
-        &args.json,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    );
+    out(&args.json, serde_json::to_string_pretty(&report).unwrap_or_default());
     out(&args.svg, seed::svg(&report));
     out(&args.markdown, md);
-    let holes = report
-        .cells
-        .iter()
-        .any(|c| c.vutap.is_none() || c.qemu_tap.is_none());
+    let holes = report.cells.iter().any(|c| c.vutap.is_none() || c.qemu_tap.is_none());
     let vepa_ok = report.vepa.as_ref().is_none_or(|v| v.as_expected());
     if holes || !vepa_ok {
         eprintln!("vutap-vm seed: missing numbers or unexpected VEPA result (see above)");

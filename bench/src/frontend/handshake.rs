@@ -97,8 +97,7 @@ pub fn negotiate(vu: &mut Frontend, p: &NegotiateParams) -> Result<Negotiated> {
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
         // Raw, because the crate would shrink its own queue-index limit to the answer, and
         // backends disagree on whether it counts queues or queue pairs.
-        let q = raw_request(vu, REQ_GET_QUEUE_NUM, FLAG_VERSION_1, &[])
-            .map_err(FrontendError::GetQueueNum)?;
+        let q = raw_request(vu, REQ_GET_QUEUE_NUM, FLAG_VERSION_1, &[]).map_err(FrontendError::GetQueueNum)?;
         if q < u64::from(p.queue_pairs) {
             return Err(FrontendError::TooFewQueues { available: q, pairs: p.queue_pairs });
         }
@@ -129,13 +128,7 @@ pub fn negotiate(vu: &mut Frontend, p: &NegotiateParams) -> Result<Negotiated> {
 
 /// Phase 2: SET_MEM_TABLE, per ring NUM/ADDR/BASE/CALL/KICK, then the enables the order asks
 /// for.
-pub fn setup_rings(
-    vu: &mut Frontend,
-    n: &Negotiated,
-    order: HandshakeOrder,
-    mem: &GuestMemory,
-    queues: &[DriverQueue],
-) -> Result<()> {
+pub fn setup_rings(vu: &mut Frontend, n: &Negotiated, order: HandshakeOrder, mem: &GuestMemory, queues: &[DriverQueue]) -> Result<()> {
     let ack = n.reply_ack() && order == HandshakeOrder::Qemu;
     with_ack(vu, ack, |vu| vu.set_mem_table(&[mem.region_info()])).map_err(FrontendError::SetMemTable)?;
     for q in queues {
@@ -152,16 +145,11 @@ pub fn setup_rings(
             avail_ring_addr: uaddr(l.avail),
             log_addr: None,
         };
-        with_ack(vu, ack, |vu| vu.set_vring_num(i, l.size))
-            .map_err(|source| FrontendError::SetVringNum { queue, source })?;
-        with_ack(vu, ack, |vu| vu.set_vring_addr(i, &cfg))
-            .map_err(|source| FrontendError::SetVringAddr { queue, source })?;
-        with_ack(vu, ack, |vu| vu.set_vring_base(i, 0))
-            .map_err(|source| FrontendError::SetVringBase { queue, source })?;
-        with_ack(vu, ack, |vu| vu.set_vring_kick(i, q.kick_fd()))
-            .map_err(|source| FrontendError::SetVringKick { queue, source })?;
-        with_ack(vu, ack, |vu| vu.set_vring_call(i, q.call_fd()))
-            .map_err(|source| FrontendError::SetVringCall { queue, source })?;
+        with_ack(vu, ack, |vu| vu.set_vring_num(i, l.size)).map_err(|source| FrontendError::SetVringNum { queue, source })?;
+        with_ack(vu, ack, |vu| vu.set_vring_addr(i, &cfg)).map_err(|source| FrontendError::SetVringAddr { queue, source })?;
+        with_ack(vu, ack, |vu| vu.set_vring_base(i, 0)).map_err(|source| FrontendError::SetVringBase { queue, source })?;
+        with_ack(vu, ack, |vu| vu.set_vring_kick(i, q.kick_fd())).map_err(|source| FrontendError::SetVringKick { queue, source })?;
+        with_ack(vu, ack, |vu| vu.set_vring_call(i, q.call_fd())).map_err(|source| FrontendError::SetVringCall { queue, source })?;
     }
     if n.features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
         return Ok(()); // rings start enabled without protocol features
@@ -182,9 +170,7 @@ pub fn get_config(vu: &mut Frontend, n: &Negotiated, len: u32) -> Result<Option<
         return Ok(None);
     }
     let buf = vec![0u8; len as usize];
-    let (_, payload) = vu
-        .get_config(0, len, VhostUserConfigFlags::empty(), &buf)
-        .map_err(FrontendError::GetConfig)?;
+    let (_, payload) = vu.get_config(0, len, VhostUserConfigFlags::empty(), &buf).map_err(FrontendError::GetConfig)?;
     Ok(Some(payload))
 }
 
@@ -206,19 +192,12 @@ fn early_enable(vu: &mut Frontend, queue: u16, reply_ack: bool) -> Result<()> {
 
 /// Sends one request and reads its u64 reply.
 fn raw_request(vu: &Frontend, request: u32, flags: u32, body: &[u8]) -> io::Result<u64> {
-    raw_request_opt(vu, request, flags, body, true)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no reply"))
+    raw_request_opt(vu, request, flags, body, true)?.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no reply"))
 }
 
 /// Sends one request on a dup of the connection; if `want_reply`, reads a 20-byte reply
 /// (header + u64) and returns the u64.
-fn raw_request_opt(
-    vu: &Frontend,
-    request: u32,
-    flags: u32,
-    body: &[u8],
-    want_reply: bool,
-) -> io::Result<Option<u64>> {
+fn raw_request_opt(vu: &Frontend, request: u32, flags: u32, body: &[u8], want_reply: bool) -> io::Result<Option<u64>> {
     // SAFETY: dup of a valid open fd; the new fd is owned by the OwnedFd below.
     let fd = unsafe { libc::dup(vu.as_raw_fd()) };
     if fd < 0 {

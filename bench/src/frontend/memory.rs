@@ -49,27 +49,15 @@ impl GuestMemory {
         }
         // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64)
-            .map_err(|source| MemoryError::Resize { size, source })?;
+        file.set_len(size as u64).map_err(|source| MemoryError::Resize { size, source })?;
         // SAFETY: mapping a fresh fd of `size` bytes at a kernel-chosen address; the result is
         // checked against MAP_FAILED before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, file.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(MemoryError::Mmap { size, source: io::Error::last_os_error() });
         }
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Mmap {
-            size,
-            source: io::Error::from(io::ErrorKind::InvalidData),
-        })?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or(MemoryError::Mmap { size, source: io::Error::from(io::ErrorKind::InvalidData) })?;
         Ok(Self { file, base, size })
     }
 

@@ -26,7 +26,5 @@ pub use error::{FrontendError, Result};
 pub use handshake::HandshakeOrder;
 pub use hdr::VirtioNetHdr;
 pub use memory::GuestMemory;
-pub use net::{
-    rx_queue, tx_queue, FrontendOptions, NetConfig, NetFrontend, RxFrame, Stats, TxShape, TxSplit,
-};
+pub use net::{rx_queue, tx_queue, FrontendOptions, NetConfig, NetFrontend, RxFrame, Stats, TxShape, TxSplit};
 pub use virtqueue::{Descriptor, DriverQueue, QueueLayout, Segment, UsedElem};

@@ -211,8 +211,7 @@ impl NetFrontend {
             .into_iter()
             .zip(0..nqueues)
             .map(|(l, queue)| {
-                DriverQueue::new(queue, mem.clone(), l, event_idx)
-                    .map_err(|source| FrontendError::QueueSetup { queue, source })
+                DriverQueue::new(queue, mem.clone(), l, event_idx).map_err(|source| FrontendError::QueueSetup { queue, source })
             })
             .collect::<Result<Vec<_>>>()?;
         handshake::setup_rings(&mut vu, &negotiated, opts.order, &mem, &queues)?;
@@ -305,9 +304,7 @@ impl NetFrontend {
 
     /// GET_VRING_BASE: stops ring `queue` in the backend and returns its next avail index.
     pub fn get_vring_base(&mut self, queue: u16) -> Result<u32> {
-        self.vu
-            .get_vring_base(usize::from(queue))
-            .map_err(|source| FrontendError::GetVringBase { queue, source })
+        self.vu.get_vring_base(usize::from(queue)).map_err(|source| FrontendError::GetVringBase { queue, source })
     }
 
     /// Starts dirty logging as QEMU does when a migration begins: a memfd log with one bit per
@@ -357,13 +354,7 @@ impl NetFrontend {
     }
 
     /// As [`send_frame`](Self::send_frame) with an explicit descriptor shape.
-    pub fn send_frame_shaped(
-        &mut self,
-        pair: u16,
-        hdr: &VirtioNetHdr,
-        payload: &[u8],
-        shape: TxShape,
-    ) -> Result<()> {
+    pub fn send_frame_shaped(&mut self, pair: u16, hdr: &VirtioNetHdr, payload: &[u8], shape: TxShape) -> Result<()> {
         let mut h = [0u8; 12];
         hdr.write_to(&mut h[..self.hdr_len]);
         self.check_pair(pair)?;
@@ -384,12 +375,7 @@ impl NetFrontend {
 
     /// Queues as many of `frames` (each with `hdr`) as fit, reclaiming completed TX first, and
     /// kicks at most once. Returns how many were queued.
-    pub fn send_batch<F: AsRef<[u8]>>(
-        &mut self,
-        pair: u16,
-        hdr: &VirtioNetHdr,
-        frames: &[F],
-    ) -> Result<usize> {
+    pub fn send_batch<F: AsRef<[u8]>>(&mut self, pair: u16, hdr: &VirtioNetHdr, frames: &[F]) -> Result<usize> {
         self.check_pair(pair)?;
         let mut h = [0u8; 12];
         hdr.write_to(&mut h[..self.hdr_len]);
@@ -465,21 +451,14 @@ impl NetFrontend {
         }
         self.tx_segments(hdr.len(), total, shape);
         if shape.indirect && self.segs.len() > usize::from(self.opts.indirect_max) {
-            return Err(FrontendError::TooManySegments {
-                needed: self.segs.len(),
-                max: usize::from(self.opts.indirect_max),
-            });
+            return Err(FrontendError::TooManySegments { needed: self.segs.len(), max: usize::from(self.opts.indirect_max) });
         }
         let needed = if shape.indirect { 1 } else { self.segs.len() };
         if usize::from(self.queues[q].num_free()) < needed {
             self.reclaim_queue(q)?;
         }
         let queue = &mut self.queues[q];
-        let head = queue.next_head().ok_or(super::virtqueue::QueueError::Full {
-            queue: queue.index(),
-            needed: needed as u16,
-            free: 0,
-        })?;
+        let head = queue.next_head().ok_or(super::virtqueue::QueueError::Full { queue: queue.index(), needed: needed as u16, free: 0 })?;
         let slot = queue.slot_gpa(head);
         self.mem.write(slot, hdr);
         self.mem.write(slot + hdr.len() as u64, payload);
@@ -548,12 +527,7 @@ impl NetFrontend {
     /// Reads up to `max` frames already returned on `pair`'s RX queue without blocking,
     /// calling `f(hdr, payload)` for each (payload excludes the header; with MRG_RXBUF it is
     /// the concatenation of the frame's buffers). Buffers are re-posted if `rx_refill`.
-    pub fn recv_batch(
-        &mut self,
-        pair: u16,
-        max: usize,
-        mut f: impl FnMut(&VirtioNetHdr, &[u8]),
-    ) -> Result<usize> {
+    pub fn recv_batch(&mut self, pair: u16, max: usize, mut f: impl FnMut(&VirtioNetHdr, &[u8])) -> Result<usize> {
         self.check_pair(pair)?;
         let q = usize::from(rx_queue(pair));
         let mut scratch = std::mem::take(&mut self.rx_scratch);

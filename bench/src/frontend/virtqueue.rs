@@ -130,12 +130,7 @@ pub struct DriverQueue {
 
 impl DriverQueue {
     /// Creates the driver state and zeroes the rings. `event_idx`: EVENT_IDX was negotiated.
-    pub fn new(
-        index: u16,
-        mem: Arc<GuestMemory>,
-        layout: QueueLayout,
-        event_idx: bool,
-    ) -> io::Result<Self> {
+    pub fn new(index: u16, mem: Arc<GuestMemory>, layout: QueueLayout, event_idx: bool) -> io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
         let call = EventFd::new(libc::EFD_NONBLOCK)?;
         let n = layout.size;
@@ -231,12 +226,7 @@ impl DriverQueue {
 
     fn seg_desc(&self, head: u16, s: Segment, device_writes: bool) -> Result<Descriptor, QueueError> {
         if u64::from(s.off) + u64::from(s.len) > u64::from(self.layout.slot_len) {
-            return Err(QueueError::SegmentOutsideSlot {
-                queue: self.index,
-                off: s.off,
-                len: s.len,
-                slot_len: self.layout.slot_len,
-            });
+            return Err(QueueError::SegmentOutsideSlot { queue: self.index, off: s.off, len: s.len, slot_len: self.layout.slot_len });
         }
         Ok(Descriptor {
             addr: self.slot_gpa(head) + u64::from(s.off),
@@ -273,11 +263,7 @@ impl DriverQueue {
         if segs.is_empty() || segs.len() > size {
             return Err(QueueError::BadSegmentCount { queue: self.index, got: segs.len(), max: size });
         }
-        let head = self.next_head().ok_or(QueueError::Full {
-            queue: self.index,
-            needed: segs.len() as u16,
-            free: 0,
-        })?;
+        let head = self.next_head().ok_or(QueueError::Full { queue: self.index, needed: segs.len() as u16, free: 0 })?;
         // Validate before taking descriptors so a bad segment leaks nothing.
         for s in segs {
             self.seg_desc(head, *s, device_writes)?;
@@ -364,11 +350,8 @@ impl DriverQueue {
         let mut b = [0u8; 8];
         self.mem.read(self.layout.used + 4 + 8 * slot, &mut b);
         self.last_used = self.last_used.wrapping_add(1);
-        let mut elem = UsedElem {
-            id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-            known: false,
-        };
+        let mut elem =
+            UsedElem { id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]), len: u32::from_le_bytes([b[4], b[5], b[6], b[7]]), known: false };
         if let Some(head) = self.in_flight_head(elem.id) {
             elem.known = true;
             let n = std::mem::take(&mut self.chain_len[usize::from(head)]);

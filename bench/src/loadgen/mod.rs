@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use placement::Placement;
 use crate::frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use crate::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
 use crate::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 use crate::testbed::{self, cmd, MacvtapMode, Topology};
+use placement::Placement;
 use wire::{Counters, OTHER_MAC, PEER_MAC};
 
 /// The size label of the TSO case.
@@ -163,9 +163,9 @@ pub struct Report {
 
 impl Report {
     pub fn find(&self, a: Arrangement, b: Backend, d: Dir, size: u32, pairs: u16, rxbuf: &str) -> Option<&CaseResult> {
-        self.cases.iter().find(|c| {
-            c.arrangement == a && c.backend == b && c.dir == d && c.size == size && c.pairs == pairs && c.rxbuf == rxbuf
-        })
+        self.cases
+            .iter()
+            .find(|c| c.arrangement == a && c.backend == b && c.dir == d && c.size == size && c.pairs == pairs && c.rxbuf == rxbuf)
     }
 }
 
@@ -478,10 +478,8 @@ pub fn run(cfg: &Config) -> Result<Report, String> {
         return Err("vutap-bench needs root (netns, macvtap, tap)".into());
     }
     let log_dir = testbed::log_dir("bench").map_err(|e| e.to_string())?;
-    let mut rep = Report {
-        host: format!("{} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)),
-        ..Report::default()
-    };
+    let mut rep =
+        Report { host: format!("{} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)), ..Report::default() };
     let dpdk = cfg.dpdk && Path::new(procs::TESTPMD).exists();
     if cfg.dpdk && !dpdk {
         rep.notes.push(format!("{} not found: DPDK comparison skipped", procs::TESTPMD));
@@ -550,7 +548,8 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         }
         if cfg.latency && pairs == 1 {
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Vutap, vhost_latency(cfg, sock_path, &far)));
-            let r = raw::open_macvtap(&tap.dev, 1).map_err(|e| e.to_string()).and_then(|fds| raw_latency(cfg, &fds[0], &far, place.as_ref()));
+            let r =
+                raw::open_macvtap(&tap.dev, 1).map_err(|e| e.to_string()).and_then(|fds| raw_latency(cfg, &fds[0], &far, place.as_ref()));
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Ceiling, r));
         }
         drop(p);
@@ -601,7 +600,8 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         if cfg.latency && pairs == 1 {
             rep.latency.push(latency_result(Arrangement::Tap, Backend::Vutap, vhost_latency(cfg, sock_path, &vfar)));
             if dpdk {
-                let r = start_testpmd(&dpdk_sock, &dname, 1, log_dir, place.as_ref()).and_then(|(_p, far)| vhost_latency(cfg, &dpdk_sock, &far));
+                let r = start_testpmd(&dpdk_sock, &dname, 1, log_dir, place.as_ref())
+                    .and_then(|(_p, far)| vhost_latency(cfg, &dpdk_sock, &far));
                 wait_gone(&dname);
                 rep.latency.push(latency_result(Arrangement::Tap, Backend::Dpdk, r));
             }

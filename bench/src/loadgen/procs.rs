@@ -1,8 +1,8 @@
 //! Backend processes under test (vutap, DPDK testpmd) and CPU time from /proc.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,7 @@ pub fn cpu_ns(path: &str) -> u64 {
     let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0 };
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     ticks * 1_000_000_000 / hz
@@ -96,14 +95,7 @@ fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Opti
 pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc, String> {
     let bin = Vutap::binary().map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(socket);
-    let args = vec![
-        "--socket".into(),
-        socket.display().to_string(),
-        "--tap".into(),
-        tap.into(),
-        "--queues".into(),
-        queues.to_string(),
-    ];
+    let args = vec!["--socket".into(), socket.display().to_string(), "--tap".into(), tap.into(), "--queues".into(), queues.to_string()];
     // Extra daemon options for experiments (e.g. VUTAP_BENCH_ARGS="--poll-us 50").
     let mut args = args;
     args.extend(std::env::var("VUTAP_BENCH_ARGS").unwrap_or_default().split_whitespace().map(String::from));

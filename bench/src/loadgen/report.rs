@@ -188,9 +188,16 @@ pub fn svg(rep: &Report) -> String {
     let width = left + 2.0 * (pw + 40.0);
     let height = top + ph + 110.0;
     let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: throughput per frame size, 1 queue pair (Gbit/s)</text>"#, width / 2.0);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: throughput per frame size, 1 queue pair (Gbit/s)</text>"#,
+        width / 2.0
+    );
     for (pi, dir) in [Dir::Tx, Dir::Rx].into_iter().enumerate() {
         let x0 = left + pi as f64 * (pw + 40.0);
         let dsizes: Vec<u32> = sizes.iter().copied().filter(|&z| !(dir == Dir::Rx && z == TSO_SIZE)).collect();
@@ -201,13 +208,25 @@ pub fn svg(rep: &Report) -> String {
             .fold(0.0f64, f64::max)
             .max(0.1);
         let max = nice(max);
-        let _ = writeln!(s, r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}</text>"#, x0 + pw / 2.0, top - 10.0, if dir == Dir::Tx { "TX (bench → backend → tap → far side)" } else { "RX (far side → tap → backend → bench)" });
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}</text>"#,
+            x0 + pw / 2.0,
+            top - 10.0,
+            if dir == Dir::Tx { "TX (bench → backend → tap → far side)" } else { "RX (far side → tap → backend → bench)" }
+        );
         let _ = writeln!(s, r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, top + ph, x0 + pw, top + ph);
         let _ = writeln!(s, r#"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{}" stroke="black"/>"#, top + ph);
         for t in 0..=4 {
             let v = max * t as f64 / 4.0;
             let y = top + ph - ph * t as f64 / 4.0;
-            let _ = writeln!(s, r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##, x0 + pw, x0 - 4.0, y + 4.0);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##,
+                x0 + pw,
+                x0 - 4.0,
+                y + 4.0
+            );
         }
         let gw = pw / dsizes.len().max(1) as f64;
         let bw = (gw - 10.0) / series.len() as f64;
@@ -216,15 +235,34 @@ pub fn svg(rep: &Report) -> String {
             for (si, &(a, b, _, color)) in series.iter().enumerate() {
                 let v = get(a, b, dir, z);
                 let h = ph * v / max;
-                let _ = writeln!(s, r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{v:.2} Gbit/s</title></rect>"#, gx + si as f64 * bw, top + ph - h, bw - 1.0, h);
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{v:.2} Gbit/s</title></rect>"#,
+                    gx + si as f64 * bw,
+                    top + ph - h,
+                    bw - 1.0,
+                    h
+                );
             }
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#, gx + gw / 2.0 - 5.0, top + ph + 16.0, size_label(z));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                gx + gw / 2.0 - 5.0,
+                top + ph + 16.0,
+                size_label(z)
+            );
         }
     }
     for (i, &(_, _, label, color)) in series.iter().enumerate() {
         let x = left + (i % 3) as f64 * 220.0;
         let y = top + ph + 45.0 + (i / 3) as f64 * 20.0;
-        let _ = writeln!(s, r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{label}</text>"#, y - 10.0, x + 18.0, y);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{label}</text>"#,
+            y - 10.0,
+            x + 18.0,
+            y
+        );
     }
     let _ = writeln!(s, "</svg>");
     s

@@ -137,9 +137,7 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
                                     len += e.len as usize;
                                     used += 1;
                                 }
-                                None if Instant::now() > deadline => {
-                                    return Err(format!("merged frame missing buffers ({used}/{nb})"))
-                                }
+                                None if Instant::now() > deadline => return Err(format!("merged frame missing buffers ({used}/{nb})")),
                                 None => std::hint::spin_loop(),
                             }
                         }
@@ -183,9 +181,8 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
 /// Sleeps until one of `queues` is called, or 10 ms pass (so a stop request is seen); clears
 /// the call eventfds that fired.
 fn wait_calls(fe: &NetFrontend, queues: impl Iterator<Item = u16>) {
-    let mut fds: Vec<libc::pollfd> = queues
-        .map(|i| libc::pollfd { fd: fe.queue(i).expect("queue").call_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 })
-        .collect();
+    let mut fds: Vec<libc::pollfd> =
+        queues.map(|i| libc::pollfd { fd: fe.queue(i).expect("queue").call_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     // SAFETY: `fds` is a valid pollfd array of its length for the duration of the call.
     let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
     if r > 0 {

@@ -122,7 +122,7 @@ pub fn tso_frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     f.extend_from_slice(&1u32.to_be_bytes()); // seq
     f.extend_from_slice(&1u32.to_be_bytes()); // ack
     f.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // doff 5, ACK|PSH, win, csum, urg
-    // Pseudo header: src, dst, proto, TCP length.
+                                                                // Pseudo header: src, dst, proto, TCP length.
     let pseudo = sum16(&[10, 99, 0, 2, 10, 99, 0, 1]) + 6 + (20 + payload) as u32;
     f[50..52].copy_from_slice(&csum_fold(pseudo).to_be_bytes());
     f.extend_from_slice(MAGIC);
@@ -156,10 +156,7 @@ impl FarThread {
     fn spawn(name: &str, body: impl FnOnce(&AtomicBool) + Send + 'static) -> FarThread {
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || body(&st))
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let handle = std::thread::Builder::new().name(name.into()).spawn(move || body(&st)).unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         FarThread { stop, handle: Some(handle) }
     }
 }

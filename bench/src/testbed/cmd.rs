@@ -6,20 +6,13 @@ use std::process::{Command, Stdio};
 use super::{io_err, Error, Result};
 
 fn render(prog: &str, args: &[&str]) -> String {
-    std::iter::once(prog)
-        .chain(args.iter().copied())
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(prog).chain(args.iter().copied()).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs `prog args...`, returns its stdout; a non-zero exit is an error carrying stderr.
 pub fn run(prog: &str, args: &[&str]) -> Result<String> {
     let shown = render(prog, args);
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io_err(format!("spawn `{shown}`")))?;
+    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().map_err(io_err(format!("spawn `{shown}`")))?;
     if !out.status.success() {
         return Err(Error::Command {
             cmd: shown,

@@ -28,11 +28,7 @@ pub struct Console {
 impl Console {
     /// Starts collecting `output`, copying it raw to `log`. `input`/`output` are QEMU's stdio
     /// pipes, or both halves of a unix socket chardev (a libvirt `<serial type='unix'>`).
-    pub fn new(
-        input: impl Write + Send + 'static,
-        mut output: impl Read + Send + 'static,
-        mut log: std::fs::File,
-    ) -> Console {
+    pub fn new(input: impl Write + Send + 'static, mut output: impl Read + Send + 'static, mut log: std::fs::File) -> Console {
         let shared = Arc::new((Mutex::new(Buffer::default()), Condvar::new()));
         let sh = Arc::clone(&shared);
         let reader = std::thread::spawn(move || {
@@ -45,51 +41,29 @@ impl Console {
                 let _ = log.write_all(&chunk[..n]);
                 let text = String::from_utf8_lossy(&chunk[..n]).replace('\r', "");
                 let (lock, cv) = &*sh;
-                lock.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .text
-                    .push_str(&text);
+                lock.lock().unwrap_or_else(|p| p.into_inner()).text.push_str(&text);
                 cv.notify_all();
             }
             let (lock, cv) = &*sh;
             lock.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
             cv.notify_all();
         });
-        Console {
-            input: Box::new(input),
-            shared,
-            reader: Some(reader),
-            next_id: 0,
-        }
+        Console { input: Box::new(input), shared, reader: Some(reader), next_id: 0 }
     }
 
     /// Length of the output so far; pass it to [`Console::wait_for`] to search only newer text.
     pub fn mark(&self) -> usize {
-        self.shared
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .text
-            .len()
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).text.len()
     }
 
     /// Waits until `needle` shows up in the output after byte offset `from`; returns the offset
     /// just past it.
     pub fn wait_for(&self, needle: &str, from: usize, timeout: Duration) -> Result<usize> {
-        self.wait_until(needle, timeout, |text| {
-            text.get(from..)?
-                .find(needle)
-                .map(|i| from + i + needle.len())
-        })
+        self.wait_until(needle, timeout, |text| text.get(from..)?.find(needle).map(|i| from + i + needle.len()))
     }
 
     /// Waits until `check` finds something in the whole output.
-    fn wait_until<T>(
-        &self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl FnMut(&str) -> Option<T>,
-    ) -> Result<T> {
+    fn wait_until<T>(&self, what: &str, timeout: Duration, mut check: impl FnMut(&str) -> Option<T>) -> Result<T> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.shared;
         let mut buf = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,21 +73,10 @@ impl Console {
             }
             let now = Instant::now();
             if buf.closed || now >= deadline {
-                let what = if buf.closed {
-                    format!("{what} (QEMU exited)")
-                } else {
-                    what.to_string()
-                };
-                return Err(Error::Timeout {
-                    what,
-                    after: timeout,
-                    tail: tail(&buf.text, 1500),
-                });
+                let what = if buf.closed { format!("{what} (QEMU exited)") } else { what.to_string() };
+                return Err(Error::Timeout { what, after: timeout, tail: tail(&buf.text, 1500) });
             }
-            buf = cv
-                .wait_timeout(buf, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            buf = cv.wait_timeout(buf, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -131,9 +94,7 @@ impl Console {
     /// itself can never match them even if the tty were echoing input.
     pub fn run(&mut self, cmd: &str, timeout: Duration) -> Result<(i32, String)> {
         if cmd.contains('\n') {
-            return Err(Error::Setup(format!(
-                "guest command must be one line: {cmd:?}"
-            )));
+            return Err(Error::Setup(format!("guest command must be one line: {cmd:?}")));
         }
         self.next_id += 1;
         let id = self.next_id;
@@ -141,9 +102,7 @@ impl Console {
         let end = format!("__E_{id}_");
         let from = self.mark();
         // Separate lines: a syntax error in `cmd` still lets the end marker run.
-        self.send_line(&format!(
-            "echo \"__S\"\"_{id}__\"\n{cmd}\necho \"__E\"\"_{id}_$?__\""
-        ))?;
+        self.send_line(&format!("echo \"__S\"\"_{id}__\"\n{cmd}\necho \"__E\"\"_{id}_$?__\""))?;
         let what = format!("guest command `{cmd}`");
         self.wait_until(&what, timeout, |text| {
             let text = text.get(from..)?;
@@ -158,10 +117,7 @@ impl Console {
 
     /// Last `n` bytes of output (for error messages).
     pub fn tail(&self, n: usize) -> String {
-        tail(
-            &self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).text,
-            n,
-        )
+        tail(&self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).text, n)
     }
 }
 

@@ -58,17 +58,9 @@ impl fmt::Display for QemuVersion {
 #[derive(Debug, Clone)]
 pub enum Nic {
     /// QEMU's built-in tap backend on a (mac)vtap character device, opened once per queue pair.
-    QemuTap {
-        tap_path: PathBuf,
-        queues: u16,
-        mac: String,
-    },
+    QemuTap { tap_path: PathBuf, queues: u16, mac: String },
     /// A vhost-user-net backend listening on `socket`.
-    VhostUser {
-        socket: PathBuf,
-        queues: u16,
-        mac: String,
-    },
+    VhostUser { socket: PathBuf, queues: u16, mac: String },
 }
 
 impl Nic {
@@ -165,48 +157,29 @@ impl Guest {
         let dir = config.qemu.dir();
         let qemu_bin = dir.join("usr/bin/qemu-system-x86_64");
         if !qemu_bin.exists() {
-            return Err(Error::Setup(format!(
-                "{} missing: run scripts/install-deps.sh",
-                qemu_bin.display()
-            )));
+            return Err(Error::Setup(format!("{} missing: run scripts/install-deps.sh", qemu_bin.display())));
         }
-        std::fs::create_dir_all(&config.log_dir)
-            .map_err(io_err(format!("create {}", config.log_dir.display())))?;
+        std::fs::create_dir_all(&config.log_dir).map_err(io_err(format!("create {}", config.log_dir.display())))?;
         let qemu_log = config.log_dir.join("qemu.log");
-        let stderr =
-            File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
+        let stderr = File::create(&qemu_log).map_err(io_err(format!("create {}", qemu_log.display())))?;
         let console_log = config.log_dir.join("console.log");
-        let console_file = File::create(&console_log)
-            .map_err(io_err(format!("create {}", console_log.display())))?;
+        let console_file = File::create(&console_log).map_err(io_err(format!("create {}", console_log.display())))?;
 
         let mut cmd = Command::new(&qemu_bin);
         cmd.env("QEMU_MODULE_DIR", dir.join("usr/lib/x86_64-linux-gnu/qemu"));
         cmd.args(["-L", path_str(&dir.join("usr/share/qemu"))?]);
         cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"]);
-        cmd.args([
-            "-display",
-            "none",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ]);
+        cmd.args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
         cmd.args(["-accel", "tcg", "-smp", &config.smp.to_string()]);
         let mem = format!("{}M", config.mem_mb);
-        cmd.args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-        ]);
+        cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
         cmd.args(["-numa", "node,memdev=mem", "-m", &mem]);
         cmd.args(["-kernel", path_str(&kernel)?, "-initrd", path_str(&initrd)?]);
         cmd.args(["-append", "console=ttyS0 quiet panic=-1"]);
         let tap_fds = add_nic_args(&mut cmd, &config)?;
         if let Some(mon) = &config.monitor {
             let _ = std::fs::remove_file(mon);
-            cmd.args([
-                "-monitor",
-                &format!("unix:{},server=on,wait=off", path_str(mon)?),
-            ]);
+            cmd.args(["-monitor", &format!("unix:{},server=on,wait=off", path_str(mon)?)]);
         }
         if let Some(uri) = &config.incoming {
             cmd.args(["-incoming", uri]);
@@ -233,38 +206,23 @@ impl Guest {
             }
         }
         die_with_parent(&mut cmd);
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(stderr);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(stderr);
 
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
+        let mut child = cmd.spawn().map_err(io_err(format!("spawn {}", qemu_bin.display())))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             return Err(Error::Setup("QEMU stdio pipes missing".into()));
         };
         let console = Console::new(stdin, stdout, console_file);
-        let mut guest = Guest {
-            child,
-            console,
-            config,
-            boot_time: Duration::ZERO,
-            tap_fds,
-        };
+        let mut guest = Guest { child, console, config, boot_time: Duration::ZERO, tap_fds };
         if guest.config.incoming.is_some() {
             // Nothing to wait for: the guest's state arrives with the migration.
             return Ok(guest);
         }
-        if let Err(e) = guest
-            .console
-            .wait_for(READY_MARKER, 0, guest.config.boot_timeout)
-        {
+        if let Err(e) = guest.console.wait_for(READY_MARKER, 0, guest.config.boot_timeout) {
             let log = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-            return Err(Error::Setup(format!(
-                "guest did not boot: {e}\nqemu.log:\n{log}"
-            )));
+            return Err(Error::Setup(format!("guest did not boot: {e}\nqemu.log:\n{log}")));
         }
         guest.boot_time = started.elapsed();
         // Throwaway command: makes sure the shell itself is reading (not just /init).
@@ -281,11 +239,7 @@ impl Guest {
     pub fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
         let (code, out) = self.run(cmd, timeout)?;
         if code != 0 {
-            return Err(Error::Command {
-                cmd: format!("(guest) {cmd}"),
-                status: code.to_string(),
-                stderr: out,
-            });
+            return Err(Error::Command { cmd: format!("(guest) {cmd}"), status: code.to_string(), stderr: out });
         }
         Ok(out)
     }
@@ -300,21 +254,13 @@ impl Guest {
 
     /// `ethtool -L eth0 combined n`: how many queue pairs the guest driver uses.
     pub fn set_channels(&mut self, n: u16) -> Result<()> {
-        self.run_ok(
-            &format!("ethtool -L eth0 combined {n}"),
-            Duration::from_secs(20),
-        )
-        .map(drop)
+        self.run_ok(&format!("ethtool -L eth0 combined {n}"), Duration::from_secs(20)).map(drop)
     }
 
     /// Turns XPS off on every TX queue, so the driver picks a flow's queue by its hash rather
     /// than by the sending CPU: with many flows every queue carries some.
     pub fn spread_tx_flows(&mut self) -> Result<()> {
-        self.run_ok(
-            "for f in /sys/class/net/eth0/queues/tx-*/xps_cpus; do echo 0 > $f; done",
-            Duration::from_secs(20),
-        )
-        .map(drop)
+        self.run_ok("for f in /sys/class/net/eth0/queues/tx-*/xps_cpus; do echo 0 > $f; done", Duration::from_secs(20)).map(drop)
     }
 
     /// Packets per queue pair so far, from the virtio-net driver's `ethtool -S` counters.
@@ -332,18 +278,9 @@ impl Guest {
 
     /// Runs an iperf3 client against `server:port` for `secs` with `streams` parallel streams;
     /// `reverse` makes the server send (peer → guest).
-    pub fn iperf3(
-        &mut self,
-        server: Ipv4Addr,
-        port: u16,
-        secs: u32,
-        streams: u16,
-        reverse: bool,
-    ) -> Result<IperfResult> {
+    pub fn iperf3(&mut self, server: Ipv4Addr, port: u16, secs: u32, streams: u16, reverse: bool) -> Result<IperfResult> {
         let r = if reverse { " -R" } else { "" };
-        let cmd = format!(
-            "iperf3 -c {server} -p {port} -t {secs} -P {streams} -i 0 -J --connect-timeout 5000{r}"
-        );
+        let cmd = format!("iperf3 -c {server} -p {port} -t {secs} -P {streams} -i 0 -J --connect-timeout 5000{r}");
         let (_, out) = self.run(&cmd, Duration::from_secs(secs as u64 + 60))?;
         IperfResult::parse(&out)
     }
@@ -353,21 +290,12 @@ impl Guest {
         self.console.send_line("poweroff -f")?;
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self
-                .child
-                .try_wait()
-                .map_err(io_err("wait for QEMU"))?
-                .is_some()
-            {
+            if self.child.try_wait().map_err(io_err("wait for QEMU"))?.is_some() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(Error::Timeout {
-            what: "guest poweroff".into(),
-            after: timeout,
-            tail: self.console.tail(500),
-        })
+        Err(Error::Timeout { what: "guest poweroff".into(), after: timeout, tail: self.console.tail(500) })
     }
 
     /// QEMU's stderr so far.
@@ -389,11 +317,7 @@ impl Guest {
 
     /// Runs one HMP command on the monitor set up by [`GuestConfig::monitor`].
     pub fn hmp(&self, cmd: &str, timeout: Duration) -> Result<String> {
-        let mon = self
-            .config
-            .monitor
-            .as_deref()
-            .ok_or_else(|| Error::Setup("guest has no monitor socket".into()))?;
+        let mon = self.config.monitor.as_deref().ok_or_else(|| Error::Setup("guest has no monitor socket".into()))?;
         super::monitor::hmp(mon, cmd, timeout)
     }
 
@@ -430,22 +354,14 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
     match &config.nic {
         Nic::QemuTap { tap_path, .. } => {
             for _ in 0..q {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(tap_path)
-                    .map_err(io_err(format!("open {}", tap_path.display())))?;
+                let f = OpenOptions::new().read(true).write(true).open(tap_path).map_err(io_err(format!("open {}", tap_path.display())))?;
                 if config.tap_detached {
                     set_queue_attached(f.as_raw_fd(), false)?;
                 }
                 fds.push(dup_above(&f, FD_BASE)?);
             }
             let list: Vec<String> = (0..q).map(|i| (3 + i).to_string()).collect();
-            let fd_arg = if q == 1 {
-                "fd=3".to_string()
-            } else {
-                format!("fds={}", list.join(":"))
-            };
+            let fd_arg = if q == 1 { "fd=3".to_string() } else { format!("fds={}", list.join(":")) };
             cmd.args(["-netdev", &format!("tap,id=n0,{fd_arg},vhost=off")]);
         }
         Nic::VhostUser { socket, .. } => {
@@ -461,10 +377,7 @@ fn add_nic_args(cmd: &mut Command, config: &GuestConfig) -> Result<Vec<OwnedFd>>
                     }
                 ),
             ]);
-            cmd.args([
-                "-netdev",
-                &format!("vhost-user,id=n0,chardev=c0,queues={q}"),
-            ]);
+            cmd.args(["-netdev", &format!("vhost-user,id=n0,chardev=c0,queues={q}")]);
         }
     }
     // romfile= : no iPXE option ROM, we boot with -kernel and it only costs boot time.
@@ -512,40 +425,22 @@ fn dup_above(f: &File, min: RawFd) -> Result<OwnedFd> {
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
+    p.to_str().ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
 }
 
 /// Parses busybox ping's summary: "N packets transmitted, M packets received" and
 /// "round-trip min/avg/max = a/b/c ms".
 pub(crate) fn parse_ping(out: &str) -> Result<PingResult> {
-    let bad = || Error::Parse {
-        what: "ping output".into(),
-        detail: out.trim().to_string(),
-    };
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(bad)?;
-    let nums: Vec<u32> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .take(2)
-        .filter_map(|s| s.parse().ok())
-        .collect();
+    let bad = || Error::Parse { what: "ping output".into(), detail: out.trim().to_string() };
+    let line = out.lines().find(|l| l.contains("packets transmitted")).ok_or_else(bad)?;
+    let nums: Vec<u32> =
+        line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).take(2).filter_map(|s| s.parse().ok()).collect();
     let [transmitted, received] = nums[..] else {
         return Err(bad());
     };
-    let avg_ms = out
-        .lines()
-        .find_map(|l| l.split_once("min/avg/max = "))
-        .and_then(|(_, v)| v.split('/').nth(1))
-        .and_then(|s| s.trim().parse().ok());
-    Ok(PingResult {
-        transmitted,
-        received,
-        avg_ms,
-    })
+    let avg_ms =
+        out.lines().find_map(|l| l.split_once("min/avg/max = ")).and_then(|(_, v)| v.split('/').nth(1)).and_then(|s| s.trim().parse().ok());
+    Ok(PingResult { transmitted, received, avg_ms })
 }
 
 #[cfg(test)]

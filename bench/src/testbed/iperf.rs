@@ -16,24 +16,16 @@ pub struct IperfResult {
 impl IperfResult {
     /// Parses the JSON report; `text` may carry other console lines around it.
     pub fn parse(text: &str) -> Result<IperfResult> {
-        let bad = |detail: String| Error::Parse {
-            what: "iperf3 JSON report".into(),
-            detail,
-        };
+        let bad = |detail: String| Error::Parse { what: "iperf3 JSON report".into(), detail };
         let (start, end) = match (text.find('{'), text.rfind('}')) {
             (Some(s), Some(e)) if s < e => (s, e),
             _ => return Err(bad(format!("no JSON object in: {}", text.trim()))),
         };
-        let v: serde_json::Value =
-            serde_json::from_str(&text[start..=end]).map_err(|e| bad(format!("{e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text[start..=end]).map_err(|e| bad(format!("{e}")))?;
         if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
             return Err(bad(format!("iperf3 reported: {err}")));
         }
-        let bps = |key: &str| {
-            v["end"][key]["bits_per_second"]
-                .as_f64()
-                .ok_or_else(|| bad(format!("missing end.{key}.bits_per_second")))
-        };
+        let bps = |key: &str| v["end"][key]["bits_per_second"].as_f64().ok_or_else(|| bad(format!("missing end.{key}.bits_per_second")));
         Ok(IperfResult {
             sent_gbps: bps("sum_sent")? / 1e9,
             received_gbps: bps("sum_received")? / 1e9,
@@ -54,10 +46,7 @@ mod tests {
         assert!((r.sent_gbps - 2.5).abs() < 1e-9 && (r.received_gbps - 2.4).abs() < 1e-9);
         assert_eq!(r.retransmits, 3);
         let err = r#"{"start":{},"end":{},"error":"unable to connect to server"}"#;
-        assert!(IperfResult::parse(err)
-            .unwrap_err()
-            .to_string()
-            .contains("unable to connect"));
+        assert!(IperfResult::parse(err).unwrap_err().to_string().contains("unable to connect"));
         assert!(IperfResult::parse("iperf3: not found").is_err());
     }
 }

@@ -38,16 +38,8 @@ struct Daemon {
 
 /// virtlogd first: libvirtd hands it QEMU's stderr when a domain starts.
 const DAEMONS: [Daemon; 2] = [
-    Daemon {
-        prog: "virtlogd",
-        socket: "/run/libvirt/virtlogd-sock",
-        pidfile: "/run/virtlogd.pid",
-    },
-    Daemon {
-        prog: "libvirtd",
-        socket: "/run/libvirt/libvirt-sock",
-        pidfile: "/run/libvirtd.pid",
-    },
+    Daemon { prog: "virtlogd", socket: "/run/libvirt/virtlogd-sock", pidfile: "/run/virtlogd.pid" },
+    Daemon { prog: "libvirtd", socket: "/run/libvirt/libvirt-sock", pidfile: "/run/libvirtd.pid" },
 ];
 
 /// virtlogd and libvirtd, started (`-d`, no systemd here) only if they were not running; `Drop`
@@ -66,27 +58,20 @@ impl Daemons {
                 )));
             }
         }
-        let mut daemons = Daemons {
-            started: Vec::new(),
-        };
+        let mut daemons = Daemons { started: Vec::new() };
         for d in &DAEMONS {
             if UnixStream::connect(d.socket).is_ok() {
                 continue;
             }
             run(d.prog, &["-d"])?;
-            wait_until(
-                &format!("{} to answer on {}", d.prog, d.socket),
-                Duration::from_secs(30),
-                || UnixStream::connect(d.socket).is_ok(),
-            )?;
+            wait_until(&format!("{} to answer on {}", d.prog, d.socket), Duration::from_secs(30), || {
+                UnixStream::connect(d.socket).is_ok()
+            })?;
             let pid = std::fs::read_to_string(d.pidfile)
                 .map_err(io_err(format!("read {}", d.pidfile)))?
                 .trim()
                 .parse()
-                .map_err(|e| Error::Parse {
-                    what: d.pidfile.into(),
-                    detail: format!("{e}"),
-                })?;
+                .map_err(|e| Error::Parse { what: d.pidfile.into(), detail: format!("{e}") })?;
             daemons.started.push((d.prog, pid));
         }
         Ok(daemons)
@@ -101,11 +86,7 @@ impl Drop for Daemons {
             // is touched.
             unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
             let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-            if wait_until(&format!("{prog} to exit"), Duration::from_secs(15), || {
-                !proc_dir.exists()
-            })
-            .is_err()
-            {
+            if wait_until(&format!("{prog} to exit"), Duration::from_secs(15), || !proc_dir.exists()).is_err() {
                 // SAFETY: as above; the daemon ignored SIGTERM.
                 unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
             }
@@ -132,9 +113,7 @@ pub fn render_template(template: &str, values: &[(&str, &str)]) -> Result<String
     }
     let left = placeholders(&out);
     if !left.is_empty() {
-        return Err(Error::Setup(format!(
-            "template placeholders without a value: {left:?}"
-        )));
+        return Err(Error::Setup(format!("template placeholders without a value: {left:?}")));
     }
     Ok(out)
 }
@@ -169,8 +148,7 @@ pub fn write_emulator(qemu: QemuVersion, dir: &Path) -> Result<PathBuf> {
         root = path_str(&root)?
     );
     std::fs::write(&path, script).map_err(io_err(format!("write {}", path.display())))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err(format!("chmod {}", path.display())))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(io_err(format!("chmod {}", path.display())))?;
     Ok(path)
 }
 
@@ -204,22 +182,11 @@ pub fn guest_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     // busybox acpid runs CONFDIR/PWRF/00000080 when the power button is pressed.
     let script = action.join("00000080");
     std::fs::write(&script, "#!/bin/sh\npoweroff -f\n").map_err(io_err("write acpid action"))?;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
-        .map_err(io_err("chmod acpid action"))?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).map_err(io_err("chmod acpid action"))?;
     let extra = dir.join("power-button.cpio");
-    run(
-        "sh",
-        &[
-            "-c",
-            "cd \"$1\" && find . | cpio --quiet -o -H newc -R 0:0 > \"$2\"",
-            "sh",
-            path_str(&stage)?,
-            path_str(&extra)?,
-        ],
-    )?;
+    run("sh", &["-c", "cd \"$1\" && find . | cpio --quiet -o -H newc -R 0:0 > \"$2\"", "sh", path_str(&stage)?, path_str(&extra)?])?;
     let initrd_copy = dir.join("initrd.img");
-    let mut out =
-        File::create(&initrd_copy).map_err(io_err(format!("create {}", initrd_copy.display())))?;
+    let mut out = File::create(&initrd_copy).map_err(io_err(format!("create {}", initrd_copy.display())))?;
     let mut written = 0u64;
     for part in [&initrd, &extra] {
         // Each archive must start 4-byte aligned; the kernel skips zero padding between them.
@@ -227,9 +194,7 @@ pub fn guest_files(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         let pad = &pad[..((4 - written % 4) % 4) as usize];
         out.write_all(pad).map_err(io_err("pad initrd"))?;
         let mut f = File::open(part).map_err(io_err(format!("open {}", part.display())))?;
-        written += pad.len() as u64
-            + std::io::copy(&mut f, &mut out)
-                .map_err(io_err(format!("append {}", part.display())))?;
+        written += pad.len() as u64 + std::io::copy(&mut f, &mut out).map_err(io_err(format!("append {}", part.display())))?;
     }
     Ok((kernel_copy, initrd_copy))
 }
@@ -276,8 +241,7 @@ impl Domain {
 
     /// QEMU's command line and stderr, as libvirt logged them.
     pub fn qemu_log(&self) -> String {
-        std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", self.name))
-            .unwrap_or_default()
+        std::fs::read_to_string(format!("/var/log/libvirt/qemu/{}.log", self.name)).unwrap_or_default()
     }
 }
 
@@ -304,11 +268,7 @@ fn sweep_dead_domains() {
         return;
     };
     for name in list.lines().map(str::trim) {
-        let Some(pid) = name
-            .strip_prefix("vutap-")
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok())
-        else {
+        let Some(pid) = name.strip_prefix("vutap-").and_then(|r| r.split_once('-')).and_then(|(pid, _)| pid.parse::<u32>().ok()) else {
             continue;
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -331,49 +291,28 @@ impl SerialListener {
     /// Listens on `path`; console output of every connection is appended to `log`.
     pub fn bind(path: &Path, log: &Path) -> Result<SerialListener> {
         let _ = std::fs::remove_file(path);
-        let listener =
-            UnixListener::bind(path).map_err(io_err(format!("bind {}", path.display())))?;
-        Ok(SerialListener {
-            listener,
-            path: path.to_path_buf(),
-            log: log.to_path_buf(),
-        })
+        let listener = UnixListener::bind(path).map_err(io_err(format!("bind {}", path.display())))?;
+        Ok(SerialListener { listener, path: path.to_path_buf(), log: log.to_path_buf() })
     }
 
     /// Waits up to `timeout` for QEMU to connect.
     pub fn accept(&self, timeout: Duration) -> Result<DomainConsole> {
-        let mut pfd = libc::pollfd {
-            fd: self.listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
         // SAFETY: `pfd` is one valid pollfd on our stack for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n < 0 {
-            return Err(io_err("poll serial listener")(
-                std::io::Error::last_os_error(),
-            ));
+            return Err(io_err("poll serial listener")(std::io::Error::last_os_error()));
         }
         if n == 0 {
             return Err(Error::Timeout {
-                what: format!(
-                    "QEMU to connect its serial console to {}",
-                    self.path.display()
-                ),
+                what: format!("QEMU to connect its serial console to {}", self.path.display()),
                 after: timeout,
                 tail: String::new(),
             });
         }
-        let (stream, _) = self
-            .listener
-            .accept()
-            .map_err(io_err("accept serial console"))?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(io_err(format!("open {}", self.log.display())))?;
+        let (stream, _) = self.listener.accept().map_err(io_err("accept serial console"))?;
+        let log = OpenOptions::new().create(true).append(true).open(&self.log).map_err(io_err(format!("open {}", self.log.display())))?;
         let clone = |s: &UnixStream| s.try_clone().map_err(io_err("dup serial console socket"));
         let console = Console::new(clone(&stream)?, clone(&stream)?, log);
         Ok(DomainConsole { stream, console })
@@ -409,11 +348,7 @@ impl DomainConsole {
     pub fn run_ok(&mut self, cmd: &str, timeout: Duration) -> Result<String> {
         let (code, out) = self.console.run(cmd, timeout)?;
         if code != 0 {
-            return Err(Error::Command {
-                cmd: format!("(guest) {cmd}"),
-                status: code.to_string(),
-                stderr: out,
-            });
+            return Err(Error::Command { cmd: format!("(guest) {cmd}"), status: code.to_string(), stderr: out });
         }
         Ok(out)
     }
@@ -423,8 +358,7 @@ impl DomainConsole {
     pub fn enable_power_button(&mut self) -> Result<()> {
         let t = Duration::from_secs(30);
         self.run_ok("insmod /lib/acpi/evdev.ko && insmod /lib/acpi/button.ko", t)?;
-        self.run_ok("acpid -c /etc/acpi -l /tmp/acpid.log", t)
-            .map(drop)
+        self.run_ok("acpid -c /etc/acpi -l /tmp/acpid.log", t).map(drop)
     }
 
     /// Brings eth0 up with `ip/prefix`.
@@ -437,26 +371,15 @@ impl DomainConsole {
     /// Pings `ip` `count` times (0.2 s apart). A run with lost replies is not an error.
     pub fn ping(&mut self, ip: Ipv4Addr, count: u32) -> Result<PingResult> {
         let timeout = Duration::from_secs(20 + 2 * count as u64);
-        let (_, out) = self
-            .console
-            .run(&format!("ping -c {count} -i 0.2 -W 2 {ip}"), timeout)?;
+        let (_, out) = self.console.run(&format!("ping -c {count} -i 0.2 -W 2 {ip}"), timeout)?;
         parse_ping(&out)
     }
 
     /// iperf3 client against `server:port` for `secs`, one stream; `reverse`: the server sends.
-    pub fn iperf3(
-        &mut self,
-        server: Ipv4Addr,
-        port: u16,
-        secs: u32,
-        reverse: bool,
-    ) -> Result<IperfResult> {
+    pub fn iperf3(&mut self, server: Ipv4Addr, port: u16, secs: u32, reverse: bool) -> Result<IperfResult> {
         let r = if reverse { " -R" } else { "" };
-        let cmd =
-            format!("iperf3 -c {server} -p {port} -t {secs} -i 0 -J --connect-timeout 5000{r}");
-        let (_, out) = self
-            .console
-            .run(&cmd, Duration::from_secs(secs as u64 + 60))?;
+        let cmd = format!("iperf3 -c {server} -p {port} -t {secs} -i 0 -J --connect-timeout 5000{r}");
+        let (_, out) = self.console.run(&cmd, Duration::from_secs(secs as u64 + 60))?;
         IperfResult::parse(&out)
     }
 
@@ -478,11 +401,7 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> 
     let deadline = Instant::now() + timeout;
     while !done() {
         if Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: what.into(),
-                after: timeout,
-                tail: String::new(),
-            });
+            return Err(Error::Timeout { what: what.into(), after: timeout, tail: String::new() });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -492,24 +411,17 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> 
 /// `prog` in `$PATH` or the sbin directories (root's daemons live there).
 fn find_program(prog: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"])
-        .map(|d| Path::new(d).join(prog))
-        .find(|p| p.is_file());
+    let found = path.split(':').chain(["/usr/sbin", "/sbin", "/usr/bin"]).map(|d| Path::new(d).join(prog)).find(|p| p.is_file());
     found
 }
 
 fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
+    p.to_str().ok_or_else(|| Error::Setup(format!("non-UTF-8 path {}", p.display())))
 }
 
 /// Writes `text` to `path` (the rendered domain XML, kept beside the logs).
 pub fn write_file(path: &Path, text: &str) -> Result<()> {
-    File::create(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(io_err(format!("write {}", path.display())))
+    File::create(path).and_then(|mut f| f.write_all(text.as_bytes())).map_err(io_err(format!("write {}", path.display())))
 }
 
 #[cfg(test)]
@@ -519,10 +431,7 @@ mod tests {
     #[test]
     fn test_render_template_fills_every_placeholder() {
         let t = "<a x='@ONE@'>user@host @TWO@ @ONE@</a>";
-        assert_eq!(
-            render_template(t, &[("ONE", "1"), ("TWO", "2")]).unwrap(),
-            "<a x='1'>user@host 2 1</a>"
-        );
+        assert_eq!(render_template(t, &[("ONE", "1"), ("TWO", "2")]).unwrap(), "<a x='1'>user@host 2 1</a>");
         assert_eq!(placeholders("a@b @KEY_1@ @KEY@ x@"), vec!["KEY"]);
         let missing_value = render_template(t, &[("ONE", "1")]).unwrap_err().to_string();
         assert!(missing_value.contains("TWO"), "{missing_value}");

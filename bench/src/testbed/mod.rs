@@ -47,23 +47,11 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("command `{cmd}` failed ({status}): {stderr}")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Command { cmd: String, status: String, stderr: String },
     #[error("timed out after {after:?} waiting for {what}; last output:\n{tail}")]
-    Timeout {
-        what: String,
-        after: Duration,
-        tail: String,
-    },
+    Timeout { what: String, after: Duration, tail: String },
     #[error("{what} exited early ({status}); see {log}")]
-    Exited {
-        what: String,
-        status: String,
-        log: String,
-    },
+    Exited { what: String, status: String, log: String },
     #[error("cannot parse {what}: {detail}")]
     Parse { what: String, detail: String },
     #[error("{0}")]
@@ -80,10 +68,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 
 /// The workspace root, found from this crate's manifest dir so the harness works from any clone.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("bench crate lives inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench crate lives inside the workspace").to_path_buf()
 }
 
 /// Directory for logs of one run: `<workspace>/results/tmp/<name>` (git-ignored).

@@ -73,44 +73,25 @@ impl Scenario {
         // Keep vutap alive for the whole guest lifetime: declared before `guest`, dropped after.
         let mut _vutap = None;
         let nic = match self.backend {
-            Backend::QemuTap => Nic::QemuTap {
-                tap_path: tap.dev.clone(),
-                queues,
-                mac: tap.mac.clone(),
-            },
+            Backend::QemuTap => Nic::QemuTap { tap_path: tap.dev.clone(), queues, mac: tap.mac.clone() },
             Backend::Vutap => {
                 let socket = dir.join("vutap.sock");
                 let tap_arg = tap.dev.to_str().unwrap_or_default().to_string();
                 let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &[], &dir)
                     .map_err(|e| Error::Setup(format!("starting vutap on {tap_arg}: {e}")))?;
                 _vutap = Some(v);
-                Nic::VhostUser {
-                    socket,
-                    queues,
-                    mac: tap.mac.clone(),
-                }
+                Nic::VhostUser { socket, queues, mac: tap.mac.clone() }
             }
         };
         let result = self.drive(topo, tap, name, nic, &dir);
         match (result, &_vutap) {
-            (Err(e), Some(v)) => Err(Error::Setup(format!(
-                "{e}\n--- vutap log ({}):\n{}",
-                v.log.display(),
-                tail(&v.log_text())
-            ))),
+            (Err(e), Some(v)) => Err(Error::Setup(format!("{e}\n--- vutap log ({}):\n{}", v.log.display(), tail(&v.log_text())))),
             (r, _) => r,
         }
     }
 
     /// The guest part of [`Scenario::run`], once the backend is up.
-    fn drive(
-        &self,
-        topo: &Topology,
-        tap: &Tap,
-        name: &str,
-        nic: Nic,
-        dir: &std::path::Path,
-    ) -> Result<Outcome> {
+    fn drive(&self, topo: &Topology, tap: &Tap, name: &str, nic: Nic, dir: &std::path::Path) -> Result<Outcome> {
         let queues = nic.queues();
         let mut guest = Guest::boot(GuestConfig::new(self.qemu, nic, dir.to_path_buf()))?;
         log::info!("{name}: booted in {:.1} s", guest.boot_time.as_secs_f64());
@@ -123,11 +104,7 @@ impl Scenario {
         }
         let before = guest.queue_packets()?;
         let ping = guest.ping(topo.peer_ip, self.ping_count)?;
-        let streams = if self.streams == 0 {
-            queues
-        } else {
-            self.streams
-        };
+        let streams = if self.streams == 0 { queues } else { self.streams };
         let _server = topo.iperf_server(IPERF_PORT)?;
         let tx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, false)?;
         let rx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, true)?;

@@ -205,9 +205,7 @@ const IPERF_PORT: u16 = 5201;
 /// cannot be built is an error).
 pub fn run(plan: &SeedPlan) -> Result<SeedReport> {
     let started = Instant::now();
-    let started_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     // Up to 3 variants x 2 guests, each on its own macvtap of one bridge-mode lower.
     let topo = Topology::new(6, MacvtapMode::Bridge)?;
     let _server = topo.iperf_server(IPERF_PORT)?;
@@ -249,35 +247,16 @@ struct Node {
     vutap: Option<Vutap>,
 }
 
-fn boot_node(
-    qemu: QemuVersion,
-    variant: Variant,
-    queues: u16,
-    smp: u16,
-    tap: &Tap,
-    prefix_len: u8,
-    dir: &Path,
-) -> Result<Node> {
+fn boot_node(qemu: QemuVersion, variant: Variant, queues: u16, smp: u16, tap: &Tap, prefix_len: u8, dir: &Path) -> Result<Node> {
     std::fs::create_dir_all(dir).map_err(super::io_err(format!("create {}", dir.display())))?;
     let (nic, vutap) = match variant {
         Variant::Vutap => {
             let socket = dir.join("vutap.sock");
             let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &[], dir)?;
-            let nic = Nic::VhostUser {
-                socket,
-                queues,
-                mac: tap.mac.clone(),
-            };
+            let nic = Nic::VhostUser { socket, queues, mac: tap.mac.clone() };
             (nic, Some(v))
         }
-        Variant::QemuTap | Variant::QemuTapIntx => (
-            Nic::QemuTap {
-                tap_path: tap.dev.clone(),
-                queues,
-                mac: tap.mac.clone(),
-            },
-            None,
-        ),
+        Variant::QemuTap | Variant::QemuTapIntx => (Nic::QemuTap { tap_path: tap.dev.clone(), queues, mac: tap.mac.clone() }, None),
     };
     let mut cfg = GuestConfig::new(qemu, nic, dir.to_path_buf());
     cfg.smp = smp;
@@ -318,10 +297,7 @@ fn teardown(nodes: Vec<Node>) -> Vec<String> {
 }
 
 fn loadavg() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
 /// One block: the guests of every variant booted side by side (idle TCG guests cost little),
@@ -355,36 +331,18 @@ fn run_block(
             error: None,
         };
         let name = format!("{}-{path}-{variant}-q{}-{queues}qp", plan.tag, qemu.label());
-        eprintln!(
-            "== boot {path} | {variant} | QEMU {qemu} | {queues} queue pair(s) | smp {smp} | load {:.1}",
-            group.loadavg
-        );
+        eprintln!("== boot {path} | {variant} | QEMU {qemu} | {queues} queue pair(s) | smp {smp} | load {:.1}", group.loadavg);
         let t0 = Instant::now();
         let nodes = (|| -> Result<Vec<Node>> {
             let dir = log_dir(&name)?;
             let mut nodes = Vec::new();
             for i in 0..n {
-                let sub = if n == 1 {
-                    dir.clone()
-                } else {
-                    dir.join(["a", "b"][i])
-                };
+                let sub = if n == 1 { dir.clone() } else { dir.join(["a", "b"][i]) };
                 let tap = &topo.taps[vi * 2 + i];
-                nodes.push(boot_node(
-                    qemu,
-                    variant,
-                    queues,
-                    smp,
-                    tap,
-                    topo.prefix_len,
-                    &sub,
-                )?);
+                nodes.push(boot_node(qemu, variant, queues, smp, tap, topo.prefix_len, &sub)?);
             }
             if path == SeedPath::Internal {
-                nodes[1].guest.run_ok(
-                    &format!("iperf3 -s -D -p {IPERF_PORT} && sleep 1"),
-                    Duration::from_secs(20),
-                )?;
+                nodes[1].guest.run_ok(&format!("iperf3 -s -D -p {IPERF_PORT} && sleep 1"), Duration::from_secs(20))?;
             }
             Ok(nodes)
         })();
@@ -413,9 +371,7 @@ fn run_block(
             for direction in [Direction::Forward, Direction::Reverse] {
                 let reverse = direction == Direction::Reverse;
                 // Rotate which variant goes first from one cell to the next.
-                let order: Vec<usize> = (0..variants.len())
-                    .map(|k| (k + cell_no) % variants.len())
-                    .collect();
+                let order: Vec<usize> = (0..variants.len()).map(|k| (k + cell_no) % variants.len()).collect();
                 cell_no += 1;
                 for vi in order {
                     let variant = variants[vi];
@@ -444,12 +400,12 @@ fn run_block(
                         }
                     };
                     match &r {
-                    Ok((g, rt)) => eprintln!(
-                        "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, load {load:.1})",
-                        direction.label(path)
-                    ),
-                    Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
-                }
+                        Ok((g, rt)) => eprintln!(
+                            "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, load {load:.1})",
+                            direction.label(path)
+                        ),
+                        Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
+                    }
                     let (gbps, retransmits, error) = match r {
                         Ok((g, rt)) => (Some(g), Some(rt), None),
                         Err(e) => (None, None, Some(e)),
@@ -512,11 +468,7 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                     for &streams in &plan.streams {
                         let args = (path, qemu, queues, streams, direction);
                         let get = |v| find(args.0, args.1, v, args.2, args.3, args.4);
-                        let (vutap, tap, intx) = (
-                            get(Variant::Vutap),
-                            get(Variant::QemuTap),
-                            get(Variant::QemuTapIntx),
-                        );
+                        let (vutap, tap, intx) = (get(Variant::Vutap), get(Variant::QemuTap), get(Variant::QemuTapIntx));
                         out.push(Cell {
                             path,
                             direction: direction.label(path),
@@ -554,26 +506,9 @@ pub fn vepa_check(qemu: QemuVersion, tag: &str) -> VepaCheck {
     let r = (|| -> Result<()> {
         let topo = Topology::new(2, MacvtapMode::Vepa)?;
         let dir = log_dir(&format!("{tag}-vepa-q{}", qemu.label()))?;
-        let mut a = boot_node(
-            qemu,
-            Variant::Vutap,
-            1,
-            1,
-            &topo.taps[0],
-            topo.prefix_len,
-            &dir.join("a"),
-        )?;
-        let mut b = boot_node(
-            qemu,
-            Variant::Vutap,
-            1,
-            1,
-            &topo.taps[1],
-            topo.prefix_len,
-            &dir.join("b"),
-        )?;
-        let reaches =
-            |n: &mut Node, ip: Ipv4Addr| -> Result<bool> { Ok(n.guest.ping(ip, 3)?.received > 0) };
+        let mut a = boot_node(qemu, Variant::Vutap, 1, 1, &topo.taps[0], topo.prefix_len, &dir.join("a"))?;
+        let mut b = boot_node(qemu, Variant::Vutap, 1, 1, &topo.taps[1], topo.prefix_len, &dir.join("b"))?;
+        let reaches = |n: &mut Node, ip: Ipv4Addr| -> Result<bool> { Ok(n.guest.ping(ip, 3)?.received > 0) };
         check.a_reaches_peer = reaches(&mut a, topo.peer_ip)?;
         check.b_reaches_peer = reaches(&mut b, topo.peer_ip)?;
         check.a_reaches_b = reaches(&mut a, topo.taps[1].guest_ip)?;
@@ -593,11 +528,7 @@ pub fn vepa_check(qemu: QemuVersion, tag: &str) -> VepaCheck {
     }
     eprintln!(
         "   VEPA: A->peer {} B->peer {} A->B {} B->A {}; with hairpin switch A->B {}",
-        check.a_reaches_peer,
-        check.b_reaches_peer,
-        check.a_reaches_b,
-        check.b_reaches_a,
-        check.a_reaches_b_with_hairpin
+        check.a_reaches_peer, check.b_reaches_peer, check.a_reaches_b, check.b_reaches_a, check.a_reaches_b_with_hairpin
     );
     check
 }
@@ -608,13 +539,8 @@ pub fn markdown(report: &SeedReport) -> String {
     let r = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}×"));
     let mut s = String::new();
     for &qemu in &report.plan.qemus {
-        let intx = report
-            .cells
-            .iter()
-            .any(|c| c.qemu == qemu && c.qemu_tap_intx.is_some());
-        s.push_str(&format!(
-            "**QEMU {qemu}** (Gbit/s, iperf3 receiver side)\n\n"
-        ));
+        let intx = report.cells.iter().any(|c| c.qemu == qemu && c.qemu_tap_intx.is_some());
+        s.push_str(&format!("**QEMU {qemu}** (Gbit/s, iperf3 receiver side)\n\n"));
         if intx {
             s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio | QEMU tap, INTx | ratio vs INTx |\n|---|---|---|---:|---:|---:|---:|---:|\n");
         } else {
@@ -674,24 +600,13 @@ pub fn markdown(report: &SeedReport) -> String {
 pub fn svg(report: &SeedReport) -> String {
     let qemus = &report.plan.qemus;
     let per = |q: QemuVersion| report.cells.iter().filter(move |c| c.qemu == q);
-    let n = qemus
-        .iter()
-        .map(|&q| per(q).count())
-        .max()
-        .unwrap_or(0)
-        .max(1);
+    let n = qemus.iter().map(|&q| per(q).count()).max().unwrap_or(0).max(1);
     let slot = 52.0;
     let (left, right, top_pad, panel_h, bottom) = (60.0, 20.0, 40.0, 220.0, 70.0);
     let width = left + right + slot * n as f64;
     let panel_total = top_pad + panel_h + bottom;
     let height = 40.0 + panel_total * qemus.len() as f64;
-    let max = report
-        .cells
-        .iter()
-        .flat_map(|c| [c.vutap, c.qemu_tap])
-        .flatten()
-        .fold(0.0, f64::max)
-        .max(0.1);
+    let max = report.cells.iter().flat_map(|c| [c.vutap, c.qemu_tap]).flatten().fold(0.0, f64::max).max(0.1);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
          font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -707,10 +622,7 @@ pub fn svg(report: &SeedReport) -> String {
     for (pi, &q) in qemus.iter().enumerate() {
         let y0 = 40.0 + panel_total * pi as f64 + top_pad;
         let base = y0 + panel_h;
-        s.push_str(&format!(
-            "<text x=\"{left}\" y=\"{:.0}\" font-size=\"13\" font-weight=\"bold\">QEMU {q}</text>\n",
-            y0 - 14.0
-        ));
+        s.push_str(&format!("<text x=\"{left}\" y=\"{:.0}\" font-size=\"13\" font-weight=\"bold\">QEMU {q}</text>\n", y0 - 14.0));
         for t in 0..=4 {
             let v = max * t as f64 / 4.0;
             let y = base - panel_h * t as f64 / 4.0;
@@ -724,10 +636,7 @@ pub fn svg(report: &SeedReport) -> String {
         }
         for (i, c) in per(q).enumerate() {
             let x = left + slot * i as f64;
-            for (k, (v, color)) in [(c.vutap, "#1f77b4"), (c.qemu_tap, "#ff7f0e")]
-                .iter()
-                .enumerate()
-            {
+            for (k, (v, color)) in [(c.vutap, "#1f77b4"), (c.qemu_tap, "#ff7f0e")].iter().enumerate() {
                 let h = v.map_or(0.0, |v| panel_h * v / max);
                 s.push_str(&format!(
                     "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"20\" height=\"{h:.1}\" fill=\"{color}\"/>\n",
@@ -736,10 +645,7 @@ pub fn svg(report: &SeedReport) -> String {
                 ));
             }
             let ratio = c.ratio.map_or("-".into(), |r| format!("{r:.2}×"));
-            let top = [c.vutap, c.qemu_tap]
-                .iter()
-                .flatten()
-                .fold(0.0, |a: f64, &b| a.max(b));
+            let top = [c.vutap, c.qemu_tap].iter().flatten().fold(0.0, |a: f64, &b| a.max(b));
             let color = match c.ratio {
                 Some(r) if r < 1.0 => "#c00",
                 _ => "#000",
@@ -774,7 +680,5 @@ fn median(v: &[f64]) -> Option<f64> {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }

@@ -89,10 +89,7 @@ impl Topology {
     fn create_base(&self) -> Result<()> {
         let (ns, lower, peer) = (&self.netns, &self.lower, &self.peer);
         run("ip", &["netns", "add", ns])?;
-        run(
-            "ip",
-            &["link", "add", lower, "type", "veth", "peer", "name", peer],
-        )?;
+        run("ip", &["link", "add", lower, "type", "veth", "peer", "name", peer])?;
         run("ip", &["link", "set", peer, "netns", ns])?;
         let addr = format!("{}/{}", self.peer_ip, self.prefix_len);
         self.exec_ok(&["ip", "addr", "add", &addr, "dev", peer])?;
@@ -104,42 +101,18 @@ impl Topology {
 
     fn create_macvtap(&self, sfx: &str, i: usize, mode: MacvtapMode) -> Result<Tap> {
         let name = format!("vt{sfx}m{i}");
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                "link",
-                &self.lower,
-                "name",
-                &name,
-                "type",
-                "macvtap",
-                "mode",
-                mode.as_str(),
-            ],
-        )?;
+        run("ip", &["link", "add", "link", &self.lower, "name", &name, "type", "macvtap", "mode", mode.as_str()])?;
         run("ip", &["link", "set", &name, "up"])?;
         let sys = PathBuf::from("/sys/class/net").join(&name);
-        let ifindex: u32 =
-            read_trimmed(&sys.join("ifindex"))?
-                .parse()
-                .map_err(|e| Error::Parse {
-                    what: format!("ifindex of {name}"),
-                    detail: format!("{e}"),
-                })?;
+        let ifindex: u32 = read_trimmed(&sys.join("ifindex"))?
+            .parse()
+            .map_err(|e| Error::Parse { what: format!("ifindex of {name}"), detail: format!("{e}") })?;
         let mac = read_trimmed(&sys.join("address"))?;
         let dev = PathBuf::from(format!("/dev/tap{ifindex}"));
         ensure_tap_node(&dev, &sys.join(format!("macvtap/tap{ifindex}/dev")))?;
         let o = self.peer_ip.octets();
         let guest_ip = Ipv4Addr::new(o[0], o[1], o[2], 2 + i as u8);
-        Ok(Tap {
-            ifname: name,
-            ifindex,
-            dev,
-            mac,
-            guest_ip,
-        })
+        Ok(Tap { ifname: name, ifindex, dev, mac, guest_ip })
     }
 
     /// `ip netns exec <ns> args...`, returning stdout.
@@ -151,8 +124,7 @@ impl Topology {
 
     /// Pings `ip` from the peer namespace; true if any reply came back.
     pub fn ping_from_peer(&self, ip: Ipv4Addr, count: u32) -> bool {
-        self.exec_ok(&["ping", "-c", &count.to_string(), "-W", "2", &ip.to_string()])
-            .is_ok()
+        self.exec_ok(&["ping", "-c", &count.to_string(), "-W", "2", &ip.to_string()]).is_ok()
     }
 
     /// Starts an iperf3 server in the peer namespace on `port`, ready when this returns.
@@ -214,10 +186,7 @@ fn ensure_tap_node(dev: &Path, sys_dev: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let majmin = read_trimmed(sys_dev)?;
-    let (maj, min) = majmin.split_once(':').ok_or_else(|| Error::Parse {
-        what: sys_dev.display().to_string(),
-        detail: majmin.clone(),
-    })?;
+    let (maj, min) = majmin.split_once(':').ok_or_else(|| Error::Parse { what: sys_dev.display().to_string(), detail: majmin.clone() })?;
     run("mknod", &[dev.to_str().unwrap_or_default(), "c", maj, min])?;
     Ok(())
 }

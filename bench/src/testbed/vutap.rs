@@ -26,35 +26,20 @@ impl Vutap {
         }
         // A binary lives in target/<profile>/; a test in target/<profile>/deps/.
         let exe = std::env::current_exe().map_err(io_err("current_exe"))?;
-        let same_profile = exe
-            .ancestors()
-            .skip(1)
-            .take(2)
-            .map(|dir| dir.join("vutap"))
-            .find(|p| p.is_file() && p != &exe);
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
-        same_profile
-            .or_else(|| Some(target.join("release").join("vutap")).filter(|p| p.is_file()))
-            .ok_or_else(|| {
-                Error::Setup(format!(
-                    "no vutap binary beside {} or under {}: run `cargo build --release -p vutap` or set VUTAP_BIN",
-                    exe.display(),
-                    target.display()
-                ))
-            })
+        let same_profile = exe.ancestors().skip(1).take(2).map(|dir| dir.join("vutap")).find(|p| p.is_file() && p != &exe);
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+        same_profile.or_else(|| Some(target.join("release").join("vutap")).filter(|p| p.is_file())).ok_or_else(|| {
+            Error::Setup(format!(
+                "no vutap binary beside {} or under {}: run `cargo build --release -p vutap` or set VUTAP_BIN",
+                exe.display(),
+                target.display()
+            ))
+        })
     }
 
     /// Spawns vutap serving `socket` on `tap` with `queues` queue pairs, `extra` args appended;
     /// waits up to 10 s for the socket to appear. Its stdout+stderr go to `log_dir/vutap.log`.
-    pub fn spawn(
-        socket: &Path,
-        tap: &Path,
-        queues: u16,
-        extra: &[&str],
-        log_dir: &Path,
-    ) -> Result<Vutap> {
+    pub fn spawn(socket: &Path, tap: &Path, queues: u16, extra: &[&str], log_dir: &Path) -> Result<Vutap> {
         let bin = Vutap::binary()?;
         let _ = std::fs::remove_file(socket); // a stale socket would fake readiness
         let log = log_dir.join("vutap.log");
@@ -69,20 +54,13 @@ impl Vutap {
             .arg(tap)
             .args(["--queues", &queues.to_string()])
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(io_err(format!("spawn {}", bin.display())))?;
-        let mut v = Vutap {
-            child,
-            socket: socket.to_path_buf(),
-            log,
-        };
+        let mut v = Vutap { child, socket: socket.to_path_buf(), log };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if socket.exists() {
