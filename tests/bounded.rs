@@ -26,7 +26,7 @@ use vutap_bench::frontend::net::{rx_queue, tx_queue};
 use vutap_bench::frontend::virtqueue::{
     RawPoster, VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,
 };
-use vutap_bench::frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_bench::frontend::{DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 /// Stop must take effect within this, whatever the guest does.
@@ -35,19 +35,6 @@ const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
 /// Chains one RX pass may pop (64 frames x 4 chains per frame).
 const RX_CHAIN_BUDGET: u64 = 256;
 const IOV_MAX: usize = 1024;
-
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor { addr, len, flags, next }
-}
-
-fn desc_bytes(d: Descriptor) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-    b[8..12].copy_from_slice(&d.len.to_le_bytes());
-    b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-    b[14..16].copy_from_slice(&d.next.to_le_bytes());
-    b
-}
 
 /// A descriptor index at the top of the table, away from the frontend's own chains.
 fn top(q: &DriverQueue, i: u16) -> u16 {
@@ -275,7 +262,7 @@ fn write_table(q: &DriverQueue, table: u64, data: u64, n: usize, seg: u32, flags
         let last = i + 1 == n;
         let f = flags | if last { 0 } else { F_NEXT };
         let d = desc(data + i as u64 * u64::from(seg), seg, f, (i + 1) as u16);
-        assert!(q.memory().write(table + 16 * i as u64, &desc_bytes(d)));
+        assert!(q.memory().write(table + 16 * i as u64, &d.to_bytes()));
     }
     16 * n as u32
 }

@@ -8,9 +8,8 @@ mod common;
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use common::*;
 use vutap_bench::testbed::{MacvtapMode, Topology};
@@ -36,32 +35,7 @@ fn binary() -> PathBuf {
 
 /// Runs vutap with `args`; returns (exit code, stderr lines). Fails if it keeps running.
 fn run(args: &[&str]) -> (i32, Vec<String>) {
-    let mut child = Command::new(binary())
-        .args(args)
-        .args(["--log-level", "error"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vutap");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vutap {args:?} kept running instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let lines: Vec<String> = err.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
-    eprintln!("vutap {args:?} -> {status}: {lines:?}");
-    (status.code().expect("exited, not killed"), lines)
+    run_refused(Command::new(binary()).args(args).args(["--log-level", "error"]).env_remove("RUST_LOG"))
 }
 
 fn assert_refused(args: &[&str], code: i32, needles: &[&str]) {

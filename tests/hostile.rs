@@ -45,19 +45,6 @@ fn start() -> (std::sync::MutexGuard<'static, ()>, Bed) {
     (g, Bed::tap(2))
 }
 
-fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor { addr, len, flags, next }
-}
-
-fn desc_bytes(d: Descriptor) -> [u8; 16] {
-    let mut b = [0u8; 16];
-    b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-    b[8..12].copy_from_slice(&d.len.to_le_bytes());
-    b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-    b[14..16].copy_from_slice(&d.next.to_le_bytes());
-    b
-}
-
 /// A descriptor index at the top of the table, away from the frontend's own chains.
 fn top(i: u16) -> u16 {
     QSIZE - 1 - i
@@ -198,7 +185,7 @@ fn test_hostile_tx_chain_longer_than_queue_and_bad_next() {
         for i in 0..n {
             let last = i + 1 == n;
             let d = desc(s, 12, if last { 0 } else { F_NEXT }, (i + 1) as u16);
-            assert!(q.memory().write(table + 16 * u64::from(i), &desc_bytes(d)));
+            assert!(q.memory().write(table + 16 * u64::from(i), &d.to_bytes()));
         }
         (
             vec![
@@ -235,9 +222,9 @@ fn test_hostile_tx_bad_indirect_tables() {
         let t1 = q.slot_gpa(top(6));
         let t2 = q.slot_gpa(top(7));
         // t1: a nested indirect descriptor.
-        assert!(q.memory().write(t1, &desc_bytes(desc(t2, 16, F_INDIRECT, 0))));
+        assert!(q.memory().write(t1, &desc(t2, 16, F_INDIRECT, 0).to_bytes()));
         // t2: one valid entry.
-        assert!(q.memory().write(t2, &desc_bytes(desc(s, 100, 0, 0))));
+        assert!(q.memory().write(t2, &desc(s, 100, 0, 0).to_bytes()));
         (
             vec![
                 // Length not a multiple of 16.

@@ -19,33 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::serial;
+use common::{run_refused, serial};
 use tap_util::{check_frames_both_ways, UserTap};
 use vutap_bench::testbed::{log_dir, Vutap};
 
 const NOBODY: u32 = 65534;
-
-/// Runs vutap to completion (it is expected to refuse); returns its exit code and stderr lines.
-fn run_refused(cmd: &mut Command) -> (i32, Vec<String>) {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vutap");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("vutap kept running instead of refusing");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let lines: Vec<String> = err.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
-    eprintln!("vutap -> {status}: {lines:?}");
-    (status.code().expect("exited, not killed"), lines)
-}
 
 fn vutap(socket: &Path, tap: &str, queues: u16) -> Command {
     let mut c = Command::new(Vutap::binary().unwrap());

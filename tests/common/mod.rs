@@ -477,3 +477,27 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Runs a vutap command to completion (it is expected to refuse to start); returns its exit code
+/// and stderr lines. Fails if it keeps running for 10 s.
+pub fn run_refused(cmd: &mut std::process::Command) -> (i32, Vec<String>) {
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn vutap");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for vutap") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("vutap {cmd:?} kept running instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("piped stderr"), &mut err).expect("read stderr");
+    let lines: Vec<String> = err.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    eprintln!("vutap {cmd:?} -> {status}: {lines:?}");
+    (status.code().expect("exited, not killed"), lines)
+}

@@ -293,3 +293,8 @@ pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
         .filter_map(|s| s.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .collect()
 }
+
+/// A descriptor for raw tables (`Descriptor::to_bytes` gives its 16 bytes).
+pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> vutap_bench::frontend::Descriptor {
+    vutap_bench::frontend::Descriptor { addr, len, flags, next }
+}

@@ -36,7 +36,8 @@ pub struct Descriptor {
 }
 
 impl Descriptor {
-    fn to_bytes(self) -> [u8; 16] {
+    /// The 16 bytes of the descriptor as they sit in a table.
+    pub fn to_bytes(self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0..8].copy_from_slice(&self.addr.to_le_bytes());
         b[8..12].copy_from_slice(&self.len.to_le_bytes());
