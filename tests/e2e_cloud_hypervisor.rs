@@ -75,7 +75,10 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, crash_in: &str) -> S
         .arg(root.join(".deps/guest/vmlinuz"))
         .arg("-initrd")
         .arg(l1_dir().join("initrd.img"))
-        .args(["-append", &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps} ch_only={only} ch_crash_in={crash_in}")])
+        .args([
+            "-append",
+            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps} ch_only={only} ch_crash_in={crash_in}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -137,7 +140,8 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, usize) {
         let finished: Vec<&str> = pending.iter().copied().filter(|g| done(g)).collect();
         // Lines of finished groups (and of L1 itself, once) are kept; a cut-short group starts over.
         for line in console.lines().map(|l| l.trim_end_matches('\r')) {
-            let scenario = line.strip_prefix("CH_RESULT ").or_else(|| line.strip_prefix("CH_LOG ")).and_then(|l| l.split_whitespace().next());
+            let scenario =
+                line.strip_prefix("CH_RESULT ").or_else(|| line.strip_prefix("CH_LOG ")).and_then(|l| l.split_whitespace().next());
             let keep = match scenario {
                 Some(s) => group_of(s).map_or(attempt == 0, |g| finished.contains(&g)),
                 None => line.starts_with("CH_DONE") || line.starts_with("CH_GROUP_DONE"),
