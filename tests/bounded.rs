@@ -21,7 +21,7 @@ use common::*;
 use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
-use vutap::link_state::LinkMonitor;
+use vutap::control::link_state::LinkMonitor;
 use vutap_bench::frontend::net::{rx_queue, tx_queue};
 use vutap_bench::frontend::virtqueue::{
     RawPoster, VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,

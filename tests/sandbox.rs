@@ -3,7 +3,7 @@
 //! stacks its list on its serving thread's), and everything still works under them: frames both
 //! ways, the metrics endpoints (TCP and unix), `vutap stats`, the stats summary, link changes
 //! reaching the frontend, SIGTERM, and `--user` with `--once`. `--no-seccomp` leaves every
-//! thread unfiltered. What each list refuses is tested in `backend/src/sandbox`.
+//! thread unfiltered. What each list refuses is tested in `backend/src/operations/sandbox`.
 //!
 //! Needs root (netns, veth, macvtaps via the testbed) and a built `vutap` binary.
 

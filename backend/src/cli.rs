@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
+use crate::control::vhost_user::SocketMode;
 use crate::tap::{parse_mac, TapError, TapSpec};
-use crate::vhost_user::SocketMode;
 
 /// The largest number of queue pairs (one tap fd and one thread each).
 pub const MAX_QUEUE_PAIRS: u16 = 16;

@@ -1,47 +1,19 @@
 //! vutap: a vhost-user-net backend that moves a VM's frames to and from a macvtap or tap.
 //!
 //! Module map:
-//! - [`cli`]: arguments -> [`cli::Config`].
-//! - [`tap`]: opening taps/macvtaps and their ioctls; [`tap_io`]: the datapath's two syscalls.
-//! - [`device`]: a served device (tap queues, MAC, MTU, counters).
-//! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
-//! - [`session`]: per-connection state (features, memory, vrings, workers).
-//! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
-//! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
-//!   migration log; [`metrics`]: counters.
-//! - [`mapped_fd`]: size and seal checks of the fds a frontend hands us to map;
-//!   [`memory_guard`]: SIGBUS containment when such an fd shrinks after mapping.
-//! - Operations: [`daemon`] (several devices, one process), [`signals`] (SIGTERM/SIGINT),
-//!   [`metrics_server`] (Prometheus text) and [`stats`] (`vutap stats`, log summaries),
-//!   [`privilege`] (`--user`), [`link_state`] (carrier -> STATUS and config-change messages).
-//! - [`upgrade`]: live upgrade (hand every fd and the ring state to a new binary).
-//! - [`sandbox`]: seccomp allow-lists of the worker and device serving threads (`--no-seccomp`).
+//! - [`cli`]: arguments -> [`cli::Config`]; [`tap`]: opening taps/macvtaps and their ioctls;
+//!   [`metrics`]: the counters every part updates.
+//! - [`datapath`]: the worker thread per queue pair and its TX/RX batch loops.
+//! - [`control`]: the vhost-user connection, its session state and guest memory.
+//! - [`operations`]: the daemon, signals, privileges, seccomp, metrics endpoint, stats and
+//!   live upgrade.
 
-pub mod chain_iov;
 pub mod cli;
-pub mod daemon;
-pub mod device;
-pub mod dirty_log;
-pub mod link_state;
-pub mod mapped_fd;
-pub mod memory;
-pub mod memory_guard;
+pub mod control;
+pub mod datapath;
 pub mod metrics;
-pub mod metrics_http;
-pub mod metrics_server;
-pub mod privilege;
-pub mod rx;
-pub mod sandbox;
-pub mod session;
-pub mod signals;
-pub mod stats;
+pub mod operations;
 pub mod tap;
-pub mod tap_io;
-pub mod tx;
-pub mod upgrade;
-pub mod used_ring;
-pub mod vhost_user;
-pub mod worker;
 
 /// Test helpers; public only with the `fuzzing` feature, for the fuzz targets in `fuzz/`.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -52,9 +24,9 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::cli::Config;
-use crate::device::Device;
+use crate::control::device::Device;
+use crate::control::vhost_user::SocketError;
 use crate::tap::{format_mac, Tap, TapError, TapKind};
-use crate::vhost_user::SocketError;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -67,7 +39,7 @@ pub enum StartError {
     #[error(transparent)]
     Socket(#[from] SocketError),
     #[error("cannot set up the guest-memory fault guard: {0}")]
-    Guard(#[from] crate::memory_guard::GuardError),
+    Guard(#[from] crate::control::memory_guard::GuardError),
 }
 
 /// A locally administered unicast MAC derived from the tap's name, stable across restarts.
@@ -107,6 +79,6 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
 /// Opens the device and serves frontends until `--once` ends it.
 pub fn run(config: Config) -> Result<(), StartError> {
     let dev = Arc::new(open_device(&config)?);
-    vhost_user::serve(&config.socket.to_mode(), dev, config.once)?;
+    control::vhost_user::serve(&config.socket.to_mode(), dev, config.once)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use vutap::cli::{Args, DaemonConfig};
 
 fn stats_main(rest: &[String]) -> ! {
     match rest {
-        [endpoint] if !endpoint.starts_with('-') => match vutap::stats::run(endpoint) {
+        [endpoint] if !endpoint.starts_with('-') => match vutap::operations::stats::run(endpoint) {
             Ok(table) => {
                 print!("{table}");
                 std::process::exit(0)
@@ -34,7 +34,11 @@ fn upgrade_main(rest: &[String]) -> ! {
         [c, flag, b] if !c.starts_with('-') && flag == "--binary" => (c, Some(std::path::PathBuf::from(b))),
         _ => usage(),
     };
-    match vutap::upgrade::coordinator::request_upgrade(std::path::Path::new(control), binary, std::time::Duration::from_secs(60)) {
+    match vutap::operations::upgrade::coordinator::request_upgrade(
+        std::path::Path::new(control),
+        binary,
+        std::time::Duration::from_secs(60),
+    ) {
         Ok(reply) if reply.ok => {
             println!(
                 "upgraded: pid {} serves every device now (queue pairs paused {:.1} ms)",
@@ -64,8 +68,8 @@ fn main() {
     }
     let args = Args::parse();
     env_logger::Builder::new().parse_filters(&args.log_level).parse_default_env().format_timestamp_millis().init();
-    vutap::sandbox::set_enabled(!args.no_seccomp);
-    vutap::worker::set_exit_on_tap_loss(args.exit_on_tap_loss);
+    vutap::operations::sandbox::set_enabled(!args.no_seccomp);
+    vutap::datapath::worker::set_exit_on_tap_loss(args.exit_on_tap_loss);
     let config = match DaemonConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
@@ -73,7 +77,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = vutap::daemon::run(config) {
+    if let Err(e) = vutap::operations::daemon::run(config) {
         eprintln!("vutap: {e}");
         std::process::exit(1);
     }

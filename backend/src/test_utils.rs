@@ -10,9 +10,9 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::chain_iov::{IoVec, IOV_MAX};
-use crate::memory::GuestMem;
-use crate::tap_io::TapIo;
+use crate::control::memory::GuestMem;
+use crate::datapath::chain_iov::{IoVec, IOV_MAX};
+use crate::datapath::tap_io::TapIo;
 
 /// Where the mock rings' data buffers start (rings live below it).
 pub const DATA_BASE: u64 = 0x10_0000;
@@ -156,7 +156,7 @@ pub fn frame(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// A dirty log backed by a memfd of `len` bytes, plus the file to read the bitmap back.
-pub fn memfd_log(len: usize) -> (std::fs::File, crate::dirty_log::DirtyLog) {
+pub fn memfd_log(len: usize) -> (std::fs::File, crate::datapath::dirty_log::DirtyLog) {
     let name = std::ffi::CString::new("vutap-test-log").unwrap();
     // SAFETY: memfd_create with a valid name; the fd is owned by the File below.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
@@ -164,8 +164,8 @@ pub fn memfd_log(len: usize) -> (std::fs::File, crate::dirty_log::DirtyLog) {
     // SAFETY: `fd` is a fresh fd we own.
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(len as u64).unwrap();
-    let owner = crate::memory_guard::FaultOwner::new().unwrap();
-    let log = crate::dirty_log::DirtyLog::map(&file, len as u64, 0, &owner).unwrap();
+    let owner = crate::control::memory_guard::FaultOwner::new().unwrap();
+    let log = crate::datapath::dirty_log::DirtyLog::map(&file, len as u64, 0, &owner).unwrap();
     (file, log)
 }
 

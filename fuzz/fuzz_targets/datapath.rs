@@ -18,12 +18,12 @@ use libfuzzer_sys::fuzz_target;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vutap::memory::{GuestMem, SharedMemory};
-use vutap::memory_guard::FaultOwner;
+use vutap::control::memory::{GuestMem, SharedMemory};
+use vutap::control::memory_guard::FaultOwner;
+use vutap::datapath::rx::{RxLoop, RxOutcome};
+use vutap::datapath::tx::{TxLoop, TxOutcome};
 use vutap::metrics::PairCounts;
-use vutap::rx::{RxLoop, RxOutcome};
 use vutap::test_utils::{memfd_log, MockTap, TapStep};
-use vutap::tx::{TxLoop, TxOutcome};
 use vutap_virtio::features::offered_features;
 use vutap_virtio::Features;
 

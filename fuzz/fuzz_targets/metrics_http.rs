@@ -3,7 +3,7 @@
 //! same bytes routes the same way (the endpoint parses whatever has arrived so far).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use vutap::metrics_http::{parse, Parsed, MAX_HEAD};
+use vutap::operations::metrics_http::{parse, Parsed, MAX_HEAD};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, bytes)) = data.split_first() else { return };
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(whole, Parsed::Complete(route), "a complete head routed differently with more bytes behind it");
     }
     let response = match whole {
-        Parsed::Complete(route) => vutap::metrics_http::response(route, || "x 1\n".to_string()),
+        Parsed::Complete(route) => vutap::operations::metrics_http::response(route, || "x 1\n".to_string()),
         Parsed::NeedMore => return,
     };
     assert!(response.starts_with(b"HTTP/1.1 "));

@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
-use vutap::device::Device;
+use vutap::control::device::Device;
 use vutap::tap::{Tap, TapSpec};
 use vutap_virtio::features::offered_features;
 
@@ -417,7 +417,7 @@ fuzz_target!(|data: &[u8]| {
     let fds_before = open_fds();
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let server_dev = dev.clone();
-    let server = std::thread::spawn(move || vutap::vhost_user::serve_connection(theirs, server_dev));
+    let server = std::thread::spawn(move || vutap::control::vhost_user::serve_connection(theirs, server_dev));
     // Replies are read (and dropped) all along, so the backend never blocks on a full socket.
     let mut reader = ours.try_clone().expect("dup socket");
     let drain = std::thread::spawn(move || {

@@ -13,9 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vutap::cli::{Config, SocketModeCfg};
-use vutap::device::Device;
+use vutap::control::device::Device;
+use vutap::control::vhost_user::{bind_socket, serve_counted};
 use vutap::tap::TapSpec;
-use vutap::vhost_user::{bind_socket, serve_counted};
 use vutap_bench::frontend::{FrontendOptions, NetFrontend};
 use vutap_bench::packet;
 use vutap_bench::testbed::{MacvtapMode, Topology};
@@ -37,7 +37,7 @@ pub fn serial() -> MutexGuard<'static, ()> {
     let _ = env_logger::builder().is_test(true).try_init();
     // The daemon's serving and worker threads run under their seccomp lists, as in the binary
     // (the library leaves them off unless asked; the test's own threads are never filtered).
-    vutap::sandbox::set_enabled(true);
+    vutap::operations::sandbox::set_enabled(true);
     g
 }
 
@@ -105,7 +105,7 @@ impl Daemon {
         let dev = Arc::new(vutap::open_device(&config(&socket, tap, queues, None)).expect("open_device"));
         let (d, path) = (dev.clone(), socket.clone());
         std::thread::spawn(move || {
-            let r = vutap::vhost_user::serve(&vutap::vhost_user::SocketMode::Server(path), d, false);
+            let r = vutap::control::vhost_user::serve(&vutap::control::vhost_user::SocketMode::Server(path), d, false);
             panic!("serve(once = false) returned: {r:?}");
         });
         assert!(wait_until(Duration::from_secs(5), || socket.exists()), "vutap socket never appeared");

@@ -3,7 +3,7 @@
 //! sealed against shrinking. A shared mapping past the end of its file does not fail at mmap
 //! time; the first access there raises SIGBUS, which would take every device of the process
 //! down with it. So a short fd is refused here, and one that may still shrink later is
-//! covered by [`crate::memory_guard`].
+//! covered by [`crate::control::memory_guard`].
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

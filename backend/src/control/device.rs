@@ -1,16 +1,16 @@
 //! A network device vutap serves: its tap queues and what the guest is told about it.
-//! It outlives connections; each connection gets a fresh [`crate::session::Session`] over it.
+//! It outlives connections; each connection gets a fresh [`crate::control::session::Session`] over it.
 
 use std::sync::Arc;
 
 use vutap_virtio::features::offered_features;
 use vutap_virtio::NetConfig;
 
-use crate::link_state::LinkState;
-use crate::memory_guard::{FaultOwner, GuardError};
+use crate::control::link_state::LinkState;
+use crate::control::memory_guard::{FaultOwner, GuardError};
 use crate::metrics::{DeviceMetrics, PairMetrics};
+use crate::operations::upgrade::port::UpgradePort;
 use crate::tap::{Tap, TapKind, TapQueue};
-use crate::upgrade::port::UpgradePort;
 
 pub struct Device {
     pub name: String,

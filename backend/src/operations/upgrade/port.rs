@@ -14,7 +14,7 @@ use log::{info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::state::ConnectionState;
-use crate::session::Session;
+use crate::control::session::Session;
 
 /// What a parked serving thread hands to the upgrade thread.
 pub struct Parked {

@@ -22,13 +22,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vutap_virtio::offload::tun_offload_flags;
 use vutap_virtio::Features;
 
-use crate::device::Device;
-use crate::dirty_log::{DirtyLog, DirtyLogError};
-use crate::mapped_fd::ShrinkSeal;
-use crate::memory::{MemoryError, SharedMemory};
-use crate::upgrade::state::{ChannelState, ConnectionState, LogState, RegionState, VringState};
-use crate::used_ring::read_used_idx;
-use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
+use crate::control::device::Device;
+use crate::control::mapped_fd::ShrinkSeal;
+use crate::control::memory::{MemoryError, SharedMemory};
+use crate::datapath::dirty_log::{DirtyLog, DirtyLogError};
+use crate::datapath::used_ring::read_used_idx;
+use crate::datapath::worker::{CallFd, RingSetup, Worker, WorkerSetup};
+use crate::operations::upgrade::state::{ChannelState, ConnectionState, LogState, RegionState, VringState};
 use vutap_virtio::resume::resume_position;
 
 /// Largest ring vutap accepts (the split-ring maximum).
@@ -107,8 +107,9 @@ impl Session {
         let hdr_len = self.features.map_or(vutap_virtio::features::HDR_LEN, |f| f.hdr_len());
         let mut frame = vec![0u8; hdr_len];
         frame.extend_from_slice(&vutap_virtio::announce::rarp_frame(mac));
-        let iov = crate::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
-        crate::tap_io::TapIo::write_frame(&*self.dev.queues[pair], &[iov]).map(|_| ()).map_err(|e| format!("tap write: {e}"))
+        let iov =
+            crate::datapath::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
+        crate::datapath::tap_io::TapIo::write_frame(&*self.dev.queues[pair], &[iov]).map(|_| ()).map_err(|e| format!("tap write: {e}"))
     }
 
     pub fn features_acked(&self) -> bool {
@@ -420,7 +421,7 @@ impl Session {
         }
         if let Some(ch) = &c.backend_channel {
             let stream = UnixStream::from(take(ch.fd)?);
-            dev.link.set_channel(Some(crate::link_state::BackendChannel { stream, config_acked: ch.config_acked }));
+            dev.link.set_channel(Some(crate::control::link_state::BackendChannel { stream, config_acked: ch.config_acked }));
         }
         Ok(session)
     }

@@ -20,14 +20,14 @@ use vutap_virtio::hdr::{num_buffers_bytes, NUM_BUFFERS_OFFSET};
 use vutap_virtio::mergeable::{chains_needed, used_len};
 use vutap_virtio::{ChainLimits, Direction, Features};
 
-use crate::chain_iov::{collect_iovecs, write_at, BadChain, IoVec, IOV_MAX};
-use crate::dirty_log::DirtyLog;
-use crate::memory::GuestMem;
-use crate::memory_guard::FaultWatch;
+use crate::control::memory::GuestMem;
+use crate::control::memory_guard::FaultWatch;
+use crate::datapath::chain_iov::{collect_iovecs, write_at, BadChain, IoVec, IOV_MAX};
+use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::tap_io::TapIo;
+use crate::datapath::tx::is_fatal_tap_error;
+use crate::datapath::used_ring::UsedBatch;
 use crate::metrics::PairCounts;
-use crate::tap_io::TapIo;
-use crate::tx::is_fatal_tap_error;
-use crate::used_ring::UsedBatch;
 
 #[derive(Debug)]
 pub enum RxOutcome {
@@ -621,7 +621,7 @@ mod tests {
         let (file, log) = memfd_log(4096);
         let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500).with_log(Some(Arc::new(log)));
         rx.process(&mut q, &mem, &tap, &mut PairCounts::default());
-        let page = |a: u64| a / crate::dirty_log::LOG_PAGE;
+        let page = |a: u64| a / crate::datapath::dirty_log::LOG_PAGE;
         assert!(page_marked(&file, page(addrs[0])), "the written buffer's page is marked");
         assert!(!page_marked(&file, page(addrs[1])), "a held, unwritten buffer is not");
         assert!(page_marked(&file, page(used_addr(&mq, SIZE))), "the used ring is marked");

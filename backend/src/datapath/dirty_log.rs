@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use thiserror::Error;
 
-use crate::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
-use crate::memory_guard::{FaultOwner, GuardError, RangeGuard};
+use crate::control::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
+use crate::control::memory_guard::{FaultOwner, GuardError, RangeGuard};
 
 /// The log's page size (VHOST_LOG_PAGE).
 pub const LOG_PAGE: u64 = 0x1000;

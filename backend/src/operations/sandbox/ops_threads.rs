@@ -4,9 +4,9 @@
 //! sockets, exec, ptrace, clone (so none can spawn a thread that escapes its list), ioctl or
 //! change ids.
 
-use super::{AllowList, ArgMatch};
+use super::{AllowList, ArgMatch, ALLOCATOR_SYSCALLS};
 
-/// What every thread needs: the allocator, locks, a log line on stderr (timestamps come from the
+/// What every thread needs besides the allocator ([`ALLOCATOR_SYSCALLS`]): locks, a log line on stderr (timestamps come from the
 /// vDSO; clock_gettime is the fallback), the end of a thread (glibc blocks signals and frees the
 /// stack; std removes its alternate signal stack), a panic message naming the thread, and
 /// restart_syscall, which the kernel uses to resume a sleep interrupted by SIGSTOP/SIGCONT or a
@@ -17,12 +17,6 @@ const THREAD_RUNTIME: &[libc::c_long] = &[
     libc::SYS_futex,
     libc::SYS_write,
     libc::SYS_clock_gettime,
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_mprotect,
-    libc::SYS_brk,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
     libc::SYS_exit,
@@ -89,6 +83,7 @@ const PROCESS_START_SYSCALLS: &[libc::c_long] = &[
 pub const UPGRADE: AllowList = AllowList {
     name: "upgrade",
     any_args: &[
+        ALLOCATOR_SYSCALLS,
         THREAD_RUNTIME,
         super::WORKER_SYSCALLS,
         super::CONTROL_EXTRA_SYSCALLS,
@@ -102,21 +97,26 @@ pub const UPGRADE: AllowList = AllowList {
     with_args: &[],
 };
 
-pub const MAIN: AllowList = AllowList { name: "main", any_args: &[THREAD_RUNTIME, MAIN_SYSCALLS], with_args: &[] };
+pub const MAIN: AllowList = AllowList { name: "main", any_args: &[ALLOCATOR_SYSCALLS, THREAD_RUNTIME, MAIN_SYSCALLS], with_args: &[] };
 
-pub const SIGNALS: AllowList = AllowList { name: "signals", any_args: &[THREAD_RUNTIME, SIGNALS_SYSCALLS], with_args: &[] };
+pub const SIGNALS: AllowList =
+    AllowList { name: "signals", any_args: &[ALLOCATOR_SYSCALLS, THREAD_RUNTIME, SIGNALS_SYSCALLS], with_args: &[] };
 
-pub const METRICS: AllowList = AllowList { name: "metrics", any_args: &[THREAD_RUNTIME, METRICS_SYSCALLS], with_args: &[] };
+pub const METRICS: AllowList =
+    AllowList { name: "metrics", any_args: &[ALLOCATOR_SYSCALLS, THREAD_RUNTIME, METRICS_SYSCALLS], with_args: &[] };
 
-pub const LINK_MONITOR: AllowList =
-    AllowList { name: "link monitor", any_args: &[THREAD_RUNTIME, LINK_MONITOR_SYSCALLS], with_args: LINK_MONITOR_WITH_ARGS };
+pub const LINK_MONITOR: AllowList = AllowList {
+    name: "link monitor",
+    any_args: &[ALLOCATOR_SYSCALLS, THREAD_RUNTIME, LINK_MONITOR_SYSCALLS],
+    with_args: LINK_MONITOR_WITH_ARGS,
+};
 
 pub const STATS_SUMMARY: AllowList =
-    AllowList { name: "stats summary", any_args: &[THREAD_RUNTIME, STATS_SUMMARY_SYSCALLS], with_args: &[] };
+    AllowList { name: "stats summary", any_args: &[ALLOCATOR_SYSCALLS, THREAD_RUNTIME, STATS_SUMMARY_SYSCALLS], with_args: &[] };
 
 #[cfg(test)]
 mod tests {
-    use crate::sandbox::ThreadKind;
+    use crate::operations::sandbox::ThreadKind;
 
     /// A syscall made with harmless arguments: allowed, it succeeds or fails with some errno
     /// other than EPERM (a bad fd, a missing path); refused, it fails with EPERM.

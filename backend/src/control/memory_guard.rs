@@ -26,7 +26,7 @@ use log::warn;
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::chain_iov::IoVec;
+use crate::datapath::chain_iov::IoVec;
 
 /// Registered ranges across all devices: up to 8 regions plus a dirty log per device, twice
 /// while a new table replaces the old one.
@@ -446,7 +446,7 @@ mod tests {
         let watch = owner.watch();
         let addr = p as usize;
         let seen = std::thread::spawn(move || {
-            seccompiler::apply_filter(&crate::sandbox::worker_filter().unwrap()).unwrap();
+            seccompiler::apply_filter(&crate::operations::sandbox::worker_filter().unwrap()).unwrap();
             assert!(!watch.lost());
             // Page 0 is still backed: no fault.
             let iov = [IoVec(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 4096 })];

@@ -19,7 +19,7 @@ use signal_hook::iterator::Signals;
 use thiserror::Error;
 use vmm_sys_util::signal::{block_signal, unblock_signal};
 
-use crate::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{self, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum SignalError {

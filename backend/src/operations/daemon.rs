@@ -3,7 +3,7 @@
 //! monitors alongside. A device that fails to start is logged and skipped (unless it is the only
 //! one); a device whose serving thread dies does not disturb the others.
 //!
-//! Started by a live upgrade (see [`crate::upgrade`]), the process opens nothing: it takes every
+//! Started by a live upgrade (see [`crate::operations::upgrade`]), the process opens nothing: it takes every
 //! device, connection and listener over from the previous process, then serves the same way.
 
 use std::ffi::OsString;
@@ -17,16 +17,16 @@ use log::{error, info, warn};
 use thiserror::Error;
 
 use crate::cli::DaemonConfig;
-use crate::device::Device;
-use crate::link_state::{LinkError, LinkMonitor};
-use crate::metrics_server::{MetricsError, MetricsServer};
-use crate::privilege::{drop_to_user, PrivilegeError};
-use crate::sandbox::{self, ThreadKind};
-use crate::signals::{self, SignalError};
-use crate::upgrade::coordinator::{self, DeviceHandle, Handover};
-use crate::upgrade::resume;
-use crate::upgrade::wire::{Channel, Verdict, UPGRADE_FD_ENV};
-use crate::vhost_user::{bind_socket, open_endpoint, serve_from, ResumedConnection, SocketError, SocketMode};
+use crate::control::device::Device;
+use crate::control::link_state::{LinkError, LinkMonitor};
+use crate::control::vhost_user::{bind_socket, open_endpoint, serve_from, ResumedConnection, SocketError, SocketMode};
+use crate::operations::metrics_server::{MetricsError, MetricsServer};
+use crate::operations::privilege::{drop_to_user, PrivilegeError};
+use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::signals::{self, SignalError};
+use crate::operations::upgrade::coordinator::{self, DeviceHandle, Handover};
+use crate::operations::upgrade::resume;
+use crate::operations::upgrade::wire::{Channel, Verdict, UPGRADE_FD_ENV};
 use crate::{open_device, StartError};
 
 #[derive(Debug, Error)]
@@ -217,7 +217,7 @@ fn serve_all(
     }
     metrics.spawn(devices.clone())?;
     if let Some(secs) = config.stats_interval {
-        crate::stats::spawn_summary(devices.clone(), Duration::from_secs(secs)).map_err(DaemonError::Spawn)?;
+        crate::operations::stats::spawn_summary(devices.clone(), Duration::from_secs(secs)).map_err(DaemonError::Spawn)?;
     }
     let mut monitors = Vec::new();
     if config.link_poll_ms > 0 {

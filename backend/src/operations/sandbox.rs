@@ -64,7 +64,11 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }
 
-/// What every filtered thread may do.
+/// The allocator: every thread of vutap allocates.
+const ALLOCATOR_SYSCALLS: &[libc::c_long] =
+    &[libc::SYS_mmap, libc::SYS_munmap, libc::SYS_mremap, libc::SYS_madvise, libc::SYS_mprotect, libc::SYS_brk];
+
+/// What every filtered thread may do (with [`ALLOCATOR_SYSCALLS`]).
 const WORKER_SYSCALLS: &[libc::c_long] = &[
     // The datapath.
     libc::SYS_read,
@@ -83,13 +87,6 @@ const WORKER_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_nanosleep,
     libc::SYS_sched_yield,
     libc::SYS_getrandom,
-    // The allocator.
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_mprotect,
-    libc::SYS_brk,
     // Thread exit, signals, panics (the panic message, abort).
     libc::SYS_sigaltstack,
     libc::SYS_rt_sigprocmask,
@@ -215,10 +212,11 @@ impl AllowList {
 }
 
 /// The worker threads' list.
-pub const WORKER: AllowList = AllowList { name: "worker", any_args: &[WORKER_SYSCALLS], with_args: &[] };
+pub const WORKER: AllowList = AllowList { name: "worker", any_args: &[ALLOCATOR_SYSCALLS, WORKER_SYSCALLS], with_args: &[] };
 
 /// The device serving threads' list.
-pub const CONTROL: AllowList = AllowList { name: "control", any_args: &[WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS], with_args: &[] };
+pub const CONTROL: AllowList =
+    AllowList { name: "control", any_args: &[ALLOCATOR_SYSCALLS, WORKER_SYSCALLS, CONTROL_EXTRA_SYSCALLS], with_args: &[] };
 
 /// Every kind of thread vutap runs, each with its own list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,12 +13,12 @@ use vhost::vhost_user::BackendReqHandler;
 
 use super::state::{DeviceState, ProcessState, StateError, Version};
 use super::wire::{Channel, Hello, WireError};
-use crate::device::Device;
-use crate::memory_guard::GuardError;
+use crate::control::device::Device;
+use crate::control::memory_guard::GuardError;
+use crate::control::session::Session;
+use crate::control::vhost_user::ResumedConnection;
 use crate::metrics::PairCounts;
-use crate::session::Session;
 use crate::tap::{Tap, TapKind, TapQueue};
-use crate::vhost_user::ResumedConnection;
 
 /// Why the new process cannot take over (it tells the old one, which resumes).
 #[derive(Debug, Error)]

@@ -8,13 +8,13 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vutap_virtio::features::{HDR_LEN, MAX_GSO_FRAME};
 use vutap_virtio::{ChainLimits, Direction};
 
-use crate::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
-use crate::dirty_log::DirtyLog;
-use crate::memory::GuestMem;
-use crate::memory_guard::FaultWatch;
+use crate::control::memory::GuestMem;
+use crate::control::memory_guard::FaultWatch;
+use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
+use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::tap_io::TapIo;
+use crate::datapath::used_ring::UsedBatch;
 use crate::metrics::PairCounts;
-use crate::tap_io::TapIo;
-use crate::used_ring::UsedBatch;
 
 /// Why a TX pass stopped.
 #[derive(Debug)]

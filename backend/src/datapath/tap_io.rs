@@ -4,7 +4,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use crate::chain_iov::IoVec;
+use crate::datapath::chain_iov::IoVec;
 use crate::tap::TapQueue;
 
 pub trait TapIo {

@@ -10,7 +10,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
 
-use crate::memory::GuestMem;
+use crate::control::memory::GuestMem;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BadChain {

@@ -20,14 +20,14 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vutap_virtio::Features;
 
-use crate::dirty_log::DirtyLog;
-use crate::memory::GuestMem;
-use crate::memory_guard::{FaultWatch, RangeGuard};
+use crate::control::memory::GuestMem;
+use crate::control::memory_guard::{FaultWatch, RangeGuard};
+use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::rx::{RxLoop, RxOutcome};
+use crate::datapath::tx::{TxLoop, TxOutcome};
+use crate::datapath::used_ring::log_used_ring;
 use crate::metrics::{PairCounts, PairMetrics};
-use crate::rx::{RxLoop, RxOutcome};
 use crate::tap::TapQueue;
-use crate::tx::{TxLoop, TxOutcome};
-use crate::used_ring::log_used_ring;
 
 /// Exit status for `--exit-on-tap-loss` (EX_TEMPFAIL: a supervisor should restart vutap).
 pub const EXIT_TAP_LOST: i32 = 75;
@@ -94,7 +94,7 @@ impl Worker {
         let stop_for_thread = stop.try_clone()?;
         let pair = setup.pair;
         let thread = std::thread::Builder::new().name(format!("vutap-q{pair}")).spawn(move || {
-            crate::sandbox::enter_worker();
+            crate::operations::sandbox::enter_worker();
             PairLoop::new(setup, stop_for_thread).run()
         })?;
         Ok(Worker { stop, thread })

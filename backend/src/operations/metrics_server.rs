@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use thiserror::Error;
 
-use crate::device::Device;
+use crate::control::device::Device;
 use crate::metrics::PairCounts;
-use crate::metrics_http::{self, Parsed, MAX_HEAD};
-use crate::sandbox::{self, ThreadKind};
+use crate::operations::metrics_http::{self, Parsed, MAX_HEAD};
+use crate::operations::sandbox::{self, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -125,11 +125,6 @@ impl MetricsServer {
         let tcp = self.tcp.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
         let unix = self.unix.as_ref().map(|(l, _)| l.as_fd().try_clone_to_owned()).transpose()?;
         Ok((tcp, unix))
-    }
-
-    /// The bound TCP address (useful with port 0).
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves both endpoints from one thread until the process exits.

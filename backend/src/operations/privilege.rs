@@ -7,7 +7,7 @@
 //! check that /proc/self/status shows no effective or permitted capability and that uid 0 cannot
 //! be regained.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 
 use thiserror::Error;
 
@@ -134,17 +134,6 @@ fn verify(uid: libc::uid_t) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
-/// The name of uid `uid`, for logs.
-pub fn user_name(uid: libc::uid_t) -> Option<String> {
-    // SAFETY: getpwuid returns a pointer into static storage or NULL; we copy the name at once.
-    let pw = unsafe { libc::getpwuid(uid) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: pw_name of a non-NULL passwd is a NUL-terminated string.
-    Some(unsafe { CStr::from_ptr((*pw).pw_name) }.to_string_lossy().into_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +143,6 @@ mod tests {
         assert_eq!(lookup_user("root").unwrap().0, 0);
         assert!(matches!(lookup_user("vutap-no-such-user"), Err(PrivilegeError::NoSuchUser(_))));
         assert!(matches!(lookup_user("a\0b"), Err(PrivilegeError::BadName(_))));
-        assert_eq!(user_name(0).as_deref(), Some("root"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::device::Device;
+use crate::control::device::Device;
 use crate::metrics::PairCounts;
 
 #[derive(Debug, Error)]
@@ -177,7 +177,7 @@ pub fn summary_line(dev: &Device, last: &mut PairCounts) -> String {
 /// Logs [`summary_line`] for every device every `interval`.
 pub fn spawn_summary(devices: Vec<Arc<Device>>, interval: Duration) -> io::Result<()> {
     std::thread::Builder::new().name("vutap-stats".into()).spawn(move || {
-        crate::sandbox::enter(crate::sandbox::ThreadKind::StatsSummary);
+        crate::operations::sandbox::enter(crate::operations::sandbox::ThreadKind::StatsSummary);
         let mut last = vec![PairCounts::default(); devices.len()];
         loop {
             std::thread::sleep(interval);

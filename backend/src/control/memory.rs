@@ -8,8 +8,8 @@ use thiserror::Error;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
-use crate::memory_guard::{FaultOwner, GuardError, RangeGuard};
+use crate::control::mapped_fd::{check_mappable, MappedFdError, ShrinkSeal};
+use crate::control::memory_guard::{FaultOwner, GuardError, RangeGuard};
 
 pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;

@@ -8,8 +8,8 @@ use std::sync::atomic::{fence, Ordering};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::dirty_log::DirtyLog;
-use crate::memory::GuestMem;
+use crate::control::memory::GuestMem;
+use crate::datapath::dirty_log::DirtyLog;
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -26,10 +26,6 @@ impl UsedBatch {
 
     pub fn push(&mut self, head: u16, len: u32) {
         self.elems.push((head, len));
-    }
-
-    pub fn len(&self) -> usize {
-        self.elems.len()
     }
 
     pub fn is_empty(&self) -> bool {

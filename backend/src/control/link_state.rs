@@ -27,7 +27,7 @@ use thiserror::Error;
 use vhost::vhost_user::message::BackendReq;
 
 use crate::metrics::DeviceMetrics;
-use crate::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{self, ThreadKind};
 
 /// How long the rest of a message that went out in part may take: after that the channel is
 /// out of step and dropped.

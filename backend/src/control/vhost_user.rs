@@ -19,9 +19,9 @@ use thiserror::Error;
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
-use crate::device::Device;
-use crate::link_state::BackendChannel;
-use crate::session::Session;
+use crate::control::device::Device;
+use crate::control::link_state::BackendChannel;
+use crate::control::session::Session;
 
 const HDR_SIZE: usize = 12;
 const VERSION_MASK: u32 = 0x3;
@@ -454,7 +454,7 @@ pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Devi
 
 /// [`serve_on`], first going on with a connection a live upgrade took over (if any).
 pub fn serve_from(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool, resumed: Option<ResumedConnection>) {
-    crate::sandbox::enter_control();
+    crate::operations::sandbox::enter_control();
     if let Some(resumed) = resumed {
         info!("frontend connection taken over from the previous vutap");
         let end = serve_resumed(resumed, dev.clone());

@@ -21,8 +21,8 @@ use thiserror::Error;
 use super::port::{ParkRequest, Parked, Verdict};
 use super::state::{DeviceState, ProcessState, Version, STATE_MAJOR, STATE_MINOR};
 use super::wire::{self, Channel, Hello, WireError, UPGRADE_FD_ENV};
-use crate::device::Device;
-use crate::sandbox::{self, ThreadKind};
+use crate::control::device::Device;
+use crate::operations::sandbox::{self, ThreadKind};
 
 /// How long the new binary may take to start and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
