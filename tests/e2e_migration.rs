@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 mod migration_util;
 
 use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
-use vutap_bench::testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
+use vutap_testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 /// The host has 2 cores and each TCG guest wants both: one guest at a time (the destination
 /// idles in `-incoming` until the switch).
@@ -144,7 +144,7 @@ fn migrate(qemu: QemuVersion) {
     // The peer's view of the iperf3 connections shortly after the switch (for diagnosis).
     std::thread::sleep(Duration::from_secs(2));
     let peer_ss = topo.exec_ok(&["ss", "-tin"]).unwrap_or_default()
-        + &vutap_bench::testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
+        + &vutap_testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
 
     // Back on the destination's console: the same shell finishes the same iperf3.
     dst.wait_output("__IPERF_DONE_", Duration::from_secs(IPERF_SECS + 30)).unwrap();

@@ -23,10 +23,10 @@ use hardening_util::{closed_within, conn_fd, memfd, raw_send, NO_REPLY};
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
-use vutap_bench::frontend::{tx_queue, Descriptor, FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::free_port;
-use vutap_bench::testbed::scrape::{http_get, metric};
-use vutap_bench::testbed::{log_dir, Vutap};
+use vutap_frontend::{tx_queue, Descriptor, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::free_port;
+use vutap_testbed::scrape::{http_get, metric};
+use vutap_testbed::{log_dir, Vutap};
 
 const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
 const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;

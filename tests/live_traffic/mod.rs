@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vutap_bench::testbed::{Guest, Topology};
+use vutap_testbed::{Guest, Topology};
 
 /// Lines of a child's stdout, each stamped with the host time it arrived (busybox ping and
 /// `iperf3 --forceflush` flush every line, so the stamp is when the event happened, give or take

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::{is_test_frame, seq_of, test_frame, unique, PacketSocket};
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 
