@@ -132,7 +132,7 @@ impl Bed {
         let vutap = Vutap::spawn(&sa, Path::new(&tap_a), 1, &["--device", &dev_b, "--metrics-addr", &addr], &dir).expect("spawn vutap");
         assert!(wait_until(WAIT, || sb.exists()), "socket b: {}", vutap.log_text());
         for tap in [&tap_a, &tap_b] {
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+            no_ipv6(tap);
             sh("ip", &["link", "set", tap, "up"]);
         }
         let (far_a, far_b) = (PacketSocket::bind(&tap_a), PacketSocket::bind(&tap_b));

@@ -108,7 +108,7 @@ impl Bed {
             &dir,
         )
         .expect("spawn vutap");
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+        no_ipv6(&tap);
         sh("ip", &["link", "set", &tap, "up"]);
         let pid = vutap.pid();
         Bed { serving: Serving { first: vutap, pid }, socket, control, tap, port, dir }
@@ -563,7 +563,7 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
         .unwrap();
     let log_text = || std::fs::read_to_string(dir.join("vutap.log")).unwrap_or_default();
     let fe = NetFrontend::accept(&listener, FrontendOptions::default()).expect("vutap connects");
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    no_ipv6(&tap);
     sh("ip", &["link", "set", &tap, "up"]);
     let traffic = Traffic::start_on(fe, &tap, 1);
     let mut pids = vec![first.id()];

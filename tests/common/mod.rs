@@ -181,7 +181,7 @@ pub struct Bed {
 }
 
 /// Silences IPv6 (router solicitations, MLD) on an interface we created, so counters are exact.
-fn no_ipv6(ifname: &str) {
+pub fn no_ipv6(ifname: &str) {
     // Best effort: a kernel without IPv6 has nothing to silence.
     let _ = link::disable_ipv6(ifname);
 }
