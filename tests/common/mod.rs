@@ -51,13 +51,9 @@ pub fn unique() -> String {
     format!("{:x}x{:x}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Runs a host command that must succeed (the error names the command and carries its stderr).
 pub fn sh(prog: &str, args: &[&str]) {
-    let st = std::process::Command::new(prog)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
-    assert!(st.success(), "`{prog} {}` failed: {st}", args.join(" "));
+    vutap_testbed::cmd::run(prog, args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 pub fn parse_mac(s: &str) -> [u8; 6] {
