@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
-use vutap_bench::frontend::FrontendOptions;
+use vutap_frontend::FrontendOptions;
 
 /// Sends SEND_RARP with NEED_REPLY on a dup of the frontend's connection; returns the ack value.
 fn send_rarp(conn_fd: i32, mac: [u8; 6]) -> u64 {

@@ -22,11 +22,11 @@ use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vutap::control::link_state::LinkMonitor;
-use vutap_bench::frontend::net::{rx_queue, tx_queue};
-use vutap_bench::frontend::virtqueue::{
+use vutap_frontend::net::{rx_queue, tx_queue};
+use vutap_frontend::virtqueue::{
     RawPoster, VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE,
 };
-use vutap_bench::frontend::{DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 /// Stop must take effect within this, whatever the guest does.

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use common::*;
-use vutap_bench::testbed::{MacvtapMode, Topology};
+use vutap_testbed::{MacvtapMode, Topology};
 
 fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();

@@ -12,9 +12,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vutap_bench::frontend::features::{DEFAULT_REQUESTED, NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_TSO4};
-use vutap_bench::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
-use vutap_bench::frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
+use vutap_frontend::features::{DEFAULT_REQUESTED, NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_HOST_TSO4};
+use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
+use vutap_frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use vutap_bench::testbed::{Backend, MacvtapMode, QemuVersion, Scenario, Topology};
+use vutap_testbed::{Backend, MacvtapMode, QemuVersion, Scenario, Topology};
 
 /// The host has 2 cores and each TCG guest wants both: one guest at a time.
 static ONE_GUEST: Mutex<()> = Mutex::new(());

@@ -14,12 +14,12 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use vutap_bench::testbed::cmd::run;
-use vutap_bench::testbed::libvirt::{
+use vutap_testbed::cmd::run;
+use vutap_testbed::libvirt::{
     domain_name, grant_socket_to_qemu, guest_files, render_template, write_emulator, write_file, Daemons, Domain, DomainConsole,
     SerialListener,
 };
-use vutap_bench::testbed::{log_dir, workspace_root, MacvtapMode, QemuVersion, Topology, Vutap};
+use vutap_testbed::{log_dir, workspace_root, MacvtapMode, QemuVersion, Topology, Vutap};
 
 /// The template the README shows.
 const TEMPLATE: &str = "examples/libvirt-domain.xml";

@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 mod migration_util;
 
 use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
-use vutap_bench::testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
+use vutap_testbed::frames;
+use vutap_testbed::packet::{PacketOptions, PacketSocket};
+use vutap_testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 /// The host has 2 cores and each TCG guest wants both: one guest at a time (the destination
 /// idles in `-incoming` until the switch).
@@ -113,7 +115,7 @@ fn migrate(qemu: QemuVersion) {
             .args(["tcp", "port", "5201"]);
         KillOnDrop(c.stderr(std::process::Stdio::null()).spawn().expect("tcpdump"))
     });
-    let capture = Capture::start(&topo.netns, &topo.peer, mac_bytes(&tap.mac));
+    let capture = Capture::start(&topo.netns, &topo.peer, frames::parse_mac(&tap.mac).expect("macvtap MAC"));
     let pinger = peer_pinger(&topo.netns, tap.guest_ip, 1400, PING_MS);
     // iperf3 runs in the foreground of the guest's shell (PID 1): a background job there made
     // the shell read EOF on the serial console after the migration and exit (kernel panic
@@ -144,7 +146,7 @@ fn migrate(qemu: QemuVersion) {
     // The peer's view of the iperf3 connections shortly after the switch (for diagnosis).
     std::thread::sleep(Duration::from_secs(2));
     let peer_ss = topo.exec_ok(&["ss", "-tin"]).unwrap_or_default()
-        + &vutap_bench::testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
+        + &vutap_testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
 
     // Back on the destination's console: the same shell finishes the same iperf3.
     dst.wait_output("__IPERF_DONE_", Duration::from_secs(IPERF_SECS + 30)).unwrap();
@@ -296,14 +298,6 @@ fn ping_gaps(out: &str) -> (u32, Vec<(u32, u64)>) {
     (tx, gaps)
 }
 
-fn mac_bytes(mac: &str) -> [u8; 6] {
-    let mut m = [0u8; 6];
-    for (i, p) in mac.split(':').enumerate().take(6) {
-        m[i] = u8::from_str_radix(p, 16).unwrap();
-    }
-    m
-}
-
 /// An ARP or RARP frame from the guest's MAC seen on the peer's interface.
 struct Frame {
     at: Instant,
@@ -338,62 +332,29 @@ struct Capture {
 
 impl Capture {
     fn start(netns: &str, ifname: &str, mac: [u8; 6]) -> Capture {
+        // Opened before this returns, so nothing sent after `start` is missed.
+        let sock = PacketSocket::open(Some(netns), ifname, PacketOptions::default()).expect("AF_PACKET capture socket");
         let stop = Arc::new(AtomicBool::new(false));
-        let (ns, ifname, st) = (netns.to_string(), ifname.to_string(), Arc::clone(&stop));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let st = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
             let mut frames = Vec::new();
-            let nsf = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on a valid namespace fd; affects only this thread.
-            assert_eq!(unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns");
-            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
-            // SAFETY: plain socket(2) call.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-            let cname = std::ffi::CString::new(ifname).unwrap();
-            // SAFETY: cname is a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-            // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = proto as u16;
-            sll.sll_ifindex = ifindex as i32;
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-            // SAFETY: fd is our socket; the pointers and sizes describe live locals.
-            unsafe {
-                assert_eq!(
-                    libc::bind(fd, &sll as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32),
-                    0,
-                    "bind AF_PACKET"
-                );
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    &tv as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::timeval>() as u32,
-                );
-            }
-            ready_tx.send(()).unwrap();
             let mut buf = vec![0u8; 65536];
             while !st.load(Ordering::Relaxed) {
-                // SAFETY: buf is a live buffer of buf.len() bytes.
-                let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                let Some(n) = sock.try_recv(&mut buf) else {
+                    sock.poll_in(100);
+                    continue;
+                };
                 if n < 14 {
                     continue;
                 }
-                let d = &buf[..n as usize];
+                let d = &buf[..n];
                 let ethertype = u16::from_be_bytes([d[12], d[13]]);
                 if d[6..12] == mac && (ethertype == 0x0806 || ethertype == 0x8035) {
                     frames.push(Frame { at: Instant::now(), data: d.to_vec() });
                 }
             }
-            // SAFETY: closing our own socket once.
-            unsafe { libc::close(fd) };
             frames
         });
-        ready_rx.recv_timeout(Duration::from_secs(5)).expect("capture ready");
         Capture { stop, thread }
     }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 mod migration_util;
 
 use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
-use vutap_bench::testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
+use vutap_testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 const T: Duration = Duration::from_secs(20);
 const PING_MS: u64 = 10;

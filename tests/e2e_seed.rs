@@ -6,8 +6,8 @@
 //!
 //! Needs root, `scripts/install-deps.sh` and a built `vutap` (`cargo build --release -p vutap`).
 
-use vutap_bench::testbed::seed::{self, SeedPath, SeedPlan};
-use vutap_bench::testbed::QemuVersion;
+use vutap_bench::seed::{self, SeedPath, SeedPlan};
+use vutap_testbed::QemuVersion;
 
 #[test]
 fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {

@@ -18,8 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use live_traffic::{dip, quiet_ipv6, Interval, Iperf, IperfRun, PathCounters, PingRun, Pinger};
-use vutap_bench::testbed::scrape::{http_get, metric_sum};
-use vutap_bench::testbed::{free_port, log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
+use vutap_testbed::scrape::{http_get, metric_sum};
+use vutap_testbed::{free_port, log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 const T: Duration = Duration::from_secs(20);
 const IPERF_PORT: u16 = 5201;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use hardening_util::*;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 

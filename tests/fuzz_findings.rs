@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::*;
 use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;

@@ -23,10 +23,10 @@ use hardening_util::{closed_within, conn_fd, memfd, raw_send, NO_REPLY};
 use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
-use vutap_bench::frontend::{tx_queue, Descriptor, FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::free_port;
-use vutap_bench::testbed::scrape::{http_get, metric};
-use vutap_bench::testbed::{log_dir, Vutap};
+use vutap_frontend::{tx_queue, Descriptor, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::free_port;
+use vutap_testbed::scrape::{http_get, metric};
+use vutap_testbed::{log_dir, Vutap};
 
 const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
 const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
@@ -132,7 +132,7 @@ impl Bed {
         let vutap = Vutap::spawn(&sa, Path::new(&tap_a), 1, &["--device", &dev_b, "--metrics-addr", &addr], &dir).expect("spawn vutap");
         assert!(wait_until(WAIT, || sb.exists()), "socket b: {}", vutap.log_text());
         for tap in [&tap_a, &tap_b] {
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+            no_ipv6(tap);
             sh("ip", &["link", "set", tap, "up"]);
         }
         let (far_a, far_b) = (PacketSocket::bind(&tap_a), PacketSocket::bind(&tap_b));

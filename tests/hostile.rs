@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use hardening_util::*;
 use vhost::vhost_user::message::FrontendReq;
-use vutap_bench::frontend::net::{rx_queue, tx_queue};
-use vutap_bench::frontend::virtqueue::{VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE};
-use vutap_bench::frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::net::{rx_queue, tx_queue};
+use vutap_frontend::virtqueue::{VIRTQ_DESC_F_INDIRECT as F_INDIRECT, VIRTQ_DESC_F_NEXT as F_NEXT, VIRTQ_DESC_F_WRITE as F_WRITE};
+use vutap_frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 const QSIZE: u16 = 256;

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vutap_bench::testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topology, Vutap};
+use vutap_testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topology, Vutap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::vhost_user::VhostUserProtocolFeatures;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::scrape::{http_get, metric, read_backend_req, vutap_stats as stats};
-use vutap_bench::testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topology, Vutap};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::scrape::{http_get, metric, read_backend_req, vutap_stats as stats};
+use vutap_testbed::{free_port, log_dir, workspace_root, MacvtapMode, Topology, Vutap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -35,7 +35,7 @@ fn broadcast_frame(src: [u8; 6]) -> Vec<u8> {
 }
 
 fn mac_of(s: &str) -> [u8; 6] {
-    vutap::tap::parse_mac(s.trim()).unwrap_or_else(|| panic!("bad MAC {s:?}"))
+    vutap_testbed::frames::parse_mac(s).unwrap_or_else(|| panic!("bad MAC {s:?}"))
 }
 
 #[test]

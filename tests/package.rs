@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use common::{serial, unique};
-use vutap_bench::testbed::{log_dir, workspace_root};
+use vutap_testbed::{log_dir, workspace_root};
 
 fn output(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

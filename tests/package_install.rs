@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use common::{serial, unique};
 use debian_root::{host_mounts_under, ThrowawayRoot};
 use tap_util::{check_frames_both_ways, UserTap};
-use vutap_bench::testbed::workspace_root;
+use vutap_testbed::workspace_root;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const UNIT: &str = "/usr/lib/systemd/system/vutap@.service";

@@ -14,9 +14,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::scrape::{http_get, metric_sum, read_backend_req, vutap_stats as stats};
-use vutap_bench::testbed::{free_port, log_dir, MacvtapMode, Topology, Vutap};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::scrape::{http_get, metric_sum, read_backend_req, vutap_stats as stats};
+use vutap_testbed::{free_port, log_dir, MacvtapMode, Topology, Vutap};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -268,5 +268,5 @@ fn test_sandbox_no_seccomp_leaves_every_thread_unfiltered() {
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    vutap::tap::parse_mac(s.trim()).unwrap_or_else(|| panic!("bad MAC {s:?}"))
+    vutap_testbed::frames::parse_mac(s).unwrap_or_else(|| panic!("bad MAC {s:?}"))
 }

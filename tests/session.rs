@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
-use vutap_bench::frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hardening_util::*;
-use vutap_bench::frontend::{FrontendOptions, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, VirtioNetHdr};
 
 #[test]
 fn test_soak_mixed_traffic_reconnects_and_flaps() {
@@ -124,7 +124,7 @@ fn test_soak_mixed_traffic_reconnects_and_flaps() {
 /// Reads RX frames on both pairs until every outstanding frame arrived or `patience` passed with
 /// none arriving; checks each byte for byte against what the far end sent, once. Returns how
 /// many test frames it read.
-fn read_rx(fe: &mut vutap_bench::frontend::NetFrontend, outstanding: &mut BTreeMap<u32, usize>, bed: &Bed, patience: Duration) -> u64 {
+fn read_rx(fe: &mut vutap_frontend::NetFrontend, outstanding: &mut BTreeMap<u32, usize>, bed: &Bed, patience: Duration) -> u64 {
     let mut got = 0;
     while !outstanding.is_empty() {
         let Some((_pair, fr)) = fe.recv_frame_any(patience).expect("recv_frame_any") else { break };

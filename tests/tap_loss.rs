@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::Vutap;
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::Vutap;
 
 #[test]
 fn test_tap_loss_exit_option_exits_75() {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::{run_refused, serial};
 use tap_util::{check_frames_both_ways, UserTap};
-use vutap_bench::testbed::{log_dir, Vutap};
+use vutap_testbed::{log_dir, Vutap};
 
 const NOBODY: u32 = 65534;
 
@@ -224,8 +224,8 @@ fn read_test_frames(queue: &std::fs::File, n: usize) -> Vec<Vec<u8>> {
 #[test]
 fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
     use std::os::unix::fs::OpenOptionsExt;
-    use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-    use vutap_bench::testbed::{free_port, MacvtapMode, Topology};
+    use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+    use vutap_testbed::{free_port, MacvtapMode, Topology};
     let _g = serial();
     for limit in [Some("32768"), None] {
         let topo = Topology::new(2, MacvtapMode::Bridge).unwrap();

@@ -20,9 +20,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use vutap_bench::frontend::virtqueue::QueueError;
-use vutap_bench::frontend::{FrontendError, FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_bench::testbed::{free_port, log_dir, Vutap};
+use vutap_frontend::virtqueue::QueueError;
+use vutap_frontend::{FrontendError, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::{free_port, log_dir, Vutap};
 
 const WAIT: Duration = Duration::from_secs(10);
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -108,7 +108,7 @@ impl Bed {
             &dir,
         )
         .expect("spawn vutap");
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+        no_ipv6(&tap);
         sh("ip", &["link", "set", &tap, "up"]);
         let pid = vutap.pid();
         Bed { serving: Serving { first: vutap, pid }, socket, control, tap, port, dir }
@@ -563,7 +563,7 @@ fn test_upgrade_in_client_mode_keeps_the_connection() {
         .unwrap();
     let log_text = || std::fs::read_to_string(dir.join("vutap.log")).unwrap_or_default();
     let fe = NetFrontend::accept(&listener, FrontendOptions::default()).expect("vutap connects");
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
+    no_ipv6(&tap);
     sh("ip", &["link", "set", &tap, "up"]);
     let traffic = Traffic::start_on(fe, &tap, 1);
     let mut pids = vec![first.id()];
@@ -602,7 +602,7 @@ fn read_backend_req(ch: &mut std::os::unix::net::UnixStream, timeout: Duration) 
 #[test]
 fn test_upgrade_hands_over_the_backend_channel() {
     use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
-    use vutap_bench::testbed::{MacvtapMode, Topology};
+    use vutap_testbed::{MacvtapMode, Topology};
     let _g = serial();
     let topo = Topology::new(1, MacvtapMode::Bridge).unwrap();
     let dir = log_dir("upgrade-channel").unwrap();

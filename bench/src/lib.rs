@@ -1,10 +1,9 @@
-//! The VMM side of vhost-user-net for tests and benchmarks, and test-bed helpers.
+//! Benchmarks of vutap, built on the test frontend (`vutap_frontend`) and the test bed
+//! (`vutap_testbed`).
 //!
-//! - [`frontend`]: a vhost-user-net frontend (guest memory in a memfd, split virtqueues laid out
-//!   in it, the full handshake) that drives any backend socket.
-//! - [`testbed`]: network namespaces, veth pairs, macvtaps, and TCG QEMU guests for end-to-end runs.
+//! - [`loadgen`]: the vhost-user load generator behind `vutap-bench`, with its reports.
+//! - [`seed`]: the seed experiment behind `vutap-vm seed` (internal/external paths, vutap vs
+//!   QEMU's tap backend, the VEPA check).
 
-pub mod frontend;
 pub mod loadgen;
-pub mod packet;
-pub mod testbed;
+pub mod seed;

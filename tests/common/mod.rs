@@ -16,13 +16,16 @@ use vutap::cli::{Config, SocketModeCfg};
 use vutap::control::device::Device;
 use vutap::control::vhost_user::{bind_socket, serve_counted};
 use vutap::tap::TapSpec;
-use vutap_bench::frontend::{FrontendOptions, NetFrontend};
-use vutap_bench::packet;
-use vutap_bench::testbed::{MacvtapMode, Topology};
+use vutap_frontend::{FrontendOptions, NetFrontend};
+use vutap_testbed::{link, packet, MacvtapMode, Topology};
 
-/// Experimental ethertype of the plain test frames, and their magic.
-pub const ETHERTYPE: u16 = 0x88b5;
-pub const MAGIC: &[u8; 8] = b"VUTAPIT!";
+// Frame builders and checksums live in the test bed, shared with the benchmarks; each test
+// binary uses a different subset.
+#[allow(unused_imports)]
+pub use vutap_testbed::frames::{
+    csum_add, csum_fold, is_test_frame, parse_tcp, payload, pseudo_sum, seq_of, tcp_frame, test_frame, udp_frame, udp_ports, TcpFlow,
+    TcpSeg, ETHERTYPE, IP_TCP, IP_UDP, MAGIC,
+};
 
 /// Topology-creating tests run one at a time: the host has two cores and each test counts
 /// frames exactly.
@@ -48,17 +51,13 @@ pub fn unique() -> String {
     format!("{:x}x{:x}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Runs a host command that must succeed (the error names the command and carries its stderr).
 pub fn sh(prog: &str, args: &[&str]) {
-    let st = std::process::Command::new(prog)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("spawn {prog}: {e}"));
-    assert!(st.success(), "`{prog} {}` failed: {st}", args.join(" "));
+    vutap_testbed::cmd::run(prog, args).unwrap_or_else(|e| panic!("{e}"));
 }
 
 pub fn parse_mac(s: &str) -> [u8; 6] {
-    vutap::tap::parse_mac(s.trim()).unwrap_or_else(|| panic!("bad MAC {s:?}"))
+    vutap_testbed::frames::parse_mac(s).unwrap_or_else(|| panic!("bad MAC {s:?}"))
 }
 
 // ------------------------------------------------------------------------------- daemon
@@ -178,8 +177,9 @@ pub struct Bed {
 }
 
 /// Silences IPv6 (router solicitations, MLD) on an interface we created, so counters are exact.
-fn no_ipv6(ifname: &str) {
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1");
+pub fn no_ipv6(ifname: &str) {
+    // Best effort: a kernel without IPv6 has nothing to silence.
+    let _ = link::disable_ipv6(ifname);
 }
 
 impl Bed {
@@ -284,184 +284,6 @@ impl PacketSocket {
     pub fn try_send(&self, frame: &[u8]) -> bool {
         self.0.send(frame).is_ok()
     }
-}
-
-// ------------------------------------------------------------------------------- frames
-
-pub fn is_test_frame(f: &[u8]) -> bool {
-    f.len() >= 26 && f[12..14] == ETHERTYPE.to_be_bytes() && &f[14..22] == MAGIC
-}
-
-pub fn seq_of(f: &[u8]) -> u32 {
-    u32::from_be_bytes(f[22..26].try_into().unwrap())
-}
-
-fn pattern(out: &mut Vec<u8>, len: usize, seed: u32) {
-    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
-    while out.len() < len {
-        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        out.push((x >> 16) as u8);
-    }
-    out.truncate(len);
-}
-
-/// A `len`-byte Ethernet frame with our ethertype, magic, `seq` and a pseudo-random pattern.
-pub fn test_frame(dst: [u8; 6], src: [u8; 6], len: usize, seq: u32) -> Vec<u8> {
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(MAGIC);
-    f.extend_from_slice(&seq.to_be_bytes());
-    pattern(&mut f, len, seq);
-    f
-}
-
-/// Internet checksum (ones' complement sum) of `data`, folded, not inverted, starting at `init`.
-pub fn csum_add(init: u32, data: &[u8]) -> u32 {
-    let mut s = init;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [b] = chunks.remainder() {
-        s += u32::from(*b) << 8;
-    }
-    s
-}
-
-pub fn csum_fold(mut s: u32) -> u16 {
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    s as u16
-}
-
-pub const IP_TCP: u8 = 6;
-pub const IP_UDP: u8 = 17;
-
-/// Pseudo-header sum for `proto` over `len` bytes of L4 (unfolded).
-pub fn pseudo_sum(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
-    csum_add(0, &[src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, proto, (len >> 8) as u8, len as u8])
-}
-
-fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: usize, id: u16) -> [u8; 20] {
-    let total = (20 + l4_len) as u16;
-    let mut h = [0u8; 20];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&total.to_be_bytes());
-    h[4..6].copy_from_slice(&id.to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = proto;
-    h[12..16].copy_from_slice(&src);
-    h[16..20].copy_from_slice(&dst);
-    let c = !csum_fold(csum_add(0, &h));
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-/// An Ethernet/IPv4/UDP frame (valid IP and UDP checksums) whose payload starts with `seq`.
-pub fn udp_frame(dst: [u8; 6], src: [u8; 6], ips: ([u8; 4], [u8; 4]), ports: (u16, u16), payload_len: usize, seq: u32) -> Vec<u8> {
-    let mut payload = seq.to_be_bytes().to_vec();
-    pattern(&mut payload, payload_len.max(4), seq);
-    let l4_len = 8 + payload.len();
-    let mut udp = Vec::with_capacity(l4_len);
-    udp.extend_from_slice(&ports.0.to_be_bytes());
-    udp.extend_from_slice(&ports.1.to_be_bytes());
-    udp.extend_from_slice(&(l4_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(&payload);
-    let c = !csum_fold(csum_add(pseudo_sum(ips.0, ips.1, IP_UDP, l4_len), &udp));
-    udp[6..8].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
-    let mut f = Vec::with_capacity(14 + 20 + l4_len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ipv4_header(ips.0, ips.1, IP_UDP, l4_len, seq as u16));
-    f.extend_from_slice(&udp);
-    f
-}
-
-/// UDP ports of an Ethernet/IPv4/UDP frame, if it is one.
-pub fn udp_ports(f: &[u8]) -> Option<(u16, u16)> {
-    (f.len() >= 42 && f[12..14] == [0x08, 0x00] && f[23] == IP_UDP)
-        .then(|| (u16::from_be_bytes([f[34], f[35]]), u16::from_be_bytes([f[36], f[37]])))
-}
-
-/// The TCP segment description of [`tcp_frame`].
-#[derive(Clone, Copy, Debug)]
-pub struct TcpFlow {
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-    pub src_ip: [u8; 4],
-    pub dst_ip: [u8; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-}
-
-/// An Ethernet/IPv4/TCP frame (20-byte TCP header, ACK|PSH) carrying `payload`. The TCP
-/// checksum field holds the folded pseudo-header sum (what a driver leaves for a NEEDS_CSUM
-/// frame), or the full checksum if `full_csum`.
-pub fn tcp_frame(fl: &TcpFlow, payload: &[u8], full_csum: bool) -> Vec<u8> {
-    let l4_len = 20 + payload.len();
-    let mut f = Vec::with_capacity(14 + 20 + l4_len);
-    f.extend_from_slice(&fl.dst_mac);
-    f.extend_from_slice(&fl.src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&ipv4_header(fl.src_ip, fl.dst_ip, IP_TCP, l4_len, 0x1234));
-    let mut tcp = [0u8; 20];
-    tcp[0..2].copy_from_slice(&fl.sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&fl.dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&fl.seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&1u32.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x18; // ACK | PSH
-    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
-    let pseudo = pseudo_sum(fl.src_ip, fl.dst_ip, IP_TCP, l4_len);
-    let c = if full_csum { !csum_fold(csum_add(csum_add(pseudo, &tcp), payload)) } else { csum_fold(pseudo) };
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
-    f.extend_from_slice(&tcp);
-    f.extend_from_slice(payload);
-    f
-}
-
-/// A parsed Ethernet/IPv4/TCP frame.
-pub struct TcpSeg<'a> {
-    pub sport: u16,
-    pub dport: u16,
-    pub seq: u32,
-    pub payload: &'a [u8],
-    pub ip_csum_ok: bool,
-    pub tcp_csum_ok: bool,
-}
-
-pub fn parse_tcp(f: &[u8]) -> Option<TcpSeg<'_>> {
-    if f.len() < 54 || f[12..14] != [0x08, 0x00] || f[14] != 0x45 || f[23] != IP_TCP {
-        return None;
-    }
-    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
-    let ip = &f[14..34];
-    let l4 = f.get(34..14 + total)?;
-    let doff = usize::from(l4[12] >> 4) * 4;
-    let src: [u8; 4] = ip[12..16].try_into().unwrap();
-    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
-    Some(TcpSeg {
-        sport: u16::from_be_bytes([l4[0], l4[1]]),
-        dport: u16::from_be_bytes([l4[2], l4[3]]),
-        seq: u32::from_be_bytes(l4[4..8].try_into().unwrap()),
-        payload: &l4[doff..],
-        ip_csum_ok: csum_fold(csum_add(0, ip)) == 0xffff,
-        tcp_csum_ok: csum_fold(csum_add(pseudo_sum(src, dst, IP_TCP, l4.len()), l4)) == 0xffff,
-    })
-}
-
-/// Pseudo-random payload bytes.
-pub fn payload(len: usize, seed: u32) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    pattern(&mut v, len, seed);
-    v
 }
 
 /// Polls `cond` until true or `timeout`; returns its last value.

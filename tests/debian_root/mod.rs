@@ -15,7 +15,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use vutap_bench::testbed::{log_dir, workspace_root};
+use vutap_testbed::{log_dir, workspace_root};
 
 /// Mounts the overlay and the binds, then becomes the command inside the root. `exec` all the way
 /// down: the command keeps this process's pid, so killing it ends the namespace.

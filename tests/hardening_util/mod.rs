@@ -295,6 +295,6 @@ pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
 }
 
 /// A descriptor for raw tables (`Descriptor::to_bytes` gives its 16 bytes).
-pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> vutap_bench::frontend::Descriptor {
-    vutap_bench::frontend::Descriptor { addr, len, flags, next }
+pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> vutap_frontend::Descriptor {
+    vutap_frontend::Descriptor { addr, len, flags, next }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vutap_bench::testbed::{Guest, Topology};
+use vutap_testbed::{Guest, Topology};
 
 /// Lines of a child's stdout, each stamped with the host time it arrived (busybox ping and
 /// `iperf3 --forceflush` flush every line, so the stamp is when the event happened, give or take
@@ -352,7 +352,7 @@ impl PathDelta {
 /// the peer without the guest having sent them).
 pub fn quiet_ipv6(topo: &Topology) {
     for dev in [topo.lower.as_str(), topo.taps[0].ifname.as_str()] {
-        std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1").unwrap_or_else(|e| panic!("disable IPv6 on {dev}: {e}"));
+        vutap_testbed::link::disable_ipv6(dev).unwrap_or_else(|e| panic!("disable IPv6 on {dev}: {e}"));
     }
     topo.exec_ok(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]).unwrap();
 }

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::thread::JoinHandle;
 
-pub use vutap_bench::testbed::free_port;
+pub use vutap_testbed::free_port;
 
 /// `"total time: 1305 ms"` (QEMU 7.2: `total time: 1305 milliseconds`) → 1305.
 pub fn field_ms(info: &str, key: &str) -> Option<u64> {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::common::{is_test_frame, seq_of, test_frame, unique, PacketSocket};
-use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use crate::common::{is_test_frame, no_ipv6, seq_of, test_frame, unique, PacketSocket};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -25,7 +25,7 @@ impl UserTap {
         let out = Command::new("ip").args(["tuntap", "add", "dev", &name, "mode", "tap"]).args(extra).output().unwrap();
         assert!(out.status.success(), "ip tuntap add {name} {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
         // No router solicitations or MLD reports: only the test's frames cross the tap.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        no_ipv6(&name);
         UserTap { name }
     }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use vutap_bench::frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Order {

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
-use vutap_bench::testbed::{seed, workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology};
+use vutap_bench::seed;
+use vutap_testbed::{workspace_root, Backend, MacvtapMode, Outcome, QemuVersion, Scenario, Topology};
 
 #[derive(Parser)]
 #[command(about = "End-to-end runs of vutap with real QEMU guests")]

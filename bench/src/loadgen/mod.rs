@@ -11,6 +11,7 @@
 //! source floods; the bench recycles RX buffers (mergeable or not) and counts. Throughput is what
 //! arrived and verified; drops = offered - delivered over the window.
 
+pub mod error;
 pub mod placement;
 pub mod procs;
 pub mod raw;
@@ -25,10 +26,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
-use crate::frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
-use crate::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
-use crate::testbed::{self, cmd, MacvtapMode, Topology};
+use vutap_frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
+use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
+use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::{frames, link, MacvtapMode, Topology};
+
+pub use error::{LoadgenError, Result};
 use placement::Placement;
 use wire::{Counters, OTHER_MAC, PEER_MAC};
 
@@ -245,7 +248,7 @@ struct CaseKey {
     rxbuf: &'static str,
 }
 
-fn result(k: &CaseKey, w: Result<Window, String>) -> CaseResult {
+fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
     let mut r = CaseResult {
         arrangement: k.arrangement,
         backend: k.backend,
@@ -267,7 +270,7 @@ fn result(k: &CaseKey, w: Result<Window, String>) -> CaseResult {
         error: None,
     };
     match w {
-        Err(e) => r.error = Some(e),
+        Err(e) => r.error = Some(e.to_string()),
         Ok(w) => {
             let d = &w.d;
             r.secs = w.secs;
@@ -302,12 +305,12 @@ fn result(k: &CaseKey, w: Result<Window, String>) -> CaseResult {
 }
 
 /// The result of the median round by throughput (rounds that failed only count if all did).
-fn median_result(k: &CaseKey, rounds: Vec<Result<Window, String>>) -> CaseResult {
+fn median_result(k: &CaseKey, rounds: Vec<Result<Window>>) -> CaseResult {
     let gbps = |w: &Window| w.d.delivered_bytes as f64 * 8.0 / w.secs / 1e9;
     let (mut ok, errs): (Vec<_>, Vec<_>) = rounds.into_iter().partition(Result::is_ok);
     let mut ok: Vec<Window> = ok.drain(..).filter_map(Result::ok).collect();
     if ok.is_empty() {
-        return result(k, errs.into_iter().next().unwrap_or_else(|| Err("no rounds".into())));
+        return result(k, errs.into_iter().next().unwrap_or(Err(LoadgenError::NoRounds)));
     }
     ok.sort_by(|a, b| gbps(a).total_cmp(&gbps(b)));
     let all: Vec<f64> = ok.iter().map(|w| (gbps(w) * 1000.0).round() / 1000.0).collect();
@@ -325,7 +328,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>, String>) -> LatencyResult {
+fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>>) -> LatencyResult {
     let mut out = LatencyResult { arrangement: a, backend: b, samples: 0, p50_us: 0.0, p99_us: 0.0, error: None };
     match r {
         Ok(mut v) => {
@@ -337,7 +340,7 @@ fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>, String>) -> La
                 out.error = Some("no replies".into());
             }
         }
-        Err(e) => out.error = Some(e),
+        Err(e) => out.error = Some(e.to_string()),
     }
     progress(&format!("{a:?}/{b:?} ping-pong 64 B: p50 {:.1} us p99 {:.1} us ({} samples)", out.p50_us, out.p99_us, out.samples));
     out
@@ -366,17 +369,17 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
 }
 
 /// One vhost-user case against a backend at `socket` whose CPU `cpu` reads.
-fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn() -> u64) -> Result<Window, String> {
-    let fe = NetFrontend::connect(socket, fe_opts(k.pairs, k.dir, k.size, k.rxbuf)).map_err(|e| format!("connect: {e}"))?;
+fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn() -> u64) -> Result<Window> {
+    let fe = connect(socket, fe_opts(k.pairs, k.dir, k.size, k.rxbuf))?;
     if k.dir == Dir::Tx && k.size == TSO_SIZE && fe.acked_features() & NET_F_HOST_TSO4 == 0 {
-        return Err("backend did not offer HOST_TSO4".into());
+        return Err(LoadgenError::Negotiation("HOST_TSO4 not offered"));
     }
     if k.rxbuf == "nomrg" && fe.acked_features() & NET_F_MRG_RXBUF != 0 {
-        return Err("MRG_RXBUF still negotiated".into());
+        return Err(LoadgenError::Negotiation("MRG_RXBUF negotiated though not requested"));
     }
     std::thread::sleep(Duration::from_millis(200)); // testpmd starts forwarding a bit later
     let counters = Arc::new(Counters::default());
-    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let guest_mac = far.backend_mac;
     let (w, res) = match k.dir {
         Dir::Tx => {
@@ -400,11 +403,11 @@ fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn(
     res.map(|_| w)
 }
 
-fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: &Far, place: Option<&Placement>) -> Result<Window, String> {
+fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: &Far, place: Option<&Placement>) -> Result<Window> {
     // The raw loop's threads are the backend here: spawned while this thread sits on its CPUs.
     let on_backend = || place.map(|p| PinnedFor::new(&p.backend, &p.load));
     let counters = Arc::new(Counters::default());
-    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
         tids.iter().map(|t| procs::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
     };
@@ -458,26 +461,25 @@ fn case_list(cfg: &Config, pairs: u16) -> Vec<(Dir, u32, &'static str)> {
     v
 }
 
-fn set_mtu(netns: Option<&str>, ifname: &str, mtu: u32) -> Result<(), String> {
-    let m = mtu.to_string();
-    let r = match netns {
-        Some(ns) => cmd::run("ip", &["-n", ns, "link", "set", ifname, "mtu", &m, "up"]),
-        None => cmd::run("ip", &["link", "set", ifname, "mtu", &m, "up"]),
-    };
-    r.map(|_| ()).map_err(|e| e.to_string())
+fn connect(socket: &Path, opts: FrontendOptions) -> Result<NetFrontend> {
+    NetFrontend::connect(socket, opts).map_err(|source| LoadgenError::Connect { socket: socket.to_path_buf(), source })
 }
 
+/// Quiet (no IPv6 chatter among the counted frames) is best effort: a far side that cannot
+/// be quietened still works, the sink tells chatter from test frames.
 fn quiet_iface(ifname: &str) {
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"), "1");
+    if let Err(e) = link::disable_ipv6(ifname) {
+        progress(&format!("{e}"));
+    }
 }
 
 /// Runs every configured case; progress on stderr.
-pub fn run(cfg: &Config) -> Result<Report, String> {
+pub fn run(cfg: &Config) -> Result<Report> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("vutap-bench needs root (netns, macvtap, tap)".into());
+        return Err(LoadgenError::NotRoot);
     }
-    let log_dir = testbed::log_dir("bench").map_err(|e| e.to_string())?;
+    let log_dir = vutap_testbed::log_dir("bench")?;
     let mut rep =
         Report { host: format!("{} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)), ..Report::default() };
     let dpdk = cfg.dpdk && Path::new(procs::TESTPMD).exists();
@@ -504,19 +506,19 @@ pub fn run(cfg: &Config) -> Result<Report, String> {
     Ok(rep)
 }
 
-fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path) -> Result<(), String> {
+fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path) -> Result<()> {
     progress("macvtap arrangement: netns + veth + macvtap");
-    let topo = Topology::new(1, MacvtapMode::Bridge).map_err(|e| e.to_string())?;
+    let topo = Topology::new(1, MacvtapMode::Bridge)?;
     let tap = &topo.taps[0];
-    set_mtu(None, &topo.lower, 9000)?;
-    set_mtu(Some(&topo.netns), &topo.peer, 9000)?;
-    set_mtu(None, &tap.ifname, 9000)?;
+    link::set_mtu(None, &topo.lower, 9000)?;
+    link::set_mtu(Some(&topo.netns), &topo.peer, 9000)?;
+    link::set_mtu(None, &tap.ifname, 9000)?;
     quiet_iface(&tap.ifname);
     quiet_iface(&topo.lower);
     let far = Far {
         netns: Some(topo.netns.clone()),
         ifname: topo.peer.clone(),
-        backend_mac: wire::parse_mac(&tap.mac).ok_or("bad macvtap MAC")?,
+        backend_mac: frames::parse_mac(&tap.mac).ok_or_else(|| LoadgenError::BadMac(tap.mac.clone()))?,
     };
     let spec = tap.dev.display().to_string();
     for &pairs in &cfg.pairs {
@@ -536,7 +538,7 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
                 vs.push(vhost_case(cfg, &kv, sock_path, &far, &|| procs::cpu_ns(&pid)));
                 if ceiling {
                     let w = raw::open_macvtap(&tap.dev, pairs)
-                        .map_err(|e| format!("open {}: {e}", tap.dev.display()))
+                        .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
                         .and_then(|fds| ceiling_case(cfg, &kc, fds, &far, place.as_ref()));
                     cs.push(w);
                 }
@@ -548,8 +550,9 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         }
         if cfg.latency && pairs == 1 {
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Vutap, vhost_latency(cfg, sock_path, &far)));
-            let r =
-                raw::open_macvtap(&tap.dev, 1).map_err(|e| e.to_string()).and_then(|fds| raw_latency(cfg, &fds[0], &far, place.as_ref()));
+            let r = raw::open_macvtap(&tap.dev, 1)
+                .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
+                .and_then(|fds| raw_latency(cfg, &fds[0], &far, place.as_ref()));
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Ceiling, r));
         }
         drop(p);
@@ -557,7 +560,7 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
     Ok(())
 }
 
-fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpdk: bool) -> Result<(), String> {
+fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpdk: bool) -> Result<()> {
     progress("tap arrangement: plain multi-queue taps, far side AF_PACKET on the tap in the host");
     let id = std::process::id() & 0xfffff;
     let (vname, dname, cname) = (format!("vb{id:x}v"), format!("vb{id:x}d"), format!("vb{id:x}c"));
@@ -583,7 +586,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
                 }
                 if ceiling {
                     let w = raw::open_tap(&cname, pairs)
-                        .map_err(|e| format!("create tap {cname}: {e}"))
+                        .map_err(|source| LoadgenError::OpenTap { what: format!("new tap {cname}"), source })
                         .and_then(|fds| ceiling_case(cfg, &kc, fds, &host_tap_far(&cname)?, place.as_ref()));
                     wait_gone(&cname);
                     cs.push(w);
@@ -606,7 +609,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
                 rep.latency.push(latency_result(Arrangement::Tap, Backend::Dpdk, r));
             }
             let r = raw::open_tap(&cname, 1)
-                .map_err(|e| e.to_string())
+                .map_err(|source| LoadgenError::OpenTap { what: format!("new tap {cname}"), source })
                 .and_then(|fds| raw_latency(cfg, &fds[0], &host_tap_far(&cname)?, place.as_ref()));
             wait_gone(&cname);
             rep.latency.push(latency_result(Arrangement::Tap, Backend::Ceiling, r));
@@ -618,20 +621,20 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
 }
 
 /// testpmd serving `socket` with a tap `name` it creates, ready for a case.
-fn start_testpmd(socket: &Path, name: &str, pairs: u16, log_dir: &Path, place: Option<&Placement>) -> Result<(procs::Proc, Far), String> {
+fn start_testpmd(socket: &Path, name: &str, pairs: u16, log_dir: &Path, place: Option<&Placement>) -> Result<(procs::Proc, Far)> {
     let p = procs::testpmd(socket, name, pairs, log_dir, place)?;
     Ok((p, host_tap_far(name)?))
 }
 
 /// A tap in the host as the far side of a case: quiet, MTU 9000, frames toward any MAC.
-fn host_tap_far(name: &str) -> Result<Far, String> {
+fn host_tap_far(name: &str) -> Result<Far> {
     quiet_iface(name);
-    set_mtu(None, name, 9000)?;
+    link::set_mtu(None, name, 9000)?;
     Ok(Far { netns: None, ifname: name.to_string(), backend_mac: OTHER_MAC })
 }
 
 /// One round of a case against a testpmd started for it.
-fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Path, place: Option<&Placement>) -> Result<Window, String> {
+fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Path, place: Option<&Placement>) -> Result<Window> {
     let r = start_testpmd(socket, name, k.pairs, log_dir, place).and_then(|(p, far)| {
         let pid = p.pid().to_string();
         vhost_case(cfg, k, socket, &far, &|| procs::cpu_ns(&pid))
@@ -643,7 +646,7 @@ fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Pat
 /// A non-persistent tap goes with its last fd; wait so that names do not clash.
 fn wait_gone(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(3);
-    while crate::packet::ifindex(name).is_some() && Instant::now() < deadline {
+    while vutap_testbed::packet::ifindex(name).is_some() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -652,17 +655,17 @@ fn ping_frame(far: &Far) -> Vec<u8> {
     wire::udp_frame(60, OTHER_MAC, far.backend_mac, 4000, 0)
 }
 
-fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>, String> {
-    let mut fe = NetFrontend::connect(socket, fe_opts(1, Dir::Rx, 64, "mrg")).map_err(|e| format!("connect: {e}"))?;
+fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>> {
+    let mut fe = connect(socket, fe_opts(1, Dir::Rx, 64, "mrg"))?;
     std::thread::sleep(Duration::from_millis(200));
-    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let _refl = wire::reflector(sock, far.backend_mac);
     let budget = cfg.duration.max(Duration::from_secs(1));
     vhost::ping_pong(&mut fe, &ping_frame(far), cfg.latency_samples, budget)
 }
 
-fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far, place: Option<&Placement>) -> Result<Vec<u64>, String> {
-    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname).map_err(|e| e.to_string())?;
+fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far, place: Option<&Placement>) -> Result<Vec<u64>> {
+    let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let _refl = wire::reflector(sock, far.backend_mac);
     std::thread::sleep(Duration::from_millis(50));
     let budget = cfg.duration.max(Duration::from_secs(1));

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::error::{LoadgenError, Result};
 use super::placement::Placement;
-use crate::testbed::Vutap;
+use vutap_testbed::Vutap;
 
 /// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID" or "self/task/TID").
 pub fn cpu_ns(path: &str) -> u64 {
@@ -37,14 +38,14 @@ impl Proc {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     }
-    fn wait_for(mut self, what: &str, ready: impl Fn() -> bool, timeout: Duration) -> Result<Proc, String> {
+    fn wait_for(mut self, what: &str, ready: impl Fn() -> bool, timeout: Duration) -> Result<Proc> {
         let deadline = Instant::now() + timeout;
         while !ready() {
             if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(format!("{} exited early ({st}):\n{}", self.what, self.log_tail()));
+                return Err(LoadgenError::Exited { what: self.what, status: st, log: self.log_tail() });
             }
             if Instant::now() > deadline {
-                return Err(format!("{} not ready ({what}) after {timeout:?}:\n{}", self.what, self.log_tail()));
+                return Err(LoadgenError::NotReady { what: self.what, ready: what.to_string(), timeout, log: self.log_tail() });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -72,9 +73,10 @@ impl Drop for Proc {
 }
 
 /// Spawns `bin`; with `cpus`, the process (and every thread it starts) runs only there.
-fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Option<Vec<usize>>) -> Result<Proc, String> {
-    let out = File::create(log).map_err(|e| format!("create {}: {e}", log.display()))?;
-    let err = out.try_clone().map_err(|e| e.to_string())?;
+fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Option<Vec<usize>>) -> Result<Proc> {
+    let io = |what: String| move |source| LoadgenError::Io { what, source };
+    let out = File::create(log).map_err(io(format!("create {}", log.display())))?;
+    let err = out.try_clone().map_err(io(format!("dup {}", log.display())))?;
     let mut cmd = Command::new(bin);
     if let Some(cpus) = cpus {
         // SAFETY: only sched_setaffinity (async-signal-safe) runs between fork and exec.
@@ -87,13 +89,13 @@ fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Opti
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        .map_err(io(format!("spawn {}", bin.display())))?;
     Ok(Proc { child, what, log: log.to_path_buf(), cleanup: Vec::new() })
 }
 
 /// `vutap --socket SOCK --tap SPEC --queues Q`, ready once the socket exists.
-pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc, String> {
-    let bin = Vutap::binary().map_err(|e| e.to_string())?;
+pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc> {
+    let bin = Vutap::binary()?;
     let _ = std::fs::remove_file(socket);
     let args = vec!["--socket".into(), socket.display().to_string(), "--tap".into(), tap.into(), "--queues".into(), queues.to_string()];
     // Extra daemon options for experiments (e.g. VUTAP_BENCH_ARGS="--poll-us 50").
@@ -110,7 +112,7 @@ pub const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
 /// DPDK testpmd: vhost PMD on `socket` forwarding (io mode) to a tap PMD creating `tap`.
 /// Placed (`place`), its forwarding lcore runs on the backend's CPU and its main lcore (stats,
 /// mostly asleep) on the load's; unplaced, on CPUs 0 and 1 as EAL likes.
-pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc, String> {
+pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc> {
     let _ = std::fs::remove_file(socket);
     let prefix = format!("vutapbench{}", std::process::id());
     let (fwd, main) = place.map_or((1, 0), |p| (p.backend[0], p.load[0]));
@@ -150,5 +152,5 @@ pub fn testpmd(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Opt
     p.cleanup.push(socket.to_path_buf());
     p.cleanup.push(PathBuf::from(format!("/var/run/dpdk/{prefix}")));
     let (s, t) = (socket.to_path_buf(), tap.to_string());
-    p.wait_for("socket and tap", move || s.exists() && crate::packet::ifindex(&t).is_some(), Duration::from_secs(30))
+    p.wait_for("socket and tap", move || s.exists() && vutap_testbed::packet::ifindex(&t).is_some(), Duration::from_secs(30))
 }

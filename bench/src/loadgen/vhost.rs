@@ -8,21 +8,22 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::frontend::features::NET_F_MRG_RXBUF;
-use crate::frontend::{rx_queue, tx_queue, NetFrontend, Segment, VirtioNetHdr};
+use vutap_frontend::features::NET_F_MRG_RXBUF;
+use vutap_frontend::{rx_queue, tx_queue, NetFrontend, Segment, VirtioNetHdr};
 
+use super::error::{LoadgenError, Result};
 use super::wire::{is_test_frame, Counters};
 
 /// A driver thread owning the frontend; `stop` returns it (or the error that ended it).
 pub struct Driver {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Result<NetFrontend, String>>,
+    handle: JoinHandle<Result<NetFrontend>>,
 }
 
 impl Driver {
-    pub fn stop(self) -> Result<NetFrontend, String> {
+    pub fn stop(self) -> Result<NetFrontend> {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().map_err(|_| "driver thread panicked".to_string())?
+        self.handle.join().map_err(|_| LoadgenError::DriverPanicked)?
     }
 }
 
@@ -57,17 +58,17 @@ pub fn tx(mut fe: NetFrontend, frame_len: usize, counters: Arc<Counters>) -> Dri
                     let mut done = 0u64;
                     while let Some(e) = q.pop_used() {
                         if !e.known {
-                            return Err(format!("backend returned unknown TX id {}", e.id));
+                            return Err(LoadgenError::UnknownId { dir: "TX", id: e.id });
                         }
                         done += 1;
                     }
                     let mut added = 0;
                     while added < 128 && q.num_free() > 0 {
-                        q.add_chain(&seg, false).map_err(|e| e.to_string())?;
+                        q.add_chain(&seg, false)?;
                         added += 1;
                     }
                     if added > 0 && q.publish() {
-                        q.kick().map_err(|e| e.to_string())?;
+                        q.kick().map_err(LoadgenError::Kick)?;
                     }
                     if done > 0 {
                         counters.offered_frames.fetch_add(done, Ordering::Relaxed);
@@ -121,7 +122,7 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
                         let Some(first) = q.pop_used() else { break };
                         budget -= 1;
                         if !first.known {
-                            return Err(format!("backend returned unknown RX id {}", first.id));
+                            return Err(LoadgenError::UnknownId { dir: "RX", id: first.id });
                         }
                         let slot = q.slot_gpa(first.id as u16);
                         let n = (first.len as usize).min(peek.len());
@@ -137,12 +138,12 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
                                     len += e.len as usize;
                                     used += 1;
                                 }
-                                None if Instant::now() > deadline => return Err(format!("merged frame missing buffers ({used}/{nb})")),
+                                None if Instant::now() > deadline => return Err(LoadgenError::MergedFrameShort { used, expected: nb }),
                                 None => std::hint::spin_loop(),
                             }
                         }
                         for _ in 0..used {
-                            q.add_chain(&seg, true).map_err(|e| e.to_string())?;
+                            q.add_chain(&seg, true)?;
                             reposted += 1;
                         }
                         // Anything else is kernel chatter (ND, ARP): not ours, not counted.
@@ -153,7 +154,7 @@ pub fn rx(mut fe: NetFrontend, counters: Arc<Counters>) -> Driver {
                         any = true;
                     }
                     if reposted > 0 && q.publish() {
-                        q.kick().map_err(|e| e.to_string())?;
+                        q.kick().map_err(LoadgenError::Kick)?;
                     }
                 }
                 if !any {
@@ -195,17 +196,17 @@ fn wait_calls(fe: &NetFrontend, queues: impl Iterator<Item = u16>) {
 }
 
 /// 64 B ping-pong on pair 0: send one frame, busy-poll RX until a test frame comes back.
-pub fn ping_pong(fe: &mut NetFrontend, frame: &[u8], samples: usize, budget: Duration) -> Result<Vec<u64>, String> {
+pub fn ping_pong(fe: &mut NetFrontend, frame: &[u8], samples: usize, budget: Duration) -> Result<Vec<u64>> {
     let hdr = VirtioNetHdr::default();
     let mut rtts = Vec::with_capacity(samples);
     let end = Instant::now() + budget;
     while rtts.len() < samples && Instant::now() < end {
-        fe.reclaim_tx(0).map_err(|e| e.to_string())?;
+        fe.reclaim_tx(0)?;
         let t0 = Instant::now();
-        fe.send_frame(0, &hdr, frame).map_err(|e| e.to_string())?;
+        fe.send_frame(0, &hdr, frame)?;
         loop {
             let mut got = false;
-            fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p)).map_err(|e| e.to_string())?;
+            fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p))?;
             if got {
                 rtts.push(t0.elapsed().as_nanos() as u64);
                 break;

@@ -2,12 +2,14 @@
 //! there is one), the test frames, and the sink / source / reflector threads that count and
 //! verify them.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use crate::packet::{PacketOptions, PacketSocket, RecvBatch};
+use vutap_testbed::frames::{self, TcpFlow};
+use vutap_testbed::packet::{PacketOptions, PacketSocket, RecvBatch};
+
+use super::error::{LoadgenError, Result};
 
 /// Magic at [`MAGIC_OFF`] of every UDP test frame.
 pub const MAGIC: &[u8; 8] = b"VUTAPBN!";
@@ -58,76 +60,29 @@ impl Counters {
     }
 }
 
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s.split(':').filter_map(|p| u8::from_str_radix(p, 16).ok()).collect();
-    (v.len() == 6).then(|| [v[0], v[1], v[2], v[3], v[4], v[5]])
-}
+/// Addresses of the test frames' IPv4 header (never routed: the frames stay on the wire).
+const SRC_IP: [u8; 4] = [10, 99, 0, 2];
+const DST_IP: [u8; 4] = [10, 99, 0, 1];
+/// UDP destination port of the test frames (discard).
+const UDP_DPORT: u16 = 9;
 
-fn csum_fold(mut sum: u32) -> u16 {
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn sum16(b: &[u8]) -> u32 {
-    b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
-}
-
-fn ipv4(f: &mut Vec<u8>, total_len: u16, proto: u8) {
-    let start = f.len();
-    f.extend_from_slice(&[0x45, 0]);
-    f.extend_from_slice(&total_len.to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-    f.extend_from_slice(&[10, 99, 0, 2, 10, 99, 0, 1]);
-    let c = !csum_fold(sum16(&f[start..start + 20]));
-    f[start + 10..start + 12].copy_from_slice(&c.to_be_bytes());
-}
-
-/// An Ethernet/IPv4/UDP frame of `len` bytes (>= 60) with the magic and `seq`.
+/// An Ethernet/IPv4/UDP frame of `len` bytes (at least 60) carrying the magic and `seq`.
 pub fn udp_frame(len: usize, dst: [u8; 6], src: [u8; 6], sport: u16, seq: u32) -> Vec<u8> {
-    let len = len.max(60);
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    ipv4(&mut f, (len - 14) as u16, 17);
-    f.extend_from_slice(&sport.to_be_bytes());
-    f.extend_from_slice(&9u16.to_be_bytes());
-    f.extend_from_slice(&((len - 34) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(MAGIC);
-    f.extend_from_slice(&seq.to_be_bytes());
-    f.resize(len, 0xa5);
-    f
-}
-
-/// Sets the UDP source port of a frame made by [`udp_frame`] (flow hashing across queues).
-pub fn set_sport(f: &mut [u8], sport: u16) {
-    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    let payload_len = len.max(60) - MAGIC_OFF;
+    let mut payload = Vec::with_capacity(payload_len);
+    payload.extend_from_slice(MAGIC);
+    payload.extend_from_slice(&seq.to_be_bytes());
+    payload.resize(payload_len, 0xa5);
+    frames::udp_frame_with(dst, src, (SRC_IP, DST_IP), (sport, UDP_DPORT), &payload, 0)
 }
 
 /// A TCP/IPv4 frame of [`TSO_SEGS`] * [`TSO_MSS`] payload bytes, checksum left partial (the
 /// pseudo-header sum in the checksum field) as NEEDS_CSUM wants.
 pub fn tso_frame(dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let payload = TSO_SEGS * usize::from(TSO_MSS);
-    let ip_len = 40 + payload;
-    let mut f = Vec::with_capacity(14 + ip_len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    ipv4(&mut f, ip_len as u16, 6);
-    f.extend_from_slice(&40000u16.to_be_bytes());
-    f.extend_from_slice(&TSO_PORT.to_be_bytes());
-    f.extend_from_slice(&1u32.to_be_bytes()); // seq
-    f.extend_from_slice(&1u32.to_be_bytes()); // ack
-    f.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]); // doff 5, ACK|PSH, win, csum, urg
-                                                                // Pseudo header: src, dst, proto, TCP length.
-    let pseudo = sum16(&[10, 99, 0, 2, 10, 99, 0, 1]) + 6 + (20 + payload) as u32;
-    f[50..52].copy_from_slice(&csum_fold(pseudo).to_be_bytes());
-    f.extend_from_slice(MAGIC);
-    f.resize(14 + ip_len, 0x5a);
-    f
+    let flow = TcpFlow { src_mac: src, dst_mac: dst, src_ip: SRC_IP, dst_ip: DST_IP, sport: 40000, dport: TSO_PORT, seq: 1 };
+    let mut payload = MAGIC.to_vec();
+    payload.resize(TSO_SEGS * usize::from(TSO_MSS), 0x5a);
+    frames::tcp_frame(&flow, &payload, false)
 }
 
 /// Whether `f` is one of our frames: UDP with the magic, or TCP to [`TSO_PORT`].
@@ -140,9 +95,9 @@ pub fn is_test_frame(f: &[u8]) -> bool {
 
 /// The loadgen's far-end socket on `ifname` (inside `netns` when there is one): big buffers,
 /// blind to what this host sends.
-pub fn far_socket(netns: Option<&str>, ifname: &str) -> io::Result<PacketSocket> {
+pub fn far_socket(netns: Option<&str>, ifname: &str) -> Result<PacketSocket> {
     let opts = PacketOptions { rcvbuf: Some(64 << 20), sndbuf: Some(16 << 20), ignore_outgoing: true };
-    PacketSocket::open(netns, ifname, opts)
+    PacketSocket::open(netns, ifname, opts).map_err(|source| LoadgenError::FarSocket { ifname: ifname.to_string(), source })
 }
 
 /// A far-side thread; stops and joins on drop.
@@ -215,7 +170,7 @@ pub fn source(sock: PacketSocket, counters: Arc<Counters>, frame: Vec<u8>) -> Fa
         let batch: Vec<Vec<u8>> = (0..64u16)
             .map(|i| {
                 let mut f = frame.clone();
-                set_sport(&mut f, 10000 + i);
+                frames::set_udp_sport(&mut f, 10000 + i);
                 f
             })
             .collect();
@@ -250,4 +205,33 @@ pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_frames_have_the_asked_length_and_are_recognised() {
+        for len in [0, 60, 1514, 9014] {
+            let f = udp_frame(len, OTHER_MAC, PEER_MAC, 4000, 3);
+            assert_eq!(f.len(), len.max(60));
+            assert!(is_test_frame(&f));
+            assert_eq!(f[MAGIC_OFF + 8..MAGIC_OFF + 12], 3u32.to_be_bytes());
+        }
+        let mut other = udp_frame(100, OTHER_MAC, PEER_MAC, 4000, 3);
+        other[MAGIC_OFF] ^= 1;
+        assert!(!is_test_frame(&other));
+    }
+
+    #[test]
+    fn tso_frame_is_one_recognised_65214_byte_segment() {
+        let f = tso_frame(OTHER_MAC, PEER_MAC);
+        assert_eq!(f.len(), 14 + 40 + TSO_SEGS * usize::from(TSO_MSS));
+        assert_eq!(f.len(), 65214);
+        assert!(is_test_frame(&f));
+        let seg = frames::parse_tcp(&f).expect("a TCP frame");
+        assert_eq!((seg.dport, seg.payload.len()), (TSO_PORT, TSO_SEGS * usize::from(TSO_MSS)));
+        assert!(seg.ip_csum_ok);
+    }
 }

@@ -10,15 +10,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use vutap_bench::frontend::features::{F_VERSION_1, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
-use vutap_bench::frontend::{rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr};
-use vutap_bench::packet::{ifindex, PacketOptions, PacketSocket};
+use vutap_frontend::features::{F_VERSION_1, NET_F_MRG_RXBUF, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC};
+use vutap_frontend::{rx_queue, tx_queue, FrontendOptions, HandshakeOrder, NetFrontend, TxShape, TxSplit, VirtioNetHdr};
+use vutap_testbed::frames::{self, is_test_frame};
+use vutap_testbed::link;
+use vutap_testbed::packet::{ifindex, PacketOptions, PacketSocket};
 
 const TESTPMD: &str = "/usr/bin/dpdk-testpmd";
-/// IEEE local experimental ethertype: nothing else on the tap uses it, so kernel chatter
-/// (IPv6 ND, etc.) is told apart from test frames.
-const ETHERTYPE: u16 = 0x88b5;
-const MAGIC: &[u8; 8] = b"VUTAPFE!";
 
 /// testpmd polls with a busy core; run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -67,7 +65,7 @@ impl Testpmd {
             std::thread::sleep(Duration::from_millis(50));
         }
         // Quieten the tap: no IPv6 autoconf/ND traffic.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.tap), "1");
+        let _ = link::disable_ipv6(&t.tap);
         t
     }
 }
@@ -119,25 +117,9 @@ fn tap_socket(pmd: &Testpmd) -> PacketSocket {
     PacketSocket::open(None, &pmd.tap, PacketOptions::default()).expect("AF_PACKET socket on the tap")
 }
 
-fn is_test_frame(f: &[u8]) -> bool {
-    f.len() >= 22 && f[12..14] == ETHERTYPE.to_be_bytes() && &f[14..22] == MAGIC
-}
-
-/// A `len`-byte Ethernet frame with our ethertype, magic, a sequence number and a pattern.
+/// A `len`-byte test frame between two locally administered MACs.
 fn test_frame(len: usize, seq: u32) -> Vec<u8> {
-    let mut f = Vec::with_capacity(len);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0xfe, 0x01]); // dst: locally administered
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0xfe, 0x02]); // src
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend_from_slice(MAGIC);
-    f.extend_from_slice(&seq.to_be_bytes());
-    let mut x = seq.wrapping_mul(2654435761);
-    while f.len() < len {
-        x = x.wrapping_mul(1103515245).wrapping_add(12345);
-        f.push((x >> 16) as u8);
-    }
-    f.truncate(len);
-    f
+    frames::test_frame([0x02, 0, 0, 0, 0xfe, 0x01], [0x02, 0, 0, 0, 0xfe, 0x02], len, seq)
 }
 
 /// Checks what every test here needs; they fail, never skip, without it (`scripts/test.sh`

@@ -6,7 +6,7 @@
 //! ([`handshake`]), and frame-level send/receive over queue pairs ([`net`]).
 //!
 //! ```no_run
-//! use vutap_bench::frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+//! use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut fe = NetFrontend::connect("/tmp/vutap.sock".as_ref(), FrontendOptions::default())?;
 //! fe.send_frame(0, &VirtioNetHdr::default(), &[0xff; 60])?;

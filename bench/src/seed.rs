@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::guest::{Guest, GuestConfig, Nic, QemuVersion};
-use super::topo::{MacvtapMode, Tap, Topology};
-use super::vutap::Vutap;
-use super::{log_dir, Error, Result};
+use vutap_testbed::guest::{Guest, GuestConfig, Nic, QemuVersion};
+use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
+use vutap_testbed::vutap::Vutap;
+use vutap_testbed::{log_dir, Error, Result};
 
 /// Which of the seed's two measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -248,7 +248,7 @@ struct Node {
 }
 
 fn boot_node(qemu: QemuVersion, variant: Variant, queues: u16, smp: u16, tap: &Tap, prefix_len: u8, dir: &Path) -> Result<Node> {
-    std::fs::create_dir_all(dir).map_err(super::io_err(format!("create {}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { context: format!("create {}", dir.display()), source })?;
     let (nic, vutap) = match variant {
         Variant::Vutap => {
             let socket = dir.join("vutap.sock");

@@ -1,4 +1,5 @@
-//! Test bed: netns/veth/macvtap topologies and TCG QEMU guests for end-to-end runs.
+//! Test bed of vutap: netns/veth/macvtap topologies, AF_PACKET far ends, and TCG QEMU guests for
+//! end-to-end runs.
 //!
 //! - [`topo`]: a peer network namespace behind a veth pair with macvtaps on the host end
 //!   ([`Topology`]), plus an iperf3 server in that namespace ([`IperfServer`]).
@@ -10,20 +11,25 @@
 //!   serial console over a unix socket).
 //! - [`monitor`]: QEMU's human monitor over a unix socket (live migration).
 //! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
-//! - [`seed`]: the seed's experiment (internal/external, vutap vs QEMU tap, VEPA check), table,
-//!   JSON and SVG (`vutap-vm seed`).
+//! - [`link`]: MTU and IPv6 settings of interfaces made for a run.
+//! - [`frames`]: test frames (plain, UDP, TCP) with their checksums, and MAC parsing.
+//! - [`packet`]: AF_PACKET sockets on an interface of the host or of a namespace (the far end of
+//!   the wire).
 //!
-//! Everything here needs root. Every guard deletes what it made on `Drop`, including on panic.
+//! Everything here but [`frames`] needs root. Every guard deletes what it made on `Drop`,
+//! including on panic.
 
 pub mod cmd;
 pub mod console;
+pub mod frames;
 pub mod guest;
 pub mod iperf;
 pub mod libvirt;
+pub mod link;
 pub mod monitor;
+pub mod packet;
 pub mod scenario;
 pub mod scrape;
-pub mod seed;
 pub mod topo;
 pub mod vutap;
 
@@ -68,7 +74,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 
 /// The workspace root, found from this crate's manifest dir so the harness works from any clone.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench crate lives inside the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the testbed crate lives inside the workspace").to_path_buf()
 }
 
 /// Directory for logs of one run: `<workspace>/results/tmp/<name>` (git-ignored).
