@@ -4,7 +4,8 @@
 //! - [`cli`]: arguments -> [`cli::Config`].
 //! - [`tap`]: opening taps/macvtaps and their ioctls; [`tap_io`]: the datapath's two syscalls.
 //! - [`device`]: a served device (tap queues, MAC, MTU, counters).
-//! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
+//! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk;
+//!   [`wire`]: the vhost-user message format for what vutap frames itself (acks, fds).
 //! - [`session`]: per-connection state (features, memory, vrings, workers).
 //! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
 //! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
@@ -41,6 +42,7 @@ pub mod tx;
 pub mod upgrade;
 pub mod used_ring;
 pub mod vhost_user;
+pub mod wire;
 pub mod worker;
 
 /// Test helpers; public only with the `fuzzing` feature, for the fuzz targets in `fuzz/`.
