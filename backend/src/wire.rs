@@ -52,13 +52,7 @@ pub enum WireError {
     #[error("expected a reply to request {want}, got request {got} with flags {flags:#x}")]
     NotReplyTo { want: u32, got: u32, flags: u32 },
     #[error("socket: {0}")]
-    Io(#[source] io::Error),
-}
-
-impl From<io::Error> for WireError {
-    fn from(e: io::Error) -> Self {
-        WireError::Io(e)
-    }
+    Io(#[from] io::Error),
 }
 
 /// A message header as it is on the wire, checked only where asked ([`Header::check_request`]):
