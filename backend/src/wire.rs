@@ -3,8 +3,9 @@
 //!
 //! vhost's `BackendReqHandler` parses most requests, but its header and socket types are private
 //! to the crate, and vutap must handle a few messages before (or instead of) it: an early
-//! SET_VRING_ENABLE, SEND_RARP, SET_BACKEND_REQ_FD (see [`crate::vhost_user`]), and the
-//! CONFIG_CHANGE_MSG it sends on the backend channel ([`crate::link_state`]). Tests and fuzz
+//! SET_VRING_ENABLE, SEND_RARP, SET_BACKEND_REQ_FD (see [`crate::vhost_user`]), the
+//! CONFIG_CHANGE_MSG it sends on the backend channel ([`crate::link_state`]), and the negotiation
+//! a live upgrade replays into a fresh parser ([`crate::upgrade`]). Tests and fuzz
 //! targets that speak raw vhost-user to the daemon use this module too, so there is one copy of
 //! the format. Request codes and flag bits are vhost's public [`FrontendReq`], [`BackendReq`]
 //! and [`VhostUserHeaderFlag`]; bodies with a layout of their own are vhost's message structs
