@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::*;
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use vutap::control::wire::{self, Header};
 use vutap_frontend::FrontendOptions;
 
 /// Sends SEND_RARP with NEED_REPLY on a dup of the frontend's connection; returns the ack value.
@@ -19,20 +19,11 @@ fn send_rarp(conn_fd: i32, mac: [u8; 6]) -> u64 {
     let fd = unsafe { libc::dup(conn_fd) };
     assert!(fd >= 0);
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let mut sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let mut msg = Vec::new();
-    msg.extend_from_slice(&(FrontendReq::SEND_RARP as u32).to_le_bytes());
-    msg.extend_from_slice(&(0x1u32 | 0x8).to_le_bytes()); // version 1 | NEED_REPLY
-    msg.extend_from_slice(&8u32.to_le_bytes());
-    let mut body = [0u8; 8];
-    body[..6].copy_from_slice(&mac);
-    msg.extend_from_slice(&body);
-    sock.write_all(&msg).unwrap();
+    let sock = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let body = wire::rarp_body(mac);
+    wire::send(&sock, &Header::request(FrontendReq::SEND_RARP, body.len() as u32).need_reply(), &body, &[]).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut reply = [0u8; 20];
-    sock.read_exact(&mut reply).unwrap();
-    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), FrontendReq::SEND_RARP as u32);
-    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+    wire::recv_ack(&sock, FrontendReq::SEND_RARP).expect("an ack to SEND_RARP")
 }
 
 #[test]

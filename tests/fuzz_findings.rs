@@ -16,7 +16,6 @@ use vhost::vhost_user::message::FrontendReq;
 use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
 
 const WAIT: Duration = Duration::from_secs(5);
-const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
 
 fn start() -> (std::sync::MutexGuard<'static, ()>, Bed) {
     capture_logs();
@@ -52,7 +51,7 @@ fn test_fuzz_finding_mem_region_past_end_of_file_is_refused() {
         (bed.daemon.protocol_errors(), bed.daemon.dev.device_metrics.bad_memory_fds.load(std::sync::atomic::Ordering::SeqCst));
     let small = memfd(0x1000);
     let body = mem_table(&[(0, fe.memory().size() as u64, 0x7000_0000_0000)]);
-    raw_send(raw.as_raw_fd(), SET_MEM_TABLE, NEED_REPLY, body.len() as u32, &body, &[small.as_raw_fd()]).unwrap();
+    raw_send(raw.as_raw_fd(), FrontendReq::SET_MEM_TABLE, NEED_REPLY, body.len() as u32, &body, &[small.as_raw_fd()]).unwrap();
     assert!(closed_within(raw.as_raw_fd(), WAIT), "a lying memory table must close the connection");
     assert!(logged_since(mark, "the fd holds 4096 bytes but the mapping needs", WAIT), "{}", log_since(mark));
     assert!(wait_until(WAIT, || bed.daemon.protocol_errors() == errors + 1), "counted as a protocol error");

@@ -26,15 +26,6 @@ use vutap_frontend::{Descriptor, DriverQueue, FrontendOptions, NetFrontend, Virt
 const WAIT: Duration = Duration::from_secs(5);
 const QSIZE: u16 = 256;
 
-const GET_FEATURES: u32 = FrontendReq::GET_FEATURES as u32;
-const SET_OWNER: u32 = FrontendReq::SET_OWNER as u32;
-const SET_MEM_TABLE: u32 = FrontendReq::SET_MEM_TABLE as u32;
-const SET_VRING_NUM: u32 = FrontendReq::SET_VRING_NUM as u32;
-const SET_VRING_BASE: u32 = FrontendReq::SET_VRING_BASE as u32;
-const SET_VRING_KICK: u32 = FrontendReq::SET_VRING_KICK as u32;
-const SET_VRING_CALL: u32 = FrontendReq::SET_VRING_CALL as u32;
-const SET_VRING_ENABLE: u32 = FrontendReq::SET_VRING_ENABLE as u32;
-
 fn opts(rx_prefill: bool) -> FrontendOptions {
     FrontendOptions { queue_pairs: 2, queue_size: QSIZE, rx_prefill, ..FrontendOptions::default() }
 }
@@ -383,11 +374,11 @@ fn live(bed: &Bed) -> (NetFrontend, std::os::fd::OwnedFd) {
 }
 
 /// Sends a request asking for an ack and expects a failure ack (connection kept).
-fn refused(fd: RawFd, code: u32, body: &[u8], fds: &[RawFd]) {
+fn refused(fd: RawFd, code: FrontendReq, body: &[u8], fds: &[RawFd]) {
     raw_send(fd, code, NEED_REPLY, body.len() as u32, body, fds).unwrap();
     match raw_reply(fd, WAIT) {
         Reply::U64(v) if v != 0 => {}
-        r => panic!("request {code}: expected a failure ack, got {r:?}"),
+        r => panic!("{code:?}: expected a failure ack, got {r:?}"),
     }
 }
 
@@ -397,7 +388,7 @@ fn test_hostile_msg_queue_size_zero_odd_or_too_big() {
     let (mut fe, raw) = live(&bed);
     let mark = log_mark();
     for num in [0u32, 3, 100, 65536] {
-        refused(raw.as_raw_fd(), SET_VRING_NUM, &words(&[1, num]), &[]);
+        refused(raw.as_raw_fd(), FrontendReq::SET_VRING_NUM, &words(&[1, num]), &[]);
     }
     assert!(logged_since(mark, "is not a power of two", WAIT), "{}", log_since(mark));
     healthy(&bed, &mut fe, &[0, 1], 10);
@@ -410,9 +401,9 @@ fn test_hostile_msg_vring_index_out_of_range() {
     let (_g, bed) = start();
     let (mut fe, raw) = live(&bed);
     let mark = log_mark();
-    refused(raw.as_raw_fd(), SET_VRING_NUM, &words(&[99, 256]), &[]);
-    refused(raw.as_raw_fd(), SET_VRING_ENABLE, &words(&[99, 1]), &[]);
-    refused(raw.as_raw_fd(), SET_VRING_BASE, &words(&[4, 0]), &[]);
+    refused(raw.as_raw_fd(), FrontendReq::SET_VRING_NUM, &words(&[99, 256]), &[]);
+    refused(raw.as_raw_fd(), FrontendReq::SET_VRING_ENABLE, &words(&[99, 1]), &[]);
+    refused(raw.as_raw_fd(), FrontendReq::SET_VRING_BASE, &words(&[4, 0]), &[]);
     assert!(logged_since(mark, "failed", WAIT), "{}", log_since(mark));
     healthy(&bed, &mut fe, &[0, 1], 10);
     drop((fe, raw));
@@ -426,7 +417,7 @@ fn test_hostile_msg_mem_table_overlapping_regions() {
     let mark = log_mark();
     let (a, b) = (memfd(1 << 20), memfd(1 << 20));
     let body = mem_table(&[(0, 1 << 20, 0x7000_0000_0000), (0x8_0000, 1 << 20, 0x7100_0000_0000)]);
-    refused(raw.as_raw_fd(), SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
+    refused(raw.as_raw_fd(), FrontendReq::SET_MEM_TABLE, &body, &[a.as_raw_fd(), b.as_raw_fd()]);
     assert!(logged_since(mark, "overlap", WAIT), "{}", log_since(mark));
     // The old table stays in force.
     healthy(&bed, &mut fe, &[0, 1], 10);
@@ -442,7 +433,7 @@ fn test_hostile_msg_mem_table_too_many_regions() {
     let files: Vec<_> = (0..9).map(|_| memfd(1 << 16)).collect();
     let regions: Vec<_> = (0..9u64).map(|i| (i << 20, 1 << 16, 0x7000_0000_0000 + (i << 20))).collect();
     let fds: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
-    refused(raw.as_raw_fd(), SET_MEM_TABLE, &mem_table(&regions), &fds);
+    refused(raw.as_raw_fd(), FrontendReq::SET_MEM_TABLE, &mem_table(&regions), &fds);
     assert!(logged_since(mark, "more than 8", WAIT), "{}", log_since(mark));
     healthy(&bed, &mut fe, &[0, 1], 10);
     drop((fe, raw));
@@ -456,13 +447,13 @@ fn test_hostile_msg_truncated_closes_connection() {
     let (ended, errors) = (bed.daemon.connections_ended(), bed.daemon.protocol_errors());
     // A body shorter than the request's struct, on a live connection.
     let (fe, raw) = live(&bed);
-    raw_send(raw.as_raw_fd(), SET_VRING_NUM, NEED_REPLY, 4, &words(&[1]), &[]).unwrap();
+    raw_send(raw.as_raw_fd(), FrontendReq::SET_VRING_NUM, NEED_REPLY, 4, &words(&[1]), &[]).unwrap();
     assert!(closed_within(raw.as_raw_fd(), WAIT), "a truncated message must close the connection");
     drop((fe, raw));
     // A header announcing 8 bytes, 4 sent, then the frontend goes away.
     let s = UnixStream::connect(&bed.daemon.socket).unwrap();
-    raw_send(s.as_raw_fd(), SET_OWNER, NO_REPLY, 0, &[], &[]).unwrap();
-    raw_send(s.as_raw_fd(), SET_VRING_NUM, NO_REPLY, 8, &words(&[1]), &[]).unwrap();
+    raw_send(s.as_raw_fd(), FrontendReq::SET_OWNER, NO_REPLY, 0, &[], &[]).unwrap();
+    raw_send(s.as_raw_fd(), FrontendReq::SET_VRING_NUM, NO_REPLY, 8, &words(&[1]), &[]).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     assert!(closed_within(s.as_raw_fd(), WAIT));
     drop(s);
@@ -481,12 +472,12 @@ fn test_hostile_msg_missing_fds_close_connection() {
     // vhost cannot tell a missing fd from garbage (the fd count is part of the message), so
     // the connection is closed: a mem table of one region with no fd ...
     let (fe, raw) = live(&bed);
-    raw_send(raw.as_raw_fd(), SET_MEM_TABLE, NEED_REPLY, 40, &mem_table(&[(0, 1 << 20, 0x7000_0000_0000)]), &[]).unwrap();
+    raw_send(raw.as_raw_fd(), FrontendReq::SET_MEM_TABLE, NEED_REPLY, 40, &mem_table(&[(0, 1 << 20, 0x7000_0000_0000)]), &[]).unwrap();
     assert!(closed_within(raw.as_raw_fd(), WAIT));
     drop((fe, raw));
     // ... and a kick without an fd and without the no-fd flag.
     let (fe, raw) = live(&bed);
-    raw_send(raw.as_raw_fd(), SET_VRING_KICK, NEED_REPLY, 8, &1u64.to_le_bytes(), &[]).unwrap();
+    raw_send(raw.as_raw_fd(), FrontendReq::SET_VRING_KICK, NEED_REPLY, 8, &1u64.to_le_bytes(), &[]).unwrap();
     assert!(closed_within(raw.as_raw_fd(), WAIT));
     drop((fe, raw));
     assert!(logged_since(mark, "request 5: invalid message", WAIT), "{}", log_since(mark));
@@ -505,7 +496,7 @@ fn test_hostile_msg_extra_fds_close_connection_and_leak_nothing() {
         let (fe, raw) = live(&bed);
         let extra: Vec<_> = (0..3).map(|_| memfd(4096)).collect();
         let fds: Vec<RawFd> = extra.iter().map(|f| f.as_raw_fd()).collect();
-        raw_send(raw.as_raw_fd(), GET_FEATURES, NO_REPLY, 0, &[], &fds).unwrap();
+        raw_send(raw.as_raw_fd(), FrontendReq::GET_FEATURES, NO_REPLY, 0, &[], &fds).unwrap();
         assert!(closed_within(raw.as_raw_fd(), WAIT), "fds on GET_FEATURES must close the connection");
         drop((fe, raw));
     }
@@ -523,10 +514,10 @@ fn test_hostile_msg_before_set_owner_closes_connection() {
     let mark = log_mark();
     let s = UnixStream::connect(&bed.daemon.socket).unwrap();
     // Discovery is fine before SET_OWNER ...
-    raw_send(s.as_raw_fd(), GET_FEATURES, NO_REPLY, 0, &[], &[]).unwrap();
+    raw_send(s.as_raw_fd(), FrontendReq::GET_FEATURES, NO_REPLY, 0, &[], &[]).unwrap();
     assert!(matches!(raw_reply(s.as_raw_fd(), WAIT), Reply::U64(f) if f != 0));
     // ... ring setup is not.
-    raw_send(s.as_raw_fd(), SET_VRING_NUM, NO_REPLY, 8, &words(&[0, 256]), &[]).unwrap();
+    raw_send(s.as_raw_fd(), FrontendReq::SET_VRING_NUM, NO_REPLY, 8, &words(&[0, 256]), &[]).unwrap();
     assert!(closed_within(s.as_raw_fd(), WAIT));
     assert!(logged_since(mark, "before SET_OWNER", WAIT), "{}", log_since(mark));
     drop(s);
@@ -538,7 +529,7 @@ fn test_hostile_msg_unknown_request_closes_connection() {
     let (_g, bed) = start();
     let mark = log_mark();
     let (fe, raw) = live(&bed);
-    raw_send(raw.as_raw_fd(), 9999, NO_REPLY, 12, &words(&[1, 1, 0]), &[]).unwrap();
+    raw_send(raw.as_raw_fd(), 9999u32, NO_REPLY, 12, &words(&[1, 1, 0]), &[]).unwrap();
     assert!(closed_within(raw.as_raw_fd(), WAIT));
     drop((fe, raw));
     assert!(logged_since(mark, "9999", WAIT), "{}", log_since(mark));
@@ -573,12 +564,12 @@ fn test_hostile_call_fd_storm_leaks_nothing() {
     let before = fd_count();
     for i in 0..500u64 {
         let e = vmm_sys_util_eventfd();
-        raw_send(raw.as_raw_fd(), SET_VRING_CALL, NO_REPLY, 8, &(i % 4).to_le_bytes(), &[e.as_raw_fd()]).unwrap();
+        raw_send(raw.as_raw_fd(), FrontendReq::SET_VRING_CALL, NO_REPLY, 8, &(i % 4).to_le_bytes(), &[e.as_raw_fd()]).unwrap();
     }
     // Give the calls back to the frontend.
     for q in 0..4u16 {
         let own = fe.queue(q).unwrap().call_fd().as_raw_fd();
-        refused_or_ok(raw.as_raw_fd(), SET_VRING_CALL, &u64::from(q).to_le_bytes(), &[own]);
+        refused_or_ok(raw.as_raw_fd(), FrontendReq::SET_VRING_CALL, &u64::from(q).to_le_bytes(), &[own]);
     }
     assert!(wait_until(WAIT, || fd_count() <= before), "fds: {} before, {} after", before, fd_count());
     healthy(&bed, &mut fe, &[0, 1], 10);
@@ -593,7 +584,7 @@ fn vmm_sys_util_eventfd() -> std::os::fd::OwnedFd {
 }
 
 /// Sends with NEED_REPLY and expects a success ack.
-fn refused_or_ok(fd: RawFd, code: u32, body: &[u8], fds: &[RawFd]) {
+fn refused_or_ok(fd: RawFd, code: FrontendReq, body: &[u8], fds: &[RawFd]) {
     raw_send(fd, code, NEED_REPLY, body.len() as u32, body, fds).unwrap();
-    assert_eq!(raw_reply(fd, WAIT), Reply::U64(0), "request {code}");
+    assert_eq!(raw_reply(fd, WAIT), Reply::U64(0), "{code:?}");
 }

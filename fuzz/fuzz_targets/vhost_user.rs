@@ -25,49 +25,31 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use vhost::vhost_user::message::{FrontendReq as R, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vmm_sys_util::eventfd::EventFd;
 use vutap::control::device::Device;
+use vutap::control::wire::{self, Header};
 use vutap::tap::{Tap, TapSpec};
 use vutap_virtio::features::offered_features;
 
-const VERSION: u32 = 0x1;
-const NEED_REPLY: u32 = 0x8;
+const VERSION: u32 = wire::VERSION_1;
+const NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 /// Where the frontend pretends region `i` lives in its own address space.
 const USER_BASE: u64 = 0x7f00_0000_0000;
 const USER_STRIDE: u64 = 0x1000_0000;
 const RING_PAIRS: u32 = 2;
-/// VHOST_USER_F_PROTOCOL_FEATURES.
-const PROTOCOL_FEATURES: u64 = 1 << 30;
-/// MQ | REPLY_ACK | BACKEND_REQ | CONFIG | RESET_DEVICE | LOG_SHMFD | RARP.
-const QEMU_PROTOCOL: u64 = 0x1 | 0x8 | 0x20 | 0x200 | 0x2000 | 0x2 | 0x4;
-
-mod req {
-    pub const GET_FEATURES: u32 = 1;
-    pub const SET_FEATURES: u32 = 2;
-    pub const SET_OWNER: u32 = 3;
-    pub const RESET_OWNER: u32 = 4;
-    pub const SET_MEM_TABLE: u32 = 5;
-    pub const SET_LOG_BASE: u32 = 6;
-    pub const SET_LOG_FD: u32 = 7;
-    pub const SET_VRING_NUM: u32 = 8;
-    pub const SET_VRING_ADDR: u32 = 9;
-    pub const SET_VRING_BASE: u32 = 10;
-    pub const GET_VRING_BASE: u32 = 11;
-    pub const SET_VRING_KICK: u32 = 12;
-    pub const SET_VRING_CALL: u32 = 13;
-    pub const SET_VRING_ERR: u32 = 14;
-    pub const GET_PROTOCOL_FEATURES: u32 = 15;
-    pub const SET_PROTOCOL_FEATURES: u32 = 16;
-    pub const GET_QUEUE_NUM: u32 = 17;
-    pub const SET_VRING_ENABLE: u32 = 18;
-    pub const SEND_RARP: u32 = 19;
-    pub const SET_BACKEND_REQ_FD: u32 = 21;
-    pub const GET_CONFIG: u32 = 24;
-    pub const SET_CONFIG: u32 = 25;
-    pub const RESET_DEVICE: u32 = 34;
-    pub const GET_MAX_MEM_SLOTS: u32 = 36;
-    pub const LAST: u32 = 45;
-}
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// What QEMU's virtio-net negotiates.
+const QEMU_PROTOCOL: u64 = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::RESET_DEVICE)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD)
+    .union(VhostUserProtocolFeatures::RARP)
+    .bits();
+/// Raw request codes are drawn up to here: vhost's last code (GET_SHMEM_CONFIG) and two unknown.
+const LAST_CODE: u32 = 45;
 
 /// The device every connection of this process is served on.
 fn device() -> Arc<Device> {
@@ -98,40 +80,8 @@ fn memfd(len: u64) -> File {
 
 /// Sends one message (header + body in one sendmsg, fds as SCM_RIGHTS). False once the
 /// backend has closed the connection.
-fn send(stream: &UnixStream, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> bool {
-    let mut hdr = [0u8; 12];
-    hdr[..4].copy_from_slice(&code.to_le_bytes());
-    hdr[4..8].copy_from_slice(&flags.to_le_bytes());
-    hdr[8..].copy_from_slice(&size.to_le_bytes());
-    let mut iov = [
-        libc::iovec { iov_base: hdr.as_mut_ptr() as *mut libc::c_void, iov_len: hdr.len() },
-        libc::iovec { iov_base: body.as_ptr() as *mut libc::c_void, iov_len: body.len() },
-    ];
-    let mut cmsg = [0u64; 32];
-    // SAFETY: an all-zero msghdr is a valid empty value; pointers are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov.as_mut_ptr();
-    msg.msg_iovlen = 2;
-    if !fds.is_empty() {
-        let data_len = std::mem::size_of_val(fds) as u32;
-        // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-        assert!(space <= std::mem::size_of_val(&cmsg), "too many fds for the control buffer");
-        msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer is `space` bytes, enough for one header and `fds`; the
-        // CMSG_* macros stay inside it.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(data_len) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut RawFd, fds.len());
-        }
-    }
-    // SAFETY: `msg` points at live buffers for the duration of the call.
-    let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    n == (hdr.len() + body.len()) as isize
+fn send(stream: &UnixStream, code: impl Into<u32>, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> bool {
+    wire::send(stream, &Header::raw(code.into(), flags, size), body, fds).is_ok()
 }
 
 fn u64_body(v: u64) -> Vec<u8> {
@@ -235,18 +185,18 @@ impl Frontend {
     /// One message chosen and filled in by the input. Returns false once the backend is gone.
     fn step(&mut self, u: &mut Unstructured) -> Result<bool> {
         let mut fds = Vec::new();
-        let (code, body) = match u.int_in_range(0u8..=27)? {
-            0 => (req::GET_FEATURES, vec![]),
+        let (code, body): (u32, Vec<u8>) = match u.int_in_range(0u8..=27)? {
+            0 => (R::GET_FEATURES.into(), vec![]),
             1 => {
                 let f: u64 = u.arbitrary()?;
-                (req::SET_FEATURES, u64_body(if u.ratio(3, 4)? { f & (offered_features() | PROTOCOL_FEATURES) } else { f }))
+                (R::SET_FEATURES.into(), u64_body(if u.ratio(3, 4)? { f & (offered_features() | PROTOCOL_FEATURES) } else { f }))
             }
-            2 => (req::SET_OWNER, vec![]),
-            3 => (req::RESET_OWNER, vec![]),
+            2 => (R::SET_OWNER.into(), vec![]),
+            3 => (R::RESET_OWNER.into(), vec![]),
             4 => {
                 let (body, table_fds) = self.mem_table(u)?;
                 fds = table_fds;
-                (req::SET_MEM_TABLE, body)
+                (R::SET_MEM_TABLE.into(), body)
             }
             5 => {
                 let len = u64::from(u.int_in_range(0u32..=16)?) * 0x1000 + if u.ratio(1, 8)? { 1 } else { 0 };
@@ -257,15 +207,15 @@ impl Frontend {
                 self.keep.push(file.into());
                 let mut body = u64_body(size);
                 body.extend_from_slice(&offset.to_le_bytes());
-                (req::SET_LOG_BASE, body)
+                (R::SET_LOG_BASE.into(), body)
             }
             6 => {
                 fds.push(self.eventfd());
-                (req::SET_LOG_FD, u64_body(0))
+                (R::SET_LOG_FD.into(), u64_body(0))
             }
             7 => {
                 let num = if u.ratio(7, 8)? { 1u32 << u.int_in_range(0..=15)? } else { u.arbitrary()? };
-                (req::SET_VRING_NUM, state_body(Self::ring_index(u)?, num))
+                (R::SET_VRING_NUM.into(), state_body(Self::ring_index(u)?, num))
             }
             8 => {
                 let mut body = Self::ring_index(u)?.to_le_bytes().to_vec();
@@ -274,19 +224,19 @@ impl Frontend {
                     body.extend_from_slice(&self.user_addr(u)?.to_le_bytes());
                 }
                 body.extend_from_slice(&0u64.to_le_bytes());
-                (req::SET_VRING_ADDR, body)
+                (R::SET_VRING_ADDR.into(), body)
             }
             9 => {
                 let base = if u.ratio(7, 8)? { u32::from(u.arbitrary::<u16>()?) } else { u.arbitrary()? };
-                (req::SET_VRING_BASE, state_body(Self::ring_index(u)?, base))
+                (R::SET_VRING_BASE.into(), state_body(Self::ring_index(u)?, base))
             }
-            10 => (req::GET_VRING_BASE, state_body(Self::ring_index(u)?, 0)),
+            10 => (R::GET_VRING_BASE.into(), state_body(Self::ring_index(u)?, 0)),
             11..=13 => {
-                let code = [req::SET_VRING_KICK, req::SET_VRING_CALL, req::SET_VRING_ERR][usize::from(u.int_in_range(0u8..=2)?)];
+                let code = [R::SET_VRING_KICK, R::SET_VRING_CALL, R::SET_VRING_ERR][usize::from(u.int_in_range(0u8..=2)?)];
                 let index = Self::ring_index(u)? & 0xff;
                 let no_fd = u.ratio(1, 16)?;
                 if !no_fd || u.ratio(1, 4)? {
-                    if code == req::SET_VRING_KICK {
+                    if code == R::SET_VRING_KICK {
                         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
                         fds.push(kick.as_raw_fd());
                         self.kicks.push(kick);
@@ -294,36 +244,36 @@ impl Frontend {
                         fds.push(self.eventfd());
                     }
                 }
-                (code, u64_body(u64::from(index) | if no_fd { 0x100 } else { 0 }))
+                (code.into(), u64_body(u64::from(index) | if no_fd { 0x100 } else { 0 }))
             }
-            14 => (req::GET_PROTOCOL_FEATURES, vec![]),
+            14 => (R::GET_PROTOCOL_FEATURES.into(), vec![]),
             15 => {
                 let f = if u.ratio(3, 4)? { QEMU_PROTOCOL & u.arbitrary::<u64>()? } else { u.arbitrary()? };
-                (req::SET_PROTOCOL_FEATURES, u64_body(f))
+                (R::SET_PROTOCOL_FEATURES.into(), u64_body(f))
             }
-            16 => (req::GET_QUEUE_NUM, vec![]),
+            16 => (R::GET_QUEUE_NUM.into(), vec![]),
             17 => {
                 let num = if u.ratio(7, 8)? { u32::from(u.arbitrary::<bool>()?) } else { u.arbitrary()? };
-                (req::SET_VRING_ENABLE, state_body(Self::ring_index(u)?, num))
+                (R::SET_VRING_ENABLE.into(), state_body(Self::ring_index(u)?, num))
             }
-            18 => (req::SEND_RARP, u64_body(u.arbitrary()?)),
+            18 => (R::SEND_RARP.into(), u64_body(u.arbitrary()?)),
             19 => {
                 let (ours, theirs) = UnixStream::pair().expect("socketpair");
                 fds.push(theirs.as_raw_fd());
                 self.keep.push(ours.into());
                 self.keep.push(theirs.into());
-                (req::SET_BACKEND_REQ_FD, vec![])
+                (R::SET_BACKEND_REQ_FD.into(), vec![])
             }
             20 | 21 => {
                 let offset: u32 = if u.ratio(3, 4)? { u.int_in_range(0..=32)? } else { u.arbitrary()? };
                 let size: u32 = if u.ratio(3, 4)? { u.int_in_range(0..=32)? } else { u.arbitrary()? };
                 let mut body = [offset, size, u.int_in_range(0..=1)?].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
                 body.extend(std::iter::repeat_n(0u8, size.min(0x100) as usize));
-                (if u.arbitrary()? { req::GET_CONFIG } else { req::SET_CONFIG }, body)
+                (if u.arbitrary()? { R::GET_CONFIG } else { R::SET_CONFIG }.into(), body)
             }
-            22 => (if u.arbitrary()? { req::RESET_DEVICE } else { req::GET_MAX_MEM_SLOTS }, vec![]),
+            22 => (if u.arbitrary()? { R::RESET_DEVICE } else { R::GET_MAX_MEM_SLOTS }.into(), vec![]),
             23 => {
-                let code = u.int_in_range(0..=req::LAST + 1)?;
+                let code = u.int_in_range(0..=LAST_CODE)?;
                 let body_len = u.int_in_range(0..=64)?;
                 let body = u.bytes(body_len)?.to_vec();
                 for _ in 0..u.int_in_range(0..=2)? {
@@ -367,34 +317,34 @@ impl Frontend {
         let fill_len = u.int_in_range(0..=4096)?;
         let fill = u.bytes(fill_len)?;
         file.write_all_at(fill, 0).expect("memfd write");
-        let mut ok = send(&self.stream, req::SET_OWNER, VERSION, 0, &[], &[]);
+        let mut ok = send(&self.stream, R::SET_OWNER, VERSION, 0, &[], &[]);
         let features = (offered_features() & u.arbitrary::<u64>()?) | (1 << 32) | PROTOCOL_FEATURES;
-        ok &= send(&self.stream, req::SET_PROTOCOL_FEATURES, VERSION, 8, &u64_body(QEMU_PROTOCOL), &[]);
-        ok &= send(&self.stream, req::SET_FEATURES, VERSION, 8, &u64_body(features), &[]);
+        ok &= send(&self.stream, R::SET_PROTOCOL_FEATURES, VERSION, 8, &u64_body(QEMU_PROTOCOL), &[]);
+        ok &= send(&self.stream, R::SET_FEATURES, VERSION, 8, &u64_body(features), &[]);
         let mut table = 1u32.to_le_bytes().to_vec();
         table.extend_from_slice(&0u32.to_le_bytes());
         for v in [0, mem_len, USER_BASE, 0] {
             table.extend_from_slice(&v.to_le_bytes());
         }
-        ok &= send(&self.stream, req::SET_MEM_TABLE, VERSION | NEED_REPLY, table.len() as u32, &table, &[file.as_raw_fd()]);
+        ok &= send(&self.stream, R::SET_MEM_TABLE, VERSION | NEED_REPLY, table.len() as u32, &table, &[file.as_raw_fd()]);
         self.regions = vec![(file, USER_BASE, mem_len)];
         for index in 0..2 * u32::from(u.int_in_range(1u8..=2)?) {
             let size: u32 = 1 << u.int_in_range(0..=8)?;
-            ok &= send(&self.stream, req::SET_VRING_NUM, VERSION, 8, &state_body(index, size), &[]);
+            ok &= send(&self.stream, R::SET_VRING_NUM, VERSION, 8, &state_body(index, size), &[]);
             let mut addr = index.to_le_bytes().to_vec();
             addr.extend_from_slice(&0u32.to_le_bytes());
             let ring_base = USER_BASE + u64::from(u.int_in_range(0u32..=(mem_len as u32 / 0x1000 - 3))?) * 0x1000;
             for v in [ring_base, ring_base + 0x2000, ring_base + 0x1000, 0] {
                 addr.extend_from_slice(&v.to_le_bytes());
             }
-            ok &= send(&self.stream, req::SET_VRING_ADDR, VERSION, 40, &addr, &[]);
-            ok &= send(&self.stream, req::SET_VRING_BASE, VERSION, 8, &state_body(index, 0), &[]);
+            ok &= send(&self.stream, R::SET_VRING_ADDR, VERSION, 40, &addr, &[]);
+            ok &= send(&self.stream, R::SET_VRING_BASE, VERSION, 8, &state_body(index, 0), &[]);
             let call = self.eventfd();
-            ok &= send(&self.stream, req::SET_VRING_CALL, VERSION, 8, &u64_body(u64::from(index)), &[call]);
+            ok &= send(&self.stream, R::SET_VRING_CALL, VERSION, 8, &u64_body(u64::from(index)), &[call]);
             let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-            ok &= send(&self.stream, req::SET_VRING_KICK, VERSION, 8, &u64_body(u64::from(index)), &[kick.as_raw_fd()]);
+            ok &= send(&self.stream, R::SET_VRING_KICK, VERSION, 8, &u64_body(u64::from(index)), &[kick.as_raw_fd()]);
             self.kicks.push(kick);
-            ok &= send(&self.stream, req::SET_VRING_ENABLE, VERSION, 8, &state_body(index, 1), &[]);
+            ok &= send(&self.stream, R::SET_VRING_ENABLE, VERSION, 8, &state_body(index, 1), &[]);
         }
         Ok(ok)
     }

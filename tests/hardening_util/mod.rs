@@ -1,14 +1,16 @@
 //! Helpers of the hardening tests (hostile, faults, soak): a log capture, raw vhost-user
-//! messages on a live connection, and per-thread CPU / fd / thread counts of this process.
+//! messages on a live connection (framed by `vutap::control::wire`), and per-thread CPU / fd / thread
+//! counts of this process.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserU64};
+use vutap::control::wire::{self, Header, WireError};
 
 // ------------------------------------------------------------------------------- log capture
 
@@ -74,45 +76,15 @@ pub fn panicked_since(mark: usize) -> bool {
 // ------------------------------------------------------------------------------- raw messages
 
 /// Header flags: protocol version 1, with or without `NEED_REPLY`.
-pub const NO_REPLY: u32 = 0x1;
-pub const NEED_REPLY: u32 = NO_REPLY | VhostUserHeaderFlag::NEED_REPLY.bits();
+pub const NO_REPLY: u32 = wire::VERSION_1;
+pub const NEED_REPLY: u32 = wire::VERSION_1 | VhostUserHeaderFlag::NEED_REPLY.bits();
 
-/// Sends one vhost-user message (`code`, `flags`, `body`, `fds`) on `fd` with sendmsg.
-pub fn raw_send(fd: RawFd, code: u32, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let mut msg = Vec::with_capacity(12 + body.len());
-    msg.extend_from_slice(&code.to_le_bytes());
-    msg.extend_from_slice(&flags.to_le_bytes());
-    msg.extend_from_slice(&size.to_le_bytes());
-    msg.extend_from_slice(body);
-    let mut iov = libc::iovec { iov_base: msg.as_mut_ptr().cast(), iov_len: msg.len() };
-    let mut cmsg = [0u64; 40];
-    // SAFETY: an all-zero msghdr is valid; pointers set below stay alive for the call.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let bytes = std::mem::size_of_val(fds);
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
-        assert!(space <= std::mem::size_of_val(&cmsg));
-        hdr.msg_control = cmsg.as_mut_ptr().cast();
-        hdr.msg_controllen = space as _;
-        // SAFETY: msg_control points at a buffer of `space` bytes; the first cmsghdr fits.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&hdr);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
-        }
-    }
-    // SAFETY: hdr points at live iov/cmsg buffers.
-    let n = unsafe { libc::sendmsg(fd, &hdr, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    assert_eq!(n as usize, msg.len(), "short sendmsg");
-    Ok(())
+/// Sends one vhost-user message on `fd`: a header of `code`, `flags` and `size` (which may
+/// disagree with the body, on purpose), `body`, and `fds`.
+pub fn raw_send(fd: RawFd, code: impl Into<u32>, flags: u32, size: u32, body: &[u8], fds: &[RawFd]) -> Result<(), WireError> {
+    // SAFETY: `fd` is a socket the caller holds open for the duration of this call.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    wire::send(sock, &Header::raw(code.into(), flags, size), body, fds)
 }
 
 /// What came back for a raw message.
@@ -135,33 +107,13 @@ pub fn raw_reply(fd: RawFd, timeout: Duration) -> Reply {
     if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } <= 0 {
         return Reply::Nothing;
     }
-    let mut hdr = [0u8; 12];
-    if !read_exact(fd, &mut hdr) {
-        return Reply::Closed;
+    // SAFETY: `fd` is a socket the caller holds open for the duration of this call.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    let Ok(msg) = wire::recv_message(sock) else { return Reply::Closed };
+    match msg.body_as::<VhostUserU64>() {
+        Ok(v) => Reply::U64(v.value),
+        Err(_) => Reply::Other(msg.header.size, msg.body),
     }
-    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
-    let mut body = vec![0u8; size as usize];
-    if !read_exact(fd, &mut body) {
-        return Reply::Closed;
-    }
-    if size == 8 {
-        Reply::U64(u64::from_le_bytes(body[..8].try_into().unwrap()))
-    } else {
-        Reply::Other(size, body)
-    }
-}
-
-fn read_exact(fd: RawFd, buf: &mut [u8]) -> bool {
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: the rest of buf is valid for writes.
-        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
-        if n <= 0 {
-            return false;
-        }
-        got += n as usize;
-    }
-    true
 }
 
 /// Whether the peer closed `fd` within `timeout` (reads and discards anything before).

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::message::BackendReq;
 
+use crate::control::wire;
 use crate::metrics::DeviceMetrics;
 use crate::operations::sandbox::{self, ThreadKind};
 
@@ -76,15 +76,6 @@ impl Default for LinkState {
     fn default() -> Self {
         LinkState { up: AtomicBool::new(true), channel: Mutex::new(None) }
     }
-}
-
-/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG: a bare header, version 1, no reply requested (a
-/// frontend that cannot handle it then only logs, and we never block on it).
-pub fn config_change_msg() -> [u8; 12] {
-    let mut m = [0u8; 12];
-    m[0..4].copy_from_slice(&(BackendReq::CONFIG_CHANGE_MSG as u32).to_le_bytes());
-    m[4..8].copy_from_slice(&1u32.to_le_bytes());
-    m
 }
 
 /// Sends `buf` without ever blocking: `NoRoom` if the socket takes none of it, and if it takes
@@ -175,7 +166,7 @@ impl LinkState {
         }
         let result = {
             let _one_sender = shared.sending.lock().unwrap_or_else(|p| p.into_inner());
-            send_nonblocking(&shared.channel.stream, &config_change_msg())
+            send_nonblocking(&shared.channel.stream, &wire::config_change_msg())
         };
         match result {
             Ok(Sent::Whole) => {
@@ -268,25 +259,19 @@ mod tests {
     use std::io::Read;
 
     #[test]
-    fn test_config_change_msg_layout() {
-        assert_eq!(config_change_msg(), [2, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
-    }
-
-    #[test]
     fn test_link_change_notifies_only_with_config() {
         let m = DeviceMetrics::default();
         let link = LinkState::default();
         assert!(link.is_up());
         assert!(!link.set(true, &m));
-        let (a, mut b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
         link.set_channel(Some(BackendChannel { stream: a.try_clone().unwrap(), config_acked: false }));
         assert!(link.set(false, &m));
         assert_eq!(m.config_change_msgs.load(Ordering::Relaxed), 0);
         link.set_channel(Some(BackendChannel { stream: a, config_acked: true }));
         assert!(link.set(true, &m));
-        let mut got = [0u8; 12];
-        b.read_exact(&mut got).unwrap();
-        assert_eq!(got, config_change_msg());
+        let msg = wire::recv_message(&b).unwrap();
+        assert_eq!(msg.header, wire::Header::request(vhost::vhost_user::message::BackendReq::CONFIG_CHANGE_MSG, 0));
         assert_eq!(m.link_changes.load(Ordering::Relaxed), 2);
         assert_eq!(m.config_change_msgs.load(Ordering::Relaxed), 1);
         drop(b);
@@ -334,7 +319,7 @@ mod tests {
         b.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let mut got = Vec::new();
         let _ = b.read_to_end(&mut got);
-        assert_eq!(got.len() as u64, sent * 12);
-        assert!(got.chunks(12).all(|c| c == config_change_msg()));
+        assert_eq!(got.len() as u64, sent * wire::HEADER_SIZE as u64);
+        assert!(got.chunks(wire::HEADER_SIZE).all(|c| c == wire::config_change_msg()));
     }
 }

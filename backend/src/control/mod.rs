@@ -1,6 +1,7 @@
 //! The control plane: the vhost-user connection and what it negotiates.
 //!
-//! - [`vhost_user`]: the socket, the request loop and QEMU's message-order quirk.
+//! - [`vhost_user`]: the socket, the request loop and QEMU's message-order quirk; [`wire`]: the
+//!   vhost-user format of the messages vutap frames itself (early enable, acks, fds).
 //! - [`session`]: one connection's state (features, memory, vrings, workers).
 //! - [`device`]: a served device (tap queues, MAC, MTU, counters).
 //! - [`memory`]: the guest memory table; [`mapped_fd`]: size and seal checks of the fds a
@@ -14,3 +15,4 @@ pub mod memory;
 pub mod memory_guard;
 pub(crate) mod session;
 pub mod vhost_user;
+pub mod wire;

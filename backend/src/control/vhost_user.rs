@@ -4,10 +4,11 @@
 //! Messages are parsed by vhost's `BackendReqHandler`, with one exception handled here first:
 //! QEMU's virtio-net sends SET_VRING_ENABLE *before* SET_FEATURES (and QEMU 10 waits for its
 //! ack). vhost rejects it without a reply, which would hang QEMU 10 and leave the first queue
-//! pair disabled. So each header is peeked; an early enable is consumed, recorded and acked here.
+//! pair disabled. So each header is peeked; an early enable is consumed, recorded and acked here
+//! (framed by [`crate::control::wire`]), as are SEND_RARP and SET_BACKEND_REQ_FD.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -16,19 +17,13 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, VhostUserVringState};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use crate::control::device::Device;
 use crate::control::link_state::BackendChannel;
 use crate::control::session::Session;
-
-const HDR_SIZE: usize = 12;
-const VERSION_MASK: u32 = 0x3;
-const REPLY_FLAG: u32 = 0x4;
-const NEED_REPLY_FLAG: u32 = 0x8;
-/// vhost-user's limit on a message body.
-const MAX_MSG_SIZE: u32 = 0x1000;
+use crate::control::wire::{self, WireError};
 
 #[derive(Debug, Error)]
 pub enum SocketError {
@@ -110,78 +105,23 @@ fn wait_for_message(socket: RawFd, fault: RawFd, upgrade: RawFd) -> io::Result<W
     }
 }
 
-/// Peeks the next message header; None at end of stream.
-fn peek(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    loop {
-        // SAFETY: `buf` is valid for writes of its length for the duration of the call.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_PEEK | libc::MSG_WAITALL) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(if n == 0 { None } else { Some(n as usize) });
-    }
-}
-
-fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        // SAFETY: the remaining part of `buf` is valid for writes.
-        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr() as *mut libc::c_void, buf.len() - got, 0) };
-        match n {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => got += n as usize,
-        }
-    }
-    Ok(())
-}
-
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
-
-/// Sends the REPLY_ACK answer to request `code` if the frontend asked for one (NEED_REPLY).
-fn ack_if_asked(stream: &UnixStream, code: FrontendReq, flags: u32, failed: bool) -> io::Result<()> {
-    if flags & NEED_REPLY_FLAG == 0 {
-        return Ok(());
-    }
-    let mut reply = [0u8; HDR_SIZE + 8];
-    reply[0..4].copy_from_slice(&(code as u32).to_le_bytes());
-    reply[4..8].copy_from_slice(&(0x1 | REPLY_FLAG).to_le_bytes());
-    reply[8..12].copy_from_slice(&8u32.to_le_bytes());
-    reply[12..20].copy_from_slice(&u64::from(failed).to_le_bytes());
-    let mut w: &UnixStream = stream;
-    io::Write::write_all(&mut w, &reply)
-}
-
-/// Consumes SEND_RARP (u64 body: the guest's MAC in its first 6 bytes) and announces the guest.
-fn handle_send_rarp(stream: &UnixStream, session: &Mutex<Session>, flags: u32) -> io::Result<()> {
-    let mut msg = [0u8; HDR_SIZE + 8];
-    recv_exact(stream.as_raw_fd(), &mut msg)?;
-    let mut mac = [0u8; 6];
-    mac.copy_from_slice(&msg[12..18]);
+/// Consumes SEND_RARP (the guest's MAC) and announces the guest.
+fn handle_send_rarp(stream: &UnixStream, session: &Mutex<Session>) -> Result<(), WireError> {
+    let msg = wire::recv_message(stream)?;
+    let mac = wire::rarp_mac(&msg)?;
     let result = session.lock().unwrap_or_else(|p| p.into_inner()).send_rarp(mac);
     match &result {
         Ok(()) => info!("announced {} with a RARP (SEND_RARP after migration)", crate::tap::format_mac(&mac)),
         Err(e) => warn!("SEND_RARP for {}: {e}", crate::tap::format_mac(&mac)),
     }
-    ack_if_asked(stream, FrontendReq::SEND_RARP, flags, result.is_err())
+    wire::ack_if_asked(stream, &msg.header, result.is_err())
 }
 
 /// Consumes an early SET_VRING_ENABLE, records it, and acks it if asked.
-fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32) -> io::Result<()> {
-    let mut msg = [0u8; HDR_SIZE + 8];
-    recv_exact(stream.as_raw_fd(), &mut msg)?;
-    let (index, num) = (u32_at(&msg, 12), u32_at(&msg, 16));
+fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>) -> Result<(), WireError> {
+    let msg = wire::recv_message(stream)?;
+    let state: VhostUserVringState = msg.body_as()?;
+    let (index, num) = (state.index, state.num);
     let result = match num {
         0 | 1 => session.lock().unwrap_or_else(|p| p.into_inner()).set_enable(index, num == 1).map_err(|e| e.to_string()),
         _ => Err(format!("enable value {num} is not 0 or 1")),
@@ -190,65 +130,15 @@ fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>, flags: u32
         Ok(()) => debug!("early SET_VRING_ENABLE index={index} enable={num} recorded until SET_FEATURES"),
         Err(e) => warn!("early SET_VRING_ENABLE index={index}: {e}"),
     }
-    ack_if_asked(stream, FrontendReq::SET_VRING_ENABLE, flags, result.is_err())
-}
-
-/// Receives exactly `buf.len()` bytes (one message header) and the fd sent with them.
-fn recv_with_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<OwnedFd>> {
-    // Room for a few fds; only the first is kept, the others are closed.
-    let mut cmsg = [0u64; 8];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: an all-zero msghdr is a valid "empty" value; the pointers are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (over `buf`) and `cmsg`, all alive and writable for the call.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        break n;
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (n as usize) < buf.len() {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    let mut first = None;
-    // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk its control buffer within
-    // msg_controllen, and SCM_RIGHTS data is an array of ints the kernel just installed for us.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / std::mem::size_of::<RawFd>();
-                for i in 0..count {
-                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i)));
-                    if first.is_none() {
-                        first = Some(owned);
-                    }
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok(first)
+    wire::ack_if_asked(stream, &msg.header, result.is_err())
 }
 
 /// Takes SET_BACKEND_REQ_FD here (vhost's parser would hand us a `Backend` that cannot send
 /// CONFIG_CHANGE_MSG): the channel goes to the device's link state for this connection.
-fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &Device, flags: u32, size: u32) -> io::Result<()> {
-    let mut hdr = [0u8; HDR_SIZE];
-    let fd = recv_with_fd(stream.as_raw_fd(), &mut hdr)?;
-    if size > 0 {
-        let mut body = vec![0u8; size as usize];
-        recv_exact(stream.as_raw_fd(), &mut body)?;
-    }
+fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &Device) -> Result<(), WireError> {
+    let msg = wire::recv_message(stream)?;
+    // The first fd is the channel; any others are closed with `msg`.
+    let fd = msg.fds.into_iter().next();
     let acked = session.lock().unwrap_or_else(|p| p.into_inner()).acked_protocol();
     let ok = match fd {
         Some(fd) if acked & VhostUserProtocolFeatures::BACKEND_REQ.bits() != 0 => {
@@ -266,7 +156,7 @@ fn handle_backend_req_fd(stream: &UnixStream, session: &Mutex<Session>, dev: &De
             false
         }
     };
-    ack_if_asked(stream, FrontendReq::SET_BACKEND_REQ_FD, flags, !ok)
+    wire::ack_if_asked(stream, &msg.header, !ok)
 }
 
 /// Errors after which the message was fully consumed and the stream is still in step, so the
@@ -291,26 +181,25 @@ fn is_recoverable(e: &VhostError) -> bool {
 /// Requests that set up features, memory or rings: refused (connection closed) before SET_OWNER.
 /// The discovery requests (GET_FEATURES, protocol features, GET_QUEUE_NUM, GET_CONFIG,
 /// SET_BACKEND_REQ_FD, GET_MAX_MEM_SLOTS) come before it in QEMU's order and stay allowed.
-fn needs_owner(code: u32) -> bool {
+fn needs_owner(req: FrontendReq) -> bool {
     use FrontendReq as R;
-    [
-        R::SET_FEATURES,
-        R::SET_MEM_TABLE,
-        R::SET_LOG_BASE,
-        R::SET_LOG_FD,
-        R::SET_VRING_NUM,
-        R::SET_VRING_ADDR,
-        R::SET_VRING_BASE,
-        R::GET_VRING_BASE,
-        R::SET_VRING_KICK,
-        R::SET_VRING_CALL,
-        R::SET_VRING_ERR,
-        R::SET_VRING_ENABLE,
-        R::ADD_MEM_REG,
-        R::REM_MEM_REG,
-    ]
-    .iter()
-    .any(|r| *r as u32 == code)
+    matches!(
+        req,
+        R::SET_FEATURES
+            | R::SET_MEM_TABLE
+            | R::SET_LOG_BASE
+            | R::SET_LOG_FD
+            | R::SET_VRING_NUM
+            | R::SET_VRING_ADDR
+            | R::SET_VRING_BASE
+            | R::GET_VRING_BASE
+            | R::SET_VRING_KICK
+            | R::SET_VRING_CALL
+            | R::SET_VRING_ERR
+            | R::SET_VRING_ENABLE
+            | R::ADD_MEM_REG
+            | R::REM_MEM_REG
+    )
 }
 
 /// A connection taken over from the previous process by a live upgrade.
@@ -352,7 +241,6 @@ fn serve_messages(
     mut owned: bool,
 ) -> ConnectionEnd {
     let fd = control.as_raw_fd();
-    let mut hdr = [0u8; HDR_SIZE];
     loop {
         match wait_for_message(fd, dev.faults.notifier().as_raw_fd(), dev.upgrade.wake_fd()) {
             Ok(Wake::Socket) => {}
@@ -367,44 +255,43 @@ fn serve_messages(
             },
             Err(e) => return ConnectionEnd::ProtocolError(format!("poll failed: {e}")),
         }
-        match peek(fd, &mut hdr) {
-            Ok(None) => return ConnectionEnd::Disconnected,
-            Ok(Some(n)) if n < HDR_SIZE => return ConnectionEnd::Disconnected,
-            Ok(Some(_)) => {}
+        let hdr = match wire::peek_header(&control) {
+            Ok(hdr) => hdr,
+            Err(WireError::Closed | WireError::ShortHeader(_)) => return ConnectionEnd::Disconnected,
             Err(e) => return ConnectionEnd::ProtocolError(format!("socket error: {e}")),
-        }
-        let (code, flags, size) = (u32_at(&hdr, 0), u32_at(&hdr, 4), u32_at(&hdr, 8));
+        };
+        let code = hdr.code;
         // A header we cannot trust means we cannot find the next message: close.
-        if flags & VERSION_MASK != 0x1 || flags & REPLY_FLAG != 0 || size > MAX_MSG_SIZE {
-            return ConnectionEnd::ProtocolError(format!("malformed header: request {code}, flags {flags:#x}, size {size}"));
+        if let Err(e) = hdr.check_request() {
+            return ConnectionEnd::ProtocolError(format!("malformed header (flags {:#x}, size {}): {e}", hdr.flags, hdr.size));
         }
+        let req = hdr.frontend_request();
         // The spec makes SET_OWNER the start of a session: rings, memory and features before it
         // are a frontend bug (QEMU, Cloud Hypervisor and DPDK all send it first).
-        if !owned && needs_owner(code) {
+        if !owned && req.is_some_and(needs_owner) {
             return ConnectionEnd::ProtocolError(format!("request {code} before SET_OWNER"));
         }
-        if code == FrontendReq::SET_OWNER as u32 {
-            owned = true;
-        } else if code == FrontendReq::RESET_OWNER as u32 {
-            owned = false;
+        match req {
+            Some(FrontendReq::SET_OWNER) => owned = true,
+            Some(FrontendReq::RESET_OWNER) => owned = false,
+            _ => {}
         }
-        let early_enable = code == FrontendReq::SET_VRING_ENABLE as u32
-            && size == 8
-            && !session.lock().unwrap_or_else(|p| p.into_inner()).features_acked();
+        let early_enable =
+            hdr.is(FrontendReq::SET_VRING_ENABLE) && hdr.size == 8 && !session.lock().unwrap_or_else(|p| p.into_inner()).features_acked();
         if early_enable {
-            if let Err(e) = handle_early_enable(&control, &session, flags) {
+            if let Err(e) = handle_early_enable(&control, &session) {
                 return ConnectionEnd::ProtocolError(format!("early SET_VRING_ENABLE: {e}"));
             }
             continue;
         }
-        if code == FrontendReq::SEND_RARP as u32 && size == 8 {
-            if let Err(e) = handle_send_rarp(&control, &session, flags) {
+        if hdr.is(FrontendReq::SEND_RARP) && hdr.size == 8 {
+            if let Err(e) = handle_send_rarp(&control, &session) {
                 return ConnectionEnd::ProtocolError(format!("SEND_RARP: {e}"));
             }
             continue;
         }
-        if code == FrontendReq::SET_BACKEND_REQ_FD as u32 {
-            if let Err(e) = handle_backend_req_fd(&control, &session, &dev, flags, size) {
+        if hdr.is(FrontendReq::SET_BACKEND_REQ_FD) {
+            if let Err(e) = handle_backend_req_fd(&control, &session, &dev) {
                 return ConnectionEnd::ProtocolError(format!("SET_BACKEND_REQ_FD: {e}"));
             }
             continue;

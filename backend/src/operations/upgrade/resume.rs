@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use log::info;
 use thiserror::Error;
-use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::message::{FrontendReq, VhostUserU64};
 use vhost::vhost_user::BackendReqHandler;
+use vm_memory::ByteValued;
 
 use super::state::{DeviceState, ProcessState, StateError, Version};
 use super::wire::{Channel, Hello, WireError};
@@ -202,12 +203,9 @@ pub fn primed_handler(stream: &UnixStream, session: Arc<Mutex<Session>>) -> std:
 }
 
 fn send_request(to: &UnixStream, code: FrontendReq, body: Option<u64>) -> std::io::Result<()> {
-    let mut msg = Vec::with_capacity(20);
-    msg.extend_from_slice(&(code as u32).to_le_bytes());
-    msg.extend_from_slice(&1u32.to_le_bytes());
-    msg.extend_from_slice(&(if body.is_some() { 8u32 } else { 0 }).to_le_bytes());
-    if let Some(b) = body {
-        msg.extend_from_slice(&b.to_le_bytes());
-    }
-    std::io::Write::write_all(&mut &*to, &msg)
+    let body = body.map(VhostUserU64::new);
+    let bytes = body.as_ref().map_or(&[][..], |b| b.as_slice());
+    // The vhost-user wire (`crate::control::wire`), not the hand-over channel's (`super::wire`).
+    crate::control::wire::send(to, &crate::control::wire::Header::request(code, bytes.len() as u32), bytes, &[])
+        .map_err(std::io::Error::other)
 }
