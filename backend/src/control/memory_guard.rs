@@ -529,9 +529,11 @@ mod tests {
         if std::env::var(CHILD_ENV).is_ok() {
             return;
         }
+        // The child test's name as the test harness knows it: its module path without the crate.
+        let child = format!("{}::test_sigbus_child_outside_guarded_ranges", module_path!().split_once("::").unwrap().1);
         for how in ["fault", "raise"] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "memory_guard::tests::test_sigbus_child_outside_guarded_ranges", "--nocapture", "--test-threads=1"])
+                .args(["--exact", &child, "--nocapture", "--test-threads=1"])
                 .env(CHILD_ENV, how)
                 .output()
                 .unwrap();
