@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use thiserror::Error;
 
+use crate::sandbox::Seccomp;
 use crate::tap::{parse_mac, TapError, TapSpec};
 use crate::vhost_user::SocketMode;
 
@@ -109,7 +110,22 @@ pub struct Args {
     pub log_level: String,
 }
 
-/// A validated configuration.
+/// How the process guards its threads and what it does when a tap fails for good
+/// (`--no-seccomp`, `--exit-on-tap-loss`). The default is the library's: no filters, and a lost
+/// tap stops only its queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub seccomp: Seccomp,
+    pub exit_on_tap_loss: bool,
+}
+
+impl From<&Args> for Policy {
+    fn from(args: &Args) -> Policy {
+        Policy { seccomp: Seccomp::new(!args.no_seccomp), exit_on_tap_loss: args.exit_on_tap_loss }
+    }
+}
+
+/// A validated configuration of one device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub socket: SocketModeCfg,
@@ -118,6 +134,7 @@ pub struct Config {
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
     pub once: bool,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -166,8 +183,9 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let policy = Policy::from(&args);
         let (Some(socket), Some(tap)) = (args.socket, args.tap) else { return Err(ConfigError::NoDevice) };
-        DeviceArgs { socket, tap, queues: args.queues, mac: args.mac, mtu: args.mtu, client: args.client, once: args.once }.check()
+        DeviceArgs { socket, tap, queues: args.queues, mac: args.mac, mtu: args.mtu, client: args.client, once: args.once, policy }.check()
     }
 }
 
@@ -180,6 +198,7 @@ struct DeviceArgs {
     mtu: Option<u16>,
     client: bool,
     once: bool,
+    policy: Policy,
 }
 
 impl DeviceArgs {
@@ -204,7 +223,7 @@ impl DeviceArgs {
         }
         let tap: TapSpec = self.tap.parse()?;
         let socket = if self.client { SocketModeCfg::Client(self.socket) } else { SocketModeCfg::Server(self.socket) };
-        Ok(Config { socket, tap, queues: self.queues as usize, mac, mtu: self.mtu, once: self.once })
+        Ok(Config { socket, tap, queues: self.queues as usize, mac, mtu: self.mtu, once: self.once, policy: self.policy })
     }
 }
 
@@ -228,10 +247,13 @@ pub struct DaemonConfig {
     pub sndbuf: Option<i32>,
     /// Where `vutap upgrade` connects.
     pub control_socket: Option<PathBuf>,
+    /// Also in every device's [`Config`].
+    pub policy: Policy,
 }
 
 /// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
-/// the form `fd:3,4` keeps the bare numbers that follow it.
+/// the form `fd:3,4` keeps the bare numbers that follow it. The device gets the default
+/// [`Policy`]; the daemon's configuration gives every device its own.
 pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigError> {
     let bad = |why: String| ConfigError::DeviceSpec { spec: spec.to_string(), why };
     let (mut socket, mut tap, mut queues, mut mac, mut mtu, mut client, mut name) = (None, None::<String>, 1u16, None, None, false, None);
@@ -262,7 +284,8 @@ pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigEr
     }
     let socket = socket.ok_or_else(|| bad("socket= is missing".into()))?;
     let tap = tap.ok_or_else(|| bad("tap= is missing".into()))?;
-    let config = DeviceArgs { socket, tap, queues, mac, mtu, client, once }.check().map_err(|e| bad(e.to_string()))?;
+    let config =
+        DeviceArgs { socket, tap, queues, mac, mtu, client, once, policy: Policy::default() }.check().map_err(|e| bad(e.to_string()))?;
     Ok(NamedDevice { name, config })
 }
 
@@ -289,6 +312,10 @@ impl TryFrom<Args> for DaemonConfig {
         if devices.is_empty() {
             return Err(ConfigError::NoDevice);
         }
+        let policy = Policy::from(&args);
+        for d in &mut devices {
+            d.config.policy = policy;
+        }
         Ok(DaemonConfig {
             devices,
             metrics_addr: args.metrics_addr,
@@ -298,6 +325,7 @@ impl TryFrom<Args> for DaemonConfig {
             link_poll_ms: args.link_poll_ms,
             sndbuf: args.sndbuf.filter(|&b| b > 0).and_then(|b| i32::try_from(b).ok()),
             control_socket: args.control_socket,
+            policy,
         })
     }
 }
@@ -356,6 +384,26 @@ mod tests {
         assert_eq!(daemon("0"), None);
         assert_eq!(daemon("4294967296"), None);
         assert!(Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--sndbuf", "-1"]).is_err());
+    }
+
+    #[test]
+    fn test_config_policy_from_flags() {
+        let daemon = |extra: &[&str]| {
+            let mut v = vec!["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--device", "socket=/b,tap=/dev/tap6"];
+            v.extend_from_slice(extra);
+            DaemonConfig::try_from(Args::try_parse_from(v).unwrap()).unwrap()
+        };
+        let default = daemon(&[]);
+        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false });
+        let relaxed = daemon(&["--no-seccomp", "--exit-on-tap-loss"]);
+        assert_eq!(relaxed.policy, Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true });
+        // Every device, the flag-given one and the --device one, carries the daemon's policy.
+        assert!(relaxed.devices.iter().all(|d| d.config.policy == relaxed.policy));
+        assert!(default.devices.iter().all(|d| d.config.policy == default.policy));
+        assert_eq!(Config::try_from(args(&["--no-seccomp"])).unwrap().policy.seccomp, Seccomp::OFF);
+        // A spec parsed on its own has the library's policy: no filters, no exit.
+        assert_eq!(parse_device_spec("socket=/a,tap=mvt0", false).unwrap().config.policy, Policy::default());
+        assert!(!Policy::default().seccomp.enabled());
     }
 
     #[test]

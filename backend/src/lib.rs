@@ -2,7 +2,8 @@
 //!
 //! Module map:
 //! - [`cli`]: arguments -> [`cli::Config`].
-//! - [`tap`]: opening taps/macvtaps and their ioctls; [`tap_io`]: the datapath's two syscalls.
+//! - [`tap`]: opening taps/macvtaps and their ioctls; [`tap_io`]: a tap queue as the datapath
+//!   and the control plane use it (traits, so both are unit-tested over a mock).
 //! - [`device`]: a served device (tap queues, MAC, MTU, counters).
 //! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
 //! - [`session`]: per-connection state (features, memory, vrings, workers).
@@ -101,7 +102,9 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
         tap.queues.len(),
         format_mac(&mac)
     );
-    Ok(Device::new(tap, mac, mtu)?)
+    let mut dev = Device::new(tap, mac, mtu)?;
+    dev.policy = config.policy;
+    Ok(dev)
 }
 
 /// Opens the device and serves frontends until `--once` ends it.

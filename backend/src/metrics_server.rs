@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::device::Device;
 use crate::metrics::PairCounts;
 use crate::metrics_http::{self, Parsed, MAX_HEAD};
-use crate::sandbox::{self, ThreadKind};
+use crate::sandbox::{Seccomp, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -133,7 +133,7 @@ impl MetricsServer {
     }
 
     /// Serves both endpoints from one thread until the process exits.
-    pub fn spawn(self, devices: Vec<Arc<Device>>) -> Result<(), MetricsError> {
+    pub fn spawn(self, devices: Vec<Arc<Device>>, seccomp: Seccomp) -> Result<(), MetricsError> {
         if self.tcp.is_none() && self.unix.is_none() {
             return Ok(());
         }
@@ -146,7 +146,7 @@ impl MetricsServer {
         std::thread::Builder::new()
             .name("vutap-metrics".into())
             .spawn(move || {
-                sandbox::enter(ThreadKind::Metrics);
+                seccomp.enter(ThreadKind::Metrics);
                 let mut endpoint = Endpoint::new(self.tcp, self.unix.map(|(l, _)| l));
                 loop {
                     endpoint.turn(|| render(&devices));

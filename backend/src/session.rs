@@ -5,6 +5,9 @@
 //! A queue pair runs when both its rings have been started (kick fd received) and enabled;
 //! it stops on GET_VRING_BASE, disable, reset or disconnect. Its tap queue is attached only
 //! while it runs.
+//!
+//! Generic over the device's tap queues ([`TapControl`]): the unit tests below drive a session
+//! over a mock tap and memfd-backed guest memory, as a frontend would, without root.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -13,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::{debug, info, warn};
+use thiserror::Error;
 use vhost::vhost_user::message::*;
 use vhost::vhost_user::GpuBackend;
 use vhost::vhost_user::{Backend, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut};
@@ -26,17 +30,102 @@ use crate::device::Device;
 use crate::dirty_log::{DirtyLog, DirtyLogError};
 use crate::mapped_fd::ShrinkSeal;
 use crate::memory::{MemoryError, SharedMemory};
+use crate::tap::{TapError, TapQueue};
+use crate::tap_io::TapControl;
 use crate::upgrade::state::{ChannelState, ConnectionState, LogState, RegionState, VringState};
 use crate::used_ring::read_used_idx;
 use crate::worker::{CallFd, RingSetup, Worker, WorkerSetup};
 use vutap_virtio::resume::resume_position;
+use vutap_virtio::{ConfigError, FeatureError};
 
 /// Largest ring vutap accepts (the split-ring maximum).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
-fn handler_error(msg: impl Into<String>) -> VhostError {
-    VhostError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg.into()))
+/// What a frontend request (or a live upgrade's export/restore) failed on.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("vring index {index} out of range (device has {rings} rings)")]
+    VringIndex { index: u32, rings: usize },
+    #[error("vring {index}: size {size} is not a power of two in 1..={MAX_QUEUE_SIZE}")]
+    VringSize { index: u32, size: u32 },
+    #[error("vring {index}: base {base} exceeds 16 bits")]
+    VringBase { index: u32, base: u32 },
+    #[error("SET_VRING_ADDR before SET_MEM_TABLE")]
+    AddrBeforeMemTable,
+    #[error("vring {index}: {source}")]
+    VringAddr {
+        index: u32,
+        #[source]
+        source: MemoryError,
+    },
+    #[error(
+        "vring {index} is invalid (size {size}, desc {desc:#x}, avail {avail:#x}, used {used:#x}: not a power of two, misaligned, or outside guest memory)"
+    )]
+    InvalidVring { index: usize, size: u16, desc: u64, avail: u64, used: u64 },
+    #[error("cannot build vring {index}: {source}")]
+    Queue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("polling mode (no kick fd) is not supported")]
+    NoKickFd,
+    #[error("no guest memory")]
+    NoMemory,
+    #[error("features not negotiated")]
+    NoFeatures,
+    #[error("no kick fd")]
+    NotStarted,
+    #[error("cannot dup kick fd: {0}")]
+    DupKick(#[source] std::io::Error),
+    #[error("cannot spawn worker: {0}")]
+    SpawnWorker(#[source] std::io::Error),
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("SET_MEM_TABLE refused: {0}")]
+    MemTableRefused(#[source] MemoryError),
+    #[error("SET_LOG_BASE refused ({size} bytes at {offset}): {source}")]
+    LogRefused {
+        size: u64,
+        offset: u64,
+        #[source]
+        source: DirtyLogError,
+    },
+    #[error("SET_LOG_BASE ({size} bytes at {offset}): {source}")]
+    LogMap {
+        size: u64,
+        offset: u64,
+        #[source]
+        source: DirtyLogError,
+    },
+    #[error("no queue pair is running")]
+    NoPairRunning,
+    #[error("tap write: {0}")]
+    TapWrite(#[source] std::io::Error),
+    #[error("cannot dup fd: {0}")]
+    DupFd(#[source] std::io::Error),
+    #[error("fd #{0} missing or used twice")]
+    FdMissing(usize),
+    #[error("{given} rings handed over, the device has {device}")]
+    RingCount { given: usize, device: usize },
+    #[error("cannot map the dirty log: {0}")]
+    RestoreLog(#[source] DirtyLogError),
 }
+
+/// The vhost crate's error for a failed request: the only place a [`SessionError`] is converted.
+impl From<SessionError> for VhostError {
+    fn from(e: SessionError) -> VhostError {
+        VhostError::ReqHandlerError(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    }
+}
+
+type SessionResult<T> = Result<T, SessionError>;
 
 /// One virtqueue as the frontend configured it.
 #[derive(Default)]
@@ -53,8 +142,8 @@ struct Vring {
     started: bool,
 }
 
-pub struct Session {
-    dev: Arc<Device>,
+pub struct Session<T: TapControl = TapQueue> {
+    dev: Arc<Device<T>>,
     features: Option<Features>,
     acked_protocol: u64,
     memory: Option<SharedMemory>,
@@ -70,8 +159,8 @@ pub struct Session {
     replaying: bool,
 }
 
-impl Session {
-    pub fn new(dev: Arc<Device>) -> Self {
+impl<T: TapControl> Session<T> {
+    pub fn new(dev: Arc<Device<T>>) -> Self {
         let pairs = dev.queue_pairs();
         Session {
             dev,
@@ -92,23 +181,22 @@ impl Session {
     }
 
     /// Refuses a lying fd: counted, and the connection closes after the failure reply.
-    fn refuse_fd(&mut self, what: String) -> VhostError {
+    fn refuse_fd(&mut self, refusal: SessionError) -> SessionError {
         self.dev.device_metrics.bad_memory_fds.fetch_add(1, Ordering::Relaxed);
-        let err = handler_error(what.clone());
-        self.refused = Some(what);
-        err
+        self.refused = Some(refusal.to_string());
+        refusal
     }
 
     /// Broadcasts a RARP from `mac` out of the tap (VHOST_USER_SEND_RARP, sent by the frontend
     /// after a migration so that switches learn the guest's MAC on this port). Uses a queue
     /// of a running pair: a detached tap queue cannot send.
-    pub fn send_rarp(&self, mac: [u8; 6]) -> Result<(), String> {
-        let pair = self.workers.iter().position(Option::is_some).ok_or("no queue pair is running")?;
+    pub fn send_rarp(&self, mac: [u8; 6]) -> SessionResult<()> {
+        let pair = self.workers.iter().position(Option::is_some).ok_or(SessionError::NoPairRunning)?;
         let hdr_len = self.features.map_or(vutap_virtio::features::HDR_LEN, |f| f.hdr_len());
         let mut frame = vec![0u8; hdr_len];
         frame.extend_from_slice(&vutap_virtio::announce::rarp_frame(mac));
         let iov = crate::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
-        crate::tap_io::TapIo::write_frame(&*self.dev.queues[pair], &[iov]).map(|_| ()).map_err(|e| format!("tap write: {e}"))
+        self.dev.queues[pair].write_frame(&[iov]).map(|_| ()).map_err(SessionError::TapWrite)
     }
 
     pub fn features_acked(&self) -> bool {
@@ -120,14 +208,14 @@ impl Session {
         self.acked_protocol
     }
 
-    fn vring(&mut self, index: u32) -> VhostResult<&mut Vring> {
-        let n = self.vrings.len();
-        self.vrings.get_mut(index as usize).ok_or_else(|| handler_error(format!("vring index {index} out of range (device has {n} rings)")))
+    fn vring(&mut self, index: u32) -> SessionResult<&mut Vring> {
+        let rings = self.vrings.len();
+        self.vrings.get_mut(index as usize).ok_or(SessionError::VringIndex { index, rings })
     }
 
     /// Records an enable/disable. Called for SET_VRING_ENABLE also when it arrives before
     /// SET_FEATURES, as QEMU's virtio-net sends it; it takes effect once the ring can run.
-    pub fn set_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+    pub fn set_enable(&mut self, index: u32, enable: bool) -> SessionResult<()> {
         self.vring(index)?.enabled = enable;
         debug!("vring {index} {}", if enable { "enabled" } else { "disabled" });
         self.reconcile_pair(index as usize / 2);
@@ -164,9 +252,9 @@ impl Session {
         }
     }
 
-    fn make_queue(&self, index: usize, mem: &SharedMemory) -> Result<Queue, String> {
+    fn make_queue(&self, index: usize, mem: &SharedMemory) -> SessionResult<Queue> {
         let v = &self.vrings[index];
-        let mut q = Queue::new(MAX_QUEUE_SIZE).map_err(|e| e.to_string())?;
+        let mut q = Queue::new(MAX_QUEUE_SIZE).map_err(|source| SessionError::Queue { index, source })?;
         q.set_size(v.size);
         q.set_desc_table_address(Some(v.desc as u32), Some((v.desc >> 32) as u32));
         q.set_avail_ring_address(Some(v.avail as u32), Some((v.avail >> 32) as u32));
@@ -174,10 +262,7 @@ impl Session {
         q.set_event_idx(self.features.is_some_and(|f| f.event_idx()));
         q.set_ready(true);
         if !q.is_valid(&mem.mem) {
-            return Err(format!(
-                "vring {index} is invalid (size {}, desc {:#x}, avail {:#x}, used {:#x}: not a power of two, misaligned, or outside guest memory)",
-                v.size, v.desc, v.avail, v.used
-            ));
+            return Err(SessionError::InvalidVring { index, size: v.size, desc: v.desc, avail: v.avail, used: v.used });
         }
         // Resume from what the guest last saw, so a restarted backend neither skips nor repeats.
         let resume = resume_position(v.base, read_used_idx(&q, &mem.mem), v.size);
@@ -192,17 +277,17 @@ impl Session {
         Ok(q)
     }
 
-    fn start_pair(&mut self, pair: usize) -> Result<(), String> {
-        let mem = self.memory.clone().ok_or("no guest memory")?;
-        let features = self.features.ok_or("features not negotiated")?;
+    fn start_pair(&mut self, pair: usize) -> SessionResult<()> {
+        let mem = self.memory.clone().ok_or(SessionError::NoMemory)?;
+        let features = self.features.ok_or(SessionError::NoFeatures)?;
         let (rx_i, tx_i) = (pair * 2, pair * 2 + 1);
         let rx_queue = self.make_queue(rx_i, &mem)?;
         let tx_queue = self.make_queue(tx_i, &mem)?;
-        let dup = |v: &Vring| v.kick.as_ref().ok_or("no kick fd").and_then(|k| k.try_clone().map_err(|_| "cannot dup kick fd"));
+        let dup = |v: &Vring| v.kick.as_ref().ok_or(SessionError::NotStarted)?.try_clone().map_err(SessionError::DupKick);
         let rx_kick = dup(&self.vrings[rx_i])?;
         let tx_kick = dup(&self.vrings[tx_i])?;
         let tap = self.dev.queues[pair].clone();
-        tap.set_attached(true).map_err(|e| e.to_string())?;
+        tap.set_attached(true)?;
         let setup = WorkerSetup {
             pair,
             tap,
@@ -212,11 +297,12 @@ impl Session {
             rx: RingSetup { queue: rx_queue, kick: rx_kick, call: self.vrings[rx_i].call.clone() },
             tx: RingSetup { queue: tx_queue, kick: tx_kick, call: self.vrings[tx_i].call.clone() },
             metrics: self.dev.metrics[pair].clone(),
+            policy: self.dev.policy,
             log: if features.log_all() { self.log.clone() } else { None },
             faults: self.dev.faults.watch(),
             mem_guards: mem.guards.clone(),
         };
-        let worker = Worker::spawn(setup).map_err(|e| format!("cannot spawn worker: {e}"))?;
+        let worker = Worker::spawn(setup).map_err(SessionError::SpawnWorker)?;
         self.workers[pair] = Some(worker);
         info!("queue pair {pair} started");
         Ok(())
@@ -253,7 +339,7 @@ impl Session {
     /// Applies `change` with every worker halted, then starts the pairs that should run. A
     /// restart (new features, memory table, dirty log, kick fd) keeps the tap queues attached,
     /// so nothing queued meanwhile is lost; pairs that no longer run are stopped for good.
-    fn restart_pairs(&mut self, pairs: std::ops::Range<usize>, change: impl FnOnce(&mut Self) -> VhostResult<()>) -> VhostResult<()> {
+    fn restart_pairs(&mut self, pairs: std::ops::Range<usize>, change: impl FnOnce(&mut Self) -> SessionResult<()>) -> SessionResult<()> {
         let ran: Vec<bool> = pairs.clone().map(|pair| self.halt_worker(pair)).collect();
         let result = change(self);
         for (pair, ran) in pairs.zip(ran) {
@@ -265,7 +351,7 @@ impl Session {
         result
     }
 
-    fn restart_all(&mut self, change: impl FnOnce(&mut Self) -> VhostResult<()>) -> VhostResult<()> {
+    fn restart_all(&mut self, change: impl FnOnce(&mut Self) -> SessionResult<()>) -> SessionResult<()> {
         self.restart_pairs(0..self.workers.len(), change)
     }
 
@@ -276,11 +362,11 @@ impl Session {
         *self = Session::new(dev);
     }
 
-    fn apply_offloads(&self, features: Features) -> VhostResult<()> {
+    fn apply_offloads(&self, features: Features) -> SessionResult<()> {
         let flags = tun_offload_flags(features);
         for q in &self.dev.queues {
-            q.set_vnet_hdr_len(features.hdr_len()).map_err(|e| handler_error(e.to_string()))?;
-            q.set_offload(flags).map_err(|e| handler_error(e.to_string()))?;
+            q.set_vnet_hdr_len(features.hdr_len())?;
+            q.set_offload(flags)?;
         }
         info!("features {:#x} acked: vnet header {} bytes, tap offloads {flags:#x}", features.bits(), features.hdr_len());
         Ok(())
@@ -293,7 +379,7 @@ impl Session {
 }
 
 /// Live upgrade: halting, exporting and restoring a connection's state (see `upgrade`).
-impl Session {
+impl<T: TapControl> Session<T> {
     /// Halts every running pair at a batch boundary (used index published, held RX chains
     /// given back and `next_avail` rewound over them); the tap queues stay attached.
     pub fn halt_all(&mut self) {
@@ -319,10 +405,10 @@ impl Session {
     }
 
     /// The state of a halted connection and dups of its fds, the first being `stream`'s.
-    pub fn export(&self, stream: &UnixStream, owned: bool) -> Result<(ConnectionState, Vec<OwnedFd>), String> {
+    pub fn export(&self, stream: &UnixStream, owned: bool) -> SessionResult<(ConnectionState, Vec<OwnedFd>)> {
         let mut fds: Vec<OwnedFd> = Vec::new();
-        let mut add = |fd: BorrowedFd<'_>| -> Result<usize, String> {
-            fds.push(fd.try_clone_to_owned().map_err(|e| format!("cannot dup fd: {e}"))?);
+        let mut add = |fd: BorrowedFd<'_>| -> SessionResult<usize> {
+            fds.push(fd.try_clone_to_owned().map_err(SessionError::DupFd)?);
             Ok(fds.len() - 1)
         };
         let stream_index = add(stream.as_fd())?;
@@ -383,13 +469,13 @@ impl Session {
 
     /// Rebuilds a connection's session from an exported state; `fds` are the state's fds (each
     /// taken once). No pair runs yet and the session is replaying: see [`Session::set_replaying`].
-    pub fn restore(dev: Arc<Device>, c: &ConnectionState, fds: &mut [Option<OwnedFd>]) -> Result<Session, String> {
-        let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).ok_or_else(|| format!("fd #{i} missing or used twice"));
+    pub fn restore(dev: Arc<Device<T>>, c: &ConnectionState, fds: &mut [Option<OwnedFd>]) -> SessionResult<Self> {
+        let mut take = |i: usize| fds.get_mut(i).and_then(Option::take).ok_or(SessionError::FdMissing(i));
         let mut session = Session::new(dev.clone());
         session.replaying = true;
         session.acked_protocol = c.acked_protocol;
         if let Some(bits) = c.features {
-            session.features = Some(Features::negotiate(dev.offered_features(), bits).map_err(|e| e.to_string())?);
+            session.features = Some(Features::negotiate(dev.offered_features(), bits)?);
         }
         if !c.memory.is_empty() {
             let mut regions = Vec::new();
@@ -398,14 +484,14 @@ impl Session {
                 regions.push(VhostUserMemoryRegion::new(r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset));
                 files.push(File::from(take(r.fd)?));
             }
-            session.memory = Some(SharedMemory::map(&regions, files, &dev.faults).map_err(|e| e.to_string())?);
+            session.memory = Some(SharedMemory::map(&regions, files, &dev.faults)?);
         }
         if let Some(l) = &c.log {
             let file = File::from(take(l.fd)?);
-            session.log = Some(Arc::new(DirtyLog::map(&file, l.size, l.offset, &dev.faults).map_err(|e| e.to_string())?));
+            session.log = Some(Arc::new(DirtyLog::map(&file, l.size, l.offset, &dev.faults).map_err(SessionError::RestoreLog)?));
         }
         if c.vrings.len() != session.vrings.len() {
-            return Err(format!("{} rings handed over, the device has {}", c.vrings.len(), session.vrings.len()));
+            return Err(SessionError::RingCount { given: c.vrings.len(), device: session.vrings.len() });
         }
         for (v, s) in session.vrings.iter_mut().zip(&c.vrings) {
             v.size = s.size;
@@ -436,14 +522,15 @@ fn eventfd_from(fd: OwnedFd) -> EventFd {
     unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
 }
 
-impl Drop for Session {
+impl<T: TapControl> Drop for Session<T> {
     fn drop(&mut self) {
         self.stop_all();
         self.dev.detach_all();
     }
 }
 
-impl VhostUserBackendReqHandlerMut for Session {
+/// The vhost crate's request parser calls in here; [`SessionError`] becomes its error here only.
+impl<T: TapControl> VhostUserBackendReqHandlerMut for Session<T> {
     fn set_owner(&mut self) -> VhostResult<()> {
         Ok(())
     }
@@ -463,17 +550,17 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_features(&mut self, acked: u64) -> VhostResult<()> {
-        let features = Features::negotiate(self.dev.offered_features(), acked).map_err(|e| handler_error(e.to_string()))?;
+        let features = Features::negotiate(self.dev.offered_features(), acked).map_err(SessionError::from)?;
         if self.replaying {
             self.features = Some(features);
             return Ok(());
         }
         // Running workers use the old header size and offloads: restart them with the new set.
-        self.restart_all(|s| {
+        Ok(self.restart_all(|s| {
             s.apply_offloads(features)?;
             s.features = Some(features);
             Ok(())
-        })
+        })?)
     }
 
     fn set_mem_table(
@@ -487,8 +574,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let memory = match SharedMemory::map(regions, files, &self.dev.faults) {
             Ok(m) => m,
-            Err(e @ MemoryError::BadFd { .. }) => return Err(self.refuse_fd(format!("SET_MEM_TABLE refused: {e}"))),
-            Err(e) => return Err(handler_error(e.to_string())),
+            Err(e @ MemoryError::BadFd { .. }) => return Err(self.refuse_fd(SessionError::MemTableRefused(e)).into()),
+            Err(e) => return Err(SessionError::from(e).into()),
         };
         for (index, seal) in memory.seals.iter().enumerate() {
             match seal {
@@ -506,7 +593,7 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
-            return Err(handler_error(format!("vring {index}: size {num} is not a power of two in 1..={MAX_QUEUE_SIZE}")));
+            return Err(SessionError::VringSize { index, size: num }.into());
         }
         self.vring(index)?.size = num as u16;
         Ok(())
@@ -521,8 +608,8 @@ impl VhostUserBackendReqHandlerMut for Session {
         available: u64,
         _log: u64,
     ) -> VhostResult<()> {
-        let mem = self.memory.as_ref().ok_or_else(|| handler_error("SET_VRING_ADDR before SET_MEM_TABLE"))?;
-        let to_gpa = |a: u64| mem.vmm_to_gpa(a).map_err(|e| handler_error(format!("vring {index}: {e}")));
+        let mem = self.memory.as_ref().ok_or(SessionError::AddrBeforeMemTable)?;
+        let to_gpa = |a: u64| mem.vmm_to_gpa(a).map_err(|source| SessionError::VringAddr { index, source });
         let (desc, used, avail) = (to_gpa(descriptor)?, to_gpa(used)?, to_gpa(available)?);
         let v = self.vring(index)?;
         v.desc = desc;
@@ -532,7 +619,7 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
-        let base = u16::try_from(base).map_err(|_| handler_error(format!("vring {index}: base {base} exceeds 16 bits")))?;
+        let base = u16::try_from(base).map_err(|_| SessionError::VringBase { index, base })?;
         self.vring(index)?.base = base;
         Ok(())
     }
@@ -550,15 +637,15 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
-        let kick = Self::file_to_eventfd(fd).ok_or_else(|| handler_error("polling mode (no kick fd) is not supported"))?;
+        let kick = Self::file_to_eventfd(fd).ok_or(SessionError::NoKickFd)?;
         let pair = index as usize / 2;
         self.vring(u32::from(index))?;
-        self.restart_pairs(pair..pair + 1, |s| {
+        Ok(self.restart_pairs(pair..pair + 1, |s| {
             let v = &mut s.vrings[usize::from(index)];
             v.kick = Some(kick);
             v.started = true;
             Ok(())
-        })
+        })?)
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
@@ -595,11 +682,11 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
-        self.set_enable(index, enable)
+        Ok(self.set_enable(index, enable)?)
     }
 
     fn get_config(&mut self, offset: u32, size: u32, _flags: VhostUserConfigFlags) -> VhostResult<Vec<u8>> {
-        self.dev.config().read(offset, size).map_err(|e| handler_error(e.to_string()))
+        Ok(self.dev.config().read(offset, size).map_err(SessionError::from)?)
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> VhostResult<()> {
@@ -664,14 +751,14 @@ impl VhostUserBackendReqHandlerMut for Session {
         let (size, offset) = (log.mmap_size, log.mmap_offset);
         let mapped = match DirtyLog::map(&file, size, offset, &self.dev.faults) {
             Ok(l) => l,
-            Err(e @ DirtyLogError::BadFd(_)) => return Err(self.refuse_fd(format!("SET_LOG_BASE refused ({size} bytes at {offset}): {e}"))),
-            Err(e) => return Err(handler_error(format!("SET_LOG_BASE ({size} bytes at {offset}): {e}"))),
+            Err(source @ DirtyLogError::BadFd(_)) => return Err(self.refuse_fd(SessionError::LogRefused { size, offset, source }).into()),
+            Err(source) => return Err(SessionError::LogMap { size, offset, source }.into()),
         };
         info!("dirty log mapped: {size} bytes, fd {}", mapped.seal.describe());
         // Workers hold the previous log (the frontend resizes it as memory grows): restart them.
-        self.restart_all(|s| {
+        Ok(self.restart_all(|s| {
             s.log = Some(Arc::new(mapped));
             Ok(())
-        })
+        })?)
     }
 }

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vutap::cli::{Config, SocketModeCfg};
+use vutap::cli::{Config, Policy, SocketModeCfg};
 use vutap::device::Device;
+use vutap::sandbox::Seccomp;
 use vutap::tap::TapSpec;
 use vutap::vhost_user::{bind_socket, serve_counted};
 use vutap_bench::frontend::{FrontendOptions, NetFrontend};
@@ -35,9 +36,6 @@ pub fn serial() -> MutexGuard<'static, ()> {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the vutap integration tests need root (netns, macvtap, tun)");
     let _ = env_logger::builder().is_test(true).try_init();
-    // The daemon's serving and worker threads run under their seccomp lists, as in the binary
-    // (the library leaves them off unless asked; the test's own threads are never filtered).
-    vutap::sandbox::set_enabled(true);
     g
 }
 
@@ -77,8 +75,11 @@ pub fn socket_path() -> PathBuf {
     PathBuf::from(format!("/tmp/vutap-it-{}.sock", unique()))
 }
 
+/// The daemon's serving and worker threads run under their seccomp lists, as in the binary (the
+/// library's default policy leaves them off; the test's own threads are never filtered).
 pub fn config(socket: &Path, tap: TapSpec, queues: usize, mtu: Option<u16>) -> Config {
-    Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false }
+    let policy = Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false };
+    Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false, policy }
 }
 
 impl Daemon {
