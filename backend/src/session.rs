@@ -762,3 +762,511 @@ impl<T: TapControl> VhostUserBackendReqHandlerMut for Session<T> {
         })?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+    use std::time::{Duration, Instant};
+
+    use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::{Bytes, FileOffset, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vutap_virtio::features::{offered_features, HDR_LEN};
+    use vutap_virtio::offload::tun_offload_flags;
+
+    use super::*;
+    use crate::memory::GuestMem;
+    use crate::tap::TapKind;
+    use crate::test_utils::{frame, MockTapQueue};
+
+    const MEM_SIZE: usize = 0x100_0000;
+    /// Where the frontend (the VMM) has guest memory mapped: SET_VRING_ADDR speaks in these.
+    const VMM_BASE: u64 = 0x7f00_0000_0000;
+    const RING_SIZE: u16 = 16;
+    const BUF_LEN: u32 = 8192;
+    /// RX buffers a guest posts: with mergeable buffers vutap holds chains for one largest
+    /// (64 KiB GSO) frame before it reads the tap, like a Linux guest keeps its ring full.
+    const RX_BUFFERS: u16 = 12;
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const PROTOCOL_FEATURES: u64 = 1 << 30;
+
+    fn memfd(len: usize) -> File {
+        // SAFETY: memfd_create with a static NUL-terminated name; the fd is checked, then owned
+        // by the File.
+        let fd = unsafe { libc::memfd_create(c"vutap-session-test".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64).unwrap();
+        file
+    }
+
+    fn eventfd_file(e: &EventFd) -> File {
+        // SAFETY: the clone is a fresh fd owned by nobody else; the File takes it over.
+        unsafe { File::from_raw_fd(e.try_clone().unwrap().into_raw_fd()) }
+    }
+
+    /// Waits for `cond` (a worker thread moves frames on its own), failing after a deadline.
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Where ring `index`'s tables are (split-ring layout; its buffers are at [`buffer`]).
+    #[derive(Clone, Copy)]
+    struct RingAddrs {
+        desc: u64,
+        avail: u64,
+        used: u64,
+    }
+
+    fn ring(index: usize) -> RingAddrs {
+        let desc = index as u64 * 0x1000;
+        let avail = desc + 16 * u64::from(RING_SIZE);
+        RingAddrs { desc, avail, used: (avail + 4 + 2 * u64::from(RING_SIZE) + 2).next_multiple_of(4) }
+    }
+
+    /// Buffer `slot` of ring `index`.
+    fn buffer(index: usize, slot: u16) -> u64 {
+        0x10_0000 + index as u64 * 0x10_0000 + u64::from(slot) * u64::from(BUF_LEN)
+    }
+
+    /// A frontend driving a session through the request handler trait, as vhost's parser does,
+    /// over memfd guest memory it maps too (to fill rings and read them back) and mock tap queues.
+    struct Frontend {
+        dev: Arc<Device<MockTapQueue>>,
+        session: Session<MockTapQueue>,
+        file: File,
+        mem: GuestMem,
+        kicks: Vec<EventFd>,
+        /// Descriptor-table slot of the next chain of each ring.
+        next_slot: Vec<u16>,
+    }
+
+    impl Frontend {
+        fn new(pairs: usize) -> Frontend {
+            let queues = (0..pairs).map(|_| MockTapQueue::default()).collect();
+            let dev = Arc::new(Device::with_queues("mock0".into(), TapKind::Tap, queues, MAC, 1500).unwrap());
+            let file = memfd(MEM_SIZE);
+            let ranges = [(GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file.try_clone().unwrap(), 0)))];
+            let mem = GuestMem::from_ranges_with_files(&ranges).unwrap();
+            Frontend {
+                session: Session::new(dev.clone()),
+                dev,
+                file,
+                mem,
+                kicks: (0..pairs * 2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect(),
+                next_slot: vec![0; pairs * 2],
+            }
+        }
+
+        fn tap(&self, pair: usize) -> &MockTapQueue {
+            &self.dev.queues[pair]
+        }
+
+        fn running(&self, pair: usize) -> bool {
+            self.session.workers[pair].is_some()
+        }
+
+        fn counts(&self, pair: usize) -> crate::metrics::PairCounts {
+            self.dev.metrics[pair].snapshot()
+        }
+
+        /// Writes a one-descriptor chain at table `slot` of ring `index` and makes it available.
+        fn add_chain(&mut self, index: usize, slot: u16, addr: u64, len: u32, writable: bool) {
+            let r = ring(index);
+            let flags: u16 = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let desc = r.desc + 16 * u64::from(slot);
+            self.mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            self.mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+            let idx: u16 = self.mem.read_obj(GuestAddress(r.avail + 2)).unwrap();
+            self.mem.write_obj(slot, GuestAddress(r.avail + 4 + 2 * u64::from(idx % RING_SIZE))).unwrap();
+            self.mem.write_obj(idx.wrapping_add(1), GuestAddress(r.avail + 2)).unwrap();
+        }
+
+        fn set_mem_table(&mut self) -> VhostResult<()> {
+            let region = VhostUserMemoryRegion::new(0, MEM_SIZE as u64, VMM_BASE, 0);
+            self.session.set_mem_table(&[region], vec![self.file.try_clone().unwrap()], None).map(|_| ())
+        }
+
+        /// SET_VRING_NUM, SET_VRING_BASE (0), SET_VRING_ADDR and SET_VRING_CALL of one ring.
+        fn set_up_ring(&mut self, index: usize) {
+            let RingAddrs { desc, avail, used } = ring(index);
+            let i = index as u32;
+            self.session.set_vring_num(i, u32::from(RING_SIZE)).unwrap();
+            self.session.set_vring_base(i, 0).unwrap();
+            let flags = VhostUserVringAddrFlags::empty();
+            self.session.set_vring_addr(i, flags, VMM_BASE + desc, VMM_BASE + used, VMM_BASE + avail, 0).unwrap();
+            self.session.set_vring_call(index as u8, Some(eventfd_file(&EventFd::new(EFD_NONBLOCK).unwrap()))).unwrap();
+        }
+
+        fn kick_fd(&mut self, index: usize) {
+            let kick = eventfd_file(&self.kicks[index]);
+            self.session.set_vring_kick(index as u8, Some(kick)).unwrap();
+        }
+
+        fn enable(&mut self, index: usize, on: bool) {
+            self.session.set_vring_enable(index as u32, on).unwrap();
+        }
+
+        /// QEMU's virtio-net order: protocol features, then every ring enabled *before*
+        /// SET_FEATURES, then memory and the rings, ending with the kick fds.
+        fn qemu_start(&mut self, features: u64) {
+            let pairs = self.dev.queue_pairs();
+            self.session.set_owner().unwrap();
+            assert_eq!(self.session.get_features().unwrap(), offered_features());
+            let protocol = self.session.get_protocol_features().unwrap();
+            self.session.set_protocol_features(protocol.bits()).unwrap();
+            assert_eq!(self.session.get_queue_num().unwrap(), pairs as u64 * 2);
+            for index in 0..pairs * 2 {
+                self.enable(index, true);
+            }
+            self.session.set_features(features).unwrap();
+            self.set_mem_table().unwrap();
+            for index in 0..pairs * 2 {
+                self.set_up_ring(index);
+                self.kick_fd(index);
+            }
+        }
+
+        /// cloud-hypervisor's order: features and memory first, the rings, and SET_VRING_ENABLE
+        /// last.
+        fn cloud_hypervisor_start(&mut self, features: u64) {
+            let pairs = self.dev.queue_pairs();
+            self.session.set_owner().unwrap();
+            self.session.set_protocol_features(VhostUserProtocolFeatures::MQ.bits() | VhostUserProtocolFeatures::REPLY_ACK.bits()).unwrap();
+            self.session.set_features(features).unwrap();
+            self.set_mem_table().unwrap();
+            for index in 0..pairs * 2 {
+                self.set_up_ring(index);
+                self.kick_fd(index);
+            }
+            for index in 0..pairs * 2 {
+                assert!(!self.running(index / 2), "a pair runs before its rings are enabled");
+                self.enable(index, true);
+            }
+        }
+
+        /// The guest posts a frame on pair `pair`'s TX ring and kicks it.
+        fn send(&mut self, pair: usize, bytes: &[u8]) {
+            let index = pair * 2 + 1;
+            let slot = self.next_slot[index];
+            let addr = buffer(index, slot);
+            self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+            self.add_chain(index, slot, addr, bytes.len() as u32, false);
+            self.next_slot[index] = (slot + 1) % RING_SIZE;
+            self.kicks[index].write(1).unwrap();
+        }
+
+        /// The guest posts `n` receive buffers on pair `pair`'s RX ring and kicks it.
+        fn post_rx_buffers(&mut self, pair: usize, n: u16) {
+            let index = pair * 2;
+            for _ in 0..n {
+                let slot = self.next_slot[index];
+                self.add_chain(index, slot, buffer(index, slot), BUF_LEN, true);
+                self.next_slot[index] = (slot + 1) % RING_SIZE;
+            }
+            self.kicks[index].write(1).unwrap();
+        }
+
+        /// The used ring's entries (id, len) up to its published index.
+        fn used(&self, index: usize) -> Vec<(u32, u32)> {
+            let base = ring(index).used;
+            let idx: u16 = self.mem.read_obj(GuestAddress(base + 2)).unwrap();
+            (0..idx)
+                .map(|i| {
+                    let slot = base + 4 + u64::from(i % RING_SIZE) * 8;
+                    (self.mem.read_obj(GuestAddress(slot)).unwrap(), self.mem.read_obj(GuestAddress(slot + 4)).unwrap())
+                })
+                .collect()
+        }
+
+        /// The bytes the device wrote into the buffer of RX used entry `entry` of `pair`.
+        fn received(&self, pair: usize, entry: usize) -> Vec<u8> {
+            let (head, len) = self.used(pair * 2)[entry];
+            let mut bytes = vec![0u8; len as usize];
+            self.mem.read_slice(&mut bytes, GuestAddress(buffer(pair * 2, head as u16))).unwrap();
+            bytes
+        }
+    }
+
+    /// Every offered feature but PROTOCOL_FEATURES, which a test adds when it wants it.
+    fn all_features() -> u64 {
+        offered_features()
+    }
+
+    /// What the guest reads on RX: the frame with `num_buffers` (bytes 10..12) set to 1.
+    fn with_one_buffer(mut bytes: Vec<u8>) -> Vec<u8> {
+        bytes[10..12].copy_from_slice(&1u16.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn test_session_qemu_order_early_enable_starts_pair_on_kick() {
+        let mut fe = Frontend::new(1);
+        assert_ne!(all_features() & PROTOCOL_FEATURES, 0, "vutap offers PROTOCOL_FEATURES");
+        fe.enable(0, true);
+        fe.enable(1, true);
+        assert!(!fe.running(0), "an early enable starts nothing before SET_FEATURES");
+        let negotiated = Features::negotiate(offered_features(), all_features()).unwrap();
+        fe.session.set_features(all_features()).unwrap();
+        fe.set_mem_table().unwrap();
+        fe.set_up_ring(0);
+        fe.kick_fd(0);
+        fe.set_up_ring(1);
+        assert!(!fe.running(0), "the pair waits for its TX ring's kick fd");
+        fe.kick_fd(1);
+        assert!(fe.running(0), "QEMU never repeats the enable: the early one must take effect");
+        let s = fe.tap(0).state();
+        assert_eq!(s.attach_log, [true]);
+        assert_eq!(s.vnet_hdr_len, Some(HDR_LEN));
+        assert_eq!(s.offload, Some(tun_offload_flags(negotiated)));
+    }
+
+    #[test]
+    fn test_session_qemu_order_moves_frames_both_ways() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        assert!(fe.running(0));
+        let out = frame(100, 7);
+        fe.send(0, &out);
+        wait_until("the TX frame reaches the tap", || fe.tap(0).written().len() == 1);
+        assert_eq!(fe.tap(0).written()[0], out, "the tap gets the guest's header and frame byte for byte");
+        wait_until("the TX chain is used", || fe.used(1).len() == 1);
+        assert_eq!(fe.used(1), [(0, 0)], "TX chains are returned with length 0");
+
+        fe.post_rx_buffers(0, RX_BUFFERS);
+        let inbound = frame(300, 9);
+        assert!(fe.tap(0).deliver(inbound.clone()));
+        wait_until("the RX frame is used", || fe.used(0).len() == 1);
+        assert_eq!(fe.used(0), [(0, 300)]);
+        assert_eq!(fe.received(0, 0), with_one_buffer(inbound));
+        wait_until("the counters are flushed", || fe.counts(0).rx_frames == 1 && fe.counts(0).tx_frames == 1);
+        assert_eq!((fe.counts(0).tx_bytes, fe.counts(0).rx_bytes), (100, 300));
+    }
+
+    #[test]
+    fn test_session_cloud_hypervisor_order_starts_pair_on_enable() {
+        let mut fe = Frontend::new(2);
+        fe.cloud_hypervisor_start(all_features());
+        assert!(fe.running(0) && fe.running(1));
+        for pair in 0..2 {
+            fe.send(pair, &frame(60 + pair, pair as u8));
+        }
+        for pair in 0..2 {
+            wait_until("each pair's frame reaches its own tap queue", || fe.tap(pair).written().len() == 1);
+            assert_eq!(fe.tap(pair).written()[0], frame(60 + pair, pair as u8));
+        }
+    }
+
+    #[test]
+    fn test_session_without_protocol_features_rings_run_once_kicked() {
+        let mut fe = Frontend::new(1);
+        fe.session.set_features(all_features() & !PROTOCOL_FEATURES).unwrap();
+        fe.set_mem_table().unwrap();
+        fe.set_up_ring(0);
+        fe.set_up_ring(1);
+        fe.kick_fd(0);
+        assert!(!fe.running(0));
+        fe.kick_fd(1);
+        assert!(fe.running(0), "without PROTOCOL_FEATURES a started ring is enabled (vhost-user spec)");
+    }
+
+    #[test]
+    fn test_session_get_vring_base_stops_pair_and_returns_base() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        for seed in 0..3 {
+            fe.send(0, &frame(80, seed));
+        }
+        wait_until("three TX chains are used", || fe.used(1).len() == 3);
+        fe.tap(0).deliver(frame(64, 1));
+        let state = fe.session.get_vring_base(1).unwrap();
+        assert_eq!((state.index, state.num), (1, 3), "GET_VRING_BASE returns the next avail index");
+        assert!(!fe.running(0), "the pair stops with its ring");
+        let s = fe.tap(0).state();
+        assert_eq!((s.attached, s.parks), (false, 1), "the stopped pair's tap queue is parked");
+        drop(s);
+        assert_eq!(fe.counts(0).rx_flushed, 1, "the frame left on the parked queue is dropped and counted");
+        let rx = fe.session.get_vring_base(0).unwrap();
+        assert_eq!((rx.index, rx.num), (0, 0));
+        // The frontend starts the ring again where it stopped.
+        fe.session.set_vring_base(1, 3).unwrap();
+        fe.kick_fd(1);
+        assert!(!fe.running(0), "the RX ring stopped too and has no kick fd");
+        fe.kick_fd(0);
+        assert!(fe.running(0));
+        fe.send(0, &frame(90, 4));
+        wait_until("the frame after the restart is sent", || fe.tap(0).written().len() == 4);
+        assert_eq!(fe.tap(0).written()[3], frame(90, 4));
+    }
+
+    #[test]
+    fn test_session_set_mem_table_while_running_keeps_queue_attached() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        fe.send(0, &frame(70, 1));
+        wait_until("the first frame is sent", || fe.tap(0).written().len() == 1);
+        fe.set_mem_table().unwrap();
+        assert!(fe.running(0), "the pair restarts on the new memory table");
+        assert_eq!(fe.tap(0).state().attach_log, [true, true], "a restart never detaches the tap queue");
+        // Frames that arrive during and after the restart reach the guest.
+        assert!(fe.tap(0).deliver(frame(120, 3)));
+        fe.post_rx_buffers(0, RX_BUFFERS);
+        wait_until("the RX frame is used after the restart", || fe.used(0).len() == 1);
+        assert_eq!(fe.received(0, 0), with_one_buffer(frame(120, 3)));
+        fe.send(0, &frame(71, 2));
+        wait_until("TX resumes at the next chain", || fe.tap(0).written().len() == 2);
+        assert_eq!(fe.tap(0).written()[1], frame(71, 2));
+        assert_eq!(fe.used(1), [(0, 0), (1, 0)], "no chain repeated or skipped across the restart");
+    }
+
+    #[test]
+    fn test_session_tap_write_error_halts_only_that_pair() {
+        let mut fe = Frontend::new(2);
+        fe.qemu_start(all_features());
+        fe.tap(0).fail_next_write(libc::EBADFD);
+        fe.send(0, &frame(60, 1));
+        wait_until("pair 0 sees its tap fail", || fe.counts(0).tap_errors == 1);
+        fe.send(0, &frame(60, 2));
+        fe.send(1, &frame(61, 3));
+        wait_until("pair 1 still moves frames", || fe.tap(1).written().len() == 1);
+        assert_eq!(fe.tap(1).written()[0], frame(61, 3));
+        // Pair 1 served a frame posted after pair 0's second one: pair 0 had its chance and stays halted.
+        wait_until("pair 0's kick is counted", || fe.counts(0).kicks >= 2);
+        assert!(fe.tap(0).written().is_empty(), "the halted pair writes nothing more");
+        assert!(fe.running(0), "the worker stays until the frontend stops the ring");
+        assert_eq!(fe.counts(1).tap_errors, 0);
+    }
+
+    #[test]
+    fn test_session_disable_stops_pair_and_parks_queue() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        assert!(fe.tap(0).deliver(frame(64, 1)) && fe.tap(0).deliver(frame(64, 2)));
+        fe.enable(0, false);
+        assert!(!fe.running(0));
+        assert_eq!(fe.tap(0).state().attach_log, [true, false]);
+        assert_eq!(fe.counts(0).rx_flushed, 2, "frames nobody will read are dropped and counted");
+        assert!(!fe.tap(0).deliver(frame(64, 3)), "a parked queue gets no frames");
+        fe.enable(0, true);
+        assert!(fe.running(0), "enabling again restarts the pair");
+        assert!(fe.tap(0).state().attached);
+    }
+
+    #[test]
+    fn test_session_set_features_refuses_unoffered_bits() {
+        let mut fe = Frontend::new(1);
+        let unoffered = (0..64).map(|b| 1u64 << b).find(|b| offered_features() & b == 0).unwrap();
+        let err = fe.session.set_features(all_features() | unoffered).unwrap_err();
+        assert!(err.to_string().contains("not offered"), "{err}");
+        assert!(!fe.session.features_acked());
+        assert_eq!(fe.tap(0).state().vnet_hdr_len, None, "a refused set changes nothing on the tap");
+        fe.session.set_features(all_features()).unwrap();
+        assert!(fe.session.features_acked());
+    }
+
+    #[test]
+    fn test_session_reset_device_stops_and_forgets() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        fe.session.reset_device().unwrap();
+        assert!(!fe.running(0));
+        assert!(!fe.session.features_acked());
+        assert_eq!(fe.session.acked_protocol(), 0);
+        assert!(!fe.tap(0).state().attached);
+        // The new session starts clean: kicks alone start nothing.
+        fe.kick_fd(0);
+        fe.kick_fd(1);
+        assert!(!fe.running(0));
+    }
+
+    #[test]
+    fn test_session_send_rarp_needs_a_running_pair() {
+        let mut fe = Frontend::new(1);
+        assert!(matches!(fe.session.send_rarp(MAC), Err(SessionError::NoPairRunning)));
+        fe.qemu_start(all_features());
+        fe.session.send_rarp(MAC).unwrap();
+        let written = fe.tap(0).written();
+        let mut expected = vec![0u8; HDR_LEN];
+        expected.extend_from_slice(&vutap_virtio::announce::rarp_frame(MAC));
+        assert_eq!(written, [expected]);
+        fe.tap(0).fail_next_write(libc::EIO);
+        assert!(matches!(fe.session.send_rarp(MAC), Err(SessionError::TapWrite(_))));
+    }
+
+    #[test]
+    fn test_session_requests_refused_with_their_reason() {
+        let mut fe = Frontend::new(1);
+        let text = |r: VhostResult<()>| r.unwrap_err().to_string();
+        let flags = VhostUserVringAddrFlags::empty;
+        assert!(
+            text(fe.session.set_vring_addr(0, flags(), VMM_BASE, VMM_BASE, VMM_BASE, 0)).contains("SET_VRING_ADDR before SET_MEM_TABLE")
+        );
+        assert!(text(fe.session.set_vring_num(2, 16)).contains("vring index 2 out of range (device has 2 rings)"));
+        assert!(text(fe.session.set_vring_num(0, 24)).contains("size 24 is not a power of two"));
+        assert!(text(fe.session.set_vring_base(0, 0x1_0000)).contains("exceeds 16 bits"));
+        assert!(text(fe.session.set_vring_kick(0, None)).contains("polling mode"));
+        fe.set_mem_table().unwrap();
+        assert!(text(fe.session.set_vring_addr(0, flags(), 0x1000, VMM_BASE, VMM_BASE, 0))
+            .contains("VMM address 0x1000 is in no shared region"));
+        assert!(text(fe.session.get_config(0, 0x1000, VhostUserConfigFlags::empty()).map(|_| ())).contains("outside the"));
+        assert_eq!(fe.session.get_config(0, 6, VhostUserConfigFlags::empty()).unwrap(), MAC);
+    }
+
+    #[test]
+    fn test_session_export_then_restore_resumes_where_it_halted() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        fe.send(0, &frame(80, 1));
+        wait_until("the first frame is sent", || fe.tap(0).written().len() == 1);
+        fe.session.halt_all();
+        assert!(!fe.running(0));
+        assert!(fe.tap(0).state().attached, "a halt keeps the tap queue attached");
+        let (stream, _peer) = UnixStream::pair().unwrap();
+        let (state, fds) = fe.session.export(&stream, true).unwrap();
+        assert_eq!(state.features, Some(all_features()));
+        assert_eq!((state.vrings[0].next_avail, state.vrings[1].next_avail), (0, 1));
+        assert_eq!(fds.len(), 1 + 1 + 2 * 2, "the stream, one memory region, a kick and a call fd per ring");
+        let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+        let restored = Session::restore(fe.dev.clone(), &state, &mut fds).unwrap();
+        assert!(fds[0].is_some(), "the stream is the request parser's, not the session's");
+        assert!(fds[1..].iter().all(Option::is_none), "every other fd handed over is taken");
+        // The old session goes (in a live upgrade, with the old process), the new one resumes.
+        fe.session = restored;
+        fe.session.set_replaying(false);
+        assert!(!fe.running(0), "a restored session runs nothing until resumed");
+        fe.session.resume_all();
+        assert!(fe.running(0));
+        fe.send(0, &frame(81, 2));
+        wait_until("the restored pair sends", || fe.tap(0).written().len() == 2);
+        assert_eq!(fe.tap(0).written()[1], frame(81, 2));
+        assert_eq!(fe.used(1), [(0, 0), (1, 0)]);
+        let mut short: Vec<Option<OwnedFd>> = Vec::new();
+        assert!(matches!(Session::restore(fe.dev.clone(), &state, &mut short), Err(SessionError::FdMissing(_))));
+    }
+
+    #[test]
+    fn test_session_invalid_ring_never_starts() {
+        let mut fe = Frontend::new(1);
+        fe.session.set_features(all_features()).unwrap();
+        fe.set_mem_table().unwrap();
+        fe.set_up_ring(0);
+        fe.set_up_ring(1);
+        // A descriptor table running past the end of guest memory.
+        let RingAddrs { avail, used, .. } = ring(1);
+        let desc = VMM_BASE + MEM_SIZE as u64 - 16;
+        fe.session.set_vring_addr(1, VhostUserVringAddrFlags::empty(), desc, VMM_BASE + used, VMM_BASE + avail, 0).unwrap();
+        fe.enable(0, true);
+        fe.enable(1, true);
+        fe.kick_fd(0);
+        fe.kick_fd(1);
+        assert!(!fe.running(0), "a ring outside guest memory does not run");
+        assert!(!fe.tap(0).state().attached, "and its tap queue stays detached");
+    }
+}
