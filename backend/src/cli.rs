@@ -172,10 +172,32 @@ pub enum ConfigError {
     Tap(#[from] TapError),
     #[error("no device: give --socket and --tap, or --device, or --config")]
     NoDevice,
-    #[error("--device {spec:?}: {why}")]
-    DeviceSpec { spec: String, why: String },
-    #[error("--config {path}: {why}")]
-    ConfigFile { path: PathBuf, why: String },
+    #[error("--device {spec:?}: {source}")]
+    DeviceSpec {
+        spec: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("--config {path}: {source}")]
+    ConfigFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is wrong with one `--device` spec.
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("{key}={value} is not a number")]
+    NotANumber { key: &'static str, value: String },
+    #[error("unknown key {0:?} (socket, tap, queues, mac, mtu, client, name)")]
+    UnknownKey(String),
+    #[error("{0}= is missing")]
+    Missing(&'static str),
+    /// A value the single-device flags would refuse too (queues, MAC, MTU, tap).
+    #[error(transparent)]
+    Invalid(Box<ConfigError>),
 }
 
 /// The single-device form (`--socket --tap ...`) as a [`Config`].
@@ -255,7 +277,7 @@ pub struct DaemonConfig {
 /// the form `fd:3,4` keeps the bare numbers that follow it. The device gets the default
 /// [`Policy`]; the daemon's configuration gives every device its own.
 pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigError> {
-    let bad = |why: String| ConfigError::DeviceSpec { spec: spec.to_string(), why };
+    let bad = |source: SpecError| ConfigError::DeviceSpec { spec: spec.to_string(), source };
     let (mut socket, mut tap, mut queues, mut mac, mut mtu, mut client, mut name) = (None, None::<String>, 1u16, None, None, false, None);
     let mut last_key = "";
     for tok in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -273,25 +295,26 @@ pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigEr
         match k {
             "socket" => socket = Some(PathBuf::from(v)),
             "tap" => tap = Some(v.to_string()),
-            "queues" => queues = v.parse().map_err(|_| bad(format!("queues={v} is not a number")))?,
+            "queues" => queues = v.parse().map_err(|_| bad(SpecError::NotANumber { key: "queues", value: v.to_string() }))?,
             "mac" => mac = Some(v.to_string()),
-            "mtu" => mtu = Some(v.parse().map_err(|_| bad(format!("mtu={v} is not a number")))?),
+            "mtu" => mtu = Some(v.parse().map_err(|_| bad(SpecError::NotANumber { key: "mtu", value: v.to_string() }))?),
             "client" => client = v.is_empty() || v == "true" || v == "on" || v == "1",
             "name" => name = Some(v.to_string()),
-            _ => return Err(bad(format!("unknown key {k:?} (socket, tap, queues, mac, mtu, client, name)"))),
+            _ => return Err(bad(SpecError::UnknownKey(k.to_string()))),
         }
         last_key = k;
     }
-    let socket = socket.ok_or_else(|| bad("socket= is missing".into()))?;
-    let tap = tap.ok_or_else(|| bad("tap= is missing".into()))?;
-    let config =
-        DeviceArgs { socket, tap, queues, mac, mtu, client, once, policy: Policy::default() }.check().map_err(|e| bad(e.to_string()))?;
+    let socket = socket.ok_or_else(|| bad(SpecError::Missing("socket")))?;
+    let tap = tap.ok_or_else(|| bad(SpecError::Missing("tap")))?;
+    let config = DeviceArgs { socket, tap, queues, mac, mtu, client, once, policy: Policy::default() }
+        .check()
+        .map_err(|e| bad(SpecError::Invalid(Box::new(e))))?;
     Ok(NamedDevice { name, config })
 }
 
 /// A `--config` file: one `--device` spec per line; `#` starts a comment.
 pub fn parse_config_file(path: &std::path::Path, once: bool) -> Result<Vec<NamedDevice>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ConfigFile { path: path.to_path_buf(), why: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ConfigFile { path: path.to_path_buf(), source })?;
     text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| parse_device_spec(l, once)).collect()
 }
 
@@ -363,9 +386,19 @@ mod tests {
         assert_eq!(d.config.socket, SocketModeCfg::Client("/run/a.sock".into()));
         assert_eq!(d.config.tap, "fd:3,4".parse().unwrap());
         assert_eq!((d.config.queues, d.config.mtu), (2, Some(9000)));
-        assert!(matches!(parse_device_spec("tap=mvt0", false), Err(ConfigError::DeviceSpec { .. })));
-        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,colour=red", false), Err(ConfigError::DeviceSpec { .. })));
-        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,queues=0", false), Err(ConfigError::DeviceSpec { .. })));
+        let spec_error = |spec: &str| match parse_device_spec(spec, false) {
+            Err(ConfigError::DeviceSpec { source, .. }) => source,
+            other => panic!("{spec}: {other:?}"),
+        };
+        assert!(matches!(spec_error("tap=mvt0"), SpecError::Missing("socket")));
+        assert!(matches!(spec_error("socket=/a,tap=mvt0,colour=red"), SpecError::UnknownKey(k) if k == "colour"));
+        assert!(matches!(spec_error("socket=/a,tap=mvt0,queues=two"), SpecError::NotANumber { key: "queues", .. }));
+        let zero = spec_error("socket=/a,tap=mvt0,queues=0");
+        assert!(matches!(&zero, SpecError::Invalid(e) if matches!(**e, ConfigError::Queues(0))));
+        assert_eq!(
+            ConfigError::DeviceSpec { spec: "socket=/a,tap=mvt0,queues=0".into(), source: zero }.to_string(),
+            "--device \"socket=/a,tap=mvt0,queues=0\": --queues must be between 1 and 16, got 0"
+        );
         let both = Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
         assert_eq!(DaemonConfig::try_from(both).unwrap().devices.len(), 2);
         let only = Args::try_parse_from(["vutap", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
