@@ -768,7 +768,7 @@ mod tests {
     use std::os::fd::FromRawFd;
     use std::time::{Duration, Instant};
 
-    use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags};
+    use vhost::vhost_user::message::{VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVringAddrFlags};
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::{Bytes, FileOffset, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -778,7 +778,7 @@ mod tests {
     use super::*;
     use crate::memory::GuestMem;
     use crate::tap::TapKind;
-    use crate::test_utils::{frame, MockTapQueue};
+    use crate::test_utils::{frame, page_marked, MockTapQueue};
 
     const MEM_SIZE: usize = 0x100_0000;
     /// Where the frontend (the VMM) has guest memory mapped: SET_VRING_ADDR speaks in these.
@@ -1249,6 +1249,63 @@ mod tests {
         assert_eq!(fe.used(1), [(0, 0), (1, 0)]);
         let mut short: Vec<Option<OwnedFd>> = Vec::new();
         assert!(matches!(Session::restore(fe.dev.clone(), &state, &mut short), Err(SessionError::FdMissing(_))));
+    }
+
+    #[test]
+    fn test_session_set_features_while_running_restarts_with_new_offloads() {
+        use virtio_bindings::virtio_net::*;
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        let guest_offloads =
+            [VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_ECN];
+        let fewer = guest_offloads.iter().fold(all_features(), |f, b| f & !(1u64 << b));
+        let (before, after) =
+            (Features::negotiate(offered_features(), all_features()).unwrap(), Features::negotiate(offered_features(), fewer).unwrap());
+        assert_ne!(tun_offload_flags(before), tun_offload_flags(after));
+        fe.session.set_features(fewer).unwrap();
+        assert!(fe.running(0), "the pair restarts with the new features");
+        let s = fe.tap(0).state();
+        assert_eq!(s.offload, Some(tun_offload_flags(after)), "the tap is told the guest takes no offloads now");
+        assert_eq!(s.attach_log, [true, true], "the restart keeps the tap queue attached");
+        drop(s);
+        fe.send(0, &frame(64, 1));
+        wait_until("the restarted pair sends", || fe.tap(0).written().len() == 1);
+        assert_eq!(fe.tap(0).written()[0], frame(64, 1));
+    }
+
+    #[test]
+    fn test_session_dirty_log_marks_what_the_device_writes() {
+        let mut fe = Frontend::new(1);
+        fe.qemu_start(all_features());
+        let log = memfd(0x1000);
+        fe.session.set_log_base(&VhostUserLog::new(0x1000, 0), log.try_clone().unwrap()).unwrap();
+        assert!(fe.running(0), "the pair restarts with the log");
+        fe.post_rx_buffers(0, RX_BUFFERS);
+        assert!(fe.tap(0).deliver(frame(200, 5)));
+        wait_until("the RX frame is used", || fe.used(0).len() == 1);
+        let page = |gpa: u64| gpa / crate::dirty_log::LOG_PAGE;
+        wait_until("the RX buffer's page is logged", || page_marked(&log, page(buffer(0, 0))));
+        wait_until("the RX used ring's page is logged", || page_marked(&log, page(ring(0).used)));
+        assert!(!page_marked(&log, page(buffer(0, 5))), "a buffer the device did not write is not logged");
+        fe.send(0, &frame(64, 1));
+        wait_until("the TX chain is used", || fe.used(1).len() == 1);
+        wait_until("the TX used ring's page is logged", || page_marked(&log, page(ring(1).used)));
+        assert!(!page_marked(&log, page(buffer(1, 0))), "a TX buffer is only read: not logged");
+    }
+
+    #[test]
+    fn test_session_mem_table_larger_than_its_fd_is_refused_and_closes() {
+        let mut fe = Frontend::new(1);
+        let short = memfd(0x1000);
+        let region = VhostUserMemoryRegion::new(0, MEM_SIZE as u64, VMM_BASE, 0);
+        let err = fe.session.set_mem_table(&[region], vec![short], None).unwrap_err();
+        assert!(err.to_string().contains("SET_MEM_TABLE refused: region 0"), "{err}");
+        let why = fe.session.take_refusal().expect("a lying fd closes the connection");
+        assert!(why.starts_with("SET_MEM_TABLE refused: region 0"), "{why}");
+        assert!(fe.session.take_refusal().is_none());
+        assert_eq!(fe.dev.device_metrics.bad_memory_fds.load(Ordering::Relaxed), 1);
+        let flags = VhostUserVringAddrFlags::empty();
+        assert!(fe.session.set_vring_addr(0, flags, VMM_BASE, VMM_BASE, VMM_BASE, 0).is_err(), "nothing was mapped");
     }
 
     #[test]
