@@ -356,9 +356,15 @@ fn test_bounded_backend_channel_never_read_does_not_hang_disconnect() {
     let bed = Bed::macvtap_serve_forever(1);
     let dev = bed.daemon.dev.clone();
     let topo = bed.topo.as_ref().unwrap();
-    let _monitor =
-        LinkMonitor::spawn("bounded".into(), bed.tap_name.clone(), dev.link.clone(), dev.device_metrics.clone(), Duration::from_millis(2))
-            .expect("link monitor");
+    let _monitor = LinkMonitor::spawn(
+        "bounded".into(),
+        bed.tap_name.clone(),
+        dev.link.clone(),
+        dev.device_metrics.clone(),
+        Duration::from_millis(2),
+        dev.policy.seccomp,
+    )
+    .expect("link monitor");
     let mut o = FrontendOptions::default();
     o.requested_protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
     let mut fe = bed.daemon.connect(o);

@@ -7,6 +7,7 @@ use clap::Parser;
 use thiserror::Error;
 
 use crate::control::vhost_user::SocketMode;
+use crate::operations::sandbox::Seccomp;
 use crate::tap::{parse_mac, TapError, TapSpec};
 
 /// The largest number of queue pairs (one tap fd and one thread each).
@@ -109,7 +110,22 @@ pub struct Args {
     pub log_level: String,
 }
 
-/// A validated configuration.
+/// How the process guards its threads and what it does when a tap fails for good
+/// (`--no-seccomp`, `--exit-on-tap-loss`). The default is the library's: no filters, and a lost
+/// tap stops only its queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub seccomp: Seccomp,
+    pub exit_on_tap_loss: bool,
+}
+
+impl From<&Args> for Policy {
+    fn from(args: &Args) -> Policy {
+        Policy { seccomp: Seccomp::new(!args.no_seccomp), exit_on_tap_loss: args.exit_on_tap_loss }
+    }
+}
+
+/// A validated configuration of one device.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub socket: SocketModeCfg,
@@ -118,6 +134,7 @@ pub struct Config {
     pub mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
     pub once: bool,
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,10 +172,32 @@ pub enum ConfigError {
     Tap(#[from] TapError),
     #[error("no device: give --socket and --tap, or --device, or --config")]
     NoDevice,
-    #[error("--device {spec:?}: {why}")]
-    DeviceSpec { spec: String, why: String },
-    #[error("--config {path}: {why}")]
-    ConfigFile { path: PathBuf, why: String },
+    #[error("--device {spec:?}: {source}")]
+    DeviceSpec {
+        spec: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("--config {path}: {source}")]
+    ConfigFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is wrong with one `--device` spec.
+#[derive(Debug, Error)]
+pub enum SpecError {
+    #[error("{key}={value} is not a number")]
+    NotANumber { key: &'static str, value: String },
+    #[error("unknown key {0:?} (socket, tap, queues, mac, mtu, client, name)")]
+    UnknownKey(String),
+    #[error("{0}= is missing")]
+    Missing(&'static str),
+    /// A value the single-device flags would refuse too (queues, MAC, MTU, tap).
+    #[error(transparent)]
+    Invalid(Box<ConfigError>),
 }
 
 /// The single-device form (`--socket --tap ...`) as a [`Config`].
@@ -166,8 +205,9 @@ impl TryFrom<Args> for Config {
     type Error = ConfigError;
 
     fn try_from(args: Args) -> Result<Self, ConfigError> {
+        let policy = Policy::from(&args);
         let (Some(socket), Some(tap)) = (args.socket, args.tap) else { return Err(ConfigError::NoDevice) };
-        DeviceArgs { socket, tap, queues: args.queues, mac: args.mac, mtu: args.mtu, client: args.client, once: args.once }.check()
+        DeviceArgs { socket, tap, queues: args.queues, mac: args.mac, mtu: args.mtu, client: args.client, once: args.once, policy }.check()
     }
 }
 
@@ -180,6 +220,7 @@ struct DeviceArgs {
     mtu: Option<u16>,
     client: bool,
     once: bool,
+    policy: Policy,
 }
 
 impl DeviceArgs {
@@ -204,7 +245,7 @@ impl DeviceArgs {
         }
         let tap: TapSpec = self.tap.parse()?;
         let socket = if self.client { SocketModeCfg::Client(self.socket) } else { SocketModeCfg::Server(self.socket) };
-        Ok(Config { socket, tap, queues: self.queues as usize, mac, mtu: self.mtu, once: self.once })
+        Ok(Config { socket, tap, queues: self.queues as usize, mac, mtu: self.mtu, once: self.once, policy: self.policy })
     }
 }
 
@@ -228,12 +269,15 @@ pub struct DaemonConfig {
     pub sndbuf: Option<i32>,
     /// Where `vutap upgrade` connects.
     pub control_socket: Option<PathBuf>,
+    /// Also in every device's [`Config`].
+    pub policy: Policy,
 }
 
 /// Parses `socket=PATH,tap=SPEC[,queues=N][,mac=MAC][,mtu=N][,client][,name=LABEL]`. A tap of
-/// the form `fd:3,4` keeps the bare numbers that follow it.
+/// the form `fd:3,4` keeps the bare numbers that follow it. The device gets the default
+/// [`Policy`]; the daemon's configuration gives every device its own.
 pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigError> {
-    let bad = |why: String| ConfigError::DeviceSpec { spec: spec.to_string(), why };
+    let bad = |source: SpecError| ConfigError::DeviceSpec { spec: spec.to_string(), source };
     let (mut socket, mut tap, mut queues, mut mac, mut mtu, mut client, mut name) = (None, None::<String>, 1u16, None, None, false, None);
     let mut last_key = "";
     for tok in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -251,24 +295,26 @@ pub fn parse_device_spec(spec: &str, once: bool) -> Result<NamedDevice, ConfigEr
         match k {
             "socket" => socket = Some(PathBuf::from(v)),
             "tap" => tap = Some(v.to_string()),
-            "queues" => queues = v.parse().map_err(|_| bad(format!("queues={v} is not a number")))?,
+            "queues" => queues = v.parse().map_err(|_| bad(SpecError::NotANumber { key: "queues", value: v.to_string() }))?,
             "mac" => mac = Some(v.to_string()),
-            "mtu" => mtu = Some(v.parse().map_err(|_| bad(format!("mtu={v} is not a number")))?),
+            "mtu" => mtu = Some(v.parse().map_err(|_| bad(SpecError::NotANumber { key: "mtu", value: v.to_string() }))?),
             "client" => client = v.is_empty() || v == "true" || v == "on" || v == "1",
             "name" => name = Some(v.to_string()),
-            _ => return Err(bad(format!("unknown key {k:?} (socket, tap, queues, mac, mtu, client, name)"))),
+            _ => return Err(bad(SpecError::UnknownKey(k.to_string()))),
         }
         last_key = k;
     }
-    let socket = socket.ok_or_else(|| bad("socket= is missing".into()))?;
-    let tap = tap.ok_or_else(|| bad("tap= is missing".into()))?;
-    let config = DeviceArgs { socket, tap, queues, mac, mtu, client, once }.check().map_err(|e| bad(e.to_string()))?;
+    let socket = socket.ok_or_else(|| bad(SpecError::Missing("socket")))?;
+    let tap = tap.ok_or_else(|| bad(SpecError::Missing("tap")))?;
+    let config = DeviceArgs { socket, tap, queues, mac, mtu, client, once, policy: Policy::default() }
+        .check()
+        .map_err(|e| bad(SpecError::Invalid(Box::new(e))))?;
     Ok(NamedDevice { name, config })
 }
 
 /// A `--config` file: one `--device` spec per line; `#` starts a comment.
 pub fn parse_config_file(path: &std::path::Path, once: bool) -> Result<Vec<NamedDevice>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ConfigFile { path: path.to_path_buf(), why: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ConfigFile { path: path.to_path_buf(), source })?;
     text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| parse_device_spec(l, once)).collect()
 }
 
@@ -289,6 +335,10 @@ impl TryFrom<Args> for DaemonConfig {
         if devices.is_empty() {
             return Err(ConfigError::NoDevice);
         }
+        let policy = Policy::from(&args);
+        for d in &mut devices {
+            d.config.policy = policy;
+        }
         Ok(DaemonConfig {
             devices,
             metrics_addr: args.metrics_addr,
@@ -298,6 +348,7 @@ impl TryFrom<Args> for DaemonConfig {
             link_poll_ms: args.link_poll_ms,
             sndbuf: args.sndbuf.filter(|&b| b > 0).and_then(|b| i32::try_from(b).ok()),
             control_socket: args.control_socket,
+            policy,
         })
     }
 }
@@ -335,9 +386,19 @@ mod tests {
         assert_eq!(d.config.socket, SocketModeCfg::Client("/run/a.sock".into()));
         assert_eq!(d.config.tap, "fd:3,4".parse().unwrap());
         assert_eq!((d.config.queues, d.config.mtu), (2, Some(9000)));
-        assert!(matches!(parse_device_spec("tap=mvt0", false), Err(ConfigError::DeviceSpec { .. })));
-        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,colour=red", false), Err(ConfigError::DeviceSpec { .. })));
-        assert!(matches!(parse_device_spec("socket=/a,tap=mvt0,queues=0", false), Err(ConfigError::DeviceSpec { .. })));
+        let spec_error = |spec: &str| match parse_device_spec(spec, false) {
+            Err(ConfigError::DeviceSpec { source, .. }) => source,
+            other => panic!("{spec}: {other:?}"),
+        };
+        assert!(matches!(spec_error("tap=mvt0"), SpecError::Missing("socket")));
+        assert!(matches!(spec_error("socket=/a,tap=mvt0,colour=red"), SpecError::UnknownKey(k) if k == "colour"));
+        assert!(matches!(spec_error("socket=/a,tap=mvt0,queues=two"), SpecError::NotANumber { key: "queues", .. }));
+        let zero = spec_error("socket=/a,tap=mvt0,queues=0");
+        assert!(matches!(&zero, SpecError::Invalid(e) if matches!(**e, ConfigError::Queues(0))));
+        assert_eq!(
+            ConfigError::DeviceSpec { spec: "socket=/a,tap=mvt0,queues=0".into(), source: zero }.to_string(),
+            "--device \"socket=/a,tap=mvt0,queues=0\": --queues must be between 1 and 16, got 0"
+        );
         let both = Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
         assert_eq!(DaemonConfig::try_from(both).unwrap().devices.len(), 2);
         let only = Args::try_parse_from(["vutap", "--device", "socket=/b,tap=/dev/tap6"]).unwrap();
@@ -356,6 +417,26 @@ mod tests {
         assert_eq!(daemon("0"), None);
         assert_eq!(daemon("4294967296"), None);
         assert!(Args::try_parse_from(["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--sndbuf", "-1"]).is_err());
+    }
+
+    #[test]
+    fn test_config_policy_from_flags() {
+        let daemon = |extra: &[&str]| {
+            let mut v = vec!["vutap", "--socket", "/s", "--tap", "/dev/tap5", "--device", "socket=/b,tap=/dev/tap6"];
+            v.extend_from_slice(extra);
+            DaemonConfig::try_from(Args::try_parse_from(v).unwrap()).unwrap()
+        };
+        let default = daemon(&[]);
+        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false });
+        let relaxed = daemon(&["--no-seccomp", "--exit-on-tap-loss"]);
+        assert_eq!(relaxed.policy, Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true });
+        // Every device, the flag-given one and the --device one, carries the daemon's policy.
+        assert!(relaxed.devices.iter().all(|d| d.config.policy == relaxed.policy));
+        assert!(default.devices.iter().all(|d| d.config.policy == default.policy));
+        assert_eq!(Config::try_from(args(&["--no-seccomp"])).unwrap().policy.seccomp, Seccomp::OFF);
+        // A spec parsed on its own has the library's policy: no filters, no exit.
+        assert_eq!(parse_device_spec("socket=/a,tap=mvt0", false).unwrap().config.policy, Policy::default());
+        assert!(!Policy::default().seccomp.enabled());
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
         tap.queues.len(),
         format_mac(&mac)
     );
-    Ok(Device::new(tap, mac, mtu)?)
+    let mut dev = Device::new(tap, mac, mtu)?;
+    dev.policy = config.policy;
+    Ok(dev)
 }
 
 /// Opens the device and serves frontends until `--once` ends it.

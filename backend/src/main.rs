@@ -68,8 +68,6 @@ fn main() {
     }
     let args = Args::parse();
     env_logger::Builder::new().parse_filters(&args.log_level).parse_default_env().format_timestamp_millis().init();
-    vutap::operations::sandbox::set_enabled(!args.no_seccomp);
-    vutap::datapath::worker::set_exit_on_tap_loss(args.exit_on_tap_loss);
     let config = match DaemonConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {

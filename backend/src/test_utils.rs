@@ -176,3 +176,135 @@ pub fn page_marked(file: &std::fs::File, page: u64) -> bool {
     file.read_exact_at(&mut b, page / 8).unwrap();
     b[0] & (1 << (page % 8)) != 0
 }
+
+/// What a session did to a [`MockTapQueue`], and the frames on it.
+#[derive(Debug, Default)]
+pub struct MockQueueState {
+    /// Every attach (true) and detach (false) in order.
+    pub attach_log: Vec<bool>,
+    pub attached: bool,
+    pub parks: usize,
+    pub vnet_hdr_len: Option<usize>,
+    pub offload: Option<u32>,
+    /// Frames the worker wrote (TX), header included.
+    pub written: Vec<Vec<u8>>,
+    /// Frames waiting for the worker to read (RX), header included.
+    pub to_read: VecDeque<Vec<u8>>,
+    /// Errnos the next writes fail with, one each.
+    pub write_errors: VecDeque<i32>,
+}
+
+/// A tap queue for control-plane tests, shared by the test, the session and a worker thread.
+/// Its fd (an eventfd) is readable while frames wait, like a tap queue's, so the worker's epoll
+/// loop runs unchanged. A detached queue gets no frames, as with tun and macvtap.
+pub struct MockTapQueue {
+    readable: vmm_sys_util::eventfd::EventFd,
+    state: std::sync::Mutex<MockQueueState>,
+}
+
+impl Default for MockTapQueue {
+    fn default() -> Self {
+        MockTapQueue {
+            readable: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            state: std::sync::Mutex::new(MockQueueState::default()),
+        }
+    }
+}
+
+impl MockTapQueue {
+    pub fn state(&self) -> std::sync::MutexGuard<'_, MockQueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A frame arrives from the network; false (and dropped) if the queue is detached.
+    pub fn deliver(&self, frame: Vec<u8>) -> bool {
+        let mut s = self.state();
+        if !s.attached {
+            return false;
+        }
+        s.to_read.push_back(frame);
+        self.readable.write(1).expect("eventfd write");
+        true
+    }
+
+    /// Makes the next write fail with `errno`.
+    pub fn fail_next_write(&self, errno: i32) {
+        self.state().write_errors.push_back(errno);
+    }
+
+    pub fn written(&self) -> Vec<Vec<u8>> {
+        self.state().written.clone()
+    }
+
+    /// Empties the queue and clears its readability (with the state locked).
+    fn drain(&self, s: &mut MockQueueState) -> usize {
+        let n = s.to_read.len();
+        s.to_read.clear();
+        let _ = self.readable.read();
+        n
+    }
+}
+
+impl std::os::fd::AsRawFd for MockTapQueue {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.readable.as_raw_fd()
+    }
+}
+
+impl TapIo for MockTapQueue {
+    fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        check_iov_max(iovs)?;
+        let mut s = self.state();
+        if let Some(errno) = s.write_errors.pop_front() {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        let frame = gather(iovs);
+        let n = frame.len();
+        s.written.push(frame);
+        Ok(n)
+    }
+
+    fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+        check_iov_max(iovs)?;
+        let mut s = self.state();
+        let Some(bytes) = s.to_read.pop_front() else { return Err(io::Error::from_raw_os_error(libc::EAGAIN)) };
+        if s.to_read.is_empty() {
+            let _ = self.readable.read();
+        }
+        let mut left = &bytes[..];
+        for iov in iovs {
+            let n = left.len().min(iov.len());
+            // SAFETY: as in `gather`; the destination is valid for `iov.len()` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
+            left = &left[n..];
+        }
+        Ok(bytes.len() - left.len())
+    }
+}
+
+impl crate::datapath::tap_io::TapControl for MockTapQueue {
+    fn set_attached(&self, attached: bool) -> Result<(), crate::tap::TapError> {
+        let mut s = self.state();
+        s.attach_log.push(attached);
+        s.attached = attached;
+        Ok(())
+    }
+
+    fn park(&self) -> Result<usize, crate::tap::TapError> {
+        let mut s = self.state();
+        s.attach_log.push(false);
+        s.attached = false;
+        s.parks += 1;
+        Ok(self.drain(&mut s))
+    }
+
+    fn set_vnet_hdr_len(&self, len: usize) -> Result<(), crate::tap::TapError> {
+        self.state().vnet_hdr_len = Some(len);
+        Ok(())
+    }
+
+    fn set_offload(&self, flags: u32) -> Result<(), crate::tap::TapError> {
+        self.state().offload = Some(flags);
+        Ok(())
+    }
+}

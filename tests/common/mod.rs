@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vutap::cli::{Config, SocketModeCfg};
+use vutap::cli::{Config, Policy, SocketModeCfg};
 use vutap::control::device::Device;
 use vutap::control::vhost_user::{bind_socket, serve_counted};
+use vutap::operations::sandbox::Seccomp;
 use vutap::tap::TapSpec;
 use vutap_frontend::{FrontendOptions, NetFrontend};
 use vutap_testbed::{link, packet, MacvtapMode, Topology};
@@ -38,9 +39,6 @@ pub fn serial() -> MutexGuard<'static, ()> {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the vutap integration tests need root (netns, macvtap, tun)");
     let _ = env_logger::builder().is_test(true).try_init();
-    // The daemon's serving and worker threads run under their seccomp lists, as in the binary
-    // (the library leaves them off unless asked; the test's own threads are never filtered).
-    vutap::operations::sandbox::set_enabled(true);
     g
 }
 
@@ -76,8 +74,11 @@ pub fn socket_path() -> PathBuf {
     PathBuf::from(format!("/tmp/vutap-it-{}.sock", unique()))
 }
 
+/// The daemon's serving and worker threads run under their seccomp lists, as in the binary (the
+/// library's default policy leaves them off; the test's own threads are never filtered).
 pub fn config(socket: &Path, tap: TapSpec, queues: usize, mtu: Option<u16>) -> Config {
-    Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false }
+    let policy = Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false };
+    Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false, policy }
 }
 
 impl Daemon {

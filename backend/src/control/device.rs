@@ -1,20 +1,23 @@
 //! A network device vutap serves: its tap queues and what the guest is told about it.
 //! It outlives connections; each connection gets a fresh [`crate::control::session::Session`] over it.
+//! Generic over its tap queues ([`TapControl`]) so the control plane runs on a mock in tests.
 
 use std::sync::Arc;
 
 use vutap_virtio::features::offered_features;
 use vutap_virtio::NetConfig;
 
+use crate::cli::Policy;
 use crate::control::link_state::LinkState;
 use crate::control::memory_guard::{FaultOwner, GuardError};
+use crate::datapath::tap_io::TapControl;
 use crate::metrics::{DeviceMetrics, PairMetrics};
 use crate::operations::upgrade::port::UpgradePort;
 use crate::tap::{Tap, TapKind, TapQueue};
 
-pub struct Device {
+pub struct Device<T: TapControl = TapQueue> {
     pub name: String,
-    pub queues: Vec<Arc<TapQueue>>,
+    pub queues: Vec<Arc<T>>,
     pub kind: TapKind,
     pub mac: [u8; 6],
     pub mtu: u16,
@@ -29,24 +32,34 @@ pub struct Device {
     pub faults: FaultOwner,
     /// Where a live upgrade asks this device's serving thread to park (see `upgrade`).
     pub upgrade: UpgradePort,
+    /// Seccomp filters of its threads and what a lost tap does (the daemon's configuration).
+    pub policy: Policy,
 }
 
-impl Device {
+impl Device<TapQueue> {
     pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, GuardError> {
-        let pairs = tap.queues.len();
         let name = tap.name.clone().unwrap_or_else(|| "tap".into());
+        Device::with_queues(name, tap.kind, tap.queues, mac, mtu)
+    }
+}
+
+impl<T: TapControl> Device<T> {
+    /// A device over `queues` (one per queue pair), with the default [`Policy`].
+    pub fn with_queues(name: String, kind: TapKind, queues: Vec<T>, mac: [u8; 6], mtu: u16) -> Result<Self, GuardError> {
+        let pairs = queues.len();
         Ok(Device {
             label: name.clone(),
             link: Arc::new(LinkState::default()),
             device_metrics: Arc::new(DeviceMetrics::default()),
             name,
-            queues: tap.queues.into_iter().map(Arc::new).collect(),
-            kind: tap.kind,
+            queues: queues.into_iter().map(Arc::new).collect(),
+            kind,
             mac,
             mtu,
             metrics: (0..pairs).map(|_| Arc::new(PairMetrics::default())).collect(),
             faults: FaultOwner::new()?,
             upgrade: UpgradePort::new().map_err(GuardError::EventFd)?,
+            policy: Policy::default(),
         })
     }
 

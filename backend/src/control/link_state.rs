@@ -27,7 +27,7 @@ use thiserror::Error;
 
 use crate::control::wire;
 use crate::metrics::DeviceMetrics;
-use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{Seccomp, ThreadKind};
 
 /// How long the rest of a message that went out in part may take: after that the channel is
 /// out of step and dropped.
@@ -219,6 +219,7 @@ impl LinkMonitor {
         link: Arc<LinkState>,
         metrics: Arc<DeviceMetrics>,
         interval: Duration,
+        seccomp: Seccomp,
     ) -> Result<LinkMonitor, LinkError> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_t = stop.clone();
@@ -226,7 +227,7 @@ impl LinkMonitor {
         let thread = std::thread::Builder::new()
             .name(format!("vutap-link-{label}"))
             .spawn(move || {
-                sandbox::enter(ThreadKind::LinkMonitor);
+                seccomp.enter(ThreadKind::LinkMonitor);
                 while !stop_t.load(Ordering::Relaxed) {
                     let up = carrier_at(&sys);
                     if link.set(up, &metrics) {

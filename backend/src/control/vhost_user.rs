@@ -341,7 +341,7 @@ pub fn serve_on(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Devi
 
 /// [`serve_on`], first going on with a connection a live upgrade took over (if any).
 pub fn serve_from(listener: Option<UnixListener>, mode: &SocketMode, dev: Arc<Device>, once: bool, resumed: Option<ResumedConnection>) {
-    crate::operations::sandbox::enter_control();
+    dev.policy.seccomp.enter(crate::operations::sandbox::ThreadKind::Control);
     if let Some(resumed) = resumed {
         info!("frontend connection taken over from the previous vutap");
         let end = serve_resumed(resumed, dev.clone());

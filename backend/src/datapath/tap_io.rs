@@ -1,17 +1,50 @@
-//! The two syscalls the datapath makes on a tap queue, behind a trait so the loops can be tested
-//! with a scripted tap (short writes, EAGAIN, errors) and no privileges.
+//! A tap queue behind traits, so the datapath loops and the control plane (sessions, workers)
+//! can be tested in memory with a scripted tap (short writes, EAGAIN, errors) and no privileges:
+//! [`TapIo`] is the datapath's two syscalls, [`TapControl`] adds what a session does to a queue.
 
 use std::io;
 use std::os::fd::AsRawFd;
 
 use crate::datapath::chain_iov::IoVec;
-use crate::tap::TapQueue;
+use crate::tap::{TapError, TapQueue};
 
 pub trait TapIo {
     /// Writes one frame (virtio_net_hdr + Ethernet frame) gathered from `iovs`.
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
     /// Reads one frame (virtio_net_hdr + Ethernet frame) scattered into `iovs`.
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
+}
+
+/// A tap queue as a session and its worker use it: the worker polls its fd (readable when a frame
+/// waits) and moves frames; the session attaches it while its pair runs, parks it when the pair
+/// stops, and sets the header size and offloads the guest negotiated.
+pub trait TapControl: TapIo + AsRawFd + Send + Sync + 'static {
+    /// Attaches (true) or detaches (false) the queue; repeating the current state is no error.
+    fn set_attached(&self, attached: bool) -> Result<(), TapError>;
+    /// Detaches the queue and drops the frames waiting on it; returns how many.
+    fn park(&self) -> Result<usize, TapError>;
+    /// Sets the virtio_net_hdr length the queue reads and writes (10 or 12).
+    fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError>;
+    /// Tells the queue which offloads (`TUN_F_*`) the guest copes with.
+    fn set_offload(&self, flags: u32) -> Result<(), TapError>;
+}
+
+impl TapControl for TapQueue {
+    fn set_attached(&self, attached: bool) -> Result<(), TapError> {
+        TapQueue::set_attached(self, attached)
+    }
+
+    fn park(&self) -> Result<usize, TapError> {
+        TapQueue::park(self)
+    }
+
+    fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
+        TapQueue::set_vnet_hdr_len(self, len)
+    }
+
+    fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        TapQueue::set_offload(self, flags)
+    }
 }
 
 /// The iovec count for the syscall. The loops never pass more than IOV_MAX (they refuse longer

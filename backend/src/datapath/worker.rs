@@ -10,7 +10,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -20,24 +19,19 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vutap_virtio::Features;
 
+use crate::cli::Policy;
 use crate::control::memory::GuestMem;
 use crate::control::memory_guard::{FaultWatch, RangeGuard};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::rx::{RxLoop, RxOutcome};
+use crate::datapath::tap_io::TapControl;
 use crate::datapath::tx::{TxLoop, TxOutcome};
 use crate::datapath::used_ring::log_used_ring;
 use crate::metrics::{PairCounts, PairMetrics};
-use crate::tap::TapQueue;
+use crate::operations::sandbox::ThreadKind;
 
 /// Exit status for `--exit-on-tap-loss` (EX_TEMPFAIL: a supervisor should restart vutap).
 pub const EXIT_TAP_LOST: i32 = 75;
-
-static EXIT_ON_TAP_LOSS: AtomicBool = AtomicBool::new(false);
-
-/// Process-wide choice of what a worker does when its tap fails for good (`--exit-on-tap-loss`).
-pub fn set_exit_on_tap_loss(exit: bool) {
-    EXIT_ON_TAP_LOSS.store(exit, Ordering::Relaxed);
-}
 
 /// Frames per direction per batch: enough to amortise the used-ring update and the interrupt,
 /// small enough that RX and TX take turns often.
@@ -57,15 +51,17 @@ pub struct RingSetup {
     pub call: CallFd,
 }
 
-pub struct WorkerSetup {
+pub struct WorkerSetup<T: TapControl> {
     pub pair: usize,
-    pub tap: Arc<TapQueue>,
+    pub tap: Arc<T>,
     pub mem: GuestMem,
     pub features: Features,
     pub mtu: u16,
     pub rx: RingSetup,
     pub tx: RingSetup,
     pub metrics: Arc<PairMetrics>,
+    /// The thread's seccomp filter, and whether a lost tap ends the process (`--exit-on-tap-loss`).
+    pub policy: Policy,
     /// The migration dirty log, while the frontend has VHOST_F_LOG_ALL on.
     pub log: Option<Arc<DirtyLog>>,
     /// Tells whether the device's guest memory was lost (an fd shrank under the mapping).
@@ -89,12 +85,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn spawn(setup: WorkerSetup) -> io::Result<Worker> {
+    pub fn spawn<T: TapControl>(setup: WorkerSetup<T>) -> io::Result<Worker> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_for_thread = stop.try_clone()?;
         let pair = setup.pair;
         let thread = std::thread::Builder::new().name(format!("vutap-q{pair}")).spawn(move || {
-            crate::operations::sandbox::enter_worker();
+            setup.policy.seccomp.enter(ThreadKind::Worker);
             PairLoop::new(setup, stop_for_thread).run()
         })?;
         Ok(Worker { stop, thread })
@@ -130,8 +126,8 @@ fn signal(call: &CallFd, counts: &mut PairCounts) {
     }
 }
 
-struct PairLoop {
-    setup: WorkerSetup,
+struct PairLoop<T: TapControl> {
+    setup: WorkerSetup<T>,
     stop: EventFd,
     tx: TxLoop,
     rx: RxLoop,
@@ -148,8 +144,8 @@ struct PairLoop {
     tap_interest: Option<EventSet>,
 }
 
-impl PairLoop {
-    fn new(setup: WorkerSetup, stop: EventFd) -> Self {
+impl<T: TapControl> PairLoop<T> {
+    fn new(setup: WorkerSetup<T>, stop: EventFd) -> Self {
         let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len())
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
@@ -323,7 +319,7 @@ impl PairLoop {
     }
 
     fn mark_tap_gone(&mut self, e: &io::Error) {
-        if EXIT_ON_TAP_LOSS.load(Ordering::Relaxed) {
+        if self.setup.policy.exit_on_tap_loss {
             error!("queue pair {}: tap failed ({e}); exiting with status {EXIT_TAP_LOST} (--exit-on-tap-loss)", self.setup.pair);
             log::logger().flush();
             std::process::exit(EXIT_TAP_LOST);

@@ -22,7 +22,7 @@ use crate::control::link_state::{LinkError, LinkMonitor};
 use crate::control::vhost_user::{bind_socket, open_endpoint, serve_from, ResumedConnection, SocketError, SocketMode};
 use crate::operations::metrics_server::{MetricsError, MetricsServer};
 use crate::operations::privilege::{drop_to_user, PrivilegeError};
-use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::ThreadKind;
 use crate::operations::signals::{self, SignalError};
 use crate::operations::upgrade::coordinator::{self, DeviceHandle, Handover};
 use crate::operations::upgrade::resume;
@@ -140,8 +140,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 /// the socket `fd`, and serves. Any failure before every device runs is reported to the
 /// previous process (which then resumes) and ends this one at once: no destructor runs, so
 /// nothing shared (a tap queue's attachment) is touched.
-fn run_taken_over(config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
-    sandbox::note_inherited_upgrade_list();
+fn run_taken_over(mut config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
+    config.policy.seccomp = config.policy.seccomp.noting_inherited_upgrade_list();
     // SAFETY: the previous vutap passed us this end of its socketpair; nothing else owns it.
     let channel = Channel::new(unsafe { UnixDatagram::from_raw_fd(fd) });
     let fail = |why: String| -> ! {
@@ -154,7 +154,8 @@ fn run_taken_over(config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError> {
     let sockets: Vec<String> = config.devices.iter().map(|d| d.config.socket.path().display().to_string()).collect();
     let taken = resume::rebuild(state, fds, &sockets).unwrap_or_else(|e| fail(e.to_string()));
     let mut ready = Vec::new();
-    for ((dev, listener, connection), cfg) in taken.devices.into_iter().zip(&config.devices) {
+    for ((mut dev, listener, connection), cfg) in taken.devices.into_iter().zip(&config.devices) {
+        dev.policy = config.policy;
         let dev = Arc::new(dev);
         let resumed = connection.map(|c| c.start(dev.clone()).unwrap_or_else(|e| fail(e.to_string())));
         ready.push(Ready { dev, mode: cfg.config.socket.to_mode(), listener, once: cfg.config.once, resumed });
@@ -191,7 +192,7 @@ fn serve_all(
         .collect();
     cleanup.extend(config.metrics_unix.iter().cloned());
     cleanup.extend(config.control_socket.iter().filter(|_| control.is_some()).cloned());
-    signals::install(cleanup)?;
+    signals::install(cleanup, config.policy.seccomp)?;
 
     let devices: Vec<Arc<Device>> = ready.iter().map(|r| r.dev.clone()).collect();
     if let Some(control) = control {
@@ -213,11 +214,12 @@ fn serve_all(
             args: self_exec.args,
             default_binary: self_exec.binary,
         };
-        coordinator::spawn(control, handover).map_err(DaemonError::Spawn)?;
+        coordinator::spawn(control, handover, config.policy.seccomp).map_err(DaemonError::Spawn)?;
     }
-    metrics.spawn(devices.clone())?;
+    metrics.spawn(devices.clone(), config.policy.seccomp)?;
     if let Some(secs) = config.stats_interval {
-        crate::operations::stats::spawn_summary(devices.clone(), Duration::from_secs(secs)).map_err(DaemonError::Spawn)?;
+        crate::operations::stats::spawn_summary(devices.clone(), Duration::from_secs(secs), config.policy.seccomp)
+            .map_err(DaemonError::Spawn)?;
     }
     let mut monitors = Vec::new();
     if config.link_poll_ms > 0 {
@@ -229,6 +231,7 @@ fn serve_all(
                     d.link.clone(),
                     d.device_metrics.clone(),
                     Duration::from_millis(config.link_poll_ms),
+                    config.policy.seccomp,
                 )?);
             } else {
                 info!("device {}: no interface to watch; link stays up", d.label);
@@ -256,7 +259,7 @@ fn serve_all(
     }
     // Every other thread exists and has installed its own filter; the main thread's comes last so
     // that none of them inherits it (see `sandbox`).
-    sandbox::enter(ThreadKind::Main);
+    config.policy.seccomp.enter(ThreadKind::Main);
     for (label, t) in threads {
         if t.join().is_err() {
             warn!("device {label}: its serving thread panicked; the other devices go on");

@@ -24,7 +24,7 @@ use thiserror::Error;
 use crate::control::device::Device;
 use crate::metrics::PairCounts;
 use crate::operations::metrics_http::{self, Parsed, MAX_HEAD};
-use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{Seccomp, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -128,7 +128,7 @@ impl MetricsServer {
     }
 
     /// Serves both endpoints from one thread until the process exits.
-    pub fn spawn(self, devices: Vec<Arc<Device>>) -> Result<(), MetricsError> {
+    pub fn spawn(self, devices: Vec<Arc<Device>>, seccomp: Seccomp) -> Result<(), MetricsError> {
         if self.tcp.is_none() && self.unix.is_none() {
             return Ok(());
         }
@@ -141,7 +141,7 @@ impl MetricsServer {
         std::thread::Builder::new()
             .name("vutap-metrics".into())
             .spawn(move || {
-                sandbox::enter(ThreadKind::Metrics);
+                seccomp.enter(ThreadKind::Metrics);
                 let mut endpoint = Endpoint::new(self.tcp, self.unix.map(|(l, _)| l));
                 loop {
                     endpoint.turn(|| render(&devices));

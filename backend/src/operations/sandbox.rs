@@ -1,6 +1,8 @@
 //! seccomp allow-lists, one per kind of thread ([`ThreadKind`]). The `vutap` binary turns them
-//! on (`--no-seccomp` keeps them off); the library leaves them off, so in-process users (the
-//! tests) get filters only if they ask with [`set_enabled`].
+//! on (`--no-seccomp` keeps them off); the library leaves them off ([`Seccomp::default`]), so
+//! in-process users (the tests) get filters only if their configuration asks for them. The
+//! choice is a value ([`Seccomp`]) carried in the daemon's and each device's configuration down
+//! to every thread that installs a filter.
 //!
 //! - **Worker threads** (one per queue pair, the only code that touches guest-controlled data
 //!   at line rate) get a strict list: epoll, read/write/readv/writev on the tap and eventfds,
@@ -29,7 +31,6 @@
 mod ops_threads;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use log::{debug, warn};
 use seccompiler::{
@@ -39,29 +40,55 @@ use thiserror::Error;
 
 pub use ops_threads::{LINK_MONITOR, MAIN, METRICS, SIGNALS, STATS_SUMMARY, UPGRADE};
 
-static ENABLED: AtomicBool = AtomicBool::new(false);
-/// This process was started by a live upgrade and inherited the previous one's upgrade list.
-static UPGRADE_LIST_INHERITED: AtomicBool = AtomicBool::new(false);
-
-/// Records whether the calling process runs under an inherited filter (`Seccomp: 2` in
-/// `/proc/self/status` before it installed any): a process started by a live upgrade inherits
-/// the previous one's upgrade list. Its own upgrade thread then adds nothing (the list is the
-/// same union), so filters do not pile up from one upgrade to the next (the kernel caps a
-/// thread's filters at 32 768 BPF instructions in all).
-pub fn note_inherited_upgrade_list() {
-    let inherited = std::fs::read_to_string("/proc/self/status")
-        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')));
-    UPGRADE_LIST_INHERITED.store(inherited, Ordering::SeqCst);
+/// Whether the threads started from here on install their allow-lists, and whether this
+/// process already runs under the upgrade list it inherited from the vutap that started it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seccomp {
+    enabled: bool,
+    upgrade_list_inherited: bool,
 }
 
-/// Turns the filters on or off for threads started from now on (the binary: on unless
-/// `--no-seccomp`; the library: off until asked).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::SeqCst);
-}
+impl Seccomp {
+    /// Filters on (the binary, unless `--no-seccomp`; tests that want the binary's threads).
+    pub const ON: Seccomp = Seccomp { enabled: true, upgrade_list_inherited: false };
+    /// Filters off (the library's default).
+    pub const OFF: Seccomp = Seccomp { enabled: false, upgrade_list_inherited: false };
 
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::SeqCst)
+    pub fn new(enabled: bool) -> Seccomp {
+        Seccomp { enabled, upgrade_list_inherited: false }
+    }
+
+    pub fn enabled(self) -> bool {
+        self.enabled
+    }
+
+    /// Notes whether the calling process runs under an inherited filter (`Seccomp: 2` in
+    /// `/proc/self/status` before it installed any): a process started by a live upgrade inherits
+    /// the previous one's upgrade list. Its own upgrade thread then adds nothing (the list is the
+    /// same union), so filters do not pile up from one upgrade to the next (the kernel caps a
+    /// thread's filters at 32 768 BPF instructions in all).
+    pub fn noting_inherited_upgrade_list(self) -> Seccomp {
+        let inherited = std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end().ends_with('2')));
+        Seccomp { upgrade_list_inherited: inherited, ..self }
+    }
+
+    /// Installs the filter of `kind` on the calling thread, if enabled. A filter that cannot be
+    /// installed is logged and the thread runs unfiltered.
+    pub fn enter(self, kind: ThreadKind) {
+        if !self.enabled {
+            return;
+        }
+        if kind == ThreadKind::Upgrade && self.upgrade_list_inherited {
+            debug!("seccomp: the upgrade list is inherited from the previous vutap");
+            return;
+        }
+        let list = kind.allow_list();
+        match list.apply() {
+            Ok(()) => debug!("seccomp: {} filter installed", list.name),
+            Err(e) => warn!("{e}; running unfiltered"),
+        }
+    }
 }
 
 /// The allocator: every thread of vutap allocates.
@@ -265,33 +292,6 @@ pub fn worker_filter() -> Result<BpfProgram, SandboxError> {
 /// The device serving threads' filter.
 pub fn control_filter() -> Result<BpfProgram, SandboxError> {
     CONTROL.compile()
-}
-
-/// Installs the filter of `kind` on the calling thread, if the sandbox is enabled. A filter that
-/// cannot be installed is logged and the thread runs unfiltered.
-pub fn enter(kind: ThreadKind) {
-    if !enabled() {
-        return;
-    }
-    if kind == ThreadKind::Upgrade && UPGRADE_LIST_INHERITED.load(Ordering::SeqCst) {
-        debug!("seccomp: the upgrade list is inherited from the previous vutap");
-        return;
-    }
-    let list = kind.allow_list();
-    match list.apply() {
-        Ok(()) => debug!("seccomp: {} filter installed", list.name),
-        Err(e) => warn!("{e}; running unfiltered"),
-    }
-}
-
-/// Installs the worker filter on the calling thread (if enabled).
-pub fn enter_worker() {
-    enter(ThreadKind::Worker);
-}
-
-/// Installs the control filter on the calling thread (if enabled).
-pub fn enter_control() {
-    enter(ThreadKind::Control);
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use signal_hook::iterator::Signals;
 use thiserror::Error;
 use vmm_sys_util::signal::{block_signal, unblock_signal};
 
-use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{Seccomp, ThreadKind};
 
 #[derive(Debug, Error)]
 pub enum SignalError {
@@ -35,7 +35,7 @@ const HANDLED: [libc::c_int; 2] = [SIGTERM, SIGINT];
 
 /// Installs the handler: on SIGTERM or SIGINT, removes `cleanup` paths and exits with 0. Call
 /// it before spawning any other thread (see the module doc); it blocks both signals in the caller.
-pub fn install(cleanup: Vec<PathBuf>) -> Result<JoinHandle<()>, SignalError> {
+pub fn install(cleanup: Vec<PathBuf>, seccomp: Seccomp) -> Result<JoinHandle<()>, SignalError> {
     let mut signals = Signals::new(HANDLED).map_err(SignalError::Install)?;
     for sig in HANDLED {
         match block_signal(sig) {
@@ -51,7 +51,7 @@ pub fn install(cleanup: Vec<PathBuf>) -> Result<JoinHandle<()>, SignalError> {
                     warn!("cannot unblock signal {sig} in the signal thread: {e}");
                 }
             }
-            sandbox::enter(ThreadKind::Signals);
+            seccomp.enter(ThreadKind::Signals);
             if let Some(sig) = signals.forever().next() {
                 let name = if sig == SIGTERM { "SIGTERM" } else { "SIGINT" };
                 info!("{name} received: removing sockets and exiting");

@@ -175,9 +175,9 @@ pub fn summary_line(dev: &Device, last: &mut PairCounts) -> String {
 }
 
 /// Logs [`summary_line`] for every device every `interval`.
-pub fn spawn_summary(devices: Vec<Arc<Device>>, interval: Duration) -> io::Result<()> {
+pub fn spawn_summary(devices: Vec<Arc<Device>>, interval: Duration, seccomp: crate::operations::sandbox::Seccomp) -> io::Result<()> {
     std::thread::Builder::new().name("vutap-stats".into()).spawn(move || {
-        crate::operations::sandbox::enter(crate::operations::sandbox::ThreadKind::StatsSummary);
+        seccomp.enter(crate::operations::sandbox::ThreadKind::StatsSummary);
         let mut last = vec![PairCounts::default(); devices.len()];
         loop {
             std::thread::sleep(interval);

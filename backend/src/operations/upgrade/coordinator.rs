@@ -22,7 +22,7 @@ use super::port::{ParkRequest, Parked, Verdict};
 use super::state::{DeviceState, ProcessState, Version, STATE_MAJOR, STATE_MINOR};
 use super::wire::{self, Channel, Hello, WireError, UPGRADE_FD_ENV};
 use crate::control::device::Device;
-use crate::operations::sandbox::{self, ThreadKind};
+use crate::operations::sandbox::{Seccomp, ThreadKind};
 
 /// How long the new binary may take to start and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,9 +119,9 @@ pub struct Handover {
 }
 
 /// Serves the control socket on the `vutap-upgrade` thread.
-pub fn spawn(listener: UnixListener, handover: Handover) -> std::io::Result<()> {
+pub fn spawn(listener: UnixListener, handover: Handover, seccomp: Seccomp) -> std::io::Result<()> {
     std::thread::Builder::new().name("vutap-upgrade".into()).spawn(move || {
-        sandbox::enter(ThreadKind::Upgrade);
+        seccomp.enter(ThreadKind::Upgrade);
         for conn in listener.incoming() {
             match conn {
                 Ok(s) => serve_request(s, &handover),

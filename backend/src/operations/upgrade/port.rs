@@ -79,7 +79,7 @@ impl UpgradePort {
         let Some(req) = self.take() else { return };
         let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
         s.halt_all();
-        let parked = s.export(stream, owned).map(|connection| Parked { connection: Some(connection) });
+        let parked = s.export(stream, owned).map(|connection| Parked { connection: Some(connection) }).map_err(|e| e.to_string());
         let sent = req.parked.send(parked).is_ok();
         let verdict = if sent { wait_verdict(label, &req.verdict) } else { Verdict::Resume };
         if verdict == Verdict::Resume {

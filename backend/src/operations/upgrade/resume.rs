@@ -40,8 +40,12 @@ pub enum ResumeError {
         #[source]
         source: GuardError,
     },
-    #[error("device {label}: cannot restore its connection: {why}")]
-    Session { label: String, why: String },
+    #[error("device {label}: cannot restore its connection: {source}")]
+    Session {
+        label: String,
+        #[source]
+        source: crate::control::session::SessionError,
+    },
     #[error("device {label}: cannot resume the request parser: {source}")]
     Parser {
         label: String,
@@ -76,7 +80,7 @@ impl OwnedConnection {
     pub fn start(mut self, dev: Arc<Device>) -> Result<ResumedConnection, ResumeError> {
         let label = dev.label.clone();
         let session =
-            Session::restore(dev, &self.state, &mut self.fds).map_err(|why| ResumeError::Session { label: label.clone(), why })?;
+            Session::restore(dev, &self.state, &mut self.fds).map_err(|source| ResumeError::Session { label: label.clone(), source })?;
         let session = Arc::new(Mutex::new(session));
         let handler = primed_handler(&self.stream, session.clone()).map_err(|source| ResumeError::Parser { label, source })?;
         session.lock().unwrap_or_else(|p| p.into_inner()).resume_all();
