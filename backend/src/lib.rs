@@ -6,7 +6,9 @@
 //! - [`device`]: a served device (tap queues, MAC, MTU, counters).
 //! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
 //! - [`session`]: per-connection state (features, memory, vrings, workers).
-//! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]: the batch loops.
+//! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]:
+//!   the batch loops (RX holds popped chains in `held_chains`), stopping a ring on a
+//!   [`ring_error::RingError`].
 //! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
 //!   migration log; [`metrics`]: counters.
 //! - [`mapped_fd`]: size and seal checks of the fds a frontend hands us to map;
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod daemon;
 pub mod device;
 pub mod dirty_log;
+pub(crate) mod held_chains;
 pub mod link_state;
 pub mod mapped_fd;
 pub mod memory;
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod metrics_http;
 pub mod metrics_server;
 pub mod privilege;
+pub mod ring_error;
 pub mod rx;
 pub mod sandbox;
 pub mod session;

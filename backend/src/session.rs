@@ -107,8 +107,7 @@ impl Session {
         let hdr_len = self.features.map_or(vutap_virtio::features::HDR_LEN, |f| f.hdr_len());
         let mut frame = vec![0u8; hdr_len];
         frame.extend_from_slice(&vutap_virtio::announce::rarp_frame(mac));
-        let iov = crate::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
-        crate::tap_io::TapIo::write_frame(&*self.dev.queues[pair], &[iov]).map(|_| ()).map_err(|e| format!("tap write: {e}"))
+        crate::tap_io::TapIo::write_bytes(&*self.dev.queues[pair], &frame).map(|_| ()).map_err(|e| format!("tap write: {e}"))
     }
 
     pub fn features_acked(&self) -> bool {

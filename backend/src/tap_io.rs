@@ -12,6 +12,15 @@ pub trait TapIo {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
     /// Reads one frame (virtio_net_hdr + Ethernet frame) scattered into `iovs`.
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
+
+    /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
+    /// announcement the device builds itself.
+    fn write_bytes(&self, frame: &[u8]) -> io::Result<usize> {
+        // SAFETY: `frame` is borrowed, so valid and unchanged, for the whole call, and a write
+        // only reads from it (the pointer is mutable only because iovec's is).
+        let iov = unsafe { IoVec::from_raw_parts(frame.as_ptr().cast_mut(), frame.len()) };
+        self.write_frame(&[iov])
+    }
 }
 
 /// The iovec count for the syscall. The loops never pass more than IOV_MAX (they refuse longer
@@ -23,9 +32,9 @@ fn iov_count(iovs: &[IoVec]) -> io::Result<libc::c_int> {
 impl TapIo for TapQueue {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
-        // SAFETY: IoVec is repr(transparent) over libc::iovec; every entry points into mapped
-        // guest memory valid for its length for the duration of the call.
-        let n = unsafe { libc::writev(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
+        // SAFETY: `count` entries of `iovs` are passed; each describes memory valid for its length
+        // while it is used (IoVec's constructors' contract), and writev only reads it.
+        let n = unsafe { libc::writev(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -35,8 +44,9 @@ impl TapIo for TapQueue {
 
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
-        // SAFETY: as above; the entries describe device-writable guest buffers.
-        let n = unsafe { libc::readv(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
+        // SAFETY: as above; readv writes at most each entry's length into it, and the memory
+        // behind an IoVec is writable by contract (device-writable guest buffers or our own).
+        let n = unsafe { libc::readv(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {

@@ -97,8 +97,9 @@ pub struct MockTap {
 fn gather(iovs: &[IoVec]) -> Vec<u8> {
     let mut out = Vec::new();
     for iov in iovs {
-        // SAFETY: test iovecs point into the test's guest memory, valid for their length.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(iov.base(), iov.len()) });
+        // SAFETY: an IoVec is valid for reads of its length while it is used (its constructors'
+        // contract), and nothing writes it during this copy (the test thread runs the loop).
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(iov.as_ptr(), iov.len()) });
     }
     out
 }
@@ -136,8 +137,10 @@ impl TapIo for MockTap {
                 let mut left = &bytes[..];
                 for iov in iovs {
                     let n = left.len().min(iov.len());
-                    // SAFETY: as in `gather`; the destination is valid for `iov.len()` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
+                    // SAFETY: an iovec passed to a read is valid for writes of its length (its
+                    // constructors' contract), `n <= iov.len()`, and the script's frame is our
+                    // own memory, so the two do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.as_ptr(), n) };
                     left = &left[n..];
                 }
                 Ok(bytes.len() - left.len())

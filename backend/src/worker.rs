@@ -131,10 +131,12 @@ fn signal(call: &CallFd, counts: &mut PairCounts) {
 }
 
 struct PairLoop {
-    setup: WorkerSetup,
-    stop: EventFd,
+    // The loops come first so they drop first: the RX loop's held chains keep a handle on the
+    // guest memory, which must be unmapped before `setup` lets go of its SIGBUS guards.
     tx: TxLoop,
     rx: RxLoop,
+    setup: WorkerSetup,
+    stop: EventFd,
     counts: PairCounts,
     tx_pending: bool,
     tx_blocked: bool,
@@ -153,7 +155,7 @@ impl PairLoop {
         let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len())
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu)
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &setup.mem)
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
         PairLoop {
