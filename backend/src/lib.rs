@@ -6,7 +6,7 @@
 //! - [`device`]: a served device (tap queues, MAC, MTU, counters).
 //! - [`vhost_user`]: the socket, the connection loop and QEMU's message-order quirk.
 //! - [`session`]: per-connection state (features, memory, vrings, workers).
-//! - [`worker`]: one epoll thread per queue pair; [`tx`] and [`rx`]:
+//! - [`worker`]: one epoll thread per queue pair, scheduled by `pair_state`; [`tx`] and [`rx`]:
 //!   the batch loops (RX holds popped chains in `held_chains`), stopping a ring on a
 //!   [`ring_error::RingError`].
 //! - [`chain_iov`], [`used_ring`], [`memory`]: guest-memory plumbing; [`dirty_log`]: the
@@ -32,6 +32,7 @@ pub mod memory_guard;
 pub mod metrics;
 pub mod metrics_http;
 pub mod metrics_server;
+pub(crate) mod pair_state;
 pub mod privilege;
 pub mod ring_error;
 pub mod rx;
