@@ -7,7 +7,7 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
 
 use crate::memory::GuestMem;
@@ -50,10 +50,10 @@ unsafe impl Send for IoVec {}
 impl IoVec {
     /// # Safety
     ///
-    /// `base..base + len` must stay valid (mapped, not freed) for as long as this `IoVec` or a
-    /// copy of it is used: for reads when it is passed to a write (`writev`), and for writes too
-    /// when it is passed to a read (`readv`). Nothing may rely on Rust's aliasing rules for that
-    /// memory meanwhile (it is guest memory, or a buffer only the kernel touches during the call).
+    /// `base..base + len` must stay valid for reads and writes (mapped, writable, not freed) for
+    /// as long as this `IoVec` or a copy of it is used, and every other access to that memory
+    /// meanwhile must be volatile or the kernel's (it is guest memory, or a buffer of ours that
+    /// only the kernel touches while the `IoVec` is in use).
     pub unsafe fn from_raw_parts(base: *mut u8, len: usize) -> IoVec {
         IoVec(libc::iovec { iov_base: base.cast(), iov_len: len })
     }
@@ -69,6 +69,14 @@ impl IoVec {
     /// The buffer's start; dereferencing it is up to the caller (see [`IoVec`]).
     pub fn as_ptr(&self) -> *mut u8 {
         self.0.iov_base.cast()
+    }
+
+    /// The buffer as a vm-memory volatile slice, for bounds-checked volatile access.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_> {
+        // SAFETY: the buffer is valid for reads and writes of its length while this IoVec is in
+        // use, which covers this borrow, and is only ever accessed volatilely or by the kernel
+        // (the constructors' contract).
+        unsafe { VolatileSlice::new(self.as_ptr(), self.len()) }
     }
 
     /// The slice as the kernel's `readv`/`writev` take it (`IoVec` is `repr(transparent)`).

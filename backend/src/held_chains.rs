@@ -1,5 +1,5 @@
 //! The RX chains popped ahead of the frames that will fill them, with their iovecs (for the next
-//! `readv`) and their guest-physical ranges (for the dirty log and the `num_buffers` write).
+//! `readv` and the `num_buffers` write) and their guest-physical ranges (for the dirty log).
 //!
 //! Invariants, kept by every method:
 //! - the iovecs (and the ranges) are the held chains' own, concatenated in hold order, so the
@@ -15,7 +15,7 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 use vutap_virtio::{ChainLimits, Direction};
 
 use crate::chain_iov::{collect_iovecs, BadChain, IoVec};
@@ -76,31 +76,37 @@ impl HeldChains {
         self.chains.len()
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()
     }
 
     /// Bytes the held chains take together.
+    #[inline]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// Each held chain's capacity, oldest first.
+    #[inline]
     pub fn capacities(&self) -> impl Iterator<Item = usize> + '_ {
         self.chains.iter().map(|c| c.capacity)
     }
 
+    #[inline]
     pub fn front(&self) -> Option<HeldChain> {
         self.chains.front().copied()
     }
 
     /// The held chains' iovecs, oldest chain first.
+    #[inline]
     pub fn iovs(&mut self) -> &[IoVec] {
         self.iovs.make_contiguous()
     }
 
     /// Checks `chain` as a device-writable chain of at most `max_segments` iovecs and holds it
     /// behind the others. On error nothing changes.
+    #[inline]
     pub fn hold<M>(&mut self, chain: DescriptorChain<M>, limits: ChainLimits, max_segments: usize) -> Result<(), HoldError>
     where
         M: Deref<Target = GuestMem>,
@@ -138,6 +144,7 @@ impl HeldChains {
 
     /// The leading chains one read may fill: as many as fit in `max_iovs` iovecs, stopping once
     /// they can take `max_bytes`. Returns their iovec count and capacity.
+    #[inline]
     pub fn window(&self, max_bytes: usize, max_iovs: usize) -> (usize, usize) {
         let (mut iovs, mut capacity) = (0, 0);
         for c in &self.chains {
@@ -154,22 +161,23 @@ impl HeldChains {
     }
 
     /// Writes `bytes` at `offset` into the oldest chain's buffers, through vm-memory's checked
-    /// accessors (the field may straddle two descriptors in a hostile layout). Returns false if
-    /// its buffers are too short or nothing is held.
+    /// volatile accessors (the field may straddle two buffers in a hostile layout). Returns false
+    /// if its buffers are too short or nothing is held.
+    #[inline]
     pub fn write_to_front(&self, mut offset: usize, bytes: &[u8]) -> bool {
         let Some(front) = self.chains.front() else { return false };
         let mut src = bytes;
-        for &(gpa, len) in self.ranges.range(..front.range_count) {
+        for iov in self.iovs.range(..front.iov_count) {
             if src.is_empty() {
                 break;
             }
-            let len = len as usize;
-            if offset >= len {
-                offset -= len;
+            let buf = iov.as_volatile_slice();
+            if offset >= buf.len() {
+                offset -= buf.len();
                 continue;
             }
-            let n = (len - offset).min(src.len());
-            if self.mem.write_slice(&src[..n], GuestAddress(gpa + offset as u64)).is_err() {
+            let n = (buf.len() - offset).min(src.len());
+            if buf.write_slice(&src[..n], offset).is_err() {
                 return false;
             }
             src = &src[n..];
@@ -180,6 +188,7 @@ impl HeldChains {
 
     /// Releases the oldest chain once its buffers were written, marking them in `log` (after
     /// the data, so the frontend never copies a page too early).
+    #[inline]
     pub fn release_front(&mut self, log: Option<&DirtyLog>) -> Option<HeldChain> {
         let chain = self.chains.pop_front()?;
         self.iovs.drain(..chain.iov_count);
@@ -212,7 +221,7 @@ mod tests {
     use crate::test_utils::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
-    use vm_memory::GuestMemoryBackend;
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
 
     const SIZE: u16 = 16;
     const LIMITS: ChainLimits = ChainLimits { max_descriptors: SIZE as usize, max_bytes: u32::MAX, min_bytes: 12 };

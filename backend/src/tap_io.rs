@@ -14,11 +14,13 @@ pub trait TapIo {
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
 
     /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
-    /// announcement the device builds itself.
+    /// announcement the device builds itself. Rare, so it copies the frame rather than hand out
+    /// an iovec over borrowed, read-only memory.
     fn write_bytes(&self, frame: &[u8]) -> io::Result<usize> {
-        // SAFETY: `frame` is borrowed, so valid and unchanged, for the whole call, and a write
-        // only reads from it (the pointer is mutable only because iovec's is).
-        let iov = unsafe { IoVec::from_raw_parts(frame.as_ptr().cast_mut(), frame.len()) };
+        let mut owned = frame.to_vec();
+        // SAFETY: `owned` is ours, writable, and outlives the call; nothing else touches it
+        // while the iovec is in use, and the iovec is dropped with this call.
+        let iov = unsafe { IoVec::from_raw_parts(owned.as_mut_ptr(), owned.len()) };
         self.write_frame(&[iov])
     }
 }
@@ -45,7 +47,7 @@ impl TapIo for TapQueue {
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
         // SAFETY: as above; readv writes at most each entry's length into it, and the memory
-        // behind an IoVec is writable by contract (device-writable guest buffers or our own).
+        // behind an IoVec is writable by contract.
         let n = unsafe { libc::readv(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
         if n < 0 {
             Err(io::Error::last_os_error())

@@ -97,9 +97,9 @@ pub struct MockTap {
 fn gather(iovs: &[IoVec]) -> Vec<u8> {
     let mut out = Vec::new();
     for iov in iovs {
-        // SAFETY: an IoVec is valid for reads of its length while it is used (its constructors'
-        // contract), and nothing writes it during this copy (the test thread runs the loop).
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(iov.as_ptr(), iov.len()) });
+        let start = out.len();
+        out.resize(start + iov.len(), 0);
+        iov.as_volatile_slice().copy_to(&mut out[start..]);
     }
     out
 }
@@ -137,10 +137,7 @@ impl TapIo for MockTap {
                 let mut left = &bytes[..];
                 for iov in iovs {
                     let n = left.len().min(iov.len());
-                    // SAFETY: an iovec passed to a read is valid for writes of its length (its
-                    // constructors' contract), `n <= iov.len()`, and the script's frame is our
-                    // own memory, so the two do not overlap.
-                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.as_ptr(), n) };
+                    iov.as_volatile_slice().copy_from(&left[..n]);
                     left = &left[n..];
                 }
                 Ok(bytes.len() - left.len())
