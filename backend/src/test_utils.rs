@@ -97,8 +97,9 @@ pub struct MockTap {
 fn gather(iovs: &[IoVec]) -> Vec<u8> {
     let mut out = Vec::new();
     for iov in iovs {
-        // SAFETY: test iovecs point into the test's guest memory, valid for their length.
-        out.extend_from_slice(unsafe { std::slice::from_raw_parts(iov.base(), iov.len()) });
+        let start = out.len();
+        out.resize(start + iov.len(), 0);
+        iov.as_volatile_slice().copy_to(&mut out[start..]);
     }
     out
 }
@@ -136,8 +137,7 @@ impl TapIo for MockTap {
                 let mut left = &bytes[..];
                 for iov in iovs {
                     let n = left.len().min(iov.len());
-                    // SAFETY: as in `gather`; the destination is valid for `iov.len()` bytes.
-                    unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
+                    iov.as_volatile_slice().copy_from(&left[..n]);
                     left = &left[n..];
                 }
                 Ok(bytes.len() - left.len())
@@ -274,8 +274,7 @@ impl TapIo for MockTapQueue {
         let mut left = &bytes[..];
         for iov in iovs {
             let n = left.len().min(iov.len());
-            // SAFETY: as in `gather`; the destination is valid for `iov.len()` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(left.as_ptr(), iov.base(), n) };
+            iov.as_volatile_slice().copy_from(&left[..n]);
             left = &left[n..];
         }
         Ok(bytes.len() - left.len())

@@ -176,7 +176,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
 
     let log = if u.ratio(1, 4)? { Some(std::sync::Arc::new(memfd_log(u.int_in_range(1..=64)?).1)) } else { None };
     let mut tx_loop = TxLoop::new(u.int_in_range(1..=64)?, tx.size, features.hdr_len()).with_log(log.clone());
-    let mut rx_loop = RxLoop::new(u.int_in_range(1..=64)?, rx.size, features, mtu).with_log(log);
+    let mut rx_loop = RxLoop::new(u.int_in_range(1..=64)?, rx.size, features, mtu, &mem).with_log(log);
 
     let tap = MockTap::default();
     let mut counts = PairCounts::default();

@@ -384,7 +384,7 @@ impl FaultWatch {
     /// range faults and is replaced there) and says whether this device's memory is lost.
     pub fn probe_lost(&self, iovs: &[IoVec]) -> bool {
         for v in iovs {
-            touch_pages(v.0.iov_base as *const u8, v.0.iov_len);
+            touch_pages(v.as_ptr(), v.len());
         }
         self.lost()
     }
@@ -449,7 +449,8 @@ mod tests {
             seccompiler::apply_filter(&crate::operations::sandbox::worker_filter().unwrap()).unwrap();
             assert!(!watch.lost());
             // Page 0 is still backed: no fault.
-            let iov = [IoVec(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: 4096 })];
+            // SAFETY: page 0 of our mapping, still backed, kept mapped until the test unmaps it.
+            let iov = [unsafe { IoVec::from_raw_parts(addr as *mut u8, 4096) }];
             assert!(!watch.probe_lost(&iov));
             // Page 2 is past the new end: SIGBUS, contained.
             // SAFETY: inside the mapping we registered; the handler makes it readable.
@@ -484,9 +485,11 @@ mod tests {
         file.set_len(0).unwrap();
         // A kernel copy from the truncated range fails with EFAULT, no signal.
         let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-        let iov = [IoVec(libc::iovec { iov_base: p.cast(), iov_len: 64 })];
+        // SAFETY: the start of our mapping, kept mapped (replaced when it faults) until the test
+        // unmaps it; only the kernel and the probe touch it.
+        let iov = [unsafe { IoVec::from_raw_parts(p, 64) }];
         // SAFETY: writev from our (truncated) mapping; the kernel checks the access.
-        let n = unsafe { libc::writev(w.as_raw_fd(), iov.as_ptr().cast(), 1) };
+        let n = unsafe { libc::writev(w.as_raw_fd(), IoVec::as_iovecs(&iov), 1) };
         assert_eq!(n, -1);
         assert_eq!(io::Error::last_os_error().raw_os_error(), Some(libc::EFAULT));
         assert!(!owner.watch().lost());

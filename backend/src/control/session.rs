@@ -195,9 +195,7 @@ impl<T: TapControl> Session<T> {
         let hdr_len = self.features.map_or(vutap_virtio::features::HDR_LEN, |f| f.hdr_len());
         let mut frame = vec![0u8; hdr_len];
         frame.extend_from_slice(&vutap_virtio::announce::rarp_frame(mac));
-        let iov =
-            crate::datapath::chain_iov::IoVec(libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() });
-        self.dev.queues[pair].write_frame(&[iov]).map(|_| ()).map_err(SessionError::TapWrite)
+        self.dev.queues[pair].write_bytes(&frame).map(|_| ()).map_err(SessionError::TapWrite)
     }
 
     pub fn features_acked(&self) -> bool {

@@ -7,7 +7,7 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
 
 use crate::control::memory::GuestMem;
@@ -33,24 +33,55 @@ pub enum BadChain {
 /// The most iovecs one `readv`/`writev` takes (Linux UIO_MAXIOV).
 pub const IOV_MAX: usize = 1024;
 
-/// A raw `iovec`, sendable between our own threads: it only ever points into guest memory that
-/// outlives the batch using it.
+/// One buffer for `readv`/`writev`: a pointer and a length that are valid for reads and writes
+/// for as long as the `IoVec` is used. The fields are private, so safe code can only get one
+/// from [`collect_iovecs`] (checked guest-memory slices) or through the `unsafe`
+/// [`IoVec::from_raw_parts`], whose contract the caller upholds; the safe
+/// [`TapIo`](crate::datapath::tap_io::TapIo) calls then rely on that.
 #[derive(Clone, Copy, Debug)]
 #[repr(transparent)]
-pub struct IoVec(pub libc::iovec);
+pub struct IoVec(libc::iovec);
 
-// SAFETY: an IoVec is plain data (pointer + length); the worker that builds it is the only user.
+// SAFETY: an IoVec is a pointer and a length into memory that stays valid while it is used (its
+// constructors' contract), not tied to the thread that built it; the worker hands them to the
+// kernel, which does not care which thread asks.
 unsafe impl Send for IoVec {}
 
 impl IoVec {
+    /// # Safety
+    ///
+    /// `base..base + len` must stay valid for reads and writes (mapped, writable, not freed) for
+    /// as long as this `IoVec` or a copy of it is used, and every other access to that memory
+    /// meanwhile must be volatile or the kernel's (it is guest memory, or a buffer of ours that
+    /// only the kernel touches while the `IoVec` is in use).
+    pub unsafe fn from_raw_parts(base: *mut u8, len: usize) -> IoVec {
+        IoVec(libc::iovec { iov_base: base.cast(), iov_len: len })
+    }
+
     pub fn len(&self) -> usize {
         self.0.iov_len
     }
+
     pub fn is_empty(&self) -> bool {
         self.0.iov_len == 0
     }
-    pub fn base(&self) -> *mut u8 {
-        self.0.iov_base as *mut u8
+
+    /// The buffer's start; dereferencing it is up to the caller (see [`IoVec`]).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.0.iov_base.cast()
+    }
+
+    /// The buffer as a vm-memory volatile slice, for bounds-checked volatile access.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_> {
+        // SAFETY: the buffer is valid for reads and writes of its length while this IoVec is in
+        // use, which covers this borrow, and is only ever accessed volatilely or by the kernel
+        // (the constructors' contract).
+        unsafe { VolatileSlice::new(self.as_ptr(), self.len()) }
+    }
+
+    /// The slice as the kernel's `readv`/`writev` take it (`IoVec` is `repr(transparent)`).
+    pub fn as_iovecs(iovs: &[IoVec]) -> *const libc::iovec {
+        iovs.as_ptr().cast()
     }
 }
 
@@ -58,7 +89,12 @@ impl IoVec {
 /// `ranges`, for the dirty log) and returns the chain's byte count. A chain of more than
 /// `max_segments` descriptors or iovecs is refused, which also bounds the walk of a hostile one.
 /// On error both are restored to their lengths on entry.
-pub fn collect_iovecs<M>(
+///
+/// # Safety
+///
+/// The appended iovecs point into `mem`'s mappings, with no lifetime to say so: the caller must
+/// keep those mappings alive (hold `mem` or a clone of it) for as long as it uses them.
+pub unsafe fn collect_iovecs<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMem,
     direction: Direction,
@@ -79,7 +115,8 @@ where
             count += 1;
             open = desc.has_next();
             check.push(desc.len(), desc.is_write_only())?;
-            push_region_iovecs(mem, desc.addr(), desc.len(), iovs)?;
+            // SAFETY: our caller keeps `mem` mapped while it uses the iovecs (our own contract).
+            unsafe { push_region_iovecs(mem, desc.addr(), desc.len(), iovs)? };
             if count > max_segments || iovs.len() - start > max_segments {
                 return Err(BadChain::TooManySegments { max: max_segments });
             }
@@ -102,39 +139,21 @@ where
 }
 
 /// Appends iovecs covering `addr..addr+len`, split where the range crosses memory regions.
-fn push_region_iovecs(mem: &GuestMem, addr: GuestAddress, len: u32, iovs: &mut Vec<IoVec>) -> Result<(), BadChain> {
+///
+/// # Safety
+///
+/// As for [`collect_iovecs`]: the caller keeps `mem`'s mappings alive while it uses the iovecs.
+unsafe fn push_region_iovecs(mem: &GuestMem, addr: GuestAddress, len: u32, iovs: &mut Vec<IoVec>) -> Result<(), BadChain> {
     let outside = || BadChain::OutsideMemory { addr: addr.0, len };
     if len == 0 {
         return Ok(());
     }
     for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
         let slice = slice.map_err(|_| outside())?;
-        iovs.push(IoVec(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void, iov_len: slice.len() }));
+        // SAFETY: vm-memory checked that the slice lies inside one mapped region of `mem`; it
+        // stays mapped as long as the caller keeps `mem` (this function's contract).
+        // Guest memory is shared with the guest, so nothing relies on aliasing rules there.
+        iovs.push(unsafe { IoVec::from_raw_parts(slice.ptr_guard_mut().as_ptr(), slice.len()) });
     }
     Ok(())
-}
-
-/// Copies `bytes` into the buffers of `iovs` starting `offset` bytes in (used to write
-/// `num_buffers`, which may straddle two buffers in a hostile layout). Returns false if the
-/// buffers are too short.
-pub fn write_at(iovs: &[IoVec], mut offset: usize, bytes: &[u8]) -> bool {
-    let mut src = bytes;
-    for iov in iovs {
-        if src.is_empty() {
-            break;
-        }
-        if offset >= iov.len() {
-            offset -= iov.len();
-            continue;
-        }
-        let n = (iov.len() - offset).min(src.len());
-        // SAFETY: `iov` points into mapped guest memory of at least `iov.len()` bytes (built by
-        // `collect_iovecs` from a checked slice); `offset + n <= iov.len()`, so the copy stays
-        // inside it. Guest memory may be written concurrently by the guest, which is why the
-        // ring protocol, not Rust aliasing, orders these accesses.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), iov.base().add(offset), n) };
-        src = &src[n..];
-        offset = 0;
-    }
-    src.is_empty()
 }

@@ -1,13 +1,18 @@
 //! The datapath: one worker thread per queue pair and the batch loops that move frames between
 //! guest memory and a tap queue.
 //!
-//! - [`worker`]: the epoll loop of one pair; [`tx`] and [`rx`]: the batch loops.
+//! - [`worker`]: the epoll loop of one pair, scheduled by [`pair_state`]; [`tx`] and [`rx`]: the
+//!   batch loops (RX holds popped chains in [`held_chains`]), stopping a ring on a
+//!   [`ring_error::RingError`].
 //! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked.
 //! - [`chain_iov`]: a checked chain as iovecs into guest memory; [`used_ring`]: one used-ring
 //!   update per batch; [`dirty_log`]: the migration log.
 
 pub(crate) mod chain_iov;
 pub(crate) mod dirty_log;
+pub(crate) mod held_chains;
+pub(crate) mod pair_state;
+pub mod ring_error;
 pub mod rx;
 pub(crate) mod tap_io;
 pub mod tx;

@@ -10,7 +10,6 @@
 //! one `readv` takes. A pass that runs out of budget ends with its used entries published and
 //! reports [`RxOutcome::MoreWork`], so the worker comes back after looking at its other fds.
 
-use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
@@ -18,12 +17,14 @@ use log::{trace, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vutap_virtio::hdr::{num_buffers_bytes, NUM_BUFFERS_OFFSET};
 use vutap_virtio::mergeable::{chains_needed, used_len};
-use vutap_virtio::{ChainLimits, Direction, Features};
+use vutap_virtio::{ChainLimits, Features};
 
 use crate::control::memory::GuestMem;
 use crate::control::memory_guard::FaultWatch;
-use crate::datapath::chain_iov::{collect_iovecs, write_at, BadChain, IoVec, IOV_MAX};
+use crate::datapath::chain_iov::{BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::held_chains::{HeldChains, HoldError};
+use crate::datapath::ring_error::RingError;
 use crate::datapath::tap_io::TapIo;
 use crate::datapath::tx::is_fatal_tap_error;
 use crate::datapath::used_ring::UsedBatch;
@@ -38,7 +39,7 @@ pub enum RxOutcome {
     /// Not enough guest buffers for the largest possible frame: wait for an RX kick.
     NoBuffers,
     TapGone(io::Error),
-    RingBroken(String),
+    RingBroken(RingError),
     /// The guest buffers' memory was lost (its fd shrank): the read failed with EFAULT.
     MemoryLost,
 }
@@ -62,25 +63,9 @@ enum Fill {
     BudgetSpent,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct HeldChain {
-    head: u16,
-    capacity: usize,
-    iov_count: usize,
-    range_count: usize,
-}
-
 pub struct RxLoop {
-    held: VecDeque<HeldChain>,
-    held_iovs: VecDeque<IoVec>,
-    /// Guest-physical ranges of the held chains' descriptors, to mark in the dirty log.
-    held_ranges: VecDeque<(u64, u32)>,
-    held_capacity: usize,
-    /// Which heads are held, so a head the driver posts again before getting it back is refused
-    /// (it would be completed twice, and let the held chains outnumber the ring).
-    held_heads: Vec<bool>,
-    scratch: Vec<IoVec>,
-    scratch_ranges: Vec<(u64, u32)>,
+    /// Chains popped ahead, not yet filled.
+    held: HeldChains,
     log: Option<Arc<DirtyLog>>,
     used: UsedBatch,
     budget: usize,
@@ -92,7 +77,8 @@ pub struct RxLoop {
     /// Catches the part of a frame that does not fit the held buffers. The tap copies what
     /// fits and reports only that, so without a tail behind the guest's buffers an oversized
     /// frame (the tap's MTU raised after vutap sized its window) arrived cut short and
-    /// looked whole. With it, `n > capacity` says the frame did not fit.
+    /// looked whole. With it, `n > capacity` says the frame did not fit. Never resized, so an
+    /// iovec over it stays valid as long as the loop.
     spill: Vec<u8>,
     /// The held window plus the spill tail, rebuilt for every read.
     read_iovs: Vec<IoVec>,
@@ -107,16 +93,11 @@ pub struct RxLoop {
 }
 
 impl RxLoop {
-    pub fn new(budget: usize, queue_size: u16, features: Features, mtu: u16) -> Self {
+    /// A loop for a queue of `queue_size` whose buffers are in `mem`.
+    pub fn new(budget: usize, queue_size: u16, features: Features, mtu: u16, mem: &GuestMem) -> Self {
         let hdr_len = features.hdr_len();
         RxLoop {
-            held: VecDeque::with_capacity(queue_size as usize),
-            held_iovs: VecDeque::with_capacity(queue_size as usize),
-            held_ranges: VecDeque::with_capacity(queue_size as usize),
-            held_capacity: 0,
-            held_heads: vec![false; queue_size as usize],
-            scratch: Vec::with_capacity(32),
-            scratch_ranges: Vec::with_capacity(32),
+            held: HeldChains::new(queue_size, mem),
             log: None,
             used: UsedBatch::with_capacity(budget * 4),
             budget,
@@ -150,7 +131,7 @@ impl RxLoop {
     /// Whether enough buffers are held for the largest frame (one chain without MRG_RXBUF).
     fn has_room(&self) -> bool {
         if self.mergeable {
-            self.held_capacity >= self.max_frame
+            self.held.capacity() >= self.max_frame
         } else {
             !self.held.is_empty()
         }
@@ -158,54 +139,26 @@ impl RxLoop {
 
     /// Pops chains until there is room for one frame, at most `chains_left` of them. Err on a
     /// broken ring.
-    fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, String> {
+    fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, RingError> {
         while !self.has_room() {
             if *chains_left == 0 {
                 return Ok(Fill::BudgetSpent);
             }
-            let chain = match queue.iter(mem) {
-                Ok(mut avail) => avail.next(),
-                Err(e) => return Err(e.to_string()),
-            };
+            let chain = queue.iter(mem).map_err(RingError::PopAvail)?.next();
             let Some(chain) = chain else { return Ok(Fill::NoBuffers) };
             *chains_left -= 1;
             let head = chain.head_index();
-            // Held heads are distinct and below the queue size, so at most a ring's worth is
-            // held; with a full ring held, every chain popped is one of them and refused here.
-            if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
-                counts.rx_bad_chains += 1;
-                if !self.warned_reused_head {
-                    warn!("RX chain {head} was posted again while vutap still holds it: returned empty (further ones only counted)");
-                    self.warned_reused_head = true;
+            match self.held.hold(chain, self.limits, MAX_RX_SEGMENTS) {
+                Ok(()) => {}
+                Err(HoldError::AlreadyHeld(_)) => {
+                    counts.rx_bad_chains += 1;
+                    if !self.warned_reused_head {
+                        warn!("RX chain {head} was posted again while vutap still holds it: returned empty (further ones only counted)");
+                        self.warned_reused_head = true;
+                    }
+                    self.complete_refused(head);
                 }
-                self.complete_refused(head);
-                continue;
-            }
-            self.scratch.clear();
-            self.scratch_ranges.clear();
-            let collected = collect_iovecs(
-                chain,
-                mem,
-                Direction::DeviceWrites,
-                self.limits,
-                MAX_RX_SEGMENTS,
-                &mut self.scratch,
-                Some(&mut self.scratch_ranges),
-            );
-            match collected {
-                Ok(capacity) => {
-                    self.held.push_back(HeldChain {
-                        head,
-                        capacity: capacity as usize,
-                        iov_count: self.scratch.len(),
-                        range_count: self.scratch_ranges.len(),
-                    });
-                    self.held_heads[usize::from(head)] = true;
-                    self.held_iovs.extend(self.scratch.iter().copied());
-                    self.held_ranges.extend(self.scratch_ranges.iter().copied());
-                    self.held_capacity += capacity as usize;
-                }
-                Err(e) => {
+                Err(HoldError::BadChain(e)) => {
                     if matches!(e, BadChain::TooManySegments { .. }) {
                         counts.rx_too_many_segments += 1;
                     } else {
@@ -237,19 +190,7 @@ impl RxLoop {
         if !self.mergeable {
             return self.held.front().map_or((0, 0), |c| (c.iov_count, c.capacity));
         }
-        let mut capacity = 0;
-        let mut iovs = 0;
-        for c in &self.held {
-            if iovs + c.iov_count > MAX_RX_SEGMENTS {
-                break;
-            }
-            capacity += c.capacity;
-            iovs += c.iov_count;
-            if capacity >= self.max_frame {
-                break;
-            }
-        }
-        (iovs, capacity)
+        self.held.window(self.max_frame, MAX_RX_SEGMENTS)
     }
 
     /// Completes the first chains for a frame of `n` bytes. Returns false if it cannot be
@@ -264,7 +205,7 @@ impl RxLoop {
             return false;
         }
         let (chains, last_len) = if self.mergeable {
-            match chains_needed(n, self.held.iter().map(|c| c.capacity)) {
+            match chains_needed(n, self.held.capacities()) {
                 Some(layout) => layout,
                 None => return false,
             }
@@ -274,25 +215,14 @@ impl RxLoop {
                 _ => return false,
             }
         };
-        if self.hdr_len == vutap_virtio::features::HDR_LEN {
-            let iovs = self.held_iovs.make_contiguous();
-            let first = self.held[0].iov_count;
-            // The tap leaves num_buffers untouched, so the device writes it.
-            if !write_at(&iovs[..first], NUM_BUFFERS_OFFSET, &num_buffers_bytes(chains as u16)) {
-                return false;
-            }
+        // The tap leaves num_buffers untouched, so the device writes it.
+        if self.hdr_len == vutap_virtio::features::HDR_LEN
+            && !self.held.write_to_front(NUM_BUFFERS_OFFSET, &num_buffers_bytes(chains as u16))
+        {
+            return false;
         }
         for i in 0..chains {
-            let Some(chain) = self.held.pop_front() else { break };
-            self.held_iovs.drain(..chain.iov_count);
-            // Mark after the data is written, so the frontend never copies a page too early.
-            for (gpa, len) in self.held_ranges.drain(..chain.range_count) {
-                if let Some(log) = &self.log {
-                    log.mark(gpa, u64::from(len));
-                }
-            }
-            self.held_capacity -= chain.capacity;
-            self.held_heads[usize::from(chain.head)] = false;
+            let Some(chain) = self.held.release_front(self.log.as_deref()) else { break };
             self.used.push(chain.head, used_len(i, chains, last_len, chain.capacity) as u32);
         }
         counts.rx_frames += 1;
@@ -336,8 +266,11 @@ impl RxLoop {
             }
             let (iov_count, read_capacity) = self.read_window();
             self.read_iovs.clear();
-            self.read_iovs.extend_from_slice(&self.held_iovs.make_contiguous()[..iov_count]);
-            self.read_iovs.push(IoVec(libc::iovec { iov_base: self.spill.as_mut_ptr() as *mut libc::c_void, iov_len: self.spill.len() }));
+            self.read_iovs.extend_from_slice(&self.held.iovs()[..iov_count]);
+            // SAFETY: `spill` belongs to this loop and is never resized, so its heap buffer is
+            // valid for reads and writes of its length as long as the loop; only the kernel
+            // (this read) and the fault probe touch it.
+            self.read_iovs.push(unsafe { IoVec::from_raw_parts(self.spill.as_mut_ptr(), self.spill.len()) });
             match tap.read_frame(&self.read_iovs) {
                 Ok(0) => {
                     // End of file: the device behind the fd is gone.
@@ -380,7 +313,7 @@ impl RxLoop {
         let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
             Ok(n) => n,
             Err(e) => {
-                outcome = RxOutcome::RingBroken(format!("used ring write failed: {e}"));
+                outcome = RxOutcome::RingBroken(RingError::PublishUsed(e));
                 false
             }
         };
@@ -391,20 +324,18 @@ impl RxLoop {
     /// moves back over them so the next start (or the next backend) offers them again. If that
     /// is unsafe (a bad chain completed out of order), they are completed empty instead.
     pub fn return_held(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let n = self.held.len() as u16;
         let mut notify = false;
+        // Held heads are distinct and below the queue size, so their count fits a u16.
+        let n = self.held.len() as u16;
+        let heads = self.held.take_back();
         if self.rewind_ok {
+            drop(heads);
             queue.set_next_avail(queue.next_avail().wrapping_sub(n));
         } else {
-            for c in &self.held {
-                self.used.push(c.head, 0);
+            for head in heads {
+                self.used.push(head, 0);
             }
         }
-        self.held.clear();
-        self.held_heads.fill(false);
-        self.held_iovs.clear();
-        self.held_ranges.clear();
-        self.held_capacity = 0;
         if !self.used.is_empty() {
             notify = self.used.publish(queue, mem, self.log.as_deref()).unwrap_or(false);
         }
@@ -464,7 +395,7 @@ mod tests {
         tap.read_script.borrow_mut().push_back(TapStep::Frame(f.clone()));
         let mut counts = PairCounts::default();
         // MTU 3000 without GSO: the largest frame is 3030 bytes, so reads span four buffers.
-        let mut rx = RxLoop::new(64, SIZE, features(true, false), 3000);
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 3000, &mem);
         let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         // One 1000-byte buffer is left: too little for the next largest frame.
         assert!(matches!(outcome, RxOutcome::NoBuffers));
@@ -487,7 +418,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().extend([TapStep::Frame(frame(60, 1)), TapStep::Frame(frame(80, 2))]);
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 60), (1, 80)]);
         assert_eq!(q.next_avail(), 4, "chains were popped ahead");
@@ -505,7 +436,7 @@ mod tests {
         let big = frame(65000, 3);
         tap.read_script.borrow_mut().extend([TapStep::Frame(big.clone()), TapStep::Frame(frame(1514, 4))]);
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(false, true), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(false, true), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 65000), (1, 1514)]);
         let got = read(&mem, addrs[0], 65000);
@@ -522,7 +453,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(60, 1)));
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500, &mem);
         let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(matches!(outcome, RxOutcome::NoBuffers));
         assert!(!notify);
@@ -539,7 +470,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().extend([TapStep::Frame(frame(5000, 1)), TapStep::Frame(frame(100, 2))]);
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(counts.rx_dropped, 1);
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 100)], "the next frame reuses the buffer");
@@ -556,7 +487,7 @@ mod tests {
         let big = frame(5000, 3);
         tap.read_script.borrow_mut().extend([TapStep::Frame(big.clone()), TapStep::Frame(big.clone())]);
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(counts.rx_dropped, 1, "the first one did not fit and is not delivered cut short");
         assert_eq!(counts.rx_frames, 1, "the second one gets enough buffers");
@@ -579,7 +510,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 2)));
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(true, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(counts.rx_bad_chains, 1);
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 100)]);
@@ -597,7 +528,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 1)));
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500);
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem);
         let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(!notify, "used_event not reached");
         mem.write_obj(0u16, GuestAddress(used_event_addr)).unwrap();
@@ -619,7 +550,7 @@ mod tests {
         let tap = MockTap::default();
         tap.read_script.borrow_mut().push_back(TapStep::Frame(frame(100, 1)));
         let (file, log) = memfd_log(4096);
-        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500).with_log(Some(Arc::new(log)));
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem).with_log(Some(Arc::new(log)));
         rx.process(&mut q, &mem, &tap, &mut PairCounts::default());
         let page = |a: u64| a / crate::datapath::dirty_log::LOG_PAGE;
         assert!(page_marked(&file, page(addrs[0])), "the written buffer's page is marked");
@@ -643,7 +574,7 @@ mod tests {
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500, &mem);
         let chain_budget = 64 * CHAINS_PER_FRAME;
         let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(matches!(outcome, RxOutcome::MoreWork), "{outcome:?}");
@@ -674,7 +605,7 @@ mod tests {
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500, &mem);
         assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
         assert!(used_entries(&mq, &mem, SMALL).is_empty());
         // Heads 0 and 1 again, then a fresh chain at 4.
@@ -700,7 +631,7 @@ mod tests {
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500, &mem);
         assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
         // The driver reuses all four heads without getting them back.
         repost_heads(&mq, &mem, SMALL, &[0, 1, 2, 3]);
@@ -731,7 +662,7 @@ mod tests {
         let f = frame(10_000, 9);
         tap.read_script.borrow_mut().push_back(TapStep::Frame(f.clone()));
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, BIG, features(false, false), 1500);
+        let mut rx = RxLoop::new(64, BIG, features(false, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!((counts.rx_too_many_segments, counts.rx_bad_chains), (1, 0));
         assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 0), (1100, 10_000)]);
@@ -754,7 +685,7 @@ mod tests {
         let (long, short) = (frame(1500, 1), frame(900, 2));
         tap.read_script.borrow_mut().extend([TapStep::Frame(long), TapStep::Frame(short.clone())]);
         let mut counts = PairCounts::default();
-        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500);
+        let mut rx = RxLoop::new(64, BIG, features(true, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
         assert_eq!(counts.rx_dropped, 1, "1500 bytes do not fit the 1000 one read reaches: dropped, not cut");
         assert_eq!(counts.rx_frames, 1);

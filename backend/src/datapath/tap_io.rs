@@ -13,6 +13,17 @@ pub trait TapIo {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
     /// Reads one frame (virtio_net_hdr + Ethernet frame) scattered into `iovs`.
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
+
+    /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
+    /// announcement the device builds itself. Rare, so it copies the frame rather than hand out
+    /// an iovec over borrowed, read-only memory.
+    fn write_bytes(&self, frame: &[u8]) -> io::Result<usize> {
+        let mut owned = frame.to_vec();
+        // SAFETY: `owned` is ours, writable, and outlives the call; nothing else touches it
+        // while the iovec is in use, and the iovec is dropped with this call.
+        let iov = unsafe { IoVec::from_raw_parts(owned.as_mut_ptr(), owned.len()) };
+        self.write_frame(&[iov])
+    }
 }
 
 /// A tap queue as a session and its worker use it: the worker polls its fd (readable when a frame
@@ -56,9 +67,9 @@ fn iov_count(iovs: &[IoVec]) -> io::Result<libc::c_int> {
 impl TapIo for TapQueue {
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
-        // SAFETY: IoVec is repr(transparent) over libc::iovec; every entry points into mapped
-        // guest memory valid for its length for the duration of the call.
-        let n = unsafe { libc::writev(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
+        // SAFETY: `count` entries of `iovs` are passed; each describes memory valid for its length
+        // while it is used (IoVec's constructors' contract), and writev only reads it.
+        let n = unsafe { libc::writev(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -68,8 +79,9 @@ impl TapIo for TapQueue {
 
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
-        // SAFETY: as above; the entries describe device-writable guest buffers.
-        let n = unsafe { libc::readv(self.as_raw_fd(), iovs.as_ptr() as *const libc::iovec, count) };
+        // SAFETY: as above; readv writes at most each entry's length into it, and the memory
+        // behind an IoVec is writable by contract.
+        let n = unsafe { libc::readv(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {

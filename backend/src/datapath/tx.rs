@@ -12,6 +12,7 @@ use crate::control::memory::GuestMem;
 use crate::control::memory_guard::FaultWatch;
 use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::ring_error::RingError;
 use crate::datapath::tap_io::TapIo;
 use crate::datapath::used_ring::UsedBatch;
 use crate::metrics::PairCounts;
@@ -27,8 +28,9 @@ pub enum TxOutcome {
     Blocked,
     /// The tap failed for good (device gone); the chain was put back.
     TapGone(io::Error),
-    /// The avail ring is corrupt (index jumped by more than the queue size).
-    RingBroken(String),
+    /// The avail ring is corrupt (index jumped by more than the queue size) or the used ring
+    /// cannot be written.
+    RingBroken(RingError),
     /// The frame's guest memory was lost (its fd shrank): the write failed with EFAULT. The
     /// chain was put back.
     MemoryLost,
@@ -89,7 +91,7 @@ impl TxLoop {
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
                 Err(e) => {
-                    outcome = TxOutcome::RingBroken(e.to_string());
+                    outcome = TxOutcome::RingBroken(RingError::PopAvail(e));
                     break;
                 }
             };
@@ -99,7 +101,10 @@ impl TxLoop {
             };
             let head = chain.head_index();
             self.iovs.clear();
-            let len = match collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) {
+            // SAFETY: the iovecs are used only in this pass, while `mem` is borrowed, and are
+            // dropped before it returns.
+            let collected = unsafe { collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) };
+            let len = match collected {
                 Ok(len) => len,
                 Err(e) => {
                     // Refused, not cut: a writev of the first IOV_MAX segments would send a
@@ -152,13 +157,14 @@ impl TxLoop {
                 }
             }
         }
+        self.iovs.clear();
         if !self.used.is_empty() {
             counts.tx_batches += 1;
         }
         let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
             Ok(n) => n,
             Err(e) => {
-                outcome = TxOutcome::RingBroken(format!("used ring write failed: {e}"));
+                outcome = TxOutcome::RingBroken(RingError::PublishUsed(e));
                 false
             }
         };

@@ -23,6 +23,7 @@ use crate::cli::Policy;
 use crate::control::memory::GuestMem;
 use crate::control::memory_guard::{FaultWatch, RangeGuard};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::pair_state::{PairState, RxState, TxState};
 use crate::datapath::rx::{RxLoop, RxOutcome};
 use crate::datapath::tap_io::TapControl;
 use crate::datapath::tx::{TxLoop, TxOutcome};
@@ -127,20 +128,14 @@ fn signal(call: &CallFd, counts: &mut PairCounts) {
 }
 
 struct PairLoop<T: TapControl> {
-    setup: WorkerSetup<T>,
-    stop: EventFd,
+    // The loops come first so they drop first: the RX loop's held chains keep a handle on the
+    // guest memory, which must be unmapped before `setup` lets go of its SIGBUS guards.
     tx: TxLoop,
     rx: RxLoop,
+    setup: WorkerSetup<T>,
+    stop: EventFd,
     counts: PairCounts,
-    tx_pending: bool,
-    tx_blocked: bool,
-    tx_broken: bool,
-    rx_pending: bool,
-    rx_waiting_buffers: bool,
-    rx_broken: bool,
-    tap_gone: bool,
-    /// The guest memory was lost (its fd shrank): nothing moves until the connection closes.
-    memory_lost: bool,
+    state: PairState,
     tap_interest: Option<EventSet>,
 }
 
@@ -149,26 +144,10 @@ impl<T: TapControl> PairLoop<T> {
         let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len())
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu)
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &setup.mem)
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        PairLoop {
-            setup,
-            stop,
-            tx,
-            rx,
-            counts: PairCounts::default(),
-            // The guest may have queued frames/buffers before we started: look once.
-            tx_pending: true,
-            tx_blocked: false,
-            tx_broken: false,
-            rx_pending: true,
-            rx_waiting_buffers: false,
-            rx_broken: false,
-            tap_gone: false,
-            memory_lost: false,
-            tap_interest: None,
-        }
+        PairLoop { tx, rx, setup, stop, counts: PairCounts::default(), state: PairState::new(), tap_interest: None }
     }
 
     fn run(mut self) -> StoppedPair {
@@ -193,7 +172,7 @@ impl<T: TapControl> PairLoop<T> {
         let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let timeout = if self.has_pending_work() { 0 } else { -1 };
+            let timeout = if self.state.has_pending_work() { 0 } else { -1 };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -205,29 +184,27 @@ impl<T: TapControl> PairLoop<T> {
                     TOKEN_RX_KICK => {
                         let _ = self.setup.rx.kick.read();
                         self.counts.kicks += 1;
-                        self.rx_waiting_buffers = false;
-                        self.rx_pending = true;
+                        self.state.rx.on_kick();
                         let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
                     }
                     TOKEN_TX_KICK => {
                         let _ = self.setup.tx.kick.read();
                         self.counts.kicks += 1;
-                        self.tx_pending = true;
+                        self.state.tx.on_kick();
                     }
                     TOKEN_TAP => {
                         let set = ev.event_set();
                         if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                            self.rx_pending = true;
+                            self.state.rx.on_tap_readable();
                         }
                         if set.contains(EventSet::OUT) {
-                            self.tx_blocked = false;
-                            self.tx_pending = true;
+                            self.state.tx.on_tap_writable();
                         }
                     }
                     _ => {}
                 }
             }
-            if !self.memory_lost && self.setup.faults.lost() {
+            if !self.state.halt.memory_lost() && self.setup.faults.lost() {
                 self.mark_memory_lost();
             }
             self.run_tx();
@@ -238,18 +215,8 @@ impl<T: TapControl> PairLoop<T> {
         }
     }
 
-    /// The tap or the guest memory is gone: the pair moves nothing more.
-    fn halted(&self) -> bool {
-        self.tap_gone || self.memory_lost
-    }
-
-    fn has_pending_work(&self) -> bool {
-        (self.tx_pending && !self.tx_blocked && !self.tx_broken && !self.halted())
-            || (self.rx_pending && !self.rx_waiting_buffers && !self.rx_broken && !self.halted())
-    }
-
     fn run_tx(&mut self) {
-        if !self.tx_pending || self.tx_blocked || self.tx_broken || self.halted() {
+        if !self.state.tx_wants_pass() {
             return;
         }
         let mem = &self.setup.mem;
@@ -263,28 +230,26 @@ impl<T: TapControl> PairLoop<T> {
             TxOutcome::Idle => {
                 // Re-enable kicks, then look again: the guest may have added a frame between
                 // our last pop and the enable.
-                self.tx_pending = queue.enable_notification(mem).unwrap_or(false);
+                let more = queue.enable_notification(mem).unwrap_or(false);
+                self.state.tx = if more { TxState::Pending } else { TxState::Idle };
                 if let Some(log) = &self.setup.log {
                     log_used_ring(queue, log);
                 }
             }
-            TxOutcome::MoreWork => self.tx_pending = true,
-            TxOutcome::Blocked => {
-                self.tx_blocked = true;
-                self.tx_pending = true;
-            }
+            TxOutcome::MoreWork => self.state.tx = TxState::Pending,
+            TxOutcome::Blocked => self.state.tx = TxState::Blocked,
             TxOutcome::TapGone(e) => self.mark_tap_gone(&e),
             TxOutcome::MemoryLost => self.mark_memory_lost(),
             TxOutcome::RingBroken(why) => {
                 error!("queue pair {}: TX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
-                self.tx_broken = true;
+                self.state.tx = TxState::Broken;
                 self.counts.rings_broken += 1;
             }
         }
     }
 
     fn run_rx(&mut self) {
-        if !self.rx_pending || self.rx_waiting_buffers || self.rx_broken || self.halted() {
+        if !self.state.rx_wants_pass() {
             return;
         }
         let mem = &self.setup.mem;
@@ -294,25 +259,21 @@ impl<T: TapControl> PairLoop<T> {
             signal(&self.setup.rx.call, &mut self.counts);
         }
         match outcome {
-            RxOutcome::Idle => self.rx_pending = false,
-            RxOutcome::MoreWork => self.rx_pending = true,
+            RxOutcome::Idle => self.state.rx = RxState::Idle,
+            RxOutcome::MoreWork => self.state.rx = RxState::Pending,
             RxOutcome::NoBuffers => {
                 // Ask for a kick when buffers come, then re-check for ones that raced the enable.
                 let more = queue.enable_notification(mem).unwrap_or(false);
                 if let Some(log) = &self.setup.log {
                     log_used_ring(queue, log);
                 }
-                if more {
-                    self.rx_pending = true;
-                } else {
-                    self.rx_waiting_buffers = true;
-                }
+                self.state.rx = if more { RxState::Pending } else { RxState::WaitingBuffers };
             }
             RxOutcome::TapGone(e) => self.mark_tap_gone(&e),
             RxOutcome::MemoryLost => self.mark_memory_lost(),
             RxOutcome::RingBroken(why) => {
                 error!("queue pair {}: RX ring broken, stopping it until the frontend resets it: {why}", self.setup.pair);
-                self.rx_broken = true;
+                self.state.rx = RxState::Broken;
                 self.counts.rings_broken += 1;
             }
         }
@@ -324,36 +285,25 @@ impl<T: TapControl> PairLoop<T> {
             log::logger().flush();
             std::process::exit(EXIT_TAP_LOST);
         }
-        if !self.tap_gone {
+        if self.state.halt.set_tap_gone() {
             warn!("queue pair {}: tap failed ({e}); this queue pair stops moving frames", self.setup.pair);
         }
-        self.tap_gone = true;
     }
 
     /// Stops the pair: its guest memory now reads as zeros. The device's serving thread was
     /// woken by the SIGBUS guard and closes the connection, which stops this worker.
     fn mark_memory_lost(&mut self) {
-        if !self.memory_lost {
+        if self.state.halt.set_memory_lost() {
             error!(
                 "queue pair {}: guest memory lost (an fd shrank under the mapping); this queue pair stops until the connection closes",
                 self.setup.pair
             );
         }
-        self.memory_lost = true;
     }
 
-    /// Polls the tap for reading only while RX can take frames, and for writing only while TX
-    /// is blocked on it, so a level-triggered tap never makes the loop spin.
+    /// Polls the tap for what the pair's state waits for (see [`PairState::tap_interest`]).
     fn update_tap_interest(&mut self, epoll: &Epoll) -> io::Result<()> {
-        let mut want = EventSet::empty();
-        if !self.halted() {
-            if !self.rx_waiting_buffers && !self.rx_broken {
-                want |= EventSet::IN;
-            }
-            if self.tx_blocked {
-                want |= EventSet::OUT;
-            }
-        }
+        let want = self.state.tap_interest();
         let fd = self.setup.tap.as_raw_fd();
         match (self.tap_interest, want.is_empty()) {
             (Some(cur), false) if cur == want => {}
