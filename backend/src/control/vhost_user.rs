@@ -117,14 +117,23 @@ fn handle_send_rarp(stream: &UnixStream, session: &Mutex<Session>) -> Result<(),
     wire::ack_if_asked(stream, &msg.header, result.is_err())
 }
 
+/// Why an early SET_VRING_ENABLE was refused (acked with a failure, the connection goes on).
+#[derive(Debug, Error)]
+enum EarlyEnableError {
+    #[error("enable value {0} is not 0 or 1")]
+    BadValue(u32),
+    #[error(transparent)]
+    Session(crate::control::session::SessionError),
+}
+
 /// Consumes an early SET_VRING_ENABLE, records it, and acks it if asked.
 fn handle_early_enable(stream: &UnixStream, session: &Mutex<Session>) -> Result<(), WireError> {
     let msg = wire::recv_message(stream)?;
     let state: VhostUserVringState = msg.body_as()?;
     let (index, num) = (state.index, state.num);
     let result = match num {
-        0 | 1 => session.lock().unwrap_or_else(|p| p.into_inner()).set_enable(index, num == 1).map_err(|e| e.to_string()),
-        _ => Err(format!("enable value {num} is not 0 or 1")),
+        0 | 1 => session.lock().unwrap_or_else(|p| p.into_inner()).set_enable(index, num == 1).map_err(EarlyEnableError::Session),
+        _ => Err(EarlyEnableError::BadValue(num)),
     };
     match &result {
         Ok(()) => debug!("early SET_VRING_ENABLE index={index} enable={num} recorded until SET_FEATURES"),
