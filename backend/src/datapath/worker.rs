@@ -203,6 +203,7 @@ impl PairLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            self.counts.wakeups += 1;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => return Ok(()),

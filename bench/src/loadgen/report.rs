@@ -41,6 +41,38 @@ fn ratio(a: Option<&CaseResult>, b: Option<&CaseResult>, pct: bool) -> String {
     }
 }
 
+/// vutap's counters: frames per batch, kicks, interrupts and wake-ups per frame, RX no-buffer
+/// stops and TX EAGAIN waits per 1000 frames.
+fn counters(c: Option<&CaseResult>) -> String {
+    match c.and_then(|c| c.counters) {
+        Some(k) if k.frames > 0 => format!(
+            "{:.1} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2}",
+            k.frames_per_batch, k.kicks_per_frame, k.interrupts_per_frame, k.wakeups_per_frame, k.rx_no_buffers_per_1k, k.tx_eagain_per_1k
+        ),
+        _ => "– | – | – | – | – | –".into(),
+    }
+}
+
+/// Offered → delivered Mpps.
+fn offered(c: Option<&CaseResult>) -> String {
+    c.filter(|c| c.error.is_none() || c.mpps > 0.0).map(|c| format!("{:.3} → {:.3}", c.offered_mpps, c.mpps)).unwrap_or("–".into())
+}
+
+/// Backend cores / load cores (busiest load thread), flagged when the load side was the limit.
+fn sides(c: Option<&CaseResult>) -> String {
+    c.filter(|c| c.secs > 0.0)
+        .map(|c| {
+            format!(
+                "{:.2} / {:.2} ({:.2}){}",
+                c.cpu_cores,
+                c.load.cores,
+                c.load.busiest_thread,
+                if c.load_limited { " **load-limited**" } else { "" }
+            )
+        })
+        .unwrap_or("–".into())
+}
+
 /// Distinct (dir, size, pairs, rxbuf) rows of vhost backends in `arr`, in run order.
 fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     let mut v: Vec<(Dir, u32, u16, &'static str)> = Vec::new();
@@ -52,6 +84,45 @@ fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     }
     v.sort_by_key(|k| (k.0 as u8, k.2, k.1, k.3));
     v
+}
+
+/// Why each cell ran at its speed: vutap's counters, offered vs delivered, and the CPU of both
+/// sides (the load side is this process's frontend driver and far-end threads).
+fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
+    let _ = writeln!(
+        s,
+        "What each cell did: vutap's counters over the window (per frame vutap moved; no-buf and EAGAIN per 1000 frames), \
+         offered → delivered Mpps, and CPU as `backend cores / load cores (busiest load thread)`; **load-limited** = the load \
+         side was ≥ 90 % busy (a thread, or all its CPUs) while the backend was below 90 % of what it could use.\n"
+    );
+    let mut head = "| dir | size | pairs | rx bufs | frames/batch | kicks/f | irqs/f | wake-ups/f | no-buf /1k | EAGAIN /1k | vutap Mpps offered → delivered | vutap CPU / load |".to_string();
+    let mut sep = "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string();
+    if dpdk {
+        head += " DPDK Mpps offered → delivered | DPDK CPU / load |";
+        sep += "---|---|";
+    }
+    head += " ceiling Mpps offered → delivered | ceiling CPU / load |";
+    sep += "---|---|";
+    let _ = writeln!(s, "{head}\n{sep}");
+    for (dir, size, pairs, rxbuf) in rows(rep, arr) {
+        let v = rep.find(arr, Backend::Vutap, dir, size, pairs, rxbuf);
+        let mut line = format!(
+            "| {} | {} | {pairs} | {rxbuf} | {} | {} | {} |",
+            if dir == Dir::Tx { "TX" } else { "RX" },
+            size_label(size),
+            counters(v),
+            offered(v),
+            sides(v)
+        );
+        if dpdk {
+            let d = rep.find(arr, Backend::Dpdk, dir, size, pairs, rxbuf);
+            let _ = write!(line, " {} | {} |", offered(d), sides(d));
+        }
+        let c = (rxbuf != "nomrg").then(|| rep.find(arr, Backend::Ceiling, dir, size, pairs, "-")).flatten();
+        let _ = write!(line, " {} | {} |", offered(c), sides(c));
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(s);
 }
 
 pub fn markdown(rep: &Report) -> String {
@@ -107,6 +178,7 @@ pub fn markdown(rep: &Report) -> String {
             let _ = writeln!(s, "{line}");
         }
         let _ = writeln!(s);
+        explain(&mut s, rep, arr, dpdk);
     }
     // Scaling: N pairs vs 1 pair.
     let mut sc = String::new();
@@ -167,8 +239,27 @@ pub fn markdown(rep: &Report) -> String {
     s
 }
 
-/// Grouped bars: one panel per direction, groups = frame sizes (1 pair, mergeable RX), bars =
-/// each (arrangement, backend) series.
+/// One row of panels in the chart: a figure per (1 pair, mergeable RX) case.
+struct Metric {
+    title: &'static str,
+    value: fn(&CaseResult) -> f64,
+    /// Leave the TSO case out of the axis range (its bars are clipped and labelled), so that
+    /// the other sizes stay readable.
+    axis_without_tso: bool,
+}
+
+const METRICS: [Metric; 3] = [
+    Metric { title: "throughput, Gbit/s", value: |c| c.gbps, axis_without_tso: false },
+    Metric { title: "frame rate, Mpps", value: |c| c.mpps, axis_without_tso: false },
+    Metric {
+        title: "backend CPU per delivered frame, ns",
+        value: |c| if c.mpps > 0.0 { c.cpu_ns_per_frame } else { 0.0 },
+        axis_without_tso: true,
+    },
+];
+
+/// Grouped bars: one row per metric (Gbit/s, Mpps, CPU ns/frame), one panel per direction,
+/// groups = frame sizes (1 pair, mergeable RX), bars = each (arrangement, backend) series.
 pub fn svg(rep: &Report) -> String {
     let series: [(Arrangement, Backend, &str, &str); 5] = [
         (Arrangement::Macvtap, Backend::Vutap, "vutap (macvtap)", "#1f77b4"),
@@ -180,13 +271,14 @@ pub fn svg(rep: &Report) -> String {
     let mut sizes: Vec<u32> = rep.cases.iter().map(|c| c.size).collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let get = |a, b, d, size| {
+    let get = |m: &Metric, a, b, d, size| {
         let rx = if b == Backend::Ceiling || d == Dir::Tx { "-" } else { "mrg" };
-        rep.find(a, b, d, size, 1, rx).map(|c| c.gbps).unwrap_or(0.0)
+        rep.find(a, b, d, size, 1, rx).map(|c| (m.value)(c)).unwrap_or(0.0)
     };
-    let (pw, ph, top, left) = (460.0f64, 300.0f64, 50.0f64, 60.0f64);
+    let (pw, ph, top, left, row_gap) = (460.0f64, 220.0f64, 50.0f64, 70.0f64, 70.0f64);
     let width = left + 2.0 * (pw + 40.0);
-    let height = top + ph + 110.0;
+    let rows_h = METRICS.len() as f64 * (ph + row_gap);
+    let height = top + rows_h + 70.0;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -195,67 +287,82 @@ pub fn svg(rep: &Report) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: throughput per frame size, 1 queue pair (Gbit/s)</text>"#,
+        r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: per frame size, 1 queue pair (mergeable RX buffers)</text>"#,
         width / 2.0
     );
-    for (pi, dir) in [Dir::Tx, Dir::Rx].into_iter().enumerate() {
-        let x0 = left + pi as f64 * (pw + 40.0);
-        let dsizes: Vec<u32> = sizes.iter().copied().filter(|&z| !(dir == Dir::Rx && z == TSO_SIZE)).collect();
-        let max = dsizes
-            .iter()
-            .flat_map(|&z| series.iter().map(move |&(a, b, _, _)| (a, b, z)))
-            .map(|(a, b, z)| get(a, b, dir, z))
-            .fold(0.0f64, f64::max)
-            .max(0.1);
-        let max = nice(max);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}</text>"#,
-            x0 + pw / 2.0,
-            top - 10.0,
-            if dir == Dir::Tx { "TX (bench → backend → tap → far side)" } else { "RX (far side → tap → backend → bench)" }
-        );
-        let _ = writeln!(s, r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, top + ph, x0 + pw, top + ph);
-        let _ = writeln!(s, r#"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{}" stroke="black"/>"#, top + ph);
-        for t in 0..=4 {
-            let v = max * t as f64 / 4.0;
-            let y = top + ph - ph * t as f64 / 4.0;
+    for (ri, m) in METRICS.iter().enumerate() {
+        let y_top = top + ri as f64 * (ph + row_gap);
+        for (pi, dir) in [Dir::Tx, Dir::Rx].into_iter().enumerate() {
+            let x0 = left + pi as f64 * (pw + 40.0);
+            let dsizes: Vec<u32> = sizes.iter().copied().filter(|&z| !(dir == Dir::Rx && z == TSO_SIZE)).collect();
+            let max = dsizes
+                .iter()
+                .filter(|&&z| !(m.axis_without_tso && z == TSO_SIZE && dsizes.len() > 1))
+                .flat_map(|&z| series.iter().map(move |&(a, b, _, _)| (a, b, z)))
+                .map(|(a, b, z)| get(m, a, b, dir, z))
+                .fold(0.0f64, f64::max)
+                .max(0.1);
+            let max = nice(max);
             let _ = writeln!(
                 s,
-                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##,
-                x0 + pw,
-                x0 - 4.0,
-                y + 4.0
+                r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}: {}</text>"#,
+                x0 + pw / 2.0,
+                y_top - 10.0,
+                if dir == Dir::Tx { "TX (bench → backend → tap)" } else { "RX (tap → backend → bench)" },
+                m.title
             );
-        }
-        let gw = pw / dsizes.len().max(1) as f64;
-        let bw = (gw - 10.0) / series.len() as f64;
-        for (gi, &z) in dsizes.iter().enumerate() {
-            let gx = x0 + gi as f64 * gw + 5.0;
-            for (si, &(a, b, _, color)) in series.iter().enumerate() {
-                let v = get(a, b, dir, z);
-                let h = ph * v / max;
+            let base = y_top + ph;
+            let _ = writeln!(s, r#"<line x1="{x0}" y1="{base}" x2="{}" y2="{base}" stroke="black"/>"#, x0 + pw);
+            let _ = writeln!(s, r#"<line x1="{x0}" y1="{y_top}" x2="{x0}" y2="{base}" stroke="black"/>"#);
+            for t in 0..=4 {
+                let v = max * t as f64 / 4.0;
+                let y = base - ph * t as f64 / 4.0;
                 let _ = writeln!(
                     s,
-                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{v:.2} Gbit/s</title></rect>"#,
-                    gx + si as f64 * bw,
-                    top + ph - h,
-                    bw - 1.0,
-                    h
+                    r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                    x0 + pw,
+                    x0 - 4.0,
+                    y + 4.0,
+                    tick(v, max)
                 );
             }
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-                gx + gw / 2.0 - 5.0,
-                top + ph + 16.0,
-                size_label(z)
-            );
+            let gw = pw / dsizes.len().max(1) as f64;
+            let bw = (gw - 10.0) / series.len() as f64;
+            for (gi, &z) in dsizes.iter().enumerate() {
+                let gx = x0 + gi as f64 * gw + 5.0;
+                for (si, &(a, b, _, color)) in series.iter().enumerate() {
+                    let v = get(m, a, b, dir, z);
+                    let h = ph * (v / max).min(1.0);
+                    let x = gx + si as f64 * bw;
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{v:.3}</title></rect>"#,
+                        base - h,
+                        bw - 1.0,
+                    );
+                    if v > max {
+                        // Off the axis: say how far.
+                        let _ = writeln!(
+                            s,
+                            r#"<text transform="translate({:.1},{:.1}) rotate(-90)" text-anchor="end" font-size="10" fill="white">{v:.0}</text>"#,
+                            x + bw / 2.0 + 3.0,
+                            y_top + 4.0
+                        );
+                    }
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                    gx + gw / 2.0 - 5.0,
+                    base + 16.0,
+                    size_label(z)
+                );
+            }
         }
     }
     for (i, &(_, _, label, color)) in series.iter().enumerate() {
-        let x = left + (i % 3) as f64 * 220.0;
-        let y = top + ph + 45.0 + (i / 3) as f64 * 20.0;
+        let x = left + i as f64 * 190.0;
+        let y = top + rows_h + 10.0;
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{label}</text>"#,
@@ -266,6 +373,15 @@ pub fn svg(rep: &Report) -> String {
     }
     let _ = writeln!(s, "</svg>");
     s
+}
+
+/// An axis tick: as many decimals as the axis range needs.
+fn tick(v: f64, max: f64) -> String {
+    match max {
+        m if m >= 10.0 => format!("{v:.0}"),
+        m if m >= 1.0 => format!("{v:.1}"),
+        _ => format!("{v:.2}"),
+    }
 }
 
 fn nice(v: f64) -> f64 {
