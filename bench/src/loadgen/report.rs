@@ -60,17 +60,18 @@ fn offered(c: Option<&CaseResult>) -> String {
 
 /// Backend cores / load cores (busiest load thread), flagged when the load side was the limit.
 fn sides(c: Option<&CaseResult>) -> String {
-    c.filter(|c| c.secs > 0.0)
-        .map(|c| {
-            format!(
-                "{:.2} / {:.2} ({:.2}){}",
-                c.cpu_cores,
-                c.load.cores,
-                c.load.busiest_thread,
-                if c.load_limited { " **load-limited**" } else { "" }
-            )
-        })
-        .unwrap_or("–".into())
+    match c.filter(|c| c.secs > 0.0) {
+        None => "–".into(),
+        // A report from before the load side was measured.
+        Some(c) if c.load_cpus == 0 => format!("{:.2} / –", c.cpu_cores),
+        Some(c) => format!(
+            "{:.2} / {:.2} ({:.2}){}",
+            c.cpu_cores,
+            c.load.cores,
+            c.load.busiest_thread,
+            if c.load_limited { " **load-limited**" } else { "" }
+        ),
+    }
 }
 
 /// Distinct (dir, size, pairs, rxbuf) rows of vhost backends in `arr`, in run order.
@@ -89,6 +90,9 @@ fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
 /// Why each cell ran at its speed: vutap's counters, offered vs delivered, and the CPU of both
 /// sides (the load side is this process's frontend driver and far-end threads).
 fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
+    if !rep.cases.iter().any(|c| c.arrangement == arr && (c.load_cpus > 0 || c.counters.is_some())) {
+        return; // a report from before these were measured: nothing to explain with
+    }
     let _ = writeln!(
         s,
         "What each cell did: vutap's counters over the window (per frame vutap moved; no-buf and EAGAIN per 1000 frames), \
@@ -392,4 +396,84 @@ fn nice(v: f64) -> f64 {
         }
     }
     10.0 * p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::backend_counters::BackendCounters;
+    use super::super::load_cpu::LoadCpu;
+    use super::*;
+
+    fn case(backend: Backend, dir: Dir, size: u32, rxbuf: &'static str, mpps: f64) -> CaseResult {
+        CaseResult {
+            arrangement: Arrangement::Tap,
+            backend,
+            dir,
+            size,
+            frame_len: super::super::frame_len(size),
+            pairs: 1,
+            rxbuf,
+            secs: 1.0,
+            gbps: mpps * size as f64 * 8e-3,
+            mpps,
+            offered_mpps: mpps * 1.25,
+            drops: 0,
+            drop_pct: 20.0,
+            bad: 0,
+            cpu_ns_per_frame: 1000.0 / mpps,
+            cpu_cores: 0.5,
+            load: LoadCpu { cores: 0.97, busiest_thread: 0.95 },
+            load_cpus: 1,
+            load_limited: backend == Backend::Vutap,
+            counters: (backend == Backend::Vutap).then(|| {
+                let before = Default::default();
+                let after =
+                    [("rx_frames", 1000), ("rx_batches", 40), ("kicks", 5), ("interrupts", 20), ("wakeups", 50), ("rx_no_buffers", 3)]
+                        .map(|(k, v)| (k.to_string(), v))
+                        .into();
+                BackendCounters::between(&before, &after, dir)
+            }),
+            rounds_gbps: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn report() -> Report {
+        let mut cases = Vec::new();
+        for size in [64, 1500] {
+            cases.push(case(Backend::Vutap, Dir::Rx, size, "mrg", 0.4));
+            cases.push(case(Backend::Dpdk, Dir::Rx, size, "mrg", 0.05));
+            cases.push(case(Backend::Ceiling, Dir::Rx, size, "-", 0.6));
+        }
+        Report { host: "test".into(), cases, ..Report::default() }
+    }
+
+    #[test]
+    fn test_markdown_explains_each_cell_with_counters_and_both_sides_cpu() {
+        let md = markdown(&report());
+        let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg | 25.0 |")).unwrap_or_else(|| panic!("no counters row in\n{md}"));
+        // frames/batch, kicks, irqs, wake-ups per frame, no-buf and EAGAIN per 1000 frames.
+        assert!(row.contains("| 25.0 | 0.005 | 0.020 | 0.050 | 3.00 | 0.00 |"), "{row}");
+        assert!(row.contains("0.500 → 0.400"), "offered → delivered: {row}");
+        assert!(row.contains("0.50 / 0.97 (0.95) **load-limited**"), "{row}");
+        assert!(row.contains("0.062 → 0.050 | 0.50 / 0.97 (0.95) |"), "DPDK cell, not flagged: {row}");
+    }
+
+    #[test]
+    fn test_svg_has_throughput_rate_and_cost_panels_for_both_directions() {
+        let svg = svg(&report());
+        for title in ["throughput, Gbit/s", "frame rate, Mpps", "backend CPU per delivered frame, ns"] {
+            assert_eq!(svg.matches(title).count(), 2, "{title}");
+        }
+        // The 64 B RX bars are visible in the Mpps panel: 0.4 of a 0.5 axis.
+        assert!(svg.contains("<title>0.400</title>"));
+    }
+
+    #[test]
+    fn test_report_round_trips_through_json() {
+        let rep = report();
+        let back: Report = serde_json::from_str(&serde_json::to_string(&rep).expect("to json")).expect("from json");
+        assert_eq!(markdown(&back), markdown(&rep));
+        assert_eq!(svg(&back), svg(&rep));
+    }
 }
