@@ -10,6 +10,11 @@
 //! TX: the bench keeps the TX rings full; the far-side sink counts and verifies. RX: a far-side
 //! source floods; the bench recycles RX buffers (mergeable or not) and counts. Throughput is what
 //! arrived and verified; drops = offered - delivered over the window.
+//!
+//! Each cell also says why it ran at that speed: vutap's own counters over the window
+//! ([`backend_counters`]: frames per batch, kicks, interrupts and wake-ups per frame...), and the
+//! CPU of both sides ([`load_cpu`]), flagged when the load generator rather than the backend was
+//! the limit.
 
 pub mod backend_counters;
 pub mod error;
