@@ -19,10 +19,18 @@ fn test_bench_smoke_reports_nonzero_throughput() {
                 .unwrap_or_else(|| panic!("no {backend:?} {dir:?} case in the report"));
             assert!(c.gbps > 0.0 && c.mpps > 0.0, "{backend:?} {dir:?}: no throughput: {c:?}");
             assert_eq!(c.bad, 0, "{backend:?} {dir:?}: frames failed verification");
+            assert!(c.load.cores > 0.0 && c.load_cpus > 0, "{backend:?} {dir:?}: no load-side CPU: {c:?}");
+            if backend == Backend::Vutap {
+                // vutap's window encloses the far side's; at most the rings' worth in flight differ.
+                let k = c.counters.unwrap_or_else(|| panic!("{dir:?}: no vutap counters: {c:?}"));
+                let delivered = (c.mpps * c.secs * 1e6).round() as u64;
+                assert!(k.frames + 512 >= delivered, "{dir:?}: vutap moved {} frames, {delivered} delivered", k.frames);
+                assert!(k.batches > 0 && k.wakeups > 0 && k.frames_per_batch >= 1.0, "{dir:?}: {k:?}");
+            }
         }
     }
     let json = serde_json::to_value(&rep).expect("report serialises");
     assert!(json["cases"].as_array().is_some_and(|a| a.len() >= 4));
-    assert!(md.contains("vutap % ceiling"));
+    assert!(md.contains("vutap % ceiling") && md.contains("wake-ups/f"));
     assert!(report::svg(&rep).starts_with("<svg"));
 }

@@ -59,6 +59,7 @@ counters! {
     rx_batches: "RX batches processed",
     kicks: "kick eventfd wake-ups (both rings)",
     interrupts: "call eventfd signals sent (both rings)",
+    wakeups: "worker epoll returns (each one a pass over both rings and the tap)",
     tap_errors: "hard tap errors (device gone or broken)",
     rings_broken: "rings stopped because the driver corrupted them (avail index jump, used ring unwritable)",
     guest_memory_faults: "tap reads/writes that failed (EFAULT) because the guest memory behind them was lost (its fd shrank)",

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use vutap_testbed::guest::{Guest, GuestConfig, Nic, QemuVersion};
 use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
@@ -28,7 +28,7 @@ use vutap_testbed::vutap::Vutap;
 use vutap_testbed::{log_dir, Error, Result};
 
 /// Which of the seed's two measurements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SeedPath {
     /// Guest to a host behind the lower (peer netns).
     External,
@@ -46,7 +46,7 @@ impl fmt::Display for SeedPath {
 }
 
 /// The guest NIC's data path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Variant {
     /// vutap over vhost-user (INTx on QEMU 7.2, MSI-X on 10).
     Vutap,
@@ -67,7 +67,7 @@ impl fmt::Display for Variant {
 }
 
 /// iperf3 direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
     /// external: guest → host; internal: guest A → guest B.
     Forward,
@@ -76,6 +76,9 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Every label [`Direction::label`] gives.
+    const LABELS: [&'static str; 4] = ["guest->host", "host->guest", "A->B", "B->A"];
+
     pub fn label(self, path: SeedPath) -> &'static str {
         match (path, self) {
             (SeedPath::External, Direction::Forward) => "guest->host",
@@ -87,7 +90,7 @@ impl Direction {
 }
 
 /// What to run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SeedPlan {
     pub qemus: Vec<QemuVersion>,
     pub paths: Vec<SeedPath>,
@@ -106,7 +109,7 @@ pub struct SeedPlan {
 }
 
 /// One iperf3 number (or why there is none).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measurement {
     pub path: SeedPath,
     pub qemu: QemuVersion,
@@ -125,7 +128,7 @@ pub struct Measurement {
 }
 
 /// One boot of the guest(s).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupRun {
     pub path: SeedPath,
     pub qemu: QemuVersion,
@@ -143,10 +146,11 @@ pub struct GroupRun {
 }
 
 /// One row cell of the table: vutap vs the QEMU tap backend.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub path: SeedPath,
-    pub direction: &'static str,
+    #[serde(deserialize_with = "direction_label")]
+    pub direction: Label,
     pub qemu: QemuVersion,
     pub queues: u16,
     pub streams: u16,
@@ -158,8 +162,18 @@ pub struct Cell {
     pub ratio_intx: Option<f64>,
 }
 
+/// A fixed label. The alias keeps serde's derive from borrowing a `&str` field from the input
+/// (which would tie the report to `'static` input); [`direction_label`] maps it to a constant.
+type Label = &'static str;
+
+/// A [`Cell::direction`] read back from JSON: one of [`Direction::LABELS`].
+fn direction_label<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<&'static str, D::Error> {
+    let s = String::deserialize(d)?;
+    Direction::LABELS.into_iter().find(|l| *l == s).ok_or_else(|| serde::de::Error::unknown_variant(&s, &Direction::LABELS))
+}
+
 /// Result of the VEPA check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VepaCheck {
     pub qemu: QemuVersion,
     /// Each VEPA guest pings the peer namespace (the link works).
@@ -186,7 +200,7 @@ impl VepaCheck {
 }
 
 /// Everything a run produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SeedReport {
     pub plan: SeedPlan,
     pub started_unix: u64,
@@ -595,21 +609,58 @@ pub fn markdown(report: &SeedReport) -> String {
     s
 }
 
+/// Font size of the chart's body text, px.
+const SVG_FONT: f64 = 11.0;
+
+/// How wide `text` is drawn at `font` px: 0.6 em a character, wider than the average sans-serif
+/// glyph, so that room sized from it suffices.
+fn text_width(text: &str, font: f64) -> f64 {
+    text.chars().count() as f64 * 0.6 * font
+}
+
+/// The box (x_min, x_max, y_min, y_max) of a label drawn at `(x, y)` with `rotate(-45)` and
+/// `text-anchor="end"`: it runs up and right to end at the anchor, so it reaches down and left
+/// by its width times cos 45°, plus the glyphs' height (taken as a whole em) across it.
+fn rotated_label_box(x: f64, y: f64, text: &str, font: f64) -> (f64, f64, f64, f64) {
+    let c = std::f64::consts::FRAC_1_SQRT_2;
+    let run = text_width(text, font) * c;
+    let across = font * c;
+    (x - run - across, x + across, y - across, y + run + across)
+}
+
+/// The x-axis label of a cell.
+fn cell_label(c: &Cell) -> String {
+    format!("{} {} {}q/{}s", &c.path.to_string()[..3], c.direction, c.queues, c.streams)
+}
+
 /// A hand-written SVG bar chart: one panel per QEMU version, a pair of bars (vutap, QEMU tap) per
-/// cell, the ratio above each pair.
+/// cell, the ratio above each pair. The rotated labels under the bars size the room below each
+/// panel (the longest) and the left margin (the first).
 pub fn svg(report: &SeedReport) -> String {
     let qemus = &report.plan.qemus;
     let per = |q: QemuVersion| report.cells.iter().filter(move |c| c.qemu == q);
     let n = qemus.iter().map(|&q| per(q).count()).max().unwrap_or(0).max(1);
     let slot = 52.0;
-    let (left, right, top_pad, panel_h, bottom) = (60.0, 20.0, 40.0, 220.0, 70.0);
+    // Label anchors: this far right of the slot's start and below the axis.
+    let (label_dx, label_dy) = (30.0, 12.0);
+    let labels: Vec<String> = report.cells.iter().map(cell_label).collect();
+    let deepest = labels.iter().map(|l| rotated_label_box(0.0, 0.0, l, SVG_FONT).3).fold(0.0, f64::max);
+    let first_reach = qemus
+        .iter()
+        .filter_map(|&q| per(q).next())
+        .map(|c| -rotated_label_box(label_dx, 0.0, &cell_label(c), SVG_FONT).0)
+        .fold(0.0, f64::max);
+    let pad = 6.0;
+    let left = f64::max(60.0, first_reach + pad);
+    let (right, top_pad, panel_h) = (20.0, 40.0, 220.0);
+    let bottom = label_dy + deepest + pad;
     let width = left + right + slot * n as f64;
     let panel_total = top_pad + panel_h + bottom;
     let height = 40.0 + panel_total * qemus.len() as f64;
     let max = report.cells.iter().flat_map(|c| [c.vutap, c.qemu_tap]).flatten().fold(0.0, f64::max).max(0.1);
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" \
-         font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         font-family=\"sans-serif\" font-size=\"{SVG_FONT}\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{left}\" y=\"20\" font-size=\"14\">vutap vs QEMU tap backend, real TCG guests on a macvtap \
          (Gbit/s; ratio above)</text>\n\
          <rect x=\"{:.0}\" y=\"10\" width=\"10\" height=\"10\" fill=\"#1f77b4\"/><text x=\"{:.0}\" y=\"19\">vutap</text>\n\
@@ -655,14 +706,11 @@ pub fn svg(report: &SeedReport) -> String {
                 x + 26.0,
                 base - panel_h * top / max - 4.0
             ));
-            let label = format!("{} {}", &c.path.to_string()[..3], c.direction);
             s.push_str(&format!(
-                "<text transform=\"translate({:.1},{:.1}) rotate(-45)\" text-anchor=\"end\">{} {}q/{}s</text>\n",
-                x + 30.0,
-                base + 12.0,
-                xml_escape(&label),
-                c.queues,
-                c.streams
+                "<text transform=\"translate({:.1},{:.1}) rotate(-45)\" text-anchor=\"end\">{}</text>\n",
+                x + label_dx,
+                base + label_dy,
+                xml_escape(&cell_label(c))
             ));
         }
     }
@@ -681,4 +729,65 @@ fn median(v: &[f64]) -> Option<f64> {
 
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(qemus: Vec<QemuVersion>) -> SeedReport {
+        let plan = SeedPlan {
+            qemus,
+            paths: vec![SeedPath::Internal, SeedPath::External],
+            queues: vec![1, 2],
+            streams: vec![1, 4],
+            seconds: 5,
+            rounds: 1,
+            intx_baseline: false,
+            vepa_check: false,
+            tag: "t".into(),
+        };
+        let cells = cells(&plan, &[]);
+        let cells = cells.into_iter().enumerate().map(|(i, c)| Cell { vutap: Some(1.0 + i as f64), qemu_tap: Some(2.0), ..c }).collect();
+        SeedReport { plan, started_unix: 0, duration_secs: 1.0, nproc: 2, groups: Vec::new(), measurements: Vec::new(), cells, vepa: None }
+    }
+
+    /// The `f64` after `key="` in `tag`.
+    fn attr(tag: &str, key: &str) -> f64 {
+        let at = tag.find(&format!("{key}=\"")).unwrap_or_else(|| panic!("no {key} in {tag}")) + key.len() + 2;
+        tag[at..].split('"').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad {key} in {tag}"))
+    }
+
+    #[test]
+    fn test_svg_rotated_labels_stay_inside_the_canvas_and_their_panel() {
+        let svg = svg(&report(vec![QemuVersion::V7, QemuVersion::V10]));
+        let root = svg.lines().next().expect("svg root");
+        let (width, height) = (attr(root, "width"), attr(root, "height"));
+        // Panel titles: the top of each (13 px font) is where the panel above must end.
+        let titles: Vec<f64> = svg.lines().filter(|l| l.contains("font-weight=\"bold\"")).map(|l| attr(l, "y") - 13.0).collect();
+        assert_eq!(titles.len(), 2);
+        let mut seen = 0;
+        for line in svg.lines().filter(|l| l.contains("rotate(-45)")) {
+            let xy = line.split("translate(").nth(1).and_then(|r| r.split(')').next()).expect("translate");
+            let (x, y) = xy.split_once(',').map(|(x, y)| (x.parse::<f64>().unwrap(), y.parse::<f64>().unwrap())).expect("x,y");
+            let text = line.split('>').nth(1).and_then(|t| t.split('<').next()).expect("label text");
+            let text = text.replace("&gt;", ">").replace("&lt;", "<").replace("&amp;", "&");
+            let (x0, x1, y0, y1) = rotated_label_box(x, y, &text, SVG_FONT);
+            assert!(x0 >= 0.0 && x1 <= width, "label {text:?} spans x {x0:.1}..{x1:.1} of {width}");
+            assert!(y0 >= 0.0 && y1 <= height, "label {text:?} spans y {y0:.1}..{y1:.1} of {height}");
+            if let Some(next) = titles.iter().find(|&&t| t > y) {
+                assert!(y1 < *next, "label {text:?} reaches y {y1:.1}, into the next panel's title at {next:.1}");
+            }
+            seen += 1;
+        }
+        assert_eq!(seen, 2 * 16, "a label per cell");
+    }
+
+    #[test]
+    fn test_report_round_trips_through_json() {
+        let r = report(vec![QemuVersion::V10]);
+        let back: SeedReport = serde_json::from_str(&serde_json::to_string(&r).expect("to json")).expect("from json");
+        assert_eq!(markdown(&back), markdown(&r));
+        assert_eq!(svg(&back), svg(&r));
+    }
 }

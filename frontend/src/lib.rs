@@ -19,6 +19,7 @@ pub mod features;
 pub mod handshake;
 pub mod hdr;
 pub mod memory;
+pub mod mergeable;
 pub mod net;
 pub mod virtqueue;
 

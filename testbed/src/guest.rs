@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::cmd::die_with_parent;
 use super::console::Console;
@@ -24,7 +24,7 @@ use super::{ensure_guest_built, io_err, workspace_root, Error, Result};
 pub(crate) const READY_MARKER: &str = "__VUTAP_GUEST_READY__";
 
 /// Which of the two unpacked QEMU builds under `.deps/` to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QemuVersion {
     /// Debian bookworm's QEMU 7.2.
     V7,

@@ -178,6 +178,7 @@ impl<T: TapControl> PairLoop<T> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            self.counts.wakeups += 1;
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => return Ok(()),

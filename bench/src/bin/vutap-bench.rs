@@ -2,6 +2,7 @@
 //! testpmd). Markdown on stdout, JSON + SVG files, progress on stderr. Needs root.
 //!
 //! `vutap-bench [--smoke] [--sizes 64,1500,9000,65536] [--pairs 1,2,4] [--duration 3] [--warmup 1]`
+//! `vutap-bench --render-from results/bench.json [--markdown results/bench.md]` (redraw only)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,6 +59,16 @@ struct Args {
     /// Also write the markdown here.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Run nothing: redraw the markdown (stdout, --markdown) and the SVG from this JSON of an
+    /// earlier run.
+    #[arg(long)]
+    render_from: Option<PathBuf>,
+}
+
+/// The report of an earlier run, from its JSON.
+fn read_report(p: &PathBuf) -> Result<loadgen::Report, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("read {}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("parse {}: {e}", p.display()))
 }
 
 fn main() {
@@ -106,7 +117,12 @@ fn main() {
     if let Some(r) = a.rounds {
         cfg.rounds = r.max(1);
     }
-    let rep = match loadgen::run(&cfg) {
+    let rendering = a.render_from.is_some();
+    let rep = match &a.render_from {
+        Some(p) => read_report(p),
+        None => loadgen::run(&cfg).map_err(|e| e.to_string()),
+    };
+    let rep = match rep {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vutap-bench: {e}");
@@ -123,10 +139,16 @@ fn main() {
             eprintln!("vutap-bench: write {}: {e}", p.display());
         }
     };
-    write(&a.json, serde_json::to_string_pretty(&rep).unwrap_or_default());
+    if !rendering {
+        write(&a.json, serde_json::to_string_pretty(&rep).unwrap_or_default());
+    }
     write(&a.svg, report::svg(&rep));
     if let Some(p) = &a.markdown {
         write(p, md);
     }
-    eprintln!("[vutap-bench] wrote {} and {}", a.json.display(), a.svg.display());
+    if rendering {
+        eprintln!("[vutap-bench] wrote {}", a.svg.display());
+    } else {
+        eprintln!("[vutap-bench] wrote {} and {}", a.json.display(), a.svg.display());
+    }
 }

@@ -62,6 +62,15 @@ struct SeedArgs {
     svg: std::path::PathBuf,
     #[arg(long, default_value = "results/seed.md")]
     markdown: std::path::PathBuf,
+    /// Run nothing: redraw the markdown and the SVG from this JSON of an earlier run.
+    #[arg(long)]
+    render_from: Option<std::path::PathBuf>,
+}
+
+/// The report of an earlier seed run, from its JSON.
+fn read_seed_report(p: &std::path::Path) -> Result<seed::SeedReport, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("read {}: {e}", p.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("parse {}: {e}", p.display()))
 }
 
 #[derive(clap::Args)]
@@ -255,7 +264,11 @@ fn seed_cmd(args: SeedArgs) -> ExitCode {
         plan.rounds = 1;
         plan.intx_baseline = false;
     }
-    let report = match seed::run(&plan) {
+    let report = match &args.render_from {
+        Some(p) => read_seed_report(p),
+        None => seed::run(&plan).map_err(|e| e.to_string()),
+    };
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vutap-vm seed: {e}");
@@ -272,7 +285,9 @@ fn seed_cmd(args: SeedArgs) -> ExitCode {
             Err(e) => eprintln!("vutap-vm: write {}: {e}", path.display()),
         }
     };
-    out(&args.json, serde_json::to_string_pretty(&report).unwrap_or_default());
+    if args.render_from.is_none() {
+        out(&args.json, serde_json::to_string_pretty(&report).unwrap_or_default());
+    }
     out(&args.svg, seed::svg(&report));
     out(&args.markdown, md);
     let holes = report.cells.iter().any(|c| c.vutap.is_none() || c.qemu_tap.is_none());

@@ -59,6 +59,12 @@ pub enum LoadgenError {
     Exited { what: &'static str, status: ExitStatus, log: String },
     #[error("{what} not ready ({ready}) after {timeout:?}:\n{log}")]
     NotReady { what: &'static str, ready: String, timeout: Duration, log: String },
+    #[error("vutap metrics at {}: {source}", socket.display())]
+    Metrics {
+        socket: PathBuf,
+        #[source]
+        source: vutap::operations::stats::StatsError,
+    },
     #[error("no rounds ran")]
     NoRounds,
 }

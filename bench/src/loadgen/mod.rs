@@ -10,8 +10,15 @@
 //! TX: the bench keeps the TX rings full; the far-side sink counts and verifies. RX: a far-side
 //! source floods; the bench recycles RX buffers (mergeable or not) and counts. Throughput is what
 //! arrived and verified; drops = offered - delivered over the window.
+//!
+//! Each cell also says why it ran at that speed: vutap's own counters over the window
+//! ([`backend_counters`]: frames per batch, kicks, interrupts and wake-ups per frame...), and the
+//! CPU of both sides ([`load_cpu`]), flagged when the load generator rather than the backend was
+//! the limit.
 
+pub mod backend_counters;
 pub mod error;
+pub mod load_cpu;
 pub mod placement;
 pub mod procs;
 pub mod raw;
@@ -24,14 +31,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use vutap_frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
-use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{mergeable, FrontendOptions, NetFrontend, VirtioNetHdr};
 use vutap_testbed::{frames, link, MacvtapMode, Topology};
 
+use backend_counters::BackendCounters;
 pub use error::{LoadgenError, Result};
+use load_cpu::LoadCpu;
 use placement::Placement;
 use wire::{Counters, OTHER_MAC, PEER_MAC};
 
@@ -97,21 +106,21 @@ impl Config {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dir {
     Tx,
     Rx,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arrangement {
     Macvtap,
     Tap,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Vutap,
@@ -120,7 +129,7 @@ pub enum Backend {
 }
 
 /// One measured case.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseResult {
     pub arrangement: Arrangement,
     pub backend: Backend,
@@ -129,7 +138,8 @@ pub struct CaseResult {
     pub frame_len: usize,
     pub pairs: u16,
     /// "mrg" / "nomrg" for vhost RX, "-" otherwise.
-    pub rxbuf: &'static str,
+    #[serde(deserialize_with = "rxbuf_from")]
+    pub rxbuf: Label,
     pub secs: f64,
     pub gbps: f64,
     pub mpps: f64,
@@ -141,12 +151,25 @@ pub struct CaseResult {
     pub cpu_ns_per_frame: f64,
     /// Backend CPU as a fraction of one core.
     pub cpu_cores: f64,
+    /// CPU of the load side (this process's frontend driver and far-end threads).
+    #[serde(default)]
+    pub load: LoadCpu,
+    /// CPUs the load side ran on.
+    #[serde(default)]
+    pub load_cpus: usize,
+    /// The load side was busy (a thread or all its CPUs at >= 90 %) while the backend was not:
+    /// the cell measures the load generator, not the backend.
+    #[serde(default)]
+    pub load_limited: bool,
+    /// vutap's counters over the window (vutap cells only).
+    #[serde(default)]
+    pub counters: Option<BackendCounters>,
     /// Gbit/s of every round (the figures above are the median round's).
     pub rounds_gbps: Vec<f64>,
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencyResult {
     pub arrangement: Arrangement,
     pub backend: Backend,
@@ -156,12 +179,25 @@ pub struct LatencyResult {
     pub error: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub host: String,
     pub cases: Vec<CaseResult>,
     pub latency: Vec<LatencyResult>,
     pub notes: Vec<String>,
+}
+
+/// A fixed label. The alias keeps serde's derive from borrowing a `&str` field from the input
+/// (which would tie the report to `'static` input); [`rxbuf_from`] maps it to a constant.
+type Label = &'static str;
+
+/// The `rxbuf` labels a run writes; anything else reads as "-".
+fn rxbuf_from<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<&'static str, D::Error> {
+    Ok(match String::deserialize(d)?.as_str() {
+        "mrg" => "mrg",
+        "nomrg" => "nomrg",
+        _ => "-",
+    })
 }
 
 impl Report {
@@ -219,13 +255,63 @@ struct Window {
     secs: f64,
     d: wire::Snap,
     cpu_ns: u64,
+    load: LoadCpu,
+    load_cpus: usize,
+    load_limited: bool,
+    counters: Option<BackendCounters>,
 }
 
-fn measure(cfg: &Config, counters: &Counters, cpu: &dyn Fn() -> u64) -> Window {
+/// How the backend of a case is read, besides the far side's counters.
+struct BackendSide<'a> {
+    /// Its CPU time in ns.
+    cpu: &'a dyn Fn() -> u64,
+    /// Its threads inside this process (the raw loop's), which are not load.
+    tids: &'a dyn Fn() -> Vec<i32>,
+    /// vutap's metrics endpoint.
+    metrics: Option<&'a Path>,
+    /// Cores it can use: its threads, bounded by its CPUs.
+    capacity: f64,
+    /// CPUs the load side runs on.
+    load_cpus: usize,
+}
+
+impl<'a> BackendSide<'a> {
+    /// A backend process (vutap, testpmd) with `threads` busy threads.
+    fn process(cpu: &'a dyn Fn() -> u64, metrics: Option<&'a Path>, threads: u16, place: Option<&Placement>) -> Self {
+        BackendSide { cpu, tids: &Vec::new, metrics, capacity: capacity(threads, place), load_cpus: load_cpus(place) }
+    }
+
+    /// The raw loop: `pairs` threads `tids` of this process.
+    fn raw_loop(cpu: &'a dyn Fn() -> u64, tids: &'a dyn Fn() -> Vec<i32>, pairs: u16, place: Option<&Placement>) -> Self {
+        BackendSide { cpu, tids, metrics: None, capacity: capacity(pairs, place), load_cpus: load_cpus(place) }
+    }
+}
+
+/// Cores `threads` backend threads can use under `place`.
+fn capacity(threads: u16, place: Option<&Placement>) -> f64 {
+    let cpus = place.map_or_else(|| placement::online_cpus_at_start().len(), |p| p.backend.len());
+    f64::from(threads).min(cpus.max(1) as f64)
+}
+
+fn load_cpus(place: Option<&Placement>) -> usize {
+    place.map_or_else(|| placement::online_cpus_at_start().len(), |p| p.load.len())
+}
+
+fn scrape(metrics: Option<&Path>) -> Option<backend_counters::Totals> {
+    let m = metrics?;
+    backend_counters::scrape(m).map_err(|e| progress(&format!("{e}"))).ok()
+}
+
+fn measure(cfg: &Config, counters: &Counters, dir: Dir, backend: &BackendSide) -> Window {
     std::thread::sleep(cfg.warmup);
-    let (s0, c0, t0) = (counters.snap(), cpu(), Instant::now());
+    let m0 = scrape(backend.metrics);
+    let (s0, l0, c0, t0) = (counters.snap(), load_cpu::thread_times(), (backend.cpu)(), Instant::now());
     std::thread::sleep(cfg.duration);
-    let (s1, c1, secs) = (counters.snap(), cpu(), t0.elapsed().as_secs_f64());
+    let (s1, l1, c1, secs) = (counters.snap(), load_cpu::thread_times(), (backend.cpu)(), t0.elapsed().as_secs_f64());
+    let m1 = scrape(backend.metrics);
+    let cpu_ns = c1.saturating_sub(c0);
+    let load = LoadCpu::between(&l0, &l1, &(backend.tids)(), secs);
+    let backend_cores = cpu_ns as f64 / 1e9 / secs;
     Window {
         secs,
         d: wire::Snap {
@@ -235,7 +321,11 @@ fn measure(cfg: &Config, counters: &Counters, cpu: &dyn Fn() -> u64) -> Window {
             delivered_bytes: s1.delivered_bytes - s0.delivered_bytes,
             bad: s1.bad - s0.bad,
         },
-        cpu_ns: c1.saturating_sub(c0),
+        cpu_ns,
+        load,
+        load_cpus: backend.load_cpus,
+        load_limited: load.was_the_limit(backend.load_cpus, backend_cores, backend.capacity),
+        counters: m0.zip(m1).map(|(a, b)| BackendCounters::between(&a, &b, dir)),
     }
 }
 
@@ -266,6 +356,10 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
         bad: 0,
         cpu_ns_per_frame: 0.0,
         cpu_cores: 0.0,
+        load: LoadCpu::default(),
+        load_cpus: 0,
+        load_limited: false,
+        counters: None,
         rounds_gbps: Vec::new(),
         error: None,
     };
@@ -282,13 +376,14 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
             r.bad = d.bad;
             r.cpu_ns_per_frame = if d.delivered_frames > 0 { w.cpu_ns as f64 / d.delivered_frames as f64 } else { 0.0 };
             r.cpu_cores = w.cpu_ns as f64 / 1e9 / w.secs;
+            (r.load, r.load_cpus, r.load_limited, r.counters) = (w.load, w.load_cpus, w.load_limited, w.counters);
             if d.delivered_frames == 0 {
                 r.error = Some(format!("no frames delivered ({} offered)", d.offered_frames));
             }
         }
     }
     progress(&format!(
-        "{:?}/{:?} {:?} {} B x{} {}: {:.3} Gbit/s {:.3} Mpps drops {:.1}% cpu {:.0} ns/frame{}",
+        "{:?}/{:?} {:?} {} B x{} {}: {:.3} Gbit/s {:.3} Mpps drops {:.1}% cpu {:.0} ns/frame, {:.2} cores; load {:.2} cores{}{}",
         r.arrangement,
         r.backend,
         r.dir,
@@ -299,6 +394,9 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
         r.mpps,
         r.drop_pct,
         r.cpu_ns_per_frame,
+        r.cpu_cores,
+        r.load.cores,
+        if r.load_limited { " (load-limited)" } else { "" },
         r.error.as_deref().map(|e| format!(" ERROR {e}")).unwrap_or_default()
     ));
     r
@@ -346,6 +444,9 @@ fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>>) -> LatencyRes
     out
 }
 
+/// The virtio-net header with `num_buffers`, as negotiated with MRG_RXBUF.
+const MRG_HDR_LEN: u32 = 12;
+
 /// Frontend options for a case.
 fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
     let mut o = FrontendOptions { queue_pairs: pairs, ..FrontendOptions::default() };
@@ -361,15 +462,15 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
         o.requested_features &= !NET_F_MRG_RXBUF;
         o.rx_buf_len = 9216;
     } else {
-        // Page-sized mergeable buffers: what a Linux guest's buffers (sized by an average of
-        // the frame lengths it sees, at most a page) grow to under MTU 9000 traffic.
-        o.rx_buf_len = 4096;
+        // Mergeable buffers sized as a Linux guest that has been receiving this frame size
+        // sizes them (see `vutap_frontend::mergeable`): ~1.5 KiB up to 1500 B, a page for 9000 B.
+        o.rx_buf_len = mergeable::linux_buf_len(frame_len(size) as u32, MRG_HDR_LEN);
     }
     o
 }
 
-/// One vhost-user case against a backend at `socket` whose CPU `cpu` reads.
-fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn() -> u64) -> Result<Window> {
+/// One vhost-user case against the backend at `socket`.
+fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, backend: &BackendSide) -> Result<Window> {
     let fe = connect(socket, fe_opts(k.pairs, k.dir, k.size, k.rxbuf))?;
     if k.dir == Dir::Tx && k.size == TSO_SIZE && fe.acked_features() & NET_F_HOST_TSO4 == 0 {
         return Err(LoadgenError::Negotiation("HOST_TSO4 not offered"));
@@ -388,14 +489,14 @@ fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, cpu: &dyn Fn(
             let expect = (k.size != TSO_SIZE).then_some(frame.len());
             let _sink = wire::sink(sock, counters.clone(), expect);
             let drv = vhost::tx(fe, frame.len(), counters.clone());
-            let w = measure(cfg, &counters, cpu);
+            let w = measure(cfg, &counters, k.dir, backend);
             (w, drv.stop())
         }
         Dir::Rx => {
             let frame = wire::udp_frame(frame_len(k.size), guest_mac, PEER_MAC, 10000, 0);
             let drv = vhost::rx(fe, counters.clone());
             let _src = wire::source(sock, counters.clone(), frame);
-            let w = measure(cfg, &counters, cpu);
+            let w = measure(cfg, &counters, k.dir, backend);
             drop(_src);
             (w, drv.stop())
         }
@@ -411,6 +512,7 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
     let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
         tids.iter().map(|t| procs::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
     };
+    let tid_list = |tids: &[Arc<std::sync::atomic::AtomicI32>]| tids.iter().map(|t| t.load(Ordering::Relaxed)).collect::<Vec<i32>>();
     match k.dir {
         Dir::Tx => {
             let (hdr, frame) = tx_frame(k.size, far.backend_mac);
@@ -422,7 +524,8 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
                 let _on = on_backend();
                 raw::tx(fds, h, frame, counters.clone())
             };
-            let w = measure(cfg, &counters, &|| tid_cpu(&lp.tids));
+            let (cpu, tids) = (|| tid_cpu(&lp.tids), || tid_list(&lp.tids));
+            let w = measure(cfg, &counters, k.dir, &BackendSide::raw_loop(&cpu, &tids, k.pairs, place));
             lp.stop();
             Ok(w)
         }
@@ -433,7 +536,8 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
                 raw::rx(fds, counters.clone())
             };
             let _src = wire::source(sock, counters.clone(), frame);
-            let w = measure(cfg, &counters, &|| tid_cpu(&lp.tids));
+            let (cpu, tids) = (|| tid_cpu(&lp.tids), || tid_list(&lp.tids));
+            let w = measure(cfg, &counters, k.dir, &BackendSide::raw_loop(&cpu, &tids, k.pairs, place));
             drop(_src);
             lp.stop();
             Ok(w)
@@ -535,7 +639,8 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
             let ceiling = rxbuf != "nomrg";
             let (mut vs, mut cs) = (Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
-                vs.push(vhost_case(cfg, &kv, sock_path, &far, &|| procs::cpu_ns(&pid)));
+                let cpu = || procs::cpu_ns(&pid);
+                vs.push(vhost_case(cfg, &kv, sock_path, &far, &BackendSide::process(&cpu, p.metrics.as_deref(), pairs, place.as_ref())));
                 if ceiling {
                     let w = raw::open_macvtap(&tap.dev, pairs)
                         .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
@@ -580,7 +685,8 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             let ceiling = rxbuf != "nomrg";
             let (mut vs, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
-                vs.push(vhost_case(cfg, &kv, sock_path, &vfar, &|| procs::cpu_ns(&vpid)));
+                let cpu = || procs::cpu_ns(&vpid);
+                vs.push(vhost_case(cfg, &kv, sock_path, &vfar, &BackendSide::process(&cpu, vp.metrics.as_deref(), pairs, place.as_ref())));
                 if dpdk {
                     ds.push(dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()));
                 }
@@ -637,7 +743,11 @@ fn host_tap_far(name: &str) -> Result<Far> {
 fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Path, place: Option<&Placement>) -> Result<Window> {
     let r = start_testpmd(socket, name, k.pairs, log_dir, place).and_then(|(p, far)| {
         let pid = p.pid().to_string();
-        vhost_case(cfg, k, socket, &far, &|| procs::cpu_ns(&pid))
+        // Its forwarding lcore polls, 100 % busy with or without traffic: its CPU cannot say
+        // whether it was the limit, so only the load side's can (unbounded capacity).
+        let cpu = || procs::cpu_ns(&pid);
+        let side = BackendSide { capacity: f64::INFINITY, ..BackendSide::process(&cpu, None, 1, place) };
+        vhost_case(cfg, k, socket, &far, &side)
     });
     wait_gone(name);
     r

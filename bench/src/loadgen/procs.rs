@@ -27,6 +27,8 @@ pub struct Proc {
     pub child: Child,
     pub what: &'static str,
     pub log: PathBuf,
+    /// vutap's `--metrics-unix` socket.
+    pub metrics: Option<PathBuf>,
     cleanup: Vec<PathBuf>,
 }
 
@@ -90,21 +92,35 @@ fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Opti
         .stderr(err)
         .spawn()
         .map_err(io(format!("spawn {}", bin.display())))?;
-    Ok(Proc { child, what, log: log.to_path_buf(), cleanup: Vec::new() })
+    Ok(Proc { child, what, log: log.to_path_buf(), metrics: None, cleanup: Vec::new() })
 }
 
-/// `vutap --socket SOCK --tap SPEC --queues Q`, ready once the socket exists.
+/// `vutap --socket SOCK --tap SPEC --queues Q --metrics-unix SOCK.metrics`, ready once the
+/// socket exists.
 pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc> {
     let bin = Vutap::binary()?;
+    let metrics = socket.with_extension("metrics");
     let _ = std::fs::remove_file(socket);
-    let args = vec!["--socket".into(), socket.display().to_string(), "--tap".into(), tap.into(), "--queues".into(), queues.to_string()];
+    let _ = std::fs::remove_file(&metrics);
+    let args = vec![
+        "--socket".into(),
+        socket.display().to_string(),
+        "--tap".into(),
+        tap.into(),
+        "--queues".into(),
+        queues.to_string(),
+        "--metrics-unix".into(),
+        metrics.display().to_string(),
+    ];
     // Extra daemon options for experiments (e.g. VUTAP_BENCH_ARGS="--poll-us 50").
     let mut args = args;
     args.extend(std::env::var("VUTAP_BENCH_ARGS").unwrap_or_default().split_whitespace().map(String::from));
     let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")), place.map(|p| p.backend.clone()))?;
     p.cleanup.push(socket.to_path_buf());
+    p.cleanup.push(metrics.clone());
+    p.metrics = Some(metrics.clone());
     let s = socket.to_path_buf();
-    p.wait_for("socket", move || s.exists(), Duration::from_secs(10))
+    p.wait_for("sockets", move || s.exists() && metrics.exists(), Duration::from_secs(10))
 }
 
 pub const TESTPMD: &str = "/usr/bin/dpdk-testpmd";

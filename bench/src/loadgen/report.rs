@@ -41,6 +41,39 @@ fn ratio(a: Option<&CaseResult>, b: Option<&CaseResult>, pct: bool) -> String {
     }
 }
 
+/// vutap's counters: frames per batch, kicks, interrupts and wake-ups per frame, RX no-buffer
+/// stops and TX EAGAIN waits per 1000 frames.
+fn counters(c: Option<&CaseResult>) -> String {
+    match c.and_then(|c| c.counters) {
+        Some(k) if k.frames > 0 => format!(
+            "{:.1} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2}",
+            k.frames_per_batch, k.kicks_per_frame, k.interrupts_per_frame, k.wakeups_per_frame, k.rx_no_buffers_per_1k, k.tx_eagain_per_1k
+        ),
+        _ => "– | – | – | – | – | –".into(),
+    }
+}
+
+/// Offered → delivered Mpps.
+fn offered(c: Option<&CaseResult>) -> String {
+    c.filter(|c| c.error.is_none() || c.mpps > 0.0).map(|c| format!("{:.3} → {:.3}", c.offered_mpps, c.mpps)).unwrap_or("–".into())
+}
+
+/// Backend cores / load cores (busiest load thread), flagged when the load side was the limit.
+fn sides(c: Option<&CaseResult>) -> String {
+    match c.filter(|c| c.secs > 0.0) {
+        None => "–".into(),
+        // A report from before the load side was measured.
+        Some(c) if c.load_cpus == 0 => format!("{:.2} / –", c.cpu_cores),
+        Some(c) => format!(
+            "{:.2} / {:.2} ({:.2}){}",
+            c.cpu_cores,
+            c.load.cores,
+            c.load.busiest_thread,
+            if c.load_limited { " **load-limited**" } else { "" }
+        ),
+    }
+}
+
 /// Distinct (dir, size, pairs, rxbuf) rows of vhost backends in `arr`, in run order.
 fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     let mut v: Vec<(Dir, u32, u16, &'static str)> = Vec::new();
@@ -52,6 +85,48 @@ fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     }
     v.sort_by_key(|k| (k.0 as u8, k.2, k.1, k.3));
     v
+}
+
+/// Why each cell ran at its speed: vutap's counters, offered vs delivered, and the CPU of both
+/// sides (the load side is this process's frontend driver and far-end threads).
+fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
+    if !rep.cases.iter().any(|c| c.arrangement == arr && (c.load_cpus > 0 || c.counters.is_some())) {
+        return; // a report from before these were measured: nothing to explain with
+    }
+    let _ = writeln!(
+        s,
+        "What each cell did: vutap's counters over the window (per frame vutap moved; no-buf and EAGAIN per 1000 frames), \
+         offered → delivered Mpps, and CPU as `backend cores / load cores (busiest load thread)`; **load-limited** = the load \
+         side was ≥ 90 % busy (a thread, or all its CPUs) while the backend was below 90 % of what it could use.\n"
+    );
+    let mut head = "| dir | size | pairs | rx bufs | frames/batch | kicks/f | irqs/f | wake-ups/f | no-buf /1k | EAGAIN /1k | vutap Mpps offered → delivered | vutap CPU / load |".to_string();
+    let mut sep = "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string();
+    if dpdk {
+        head += " DPDK Mpps offered → delivered | DPDK CPU / load |";
+        sep += "---|---|";
+    }
+    head += " ceiling Mpps offered → delivered | ceiling CPU / load |";
+    sep += "---|---|";
+    let _ = writeln!(s, "{head}\n{sep}");
+    for (dir, size, pairs, rxbuf) in rows(rep, arr) {
+        let v = rep.find(arr, Backend::Vutap, dir, size, pairs, rxbuf);
+        let mut line = format!(
+            "| {} | {} | {pairs} | {rxbuf} | {} | {} | {} |",
+            if dir == Dir::Tx { "TX" } else { "RX" },
+            size_label(size),
+            counters(v),
+            offered(v),
+            sides(v)
+        );
+        if dpdk {
+            let d = rep.find(arr, Backend::Dpdk, dir, size, pairs, rxbuf);
+            let _ = write!(line, " {} | {} |", offered(d), sides(d));
+        }
+        let c = (rxbuf != "nomrg").then(|| rep.find(arr, Backend::Ceiling, dir, size, pairs, "-")).flatten();
+        let _ = write!(line, " {} | {} |", offered(c), sides(c));
+        let _ = writeln!(s, "{line}");
+    }
+    let _ = writeln!(s);
 }
 
 pub fn markdown(rep: &Report) -> String {
@@ -107,6 +182,7 @@ pub fn markdown(rep: &Report) -> String {
             let _ = writeln!(s, "{line}");
         }
         let _ = writeln!(s);
+        explain(&mut s, rep, arr, dpdk);
     }
     // Scaling: N pairs vs 1 pair.
     let mut sc = String::new();
@@ -167,8 +243,28 @@ pub fn markdown(rep: &Report) -> String {
     s
 }
 
-/// Grouped bars: one panel per direction, groups = frame sizes (1 pair, mergeable RX), bars =
-/// each (arrangement, backend) series.
+/// One row of panels in the chart: a figure per (1 pair, mergeable RX) case.
+struct Metric {
+    title: &'static str,
+    value: fn(&CaseResult) -> f64,
+    /// Leave the TSO case and DPDK out of the axis range (their bars are clipped and
+    /// labelled), so that the other bars stay readable: a TSO frame costs tens of times a 64 B
+    /// one, and DPDK's polling lcore burns a whole core however few frames it moves.
+    axis_without_outliers: bool,
+}
+
+const METRICS: [Metric; 3] = [
+    Metric { title: "throughput, Gbit/s", value: |c| c.gbps, axis_without_outliers: false },
+    Metric { title: "frame rate, Mpps", value: |c| c.mpps, axis_without_outliers: false },
+    Metric {
+        title: "backend CPU per delivered frame, ns",
+        value: |c| if c.mpps > 0.0 { c.cpu_ns_per_frame } else { 0.0 },
+        axis_without_outliers: true,
+    },
+];
+
+/// Grouped bars: one row per metric (Gbit/s, Mpps, CPU ns/frame), one panel per direction,
+/// groups = frame sizes (1 pair, mergeable RX), bars = each (arrangement, backend) series.
 pub fn svg(rep: &Report) -> String {
     let series: [(Arrangement, Backend, &str, &str); 5] = [
         (Arrangement::Macvtap, Backend::Vutap, "vutap (macvtap)", "#1f77b4"),
@@ -180,13 +276,14 @@ pub fn svg(rep: &Report) -> String {
     let mut sizes: Vec<u32> = rep.cases.iter().map(|c| c.size).collect();
     sizes.sort_unstable();
     sizes.dedup();
-    let get = |a, b, d, size| {
+    let get = |m: &Metric, a, b, d, size| {
         let rx = if b == Backend::Ceiling || d == Dir::Tx { "-" } else { "mrg" };
-        rep.find(a, b, d, size, 1, rx).map(|c| c.gbps).unwrap_or(0.0)
+        rep.find(a, b, d, size, 1, rx).map(|c| (m.value)(c)).unwrap_or(0.0)
     };
-    let (pw, ph, top, left) = (460.0f64, 300.0f64, 50.0f64, 60.0f64);
+    let (pw, ph, top, left, row_gap) = (460.0f64, 220.0f64, 50.0f64, 70.0f64, 70.0f64);
     let width = left + 2.0 * (pw + 40.0);
-    let height = top + ph + 110.0;
+    let rows_h = METRICS.len() as f64 * (ph + row_gap);
+    let height = top + rows_h + 30.0;
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -195,67 +292,83 @@ pub fn svg(rep: &Report) -> String {
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         s,
-        r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: throughput per frame size, 1 queue pair (Gbit/s)</text>"#,
+        r#"<text x="{}" y="20" font-size="15" text-anchor="middle">vutap-bench: per frame size, 1 queue pair (mergeable RX buffers)</text>"#,
         width / 2.0
     );
-    for (pi, dir) in [Dir::Tx, Dir::Rx].into_iter().enumerate() {
-        let x0 = left + pi as f64 * (pw + 40.0);
-        let dsizes: Vec<u32> = sizes.iter().copied().filter(|&z| !(dir == Dir::Rx && z == TSO_SIZE)).collect();
-        let max = dsizes
-            .iter()
-            .flat_map(|&z| series.iter().map(move |&(a, b, _, _)| (a, b, z)))
-            .map(|(a, b, z)| get(a, b, dir, z))
-            .fold(0.0f64, f64::max)
-            .max(0.1);
-        let max = nice(max);
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}</text>"#,
-            x0 + pw / 2.0,
-            top - 10.0,
-            if dir == Dir::Tx { "TX (bench → backend → tap → far side)" } else { "RX (far side → tap → backend → bench)" }
-        );
-        let _ = writeln!(s, r#"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, top + ph, x0 + pw, top + ph);
-        let _ = writeln!(s, r#"<line x1="{x0}" y1="{top}" x2="{x0}" y2="{}" stroke="black"/>"#, top + ph);
-        for t in 0..=4 {
-            let v = max * t as f64 / 4.0;
-            let y = top + ph - ph * t as f64 / 4.0;
+    for (ri, m) in METRICS.iter().enumerate() {
+        let y_top = top + ri as f64 * (ph + row_gap);
+        for (pi, dir) in [Dir::Tx, Dir::Rx].into_iter().enumerate() {
+            let x0 = left + pi as f64 * (pw + 40.0);
+            let dsizes: Vec<u32> = sizes.iter().copied().filter(|&z| !(dir == Dir::Rx && z == TSO_SIZE)).collect();
+            let outlier = |b: Backend, z: u32| m.axis_without_outliers && (b == Backend::Dpdk || (z == TSO_SIZE && dsizes.len() > 1));
+            let max = dsizes
+                .iter()
+                .flat_map(|&z| series.iter().map(move |&(a, b, _, _)| (a, b, z)))
+                .filter(|&(_, b, z)| !outlier(b, z))
+                .map(|(a, b, z)| get(m, a, b, dir, z))
+                .fold(0.0f64, f64::max)
+                .max(0.1);
+            let max = nice(max);
             let _ = writeln!(
                 s,
-                r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##,
-                x0 + pw,
-                x0 - 4.0,
-                y + 4.0
+                r#"<text x="{}" y="{}" font-size="13" text-anchor="middle">{}: {}</text>"#,
+                x0 + pw / 2.0,
+                y_top - 10.0,
+                if dir == Dir::Tx { "TX (bench → backend → tap)" } else { "RX (tap → backend → bench)" },
+                m.title
             );
-        }
-        let gw = pw / dsizes.len().max(1) as f64;
-        let bw = (gw - 10.0) / series.len() as f64;
-        for (gi, &z) in dsizes.iter().enumerate() {
-            let gx = x0 + gi as f64 * gw + 5.0;
-            for (si, &(a, b, _, color)) in series.iter().enumerate() {
-                let v = get(a, b, dir, z);
-                let h = ph * v / max;
+            let base = y_top + ph;
+            let _ = writeln!(s, r#"<line x1="{x0}" y1="{base}" x2="{}" y2="{base}" stroke="black"/>"#, x0 + pw);
+            let _ = writeln!(s, r#"<line x1="{x0}" y1="{y_top}" x2="{x0}" y2="{base}" stroke="black"/>"#);
+            for t in 0..=4 {
+                let v = max * t as f64 / 4.0;
+                let y = base - ph * t as f64 / 4.0;
                 let _ = writeln!(
                     s,
-                    r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{v:.2} Gbit/s</title></rect>"#,
-                    gx + si as f64 * bw,
-                    top + ph - h,
-                    bw - 1.0,
-                    h
+                    r##"<line x1="{x0}" y1="{y}" x2="{}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                    x0 + pw,
+                    x0 - 4.0,
+                    y + 4.0,
+                    tick(v)
                 );
             }
-            let _ = writeln!(
-                s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-                gx + gw / 2.0 - 5.0,
-                top + ph + 16.0,
-                size_label(z)
-            );
+            let gw = pw / dsizes.len().max(1) as f64;
+            let bw = (gw - 10.0) / series.len() as f64;
+            for (gi, &z) in dsizes.iter().enumerate() {
+                let gx = x0 + gi as f64 * gw + 5.0;
+                for (si, &(a, b, _, color)) in series.iter().enumerate() {
+                    let v = get(m, a, b, dir, z);
+                    let h = ph * (v / max).min(1.0);
+                    let x = gx + si as f64 * bw;
+                    let _ = writeln!(
+                        s,
+                        r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="{color}"><title>{v:.3}</title></rect>"#,
+                        base - h,
+                        bw - 1.0,
+                    );
+                    if v > max {
+                        // Off the axis: say how far.
+                        let _ = writeln!(
+                            s,
+                            r#"<text transform="translate({:.1},{:.1}) rotate(-90)" text-anchor="end" font-size="10" fill="white">{v:.0}</text>"#,
+                            x + bw / 2.0 + 3.0,
+                            y_top + 4.0
+                        );
+                    }
+                }
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                    gx + gw / 2.0 - 5.0,
+                    base + 16.0,
+                    size_label(z)
+                );
+            }
         }
     }
     for (i, &(_, _, label, color)) in series.iter().enumerate() {
-        let x = left + (i % 3) as f64 * 220.0;
-        let y = top + ph + 45.0 + (i / 3) as f64 * 20.0;
+        let x = left + i as f64 * 190.0;
+        let y = top + rows_h + 10.0;
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{label}</text>"#,
@@ -268,6 +381,12 @@ pub fn svg(rep: &Report) -> String {
     s
 }
 
+/// An axis tick (a quarter of a [`nice`] maximum): exact, without trailing zeros.
+fn tick(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 fn nice(v: f64) -> f64 {
     let p = 10f64.powf(v.log10().floor());
     for m in [1.0, 2.0, 2.5, 5.0, 10.0] {
@@ -276,4 +395,87 @@ fn nice(v: f64) -> f64 {
         }
     }
     10.0 * p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::backend_counters::BackendCounters;
+    use super::super::load_cpu::LoadCpu;
+    use super::*;
+
+    fn case(backend: Backend, dir: Dir, size: u32, rxbuf: &'static str, mpps: f64) -> CaseResult {
+        CaseResult {
+            arrangement: Arrangement::Tap,
+            backend,
+            dir,
+            size,
+            frame_len: super::super::frame_len(size),
+            pairs: 1,
+            rxbuf,
+            secs: 1.0,
+            gbps: mpps * size as f64 * 8e-3,
+            mpps,
+            offered_mpps: mpps * 1.25,
+            drops: 0,
+            drop_pct: 20.0,
+            bad: 0,
+            cpu_ns_per_frame: 1000.0 / mpps,
+            cpu_cores: 0.5,
+            load: LoadCpu { cores: 0.97, busiest_thread: 0.95 },
+            load_cpus: 1,
+            load_limited: backend == Backend::Vutap,
+            counters: (backend == Backend::Vutap).then(|| {
+                let before = Default::default();
+                let after =
+                    [("rx_frames", 1000), ("rx_batches", 40), ("kicks", 5), ("interrupts", 20), ("wakeups", 50), ("rx_no_buffers", 3)]
+                        .map(|(k, v)| (k.to_string(), v))
+                        .into();
+                BackendCounters::between(&before, &after, dir)
+            }),
+            rounds_gbps: Vec::new(),
+            error: None,
+        }
+    }
+
+    fn report() -> Report {
+        let mut cases = Vec::new();
+        for size in [64, 1500] {
+            cases.push(case(Backend::Vutap, Dir::Rx, size, "mrg", 0.4));
+            cases.push(case(Backend::Dpdk, Dir::Rx, size, "mrg", 0.05));
+            cases.push(case(Backend::Ceiling, Dir::Rx, size, "-", 0.6));
+        }
+        Report { host: "test".into(), cases, ..Report::default() }
+    }
+
+    #[test]
+    fn test_markdown_explains_each_cell_with_counters_and_both_sides_cpu() {
+        let md = markdown(&report());
+        let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg | 25.0 |")).unwrap_or_else(|| panic!("no counters row in\n{md}"));
+        // frames/batch, kicks, irqs, wake-ups per frame, no-buf and EAGAIN per 1000 frames.
+        assert!(row.contains("| 25.0 | 0.005 | 0.020 | 0.050 | 3.00 | 0.00 |"), "{row}");
+        assert!(row.contains("0.500 → 0.400"), "offered → delivered: {row}");
+        assert!(row.contains("0.50 / 0.97 (0.95) **load-limited**"), "{row}");
+        assert!(row.contains("0.062 → 0.050 | 0.50 / 0.97 (0.95) |"), "DPDK cell, not flagged: {row}");
+    }
+
+    #[test]
+    fn test_svg_has_throughput_rate_and_cost_panels_for_both_directions() {
+        let svg = svg(&report());
+        for title in ["throughput, Gbit/s", "frame rate, Mpps", "backend CPU per delivered frame, ns"] {
+            assert_eq!(svg.matches(title).count(), 2, "{title}");
+        }
+        // The 64 B RX bars are visible in the Mpps panel: 0.4 of a 0.5 axis.
+        assert!(svg.contains("<title>0.400</title>"));
+        assert!(svg.contains(">0.25</text>"), "exact ticks on a 0..1 axis");
+        // DPDK's polling makes 20000 ns/frame: off the axis (set by vutap's 2500), labelled.
+        assert!(svg.contains(">20000</text>"), "clipped DPDK bar labelled");
+    }
+
+    #[test]
+    fn test_report_round_trips_through_json() {
+        let rep = report();
+        let back: Report = serde_json::from_str(&serde_json::to_string(&rep).expect("to json")).expect("from json");
+        assert_eq!(markdown(&back), markdown(&rep));
+        assert_eq!(svg(&back), svg(&rep));
+    }
 }
