@@ -56,6 +56,7 @@ counters! {
     rx_too_many_segments: "RX chains of more than IOV_MAX - 1 (1023) segments, which one readv cannot take with its spill tail (returned with length 0)",
     rx_flushed: "frames left on the tap queue when its pair stopped, read and dropped so their senders can retransmit",
     rx_no_buffers: "times RX stopped for lack of guest buffers",
+    rx_window_copies: "frames larger than the recent ones, whose end was copied from the spill tail into the buffers behind the read window",
     rx_batches: "RX batches processed",
     kicks: "kick eventfd wake-ups (both rings)",
     interrupts: "call eventfd signals sent (both rings)",

@@ -157,3 +157,72 @@ unsafe fn push_region_iovecs(mem: &GuestMem, addr: GuestAddress, len: u32, iovs:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    /// Two adjacent 4 KiB regions, each filled with its own byte pattern.
+    fn two_regions() -> GuestMem {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).unwrap();
+        let pattern: Vec<u8> = (0..0x2000u32).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(0)).unwrap();
+        mem
+    }
+
+    fn bytes_of(iovs: &[IoVec]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for iov in iovs {
+            let mut buf = vec![0u8; iov.len()];
+            iov.as_volatile_slice().copy_to(&mut buf[..]);
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    fn expected(addr: u64, len: usize) -> Vec<u8> {
+        (addr..addr + len as u64).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[test]
+    fn test_buffer_inside_one_region_is_one_iovec_over_its_bytes() {
+        let mem = two_regions();
+        let mut iovs = Vec::new();
+        // SAFETY: `mem` outlives `iovs`.
+        unsafe { push_region_iovecs(&mem, GuestAddress(0x1100), 0x200, &mut iovs) }.unwrap();
+        assert_eq!(iovs.len(), 1);
+        assert_eq!(bytes_of(&iovs), expected(0x1100, 0x200));
+        // The last byte of a region is still inside it.
+        iovs.clear();
+        // SAFETY: as above.
+        unsafe { push_region_iovecs(&mem, GuestAddress(0xfff), 1, &mut iovs) }.unwrap();
+        assert_eq!((iovs.len(), bytes_of(&iovs)), (1, expected(0xfff, 1)));
+    }
+
+    #[test]
+    fn test_buffer_across_regions_is_split_at_the_boundary() {
+        let mem = two_regions();
+        let mut iovs = Vec::new();
+        // SAFETY: `mem` outlives `iovs`.
+        unsafe { push_region_iovecs(&mem, GuestAddress(0xf00), 0x200, &mut iovs) }.unwrap();
+        assert_eq!(iovs.iter().map(IoVec::len).collect::<Vec<_>>(), [0x100, 0x100]);
+        assert_eq!(bytes_of(&iovs), expected(0xf00, 0x200));
+    }
+
+    #[test]
+    fn test_buffer_past_memory_is_refused_and_empty_is_nothing() {
+        let mem = two_regions();
+        let mut iovs = Vec::new();
+        for (addr, len) in [(0x1f00u64, 0x200u32), (0x2000, 1), (u64::MAX, 2)] {
+            // SAFETY: `mem` outlives `iovs`.
+            let r = unsafe { push_region_iovecs(&mem, GuestAddress(addr), len, &mut iovs) };
+            assert!(matches!(r, Err(BadChain::OutsideMemory { .. })), "{addr:#x}+{len:#x}: {r:?}");
+        }
+        iovs.clear();
+        // SAFETY: as above.
+        unsafe { push_region_iovecs(&mem, GuestAddress(0x100), 0, &mut iovs) }.unwrap();
+        assert!(iovs.is_empty());
+    }
+}

@@ -164,10 +164,22 @@ impl HeldChains {
     /// volatile accessors (the field may straddle two buffers in a hostile layout). Returns false
     /// if its buffers are too short or nothing is held.
     #[inline]
-    pub fn write_to_front(&self, mut offset: usize, bytes: &[u8]) -> bool {
+    pub fn write_to_front(&self, offset: usize, bytes: &[u8]) -> bool {
         let Some(front) = self.chains.front() else { return false };
+        Self::write_iovs(self.iovs.range(..front.iov_count), offset, bytes)
+    }
+
+    /// Writes `bytes` at `offset` into the held chains' buffers taken as one run, oldest first
+    /// (the part of a frame that did not fit one read's window). Returns false if they are too
+    /// short.
+    pub fn write_across(&self, offset: usize, bytes: &[u8]) -> bool {
+        Self::write_iovs(self.iovs.iter(), offset, bytes)
+    }
+
+    #[inline]
+    fn write_iovs<'a>(iovs: impl Iterator<Item = &'a IoVec>, mut offset: usize, bytes: &[u8]) -> bool {
         let mut src = bytes;
-        for iov in self.iovs.range(..front.iov_count) {
+        for iov in iovs {
             if src.is_empty() {
                 break;
             }

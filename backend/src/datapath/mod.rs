@@ -12,6 +12,7 @@ pub(crate) mod chain_iov;
 pub(crate) mod dirty_log;
 pub(crate) mod held_chains;
 pub(crate) mod pair_state;
+pub(crate) mod read_window;
 pub mod ring_error;
 pub mod rx;
 pub(crate) mod tap_io;

@@ -24,6 +24,7 @@ use crate::control::memory_guard::FaultWatch;
 use crate::datapath::chain_iov::{BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::held_chains::{HeldChains, HoldError};
+use crate::datapath::read_window::ReadWindow;
 use crate::datapath::ring_error::RingError;
 use crate::datapath::tap_io::TapIo;
 use crate::datapath::tx::is_fatal_tap_error;
@@ -82,6 +83,8 @@ pub struct RxLoop {
     spill: Vec<u8>,
     /// The held window plus the spill tail, rebuilt for every read.
     read_iovs: Vec<IoVec>,
+    /// How much of the held buffers a read covers (mergeable buffers).
+    window: ReadWindow,
     warned_spill: bool,
     /// False once a bad chain was completed out of order, so rewinding next_avail over the held
     /// chains would hand the guest a completed chain twice.
@@ -108,6 +111,7 @@ impl RxLoop {
             max_frame: features.max_rx_frame(mtu),
             spill: vec![0u8; crate::tap::MAX_READ],
             read_iovs: Vec::with_capacity(64),
+            window: ReadWindow::default(),
             warned_spill: false,
             rewind_ok: true,
             warned_bad_chain: false,
@@ -190,16 +194,25 @@ impl RxLoop {
         if !self.mergeable {
             return self.held.front().map_or((0, 0), |c| (c.iov_count, c.capacity));
         }
-        self.held.window(self.max_frame, MAX_RX_SEGMENTS)
+        self.held.window(self.window.bytes(self.max_frame), MAX_RX_SEGMENTS)
     }
 
     /// Completes the first chains for a frame of `n` bytes. Returns false if it cannot be
     /// delivered (it was truncated), leaving the chains held for the next frame.
     fn deliver(&mut self, n: usize, read_capacity: usize, counts: &mut PairCounts) -> bool {
+        self.window.observe(n);
         if n > read_capacity {
-            // It ran into the spill tail: bigger than the buffers held for one frame.
-            self.frame_did_not_fit(n, read_capacity);
-            return false;
+            // It ran into the spill tail. Bigger than the window but not than the buffers held
+            // for one frame: the rest goes from the spill tail into the chains behind the window.
+            let spilled = n - read_capacity;
+            if !(self.mergeable && n <= self.held.capacity() && spilled <= self.spill.len()) {
+                self.frame_did_not_fit(n, read_capacity);
+                return false;
+            }
+            if !self.held.write_across(read_capacity, &self.spill[..spilled]) {
+                return false;
+            }
+            counts.rx_window_copies += 1;
         }
         if n < self.hdr_len {
             return false;
@@ -672,25 +685,59 @@ mod tests {
     }
 
     #[test]
-    fn test_rx_mergeable_window_stops_at_iov_max() {
+    fn test_rx_frame_past_the_iovec_limit_is_completed_from_the_spill_tail() {
         const BIG: u16 = 4096;
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, BIG);
-        // Two chains of 1000 one-byte segments: together enough for a 1530-byte frame, but
-        // 2000 iovecs, more than one read takes.
+        // Two chains of 1000 one-byte segments: together enough for a 1500-byte frame, but
+        // 2000 iovecs, more than one read takes: the read reaches the first chain only.
         add_chain(&mq, 0, &segments(DATA_BASE, 1000, 1));
         add_chain(&mq, 1000, &segments(DATA_BASE + 0x1000, 1000, 1));
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
-        let (long, short) = (frame(1500, 1), frame(900, 2));
-        tap.read_script.borrow_mut().extend([TapStep::Frame(long), TapStep::Frame(short.clone())]);
+        let long = frame(1500, 1);
+        tap.read_script.borrow_mut().push_back(TapStep::Frame(long.clone()));
         let mut counts = PairCounts::default();
         let mut rx = RxLoop::new(64, BIG, features(true, false), 1500, &mem);
         rx.process(&mut q, &mem, &tap, &mut counts);
-        assert_eq!(counts.rx_dropped, 1, "1500 bytes do not fit the 1000 one read reaches: dropped, not cut");
-        assert_eq!(counts.rx_frames, 1);
-        assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 900)]);
-        let got = read(&mem, DATA_BASE, 900);
-        assert_eq!(&got[12..], &short[12..]);
+        assert_eq!((counts.rx_frames, counts.rx_dropped, counts.rx_window_copies), (1, 0, 1), "delivered whole, not dropped or cut");
+        assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 1000), (1000, 500)]);
+        let (first, second) = (read(&mem, DATA_BASE, 1000), read(&mem, DATA_BASE + 0x1000, 500));
+        assert_eq!(&first[12..], &long[12..1000]);
+        assert_eq!(second, &long[1000..]);
+        assert_eq!(u16::from_le_bytes([first[10], first[11]]), 2, "num_buffers");
+    }
+
+    #[test]
+    fn test_rx_window_follows_recent_frames_and_a_bigger_one_still_arrives_whole() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, 512);
+        // 4 KiB buffers, a GSO-capable guest: vutap holds 17 of them for a 64 KiB frame.
+        for i in 0..512u16 {
+            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x1000, 0x1000, true)]);
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let small = frame(1514 + 12, 7);
+        let big = frame(40_000, 9);
+        let mut script: Vec<TapStep> = (0..300).map(|_| TapStep::Frame(small.clone())).collect();
+        script.push(TapStep::Frame(big.clone()));
+        tap.read_script.borrow_mut().extend(script);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, 512, features(true, true), 1500, &mem);
+        // Warm the window up on small frames (a period and more), then the big one.
+        for _ in 0..6 {
+            rx.process(&mut q, &mem, &tap, &mut counts);
+        }
+        assert_eq!((counts.rx_frames, counts.rx_dropped), (301, 0), "{counts:?}");
+        let used = used_entries(&mq, &mem, 512);
+        let big_chains: Vec<_> = used[300..].to_vec();
+        assert_eq!(big_chains.len(), 10, "40 000 bytes in 4 KiB buffers: {big_chains:?}");
+        let mut got = Vec::new();
+        for (head, len) in &big_chains {
+            got.extend(read(&mem, DATA_BASE + u64::from(*head) * 0x1000, *len as usize));
+        }
+        assert_eq!(&got[12..], &big[12..], "the big frame byte for byte");
+        assert_eq!(counts.rx_window_copies, 1, "only the big frame needed the spill copy");
     }
 }
