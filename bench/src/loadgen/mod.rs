@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use vutap_frontend::features::{NET_F_CSUM, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
+use vutap_frontend::features::{NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
 use vutap_frontend::{mergeable, FrontendOptions, NetFrontend, VirtioNetHdr};
 use vutap_testbed::{frames, link, MacvtapMode, Topology};
@@ -465,6 +465,11 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
         // Mergeable buffers sized as a Linux guest that has been receiving this frame size
         // sizes them (see `vutap_frontend::mergeable`): ~1.5 KiB up to 1500 B, a page for 9000 B.
         o.rx_buf_len = mergeable::linux_buf_len(frame_len(size) as u32, MRG_HDR_LEN);
+        // And it takes GSO frames, as every Linux guest with mergeable buffers does: the backend
+        // must then hold buffers for a 64 KiB frame, whatever size the frames really are.
+        if dir == Dir::Rx {
+            o.requested_features |= NET_F_GUEST_CSUM | NET_F_GUEST_TSO4 | NET_F_GUEST_TSO6;
+        }
     }
     o
 }
