@@ -104,6 +104,18 @@ fn gather(iovs: &[IoVec]) -> Vec<u8> {
     out
 }
 
+/// A tap read of `bytes` into `iovs`: like tun (measured), it copies what fits and reports
+/// only what was copied.
+fn scatter(bytes: &[u8], iovs: &[IoVec]) -> usize {
+    let mut left = bytes;
+    for iov in iovs {
+        let n = left.len().min(iov.len());
+        iov.as_volatile_slice().copy_from(&left[..n]);
+        left = &left[n..];
+    }
+    bytes.len() - left.len()
+}
+
 /// What the kernel answers to a readv/writev of more than IOV_MAX iovecs.
 fn check_iov_max(iovs: &[IoVec]) -> io::Result<()> {
     if iovs.len() > IOV_MAX {
@@ -132,16 +144,7 @@ impl TapIo for MockTap {
             None => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
             Some(TapStep::Fail(errno)) => Err(io::Error::from_raw_os_error(errno)),
             Some(TapStep::Accept) => Ok(0),
-            Some(TapStep::Frame(bytes)) => {
-                // Like tun (measured): copy what fits, report only what was copied.
-                let mut left = &bytes[..];
-                for iov in iovs {
-                    let n = left.len().min(iov.len());
-                    iov.as_volatile_slice().copy_from(&left[..n]);
-                    left = &left[n..];
-                }
-                Ok(bytes.len() - left.len())
-            }
+            Some(TapStep::Frame(bytes)) => Ok(scatter(&bytes, iovs)),
         }
     }
 }
@@ -271,13 +274,7 @@ impl TapIo for MockTapQueue {
         if s.to_read.is_empty() {
             let _ = self.readable.read();
         }
-        let mut left = &bytes[..];
-        for iov in iovs {
-            let n = left.len().min(iov.len());
-            iov.as_volatile_slice().copy_from(&left[..n]);
-            left = &left[n..];
-        }
-        Ok(bytes.len() - left.len())
+        Ok(scatter(&bytes, iovs))
     }
 }
 
