@@ -77,7 +77,7 @@ pub fn socket_path() -> PathBuf {
 /// The daemon's serving and worker threads run under their seccomp lists, as in the binary (the
 /// library's default policy leaves them off; the test's own threads are never filtered).
 pub fn config(socket: &Path, tap: TapSpec, queues: usize, mtu: Option<u16>) -> Config {
-    let policy = Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false };
+    let policy = Policy { seccomp: Seccomp::ON, ..Policy::default() };
     Config { socket: SocketModeCfg::Server(socket.to_path_buf()), tap, queues, mac: None, mtu, once: false, policy }
 }
 

@@ -12,6 +12,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use log::{debug, error, warn};
 use virtio_queue::{Queue, QueueT};
@@ -171,13 +172,19 @@ impl<T: TapControl> PairLoop<T> {
         // RX kicks only matter when we run out of buffers; suppress them until then.
         let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
         let mut events = vec![EpollEvent::default(); 8];
+        // Until when an idle worker keeps polling instead of sleeping (`--busy-poll-us`).
+        let mut poll_until: Option<Instant> = None;
         loop {
-            let timeout = if self.state.has_pending_work() { 0 } else { -1 };
+            let polling = poll_until.is_some_and(|t| Instant::now() < t);
+            let timeout = if self.state.has_pending_work() || polling { 0 } else { -1 };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
+            if n == 0 && polling && !self.state.has_pending_work() {
+                continue;
+            }
             self.counts.wakeups += 1;
             for ev in &events[..n] {
                 match ev.data() {
@@ -211,6 +218,9 @@ impl<T: TapControl> PairLoop<T> {
             self.run_tx();
             self.run_rx();
             self.update_tap_interest(&epoll)?;
+            if !self.setup.policy.busy_poll.is_zero() && self.counts.tx_frames + self.counts.rx_frames > 0 {
+                poll_until = Some(Instant::now() + self.setup.policy.busy_poll);
+            }
             self.setup.metrics.add(&self.counts);
             self.counts = PairCounts::default();
         }

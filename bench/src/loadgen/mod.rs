@@ -177,6 +177,9 @@ pub struct LatencyResult {
     pub p50_us: f64,
     pub p99_us: f64,
     pub error: Option<String>,
+    /// vutap's `--busy-poll-us` in this run (0: off; the other backends: always 0).
+    #[serde(default)]
+    pub busy_poll_us: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -426,8 +429,20 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// The busy-poll window of the latency runs of vutap with `--busy-poll-us`.
+const BUSY_POLL_US: u32 = 50;
+
+fn busy_poll_args() -> Vec<String> {
+    vec!["--busy-poll-us".into(), BUSY_POLL_US.to_string()]
+}
+
+/// The ping-pong of a vutap started with [`busy_poll_args`].
+fn busy_poll_result(a: Arrangement, r: Result<Vec<u64>>) -> LatencyResult {
+    LatencyResult { busy_poll_us: BUSY_POLL_US, ..latency_result(a, Backend::Vutap, r) }
+}
+
 fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>>) -> LatencyResult {
-    let mut out = LatencyResult { arrangement: a, backend: b, samples: 0, p50_us: 0.0, p99_us: 0.0, error: None };
+    let mut out = LatencyResult { arrangement: a, backend: b, samples: 0, p50_us: 0.0, p99_us: 0.0, error: None, busy_poll_us: 0 };
     match r {
         Ok(mut v) => {
             v.sort_unstable();
@@ -635,7 +650,7 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         let place = place_load(cfg, pairs);
         // One vutap per pair count, a fresh connection per case. Between its cases it has no
         // frontend, so its queues are detached and the ceiling's queues get every frame.
-        let p = procs::vutap(sock_path, &spec, pairs, log_dir, place.as_ref())?;
+        let p = procs::vutap(sock_path, &spec, pairs, log_dir, place.as_ref(), &[])?;
         let pid = p.pid().to_string();
         for &(dir, size, rxbuf) in &cases {
             let kv = CaseKey { arrangement: Arrangement::Macvtap, backend: Backend::Vutap, dir, size, pairs, rxbuf };
@@ -666,6 +681,11 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Ceiling, r));
         }
         drop(p);
+        if cfg.latency && pairs == 1 {
+            let r = procs::vutap(sock_path, &spec, 1, log_dir, place.as_ref(), &busy_poll_args())
+                .and_then(|_polling| vhost_latency(cfg, sock_path, &far));
+            rep.latency.push(busy_poll_result(Arrangement::Macvtap, r));
+        }
     }
     Ok(())
 }
@@ -680,7 +700,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         let place = place_load(cfg, pairs);
         // vutap idles at no cost between its cases and stays up; testpmd's forwarding lcore
         // spins even when idle, so it runs only for its own case.
-        let vp = procs::vutap(sock_path, &vname, pairs, log_dir, place.as_ref())?;
+        let vp = procs::vutap(sock_path, &vname, pairs, log_dir, place.as_ref(), &[])?;
         let vfar = host_tap_far(&vname)?;
         let vpid = vp.pid().to_string();
         for &(dir, size, rxbuf) in &cases {
@@ -727,6 +747,12 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         }
         drop(vp);
         wait_gone(&vname);
+        if cfg.latency && pairs == 1 {
+            let r = procs::vutap(sock_path, &vname, 1, log_dir, place.as_ref(), &busy_poll_args())
+                .and_then(|_polling| vhost_latency(cfg, sock_path, &host_tap_far(&vname)?));
+            wait_gone(&vname);
+            rep.latency.push(busy_poll_result(Arrangement::Tap, r));
+        }
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ fn spawn(what: &'static str, bin: &Path, args: &[String], log: &Path, cpus: Opti
 
 /// `vutap --socket SOCK --tap SPEC --queues Q --metrics-unix SOCK.metrics`, ready once the
 /// socket exists.
-pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>) -> Result<Proc> {
+pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Option<&Placement>, extra: &[String]) -> Result<Proc> {
     let bin = Vutap::binary()?;
     let metrics = socket.with_extension("metrics");
     let _ = std::fs::remove_file(socket);
@@ -114,6 +114,7 @@ pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Optio
     ];
     // Extra daemon options for experiments (e.g. VUTAP_BENCH_ARGS="--poll-us 50").
     let mut args = args;
+    args.extend(extra.iter().cloned());
     args.extend(std::env::var("VUTAP_BENCH_ARGS").unwrap_or_default().split_whitespace().map(String::from));
     let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")), place.map(|p| p.backend.clone()))?;
     p.cleanup.push(socket.to_path_buf());

@@ -209,9 +209,10 @@ pub fn markdown(rep: &Report) -> String {
         for l in &rep.latency {
             let _ = writeln!(
                 s,
-                "| {:?} | {:?} | {:.1} | {:.1} | {}{} |",
+                "| {:?} | {:?}{} | {:.1} | {:.1} | {}{} |",
                 l.arrangement,
                 l.backend,
+                if l.busy_poll_us > 0 { format!(" (--busy-poll-us {})", l.busy_poll_us) } else { String::new() },
                 l.p50_us,
                 l.p99_us,
                 l.samples,
