@@ -220,14 +220,15 @@ fn read_test_frames(queue: &std::fs::File, n: usize) -> Vec<Vec<u8>> {
 /// macvtap to another on the same lower stay charged to the writer until the receiver reads
 /// them, so with the receiver not reading, a 32 KiB limit makes vutap wait (EAGAIN, counted)
 /// after a few frames, while the default (unlimited) writes all 64. Either way every frame
-/// arrives, in order and unchanged, once the receiver reads.
+/// arrives, in order and unchanged, once the receiver reads. The same with `--io-uring`, whose
+/// linked writes stop at the EAGAIN (the worker must wait for room, not sleep in the ring).
 #[test]
 fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
     use std::os::unix::fs::OpenOptionsExt;
     use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
     use vutap_testbed::{free_port, MacvtapMode, Topology};
     let _g = serial();
-    for limit in [Some("32768"), None] {
+    for (limit, io_uring) in [(Some("32768"), false), (None, false), (Some("32768"), true), (None, true)] {
         let topo = Topology::new(2, MacvtapMode::Bridge).unwrap();
         let receiver = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&topo.taps[1].dev).unwrap();
         let dir = log_dir("tap-parity-sndbuf").unwrap();
@@ -237,6 +238,9 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
         let mut extra = vec!["--metrics-addr", addr.as_str()];
         if let Some(bytes) = limit {
             extra.extend(["--sndbuf", bytes]);
+        }
+        if io_uring {
+            extra.push("--io-uring");
         }
         let v = Vutap::spawn(&sock, &topo.taps[0].dev, 1, &extra, &dir).unwrap();
         let device = topo.taps[0].ifname.as_str();
@@ -255,7 +259,7 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
             v.log_text()
         );
         let (w, e) = (written(), waits());
-        eprintln!("sndbuf {limit:?}: {w} frames written, {e} EAGAIN wait(s) before the receiver read");
+        eprintln!("sndbuf {limit:?}, io_uring {io_uring}: {w} frames written, {e} EAGAIN wait(s) before the receiver read");
         match limit {
             Some(_) => assert!(e >= 1 && w < 64, "with --sndbuf: {w} written, {e} waits"),
             None => assert_eq!((w, e), (64, 0), "unlimited: every frame written at once"),
@@ -267,5 +271,22 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
         if limit.is_some() {
             assert!(v.log_text().contains("tap send buffer 32768 bytes per queue"), "{}", v.log_text());
         }
+        let rings = io_uring_fds(v.pid());
+        if io_uring {
+            assert_eq!(rings, 1, "one ring for the one queue");
+            assert!(v.log_text().contains("TX through io_uring"), "{}", v.log_text());
+            assert!(!v.log_text().contains("with writev from now on"), "the ring failed:\n{}", v.log_text());
+        } else {
+            assert_eq!(rings, 0, "no ring without --io-uring");
+        }
     }
+}
+
+/// How many io_uring instances process `pid` holds open.
+fn io_uring_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("io_uring")))
+        .count()
 }

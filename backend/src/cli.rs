@@ -112,6 +112,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_name = "US")]
     pub busy_poll_us: u32,
 
+    /// Write each TX batch to the tap with one io_uring_enter instead of one writev per frame
+    /// (a ring per queue, restricted to writes to that queue). Default: writev.
+    #[arg(long)]
+    pub io_uring: bool,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub log_level: String,
@@ -126,6 +131,8 @@ pub struct Policy {
     pub exit_on_tap_loss: bool,
     /// `--busy-poll-us`: how long a worker polls before it sleeps (zero: it does not).
     pub busy_poll: Duration,
+    /// `--io-uring`: TX batches go to the tap through an io_uring.
+    pub io_uring: bool,
 }
 
 impl From<&Args> for Policy {
@@ -134,6 +141,7 @@ impl From<&Args> for Policy {
             seccomp: Seccomp::new(!args.no_seccomp),
             exit_on_tap_loss: args.exit_on_tap_loss,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
+            io_uring: args.io_uring,
         }
     }
 }
@@ -440,9 +448,12 @@ mod tests {
             DaemonConfig::try_from(Args::try_parse_from(v).unwrap()).unwrap()
         };
         let default = daemon(&[]);
-        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false, busy_poll: Duration::ZERO });
-        let relaxed = daemon(&["--no-seccomp", "--exit-on-tap-loss", "--busy-poll-us", "50"]);
-        assert_eq!(relaxed.policy, Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true, busy_poll: Duration::from_micros(50) });
+        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false, busy_poll: Duration::ZERO, io_uring: false });
+        let relaxed = daemon(&["--no-seccomp", "--exit-on-tap-loss", "--busy-poll-us", "50", "--io-uring"]);
+        assert_eq!(
+            relaxed.policy,
+            Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true, busy_poll: Duration::from_micros(50), io_uring: true }
+        );
         // Every device, the flag-given one and the --device one, carries the daemon's policy.
         assert!(relaxed.devices.iter().all(|d| d.config.policy == relaxed.policy));
         assert!(default.devices.iter().all(|d| d.config.policy == default.policy));

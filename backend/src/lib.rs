@@ -38,6 +38,8 @@ pub enum StartError {
     MtuTooBig { given: u16, device: u16 },
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error("--io-uring: {0}")]
+    IoUring(#[from] crate::datapath::tap_ring::TapRingError),
     #[error("cannot set up the guest-memory fault guard: {0}")]
     Guard(#[from] crate::control::memory_guard::GuardError),
 }
@@ -75,6 +77,10 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
     );
     let mut dev = Device::new(tap, mac, mtu)?;
     dev.policy = config.policy;
+    if config.policy.io_uring {
+        dev.use_io_uring()?;
+        log::info!("device {}: TX through io_uring", dev.label);
+    }
     Ok(dev)
 }
 

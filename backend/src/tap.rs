@@ -10,7 +10,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
 use thiserror::Error;
+
+use crate::datapath::tap_ring::{TapRing, TapRingError};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
@@ -142,6 +146,9 @@ pub const MAX_READ: usize = 65536 + 64;
 #[derive(Debug)]
 pub struct TapQueue {
     fd: OwnedFd,
+    /// `--io-uring`: the ring TX batches are written through; none, or dropped after it failed,
+    /// means one `writev` per frame. Only the queue pair's worker takes the lock.
+    ring: Mutex<Option<TapRing>>,
 }
 
 impl std::os::fd::AsFd for TapQueue {
@@ -160,7 +167,25 @@ impl TapQueue {
     /// A queue fd handed over by a previous vutap (already non-blocking, with its vnet header
     /// and offloads set).
     pub fn from_fd(fd: OwnedFd) -> Self {
-        TapQueue { fd }
+        TapQueue { fd, ring: Mutex::new(None) }
+    }
+
+    /// Writes TX batches through an io_uring of `entries` writes bound to this queue (see
+    /// [`TapRing`]) instead of one `writev` per frame.
+    pub fn use_io_uring(&self, entries: u32) -> Result<(), TapRingError> {
+        let ring = TapRing::new(self.as_raw_fd(), entries)?;
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring);
+        Ok(())
+    }
+
+    /// Whether TX batches go through an io_uring.
+    pub fn uses_io_uring(&self) -> bool {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// The queue's ring, while it has one.
+    pub(crate) fn ring(&self) -> std::sync::MutexGuard<'_, Option<TapRing>> {
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sets the virtio_net_hdr length the tap reads and writes (10 or 12).
@@ -344,7 +369,7 @@ fn open_macvtap_dev(path: &Path, queues: usize) -> Result<Tap, TapError> {
             hint: "",
             source,
         })?;
-        tap_queues.push(TapQueue { fd: file.into() });
+        tap_queues.push(TapQueue::from_fd(file.into()));
     }
     let (mac, mtu) = name.as_deref().map(link_info).unwrap_or((None, None));
     Ok(Tap { queues: tap_queues, kind: TapKind::Macvtap, name, mac, mtu })
@@ -409,7 +434,7 @@ fn open_tun(name: &str, queues: usize) -> Result<Tap, TapError> {
         }
         result.map_err(|source| TapError::SetIff { name: actual.clone(), hint: tun_hint(&source, queues > 1), source })?;
         actual = req.name();
-        tap_queues.push(TapQueue { fd: file.into() });
+        tap_queues.push(TapQueue::from_fd(file.into()));
     }
     if !multi_queue {
         log::info!(
@@ -443,7 +468,7 @@ fn adopt_fds(fds: &[RawFd], queues: usize) -> Result<Tap, TapError> {
                 source,
             })?;
         }
-        tap_queues.push(TapQueue { fd: owned });
+        tap_queues.push(TapQueue::from_fd(owned));
     }
     let kind = match name.as_deref() {
         Some(n) if is_macvtap(n) => TapKind::Macvtap,

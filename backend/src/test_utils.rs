@@ -89,6 +89,11 @@ pub enum TapStep {
 /// A tap that records written frames and plays a script for reads and writes.
 #[derive(Default)]
 pub struct MockTap {
+    /// Stop a batch at any failed frame, as the io_uring path's linked writes do (the default
+    /// `writev` path goes on after a frame the tap refused).
+    pub linked: std::cell::Cell<bool>,
+    /// The number of frames in each `write_batch` call.
+    pub batches: RefCell<Vec<usize>>,
     pub written: RefCell<Vec<Vec<u8>>>,
     pub write_script: RefCell<VecDeque<TapStep>>,
     pub read_script: RefCell<VecDeque<TapStep>>,
@@ -125,6 +130,18 @@ fn check_iov_max(iovs: &[IoVec]) -> io::Result<()> {
 }
 
 impl TapIo for MockTap {
+    fn write_batch(&self, iovs: &[IoVec], spans: &[std::ops::Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        self.batches.borrow_mut().push(spans.len());
+        for span in spans {
+            let result = self.write_frame(&iovs[span.clone()]);
+            let stop = result.as_ref().is_err_and(|e| self.linked.get() || crate::datapath::tap_io::ends_batch(e));
+            results.push(result);
+            if stop {
+                break;
+            }
+        }
+    }
+
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         check_iov_max(iovs)?;
         match self.write_script.borrow_mut().pop_front().unwrap_or(TapStep::Accept) {

@@ -11,6 +11,8 @@ use crate::cli::Policy;
 use crate::control::link_state::LinkState;
 use crate::control::memory_guard::{FaultOwner, GuardError};
 use crate::datapath::tap_io::TapControl;
+use crate::datapath::tap_ring::TapRingError;
+use crate::datapath::worker::BATCH_BUDGET;
 use crate::metrics::{DeviceMetrics, PairMetrics};
 use crate::operations::upgrade::port::UpgradePort;
 use crate::tap::{Tap, TapKind, TapQueue};
@@ -40,6 +42,15 @@ impl Device<TapQueue> {
     pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Self, GuardError> {
         let name = tap.name.clone().unwrap_or_else(|| "tap".into());
         Device::with_queues(name, tap.kind, tap.queues, mac, mtu)
+    }
+
+    /// `--io-uring`: every queue writes its TX batches through an io_uring of its own, sized
+    /// for one batch.
+    pub fn use_io_uring(&self) -> Result<(), TapRingError> {
+        for q in &self.queues {
+            q.use_io_uring(BATCH_BUDGET as u32)?;
+        }
+        Ok(())
     }
 }
 

@@ -4,7 +4,8 @@
 //! - [`worker`]: the epoll loop of one pair, scheduled by [`pair_state`]; [`tx`] and [`rx`]: the
 //!   batch loops (RX holds popped chains in [`held_chains`]), stopping a ring on a
 //!   [`ring_error::RingError`].
-//! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked.
+//! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked;
+//!   [`tap_ring`]: TX batches through an io_uring instead (`--io-uring`).
 //! - [`chain_iov`]: a checked chain as iovecs into guest memory; [`used_ring`]: one used-ring
 //!   update per batch; [`dirty_log`]: the migration log.
 
@@ -16,6 +17,7 @@ pub(crate) mod read_window;
 pub mod ring_error;
 pub mod rx;
 pub(crate) mod tap_io;
+pub mod tap_ring;
 pub mod tx;
 pub(crate) mod used_ring;
 pub mod worker;

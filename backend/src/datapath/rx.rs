@@ -26,8 +26,8 @@ use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::held_chains::{HeldChains, HoldError};
 use crate::datapath::read_window::ReadWindow;
 use crate::datapath::ring_error::RingError;
+use crate::datapath::tap_io::is_fatal_tap_error;
 use crate::datapath::tap_io::TapIo;
-use crate::datapath::tx::is_fatal_tap_error;
 use crate::datapath::used_ring::UsedBatch;
 use crate::metrics::PairCounts;
 

@@ -3,7 +3,10 @@
 //! [`TapIo`] is the datapath's two syscalls, [`TapControl`] adds what a session does to a queue.
 
 use std::io;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
+
+use log::warn;
 
 use crate::datapath::chain_iov::IoVec;
 use crate::tap::{TapError, TapQueue};
@@ -14,6 +17,13 @@ pub trait TapIo {
     /// Reads one frame (virtio_net_hdr + Ethernet frame) scattered into `iovs`.
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize>;
 
+    /// Writes the frames `spans` cut out of `iovs`, in order, and appends one result per frame
+    /// it tried. It stops after a result that [ends the batch](ends_batch); it may also stop
+    /// after any other failure. Frames without a result were not tried.
+    fn write_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        write_each(self, iovs, spans, results);
+    }
+
     /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
     /// announcement the device builds itself. Rare, so it copies the frame rather than hand out
     /// an iovec over borrowed, read-only memory.
@@ -23,6 +33,29 @@ pub trait TapIo {
         // while the iovec is in use, and the iovec is dropped with this call.
         let iov = unsafe { IoVec::from_raw_parts(owned.as_mut_ptr(), owned.len()) };
         self.write_frame(&[iov])
+    }
+}
+
+/// Failures after which the frames behind this one are not tried: the tap is full or gone, or
+/// the frame's memory could not be read.
+pub fn ends_batch(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EFAULT) || is_fatal_tap_error(e)
+}
+
+/// Errors after which the tap will never accept a frame again.
+pub fn is_fatal_tap_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EBADFD) | Some(libc::EPIPE))
+}
+
+/// [`TapIo::write_batch`] as one `write_frame` per frame.
+fn write_each<T: TapIo + ?Sized>(tap: &T, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+    for span in spans {
+        let result = tap.write_frame(&iovs[span.clone()]);
+        let stop = result.as_ref().is_err_and(ends_batch);
+        results.push(result);
+        if stop {
+            break;
+        }
     }
 }
 
@@ -65,6 +98,33 @@ fn iov_count(iovs: &[IoVec]) -> io::Result<libc::c_int> {
 }
 
 impl TapIo for TapQueue {
+    fn write_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        let mut done = 0;
+        let mut ring = self.ring();
+        while let Some(r) = ring.as_mut() {
+            if done == spans.len() {
+                return;
+            }
+            let chunk = &spans[done..spans.len().min(done + r.capacity())];
+            let first = results.len();
+            let outcome = r.write_batch(iovs, chunk, results);
+            let wrote = results.len() - first;
+            done += wrote;
+            if let Err(e) = outcome {
+                // What the ring wrote is in `results`; the rest goes by writev.
+                warn!("tap queue fd {}: {e}; writing frames with writev from now on", self.as_raw_fd());
+                *ring = None;
+            }
+            // A failed frame cancelled the ones behind it: they were not tried.
+            let frame_failed = results[first..].last().is_some_and(|r| r.is_err());
+            if frame_failed || (ring.is_some() && wrote < chunk.len()) {
+                return;
+            }
+        }
+        drop(ring);
+        write_each(self, iovs, &spans[done..], results);
+    }
+
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
         let count = iov_count(iovs)?;
         // SAFETY: `count` entries of `iovs` are passed; each describes memory valid for its length

@@ -1,6 +1,7 @@
 //! The TX batch loop: guest chains -> one `writev` per frame straight from guest memory.
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use log::{trace, warn};
@@ -13,7 +14,7 @@ use crate::control::memory_guard::FaultWatch;
 use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::ring_error::RingError;
-use crate::datapath::tap_io::TapIo;
+use crate::datapath::tap_io::{is_fatal_tap_error, TapIo};
 use crate::datapath::used_ring::UsedBatch;
 use crate::metrics::PairCounts;
 
@@ -36,13 +37,21 @@ pub enum TxOutcome {
     MemoryLost,
 }
 
-/// Errors after which the tap will never accept a frame again.
-pub fn is_fatal_tap_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EBADFD) | Some(libc::EPIPE))
+/// A chain popped in the first half of a pass.
+struct Popped {
+    head: u16,
+    /// The ring position it was popped from, to put it (and every chain after it) back.
+    before: u16,
+    /// Its frame's iovecs in `TxLoop::iovs` and byte count, or why it is refused.
+    frame: Result<(Range<usize>, u32), BadChain>,
 }
 
 pub struct TxLoop {
+    /// The iovecs of every frame of the pass, back to back.
     iovs: Vec<IoVec>,
+    popped: Vec<Popped>,
+    spans: Vec<Range<usize>>,
+    results: Vec<io::Result<usize>>,
     used: UsedBatch,
     budget: usize,
     limits: ChainLimits,
@@ -68,6 +77,9 @@ impl TxLoop {
     pub fn new(budget: usize, queue_size: u16, hdr_len: usize) -> Self {
         TxLoop {
             iovs: Vec::with_capacity(64),
+            popped: Vec::with_capacity(budget),
+            spans: Vec::with_capacity(budget),
+            results: Vec::with_capacity(budget),
             used: UsedBatch::with_capacity(budget),
             budget,
             limits: ChainLimits {
@@ -84,28 +96,65 @@ impl TxLoop {
 
     /// Moves up to one budget of frames from the TX ring to the tap and completes them in one
     /// used-ring update. Returns why it stopped and whether the guest wants an interrupt.
+    ///
+    /// First it pops the chains and checks them, then hands every frame to the tap in one
+    /// [`TapIo::write_batch`] (one `io_uring_enter` with `--io-uring`), then completes them in
+    /// ring order; a chain the tap did not take is put back with every chain after it.
     pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &GuestMem, tap: &T, counts: &mut PairCounts) -> (TxOutcome, bool) {
-        let mut outcome = TxOutcome::MoreWork;
+        let mut outcome = self.pop_batch(queue, mem);
+        self.spans.clear();
+        self.spans.extend(self.popped.iter().filter_map(|p| p.frame.as_ref().ok().map(|(span, _)| span.clone())));
+        self.results.clear();
+        tap.write_batch(&self.iovs, &self.spans, &mut self.results);
+        if let Some(stop) = self.complete_batch(queue, counts) {
+            outcome = stop;
+        }
+        self.iovs.clear();
+        self.results.clear();
+        if !self.used.is_empty() {
+            counts.tx_batches += 1;
+        }
+        let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
+            Ok(n) => n,
+            Err(e) => {
+                outcome = TxOutcome::RingBroken(RingError::PublishUsed(e));
+                false
+            }
+        };
+        (outcome, notify)
+    }
+
+    /// Pops up to one budget of chains into `popped` (their frames' iovecs into `iovs`).
+    fn pop_batch(&mut self, queue: &mut Queue, mem: &GuestMem) -> TxOutcome {
+        self.popped.clear();
+        self.iovs.clear();
         for _ in 0..self.budget {
             let before = queue.next_avail();
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
-                Err(e) => {
-                    outcome = TxOutcome::RingBroken(RingError::PopAvail(e));
-                    break;
-                }
+                Err(e) => return TxOutcome::RingBroken(RingError::PopAvail(e)),
             };
             let Some(chain) = chain else {
-                outcome = TxOutcome::Idle;
-                break;
+                return TxOutcome::Idle;
             };
             let head = chain.head_index();
-            self.iovs.clear();
+            let start = self.iovs.len();
             // SAFETY: the iovecs are used only in this pass, while `mem` is borrowed, and are
             // dropped before it returns.
             let collected = unsafe { collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) };
-            let len = match collected {
-                Ok(len) => len,
+            self.popped.push(Popped { head, before, frame: collected.map(|len| (start..self.iovs.len(), len)) });
+        }
+        TxOutcome::MoreWork
+    }
+
+    /// Completes the popped chains in ring order from the tap's results; returns why the pass
+    /// stopped early, if it did.
+    fn complete_batch(&mut self, queue: &mut Queue, counts: &mut PairCounts) -> Option<TxOutcome> {
+        let mut results = self.results.drain(..);
+        for p in &self.popped {
+            let head = p.head;
+            let (span, len) = match &p.frame {
+                Ok(frame) => frame.clone(),
                 Err(e) => {
                     // Refused, not cut: a writev of the first IOV_MAX segments would send a
                     // truncated frame and count it as sent.
@@ -122,7 +171,12 @@ impl TxLoop {
                     continue;
                 }
             };
-            match tap.write_frame(&self.iovs) {
+            let Some(result) = results.next() else {
+                // Not tried (a frame before it failed): it goes again on the next pass.
+                queue.set_next_avail(p.before);
+                return Some(TxOutcome::MoreWork);
+            };
+            match result {
                 Ok(_) => {
                     trace!("tx frame head={head} len={len}");
                     counts.tx_frames += 1;
@@ -130,24 +184,21 @@ impl TxLoop {
                     self.used.push(head, 0);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    queue.set_next_avail(before);
+                    queue.set_next_avail(p.before);
                     counts.tx_eagain += 1;
-                    outcome = TxOutcome::Blocked;
-                    break;
+                    return Some(TxOutcome::Blocked);
                 }
                 Err(e) if is_fatal_tap_error(&e) => {
-                    queue.set_next_avail(before);
+                    queue.set_next_avail(p.before);
                     counts.tap_errors += 1;
-                    outcome = TxOutcome::TapGone(e);
-                    break;
+                    return Some(TxOutcome::TapGone(e));
                 }
                 // The kernel could not read the frame; if its memory is gone (probing faults
                 // in user space and the guard replaces it), the connection is done.
-                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && self.faults.is_some_and(|f| f.probe_lost(&self.iovs)) => {
-                    queue.set_next_avail(before);
+                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && self.faults.is_some_and(|f| f.probe_lost(&self.iovs[span.clone()])) => {
+                    queue.set_next_avail(p.before);
                     counts.guest_memory_faults += 1;
-                    outcome = TxOutcome::MemoryLost;
-                    break;
+                    return Some(TxOutcome::MemoryLost);
                 }
                 Err(e) => {
                     // EINVAL (bad virtio_net_hdr), EMSGSIZE, EIO...: the frame is refused, not the tap.
@@ -157,18 +208,7 @@ impl TxLoop {
                 }
             }
         }
-        self.iovs.clear();
-        if !self.used.is_empty() {
-            counts.tx_batches += 1;
-        }
-        let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
-            Ok(n) => n,
-            Err(e) => {
-                outcome = TxOutcome::RingBroken(RingError::PublishUsed(e));
-                false
-            }
-        };
-        (outcome, notify)
+        None
     }
 }
 
@@ -247,6 +287,58 @@ mod tests {
         TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
         assert_eq!((counts.tx_dropped, counts.tx_frames), (1, 1));
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn test_tx_pass_hands_every_frame_to_the_tap_in_one_batch() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        for i in 0..5u16 {
+            put(&mem, DATA_BASE + u64::from(i) * 0x1000, &frame(100 + usize::from(i), i as u8));
+            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x1000, 100 + u32::from(i), false)]);
+        }
+        add_chain(&mq, 5, &[(DATA_BASE, 8, false)]); // shorter than the header: not a frame
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        TxLoop::new(64, SIZE, 12).process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(*tap.batches.borrow(), vec![5], "one batch of the five frames, not the bad chain");
+        assert_eq!(*tap.written.borrow(), (0..5).map(|i| frame(100 + i, i as u8)).collect::<Vec<_>>());
+        assert_eq!((counts.tx_frames, counts.tx_bad_chains), (5, 1));
+    }
+
+    #[test]
+    fn test_tx_linked_batch_puts_back_frames_behind_a_refused_one_in_order() {
+        // As with io_uring's linked writes: a refused frame cancels the ones behind it, which
+        // go again on the next pass, in order, and a bad chain among them is counted once.
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        // Head 3 takes descriptors 3 and 4; the last chain starts at 5.
+        for i in [0u16, 1, 2, 3, 5] {
+            put(&mem, DATA_BASE + u64::from(i) * 0x1000, &frame(200, i as u8));
+            if i == 3 {
+                add_chain(&mq, i, &[(DATA_BASE, 12, false), (DATA_BASE + 0x100, 50, true)]);
+            // writable in TX
+            } else {
+                add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x1000, 200, false)]);
+            }
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.linked.set(true);
+        tap.write_script.borrow_mut().extend([TapStep::Accept, TapStep::Fail(libc::EINVAL)]);
+        let mut tx = TxLoop::new(64, SIZE, 12);
+        let mut counts = PairCounts::default();
+        let (outcome, _) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::MoreWork), "{outcome:?}");
+        assert_eq!(q.next_avail(), 2, "chains 2, 3 and 5 were not tried: put back");
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0)]);
+        assert_eq!((counts.tx_frames, counts.tx_dropped, counts.tx_bad_chains), (1, 1, 0));
+        let (outcome, _) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::Idle), "{outcome:?}");
+        assert_eq!(*tap.written.borrow(), vec![frame(200, 0), frame(200, 2), frame(200, 5)]);
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0), (2, 0), (3, 0), (5, 0)]);
+        assert_eq!((counts.tx_frames, counts.tx_dropped, counts.tx_bad_chains), (3, 1, 1));
     }
 
     #[test]

@@ -156,6 +156,13 @@ fn run_taken_over(mut config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError
     let mut ready = Vec::new();
     for ((mut dev, listener, connection), cfg) in taken.devices.into_iter().zip(&config.devices) {
         dev.policy = config.policy;
+        if config.policy.io_uring {
+            // The tap queues carried over; a ring that cannot be built only costs speed.
+            match dev.use_io_uring() {
+                Ok(()) => info!("device {}: TX through io_uring", dev.label),
+                Err(e) => warn!("device {}: --io-uring: {e}; TX by writev", dev.label),
+            }
+        }
         let dev = Arc::new(dev);
         let resumed = connection.map(|c| c.start(dev.clone()).unwrap_or_else(|e| fail(e.to_string())));
         ready.push(Ready { dev, mode: cfg.config.socket.to_mode(), listener, once: cfg.config.once, resumed });

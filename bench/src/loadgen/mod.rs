@@ -67,6 +67,8 @@ pub struct Config {
     /// Rounds per case; the backends of a case take turns within a round, and each reports
     /// its median round (a shared host drifts within seconds).
     pub rounds: u32,
+    /// One-pair TX cells also run vutap with `--io-uring`.
+    pub io_uring: bool,
 }
 
 impl Config {
@@ -85,6 +87,7 @@ impl Config {
             latency_samples: 2000,
             pin: true,
             rounds: 3,
+            io_uring: true,
         }
     }
     /// A couple of seconds: 1500 B, one pair, macvtap arrangement, vutap + ceiling.
@@ -124,6 +127,9 @@ pub enum Arrangement {
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Vutap,
+    /// vutap with `--io-uring` (one-pair TX cells).
+    #[serde(rename = "vutap-io-uring")]
+    VutapIoUring,
     Dpdk,
     Ceiling,
 }
@@ -432,6 +438,15 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// The busy-poll window of the latency runs of vutap with `--busy-poll-us`.
 const BUSY_POLL_US: u32 = 50;
 
+/// Whether the `--io-uring` variant runs for `pairs` (one-pair TX cells).
+fn io_uring_wanted(cfg: &Config, pairs: u16) -> bool {
+    cfg.io_uring && pairs == 1 && cfg.dirs.contains(&Dir::Tx)
+}
+
+fn io_uring_args() -> Vec<String> {
+    vec!["--io-uring".into()]
+}
+
 fn busy_poll_args() -> Vec<String> {
     vec!["--busy-poll-us".into(), BUSY_POLL_US.to_string()]
 }
@@ -652,15 +667,33 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         // frontend, so its queues are detached and the ceiling's queues get every frame.
         let p = procs::vutap(sock_path, &spec, pairs, log_dir, place.as_ref(), &[])?;
         let pid = p.pid().to_string();
+        // The io_uring variant: a second vutap on the same macvtap, idle (detached) but for its cases.
+        let uring_sock = sock_path.with_extension("io-uring.sock");
+        let pu = io_uring_wanted(cfg, pairs)
+            .then(|| procs::vutap(&uring_sock, &spec, pairs, log_dir, place.as_ref(), &io_uring_args()))
+            .transpose()?;
         for &(dir, size, rxbuf) in &cases {
             let kv = CaseKey { arrangement: Arrangement::Macvtap, backend: Backend::Vutap, dir, size, pairs, rxbuf };
+            let ku = CaseKey { backend: Backend::VutapIoUring, ..kv };
             let kc = CaseKey { backend: Backend::Ceiling, rxbuf: "-", ..kv };
             // The ceiling does not depend on the guest's buffers: measured with the mergeable case.
             let ceiling = rxbuf != "nomrg";
-            let (mut vs, mut cs) = (Vec::new(), Vec::new());
+            let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
+            let (mut vs, mut us, mut cs) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
                 let cpu = || procs::cpu_ns(&pid);
                 vs.push(vhost_case(cfg, &kv, sock_path, &far, &BackendSide::process(&cpu, p.metrics.as_deref(), pairs, place.as_ref())));
+                if let Some(pu) = uring {
+                    let upid = pu.pid().to_string();
+                    let cpu = || procs::cpu_ns(&upid);
+                    us.push(vhost_case(
+                        cfg,
+                        &ku,
+                        &uring_sock,
+                        &far,
+                        &BackendSide::process(&cpu, pu.metrics.as_deref(), pairs, place.as_ref()),
+                    ));
+                }
                 if ceiling {
                     let w = raw::open_macvtap(&tap.dev, pairs)
                         .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
@@ -669,10 +702,14 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
                 }
             }
             rep.cases.push(median_result(&kv, vs));
+            if uring.is_some() {
+                rep.cases.push(median_result(&ku, us));
+            }
             if ceiling {
                 rep.cases.push(median_result(&kc, cs));
             }
         }
+        drop(pu);
         if cfg.latency && pairs == 1 {
             rep.latency.push(latency_result(Arrangement::Macvtap, Backend::Vutap, vhost_latency(cfg, sock_path, &far)));
             let r = raw::open_macvtap(&tap.dev, 1)
@@ -693,7 +730,7 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
 fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpdk: bool) -> Result<()> {
     progress("tap arrangement: plain multi-queue taps, far side AF_PACKET on the tap in the host");
     let id = std::process::id() & 0xfffff;
-    let (vname, dname, cname) = (format!("vb{id:x}v"), format!("vb{id:x}d"), format!("vb{id:x}c"));
+    let (vname, dname, cname, uname) = (format!("vb{id:x}v"), format!("vb{id:x}d"), format!("vb{id:x}c"), format!("vb{id:x}u"));
     let dpdk_sock = sock_path.with_extension("dpdk.sock");
     for &pairs in &cfg.pairs {
         let cases = case_list(cfg, pairs);
@@ -703,15 +740,36 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         let vp = procs::vutap(sock_path, &vname, pairs, log_dir, place.as_ref(), &[])?;
         let vfar = host_tap_far(&vname)?;
         let vpid = vp.pid().to_string();
+        // The io_uring variant: a second vutap on a tap of its own.
+        let uring_sock = sock_path.with_extension("io-uring.sock");
+        let pu = io_uring_wanted(cfg, pairs)
+            .then(|| -> Result<_> {
+                let p = procs::vutap(&uring_sock, &uname, pairs, log_dir, place.as_ref(), &io_uring_args())?;
+                Ok((p, host_tap_far(&uname)?))
+            })
+            .transpose()?;
         for &(dir, size, rxbuf) in &cases {
             let kv = CaseKey { arrangement: Arrangement::Tap, backend: Backend::Vutap, dir, size, pairs, rxbuf };
+            let ku = CaseKey { backend: Backend::VutapIoUring, ..kv };
             let kd = CaseKey { backend: Backend::Dpdk, ..kv };
             let kc = CaseKey { backend: Backend::Ceiling, rxbuf: "-", ..kv };
             let ceiling = rxbuf != "nomrg";
-            let (mut vs, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new());
+            let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
+            let (mut vs, mut us, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
                 let cpu = || procs::cpu_ns(&vpid);
                 vs.push(vhost_case(cfg, &kv, sock_path, &vfar, &BackendSide::process(&cpu, vp.metrics.as_deref(), pairs, place.as_ref())));
+                if let Some((pu, ufar)) = uring {
+                    let upid = pu.pid().to_string();
+                    let cpu = || procs::cpu_ns(&upid);
+                    us.push(vhost_case(
+                        cfg,
+                        &ku,
+                        &uring_sock,
+                        ufar,
+                        &BackendSide::process(&cpu, pu.metrics.as_deref(), pairs, place.as_ref()),
+                    ));
+                }
                 if dpdk {
                     ds.push(dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()));
                 }
@@ -724,6 +782,9 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
                 }
             }
             rep.cases.push(median_result(&kv, vs));
+            if uring.is_some() {
+                rep.cases.push(median_result(&ku, us));
+            }
             if dpdk {
                 rep.cases.push(median_result(&kd, ds));
             }
@@ -747,6 +808,10 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         }
         drop(vp);
         wait_gone(&vname);
+        if pu.is_some() {
+            drop(pu);
+            wait_gone(&uname);
+        }
         if cfg.latency && pairs == 1 {
             let r = procs::vutap(sock_path, &vname, 1, log_dir, place.as_ref(), &busy_poll_args())
                 .and_then(|_polling| vhost_latency(cfg, sock_path, &host_tap_far(&vname)?));

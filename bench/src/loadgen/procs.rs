@@ -116,7 +116,9 @@ pub fn vutap(socket: &Path, tap: &str, queues: u16, log_dir: &Path, place: Optio
     let mut args = args;
     args.extend(extra.iter().cloned());
     args.extend(std::env::var("VUTAP_BENCH_ARGS").unwrap_or_default().split_whitespace().map(String::from));
-    let mut p = spawn("vutap", &bin, &args, &log_dir.join(format!("vutap-q{queues}.log")), place.map(|p| p.backend.clone()))?;
+    let variant: String = extra.iter().map(|a| a.trim_start_matches('-')).collect::<Vec<_>>().join("-");
+    let log = if variant.is_empty() { format!("vutap-q{queues}.log") } else { format!("vutap-q{queues}-{variant}.log") };
+    let mut p = spawn("vutap", &bin, &args, &log_dir.join(log), place.map(|p| p.backend.clone()))?;
     p.cleanup.push(socket.to_path_buf());
     p.cleanup.push(metrics.clone());
     p.metrics = Some(metrics.clone());

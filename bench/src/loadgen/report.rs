@@ -74,6 +74,45 @@ fn sides(c: Option<&CaseResult>) -> String {
     }
 }
 
+/// TX with `--io-uring` against the default `writev` path, cell by cell (same run, turn by turn).
+fn io_uring_table(s: &mut String, rep: &Report) {
+    let cells: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.backend == Backend::VutapIoUring).collect();
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## TX through io_uring (`--io-uring`: one `io_uring_enter` per batch) vs writev (one per frame)\n\n\
+         | arrangement | size | writev Gbit/s / Mpps | io_uring Gbit/s / Mpps | writev CPU ns/f | io_uring CPU ns/f | \
+         io_uring / writev CPU | ceiling CPU ns/f | wake-ups/f writev → io_uring |\n\
+         |---|---|---|---|---|---|---|---|---|"
+    );
+    for u in cells {
+        let v = rep.find(u.arrangement, Backend::Vutap, u.dir, u.size, u.pairs, u.rxbuf);
+        let c = rep.find(u.arrangement, Backend::Ceiling, u.dir, u.size, u.pairs, "-");
+        let per_frame = match v {
+            Some(v) if v.cpu_ns_per_frame > 0.0 && u.cpu_ns_per_frame > 0.0 => format!("{:.2}", u.cpu_ns_per_frame / v.cpu_ns_per_frame),
+            _ => "–".into(),
+        };
+        let wakeups =
+            |c: Option<&CaseResult>| c.and_then(|c| c.counters).map(|k| format!("{:.3}", k.wakeups_per_frame)).unwrap_or("–".into());
+        let _ = writeln!(
+            s,
+            "| {:?} | {} | {} | {} | {} | {} | {per_frame} | {} | {} → {} |",
+            u.arrangement,
+            size_label(u.size),
+            cell(v),
+            cell(Some(u)),
+            cpu(v),
+            cpu(Some(u)),
+            cpu(c),
+            wakeups(v),
+            wakeups(Some(u))
+        );
+    }
+    let _ = writeln!(s);
+}
+
 /// Distinct (dir, size, pairs, rxbuf) rows of vhost backends in `arr`, in run order.
 fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     let mut v: Vec<(Dir, u32, u16, &'static str)> = Vec::new();
@@ -184,6 +223,7 @@ pub fn markdown(rep: &Report) -> String {
         let _ = writeln!(s);
         explain(&mut s, rep, arr, dpdk);
     }
+    io_uring_table(&mut s, rep);
     // Scaling: N pairs vs 1 pair.
     let mut sc = String::new();
     for c in rep.cases.iter().filter(|c| c.pairs > 1 && c.gbps > 0.0) {

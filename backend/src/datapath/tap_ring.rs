@@ -1,0 +1,276 @@
+//! `--io-uring`: the frames of one TX batch go to the tap in one `io_uring_enter` instead of one
+//! `writev` each.
+//!
+//! The ring is built where the tap queue is opened, before any thread is filtered: created
+//! disabled, the tap queue registered as its only fixed file, then restricted to linked
+//! `WRITEV`s on fixed files (no other opcode, no file descriptor of the process, no further
+//! registration) and only then enabled. A worker therefore needs `io_uring_enter` and nothing
+//! else, and a worker taken over by a hostile guest can do with the ring no more than write frames
+//! to its own tap.
+//!
+//! The writes of a batch are linked, so they run in order and the first that fails cancels the
+//! rest: frames leave in ring order as with `writev`, and the frames after a refused one are
+//! simply not tried (the TX loop puts their chains back).
+
+use std::io;
+use std::ops::Range;
+use std::os::fd::RawFd;
+
+use io_uring::register::Restriction;
+use io_uring::{opcode, squeue, types, IoUring};
+use thiserror::Error;
+
+use crate::datapath::chain_iov::IoVec;
+
+#[derive(Debug, Error)]
+pub enum TapRingError {
+    #[error("io_uring_setup: {0}")]
+    Setup(#[source] io::Error),
+    #[error("io_uring: cannot register the tap queue as a fixed file: {0}")]
+    RegisterFile(#[source] io::Error),
+    #[error("io_uring: cannot restrict the ring to WRITEV: {0}")]
+    Restrict(#[source] io::Error),
+    #[error("io_uring: cannot enable the ring: {0}")]
+    Enable(#[source] io::Error),
+    #[error("io_uring: cannot probe the tap queue for RWF_NOWAIT: {0}")]
+    Probe(#[source] io::Error),
+}
+
+/// The ring failed as a whole (not one write): the caller stops using it.
+#[derive(Debug, Error)]
+#[error("io_uring_enter: {0}")]
+pub struct RingFailed(#[source] pub io::Error);
+
+/// An io_uring that can only write frames to one tap queue.
+pub struct TapRing {
+    ring: IoUring,
+    /// `RWF_NOWAIT` on every write, if the file supports it. Without it io_uring answers a
+    /// full file that supports non-blocking writes by waiting for room (it ignores
+    /// `O_NONBLOCK`), and the worker would sleep in `io_uring_enter` instead of serving RX.
+    rw_flags: i32,
+}
+
+impl std::fmt::Debug for TapRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapRing").field("entries", &self.ring.params().sq_entries()).finish()
+    }
+}
+
+/// The fixed-file slot of the tap queue.
+const TAP_SLOT: types::Fixed = types::Fixed(0);
+
+impl TapRing {
+    /// A ring of `entries` submissions (a TX batch's worth) bound to the tap queue `tap_fd`.
+    pub fn new(tap_fd: RawFd, entries: u32) -> Result<TapRing, TapRingError> {
+        let ring = IoUring::builder()
+            .setup_r_disabled()
+            // Every write of a batch gets a completion even if one cannot be submitted, so
+            // waiting for the batch's completions can never wait for one that will not come.
+            .setup_submit_all()
+            .build(entries)
+            .map_err(TapRingError::Setup)?;
+        let submitter = ring.submitter();
+        submitter.register_files(&[tap_fd]).map_err(TapRingError::RegisterFile)?;
+        let mut rules = [
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_flags_allowed(squeue::Flags::IO_LINK.bits()),
+            Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
+        ];
+        submitter.register_restrictions(&mut rules).map_err(TapRingError::Restrict)?;
+        submitter.register_enable_rings().map_err(TapRingError::Enable)?;
+        let mut ring = TapRing { ring, rw_flags: libc::RWF_NOWAIT };
+        let probe = ring.probe_nowait().map_err(TapRingError::Probe)?;
+        log::debug!(
+            "io_uring for tap queue fd {tap_fd}: RWF_NOWAIT {}",
+            if probe == Some(libc::EOPNOTSUPP) { "not supported" } else { "supported" }
+        );
+        if probe == Some(libc::EOPNOTSUPP) {
+            // The file cannot take IOCB_NOWAIT; io_uring then honours O_NONBLOCK itself.
+            ring.rw_flags = 0;
+        }
+        Ok(ring)
+    }
+
+    /// Writes nothing with `RWF_NOWAIT` and returns the error, if any: EOPNOTSUPP says the file
+    /// does not support it (checked before the write; an empty write sends no frame).
+    fn probe_nowait(&mut self) -> io::Result<Option<i32>> {
+        let entry = opcode::Writev::new(TAP_SLOT, std::ptr::null(), 0).rw_flags(self.rw_flags).build();
+        // SAFETY: an empty iovec array; nothing is read.
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| io::Error::from_raw_os_error(libc::EBUSY))?;
+        self.ring.submit_and_wait(1)?;
+        let res = self.ring.completion().next().map_or(0, |c| c.result());
+        Ok((res < 0).then_some(-res))
+    }
+
+    /// How many frames one call may write.
+    pub fn capacity(&self) -> usize {
+        self.ring.params().sq_entries() as usize
+    }
+
+    /// Writes the frames `spans` cut out of `iovs` (at most [`capacity`](Self::capacity)) in
+    /// order and appends one result per frame the kernel tried; a frame cancelled because an
+    /// earlier one failed gets none. Returns only when every submitted write has completed, so
+    /// the iovecs are not used after it returns.
+    pub fn write_batch(&mut self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) -> Result<(), RingFailed> {
+        let n = spans.len().min(self.capacity());
+        if n == 0 {
+            return Ok(());
+        }
+        let first = results.len();
+        {
+            let mut sq = self.ring.submission();
+            for (i, span) in spans[..n].iter().enumerate() {
+                let frame = &iovs[span.clone()];
+                let mut entry = opcode::Writev::new(TAP_SLOT, IoVec::as_iovecs(frame), frame.len() as u32)
+                    .rw_flags(self.rw_flags)
+                    .build()
+                    .user_data(i as u64);
+                if i + 1 < n {
+                    entry = entry.flags(squeue::Flags::IO_LINK);
+                }
+                // SAFETY: the iovecs and the memory they describe stay valid until every
+                // completion is reaped below (IoVec's contract; the caller holds the memory for
+                // this call); the queue has room (n <= its size, and it is empty between calls).
+                unsafe { sq.push(&entry) }.map_err(|_| RingFailed(io::Error::from_raw_os_error(libc::EBUSY)))?;
+            }
+        }
+        let submitted = loop {
+            match self.ring.submit() {
+                Ok(s) => break s,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(RingFailed(e)),
+            }
+        };
+        results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
+        let mut reaped = 0;
+        while reaped < submitted {
+            for cqe in self.ring.completion() {
+                let i = cqe.user_data() as usize;
+                if i < n {
+                    let res = cqe.result();
+                    results[first + i] = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+                }
+                reaped += 1;
+            }
+            if reaped < submitted {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(RingFailed(e)),
+                }
+            }
+        }
+        // Writes after a failed one were cancelled, not tried.
+        let tried = results[first..].iter().position(|r| r.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ECANCELED)));
+        if let Some(k) = tried {
+            results.truncate(first + k);
+        }
+        if submitted < n {
+            // With SUBMIT_ALL only a failing ring submits fewer; its leftovers must never run.
+            return Err(RingFailed(io::Error::other(format!("{submitted} of {n} writes submitted"))));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// A non-blocking pipe stands in for the tap queue: the ring does not care what it writes to.
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two-element array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn read_all(fd: &OwnedFd) -> Vec<u8> {
+        let mut out = vec![0u8; 1 << 20];
+        // SAFETY: reading into a buffer we own, of the length we pass.
+        let n = unsafe { libc::read(fd.as_raw_fd(), out.as_mut_ptr().cast(), out.len()) };
+        out.truncate(n.max(0) as usize);
+        out
+    }
+
+    /// Frames of `len` bytes each, every frame in two iovecs, and the spans that cut them out.
+    fn frames(bufs: &mut [Vec<u8>]) -> (Vec<IoVec>, Vec<Range<usize>>) {
+        let mut iovs = Vec::new();
+        let mut spans = Vec::new();
+        for b in bufs.iter_mut() {
+            let half = b.len() / 2;
+            let start = iovs.len();
+            // SAFETY: the buffers outlive the iovecs (both live until the test ends) and only
+            // the kernel touches them meanwhile.
+            unsafe {
+                iovs.push(IoVec::from_raw_parts(b.as_mut_ptr(), half));
+                iovs.push(IoVec::from_raw_parts(b.as_mut_ptr().add(half), b.len() - half));
+            }
+            spans.push(start..iovs.len());
+        }
+        (iovs, spans)
+    }
+
+    #[test]
+    fn test_ring_writes_a_batch_in_order_in_one_call() {
+        let (rd, wr) = pipe();
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8).expect("io_uring");
+        let mut bufs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let (iovs, spans) = frames(&mut bufs);
+        let mut results = Vec::new();
+        ring.write_batch(&iovs, &spans, &mut results).expect("ring works");
+        let lens: Vec<usize> = results.into_iter().map(|r| r.expect("written")).collect();
+        assert_eq!(lens, vec![100, 101, 102, 103, 104]);
+        assert_eq!(read_all(&rd), bufs.concat(), "byte for byte, in order");
+    }
+
+    #[test]
+    fn test_ring_failed_write_cancels_the_ones_behind_it() {
+        // A pipe full after two frames: the third fails with EAGAIN and the rest are not tried.
+        let (rd, wr) = pipe();
+        // SAFETY: F_SETPIPE_SZ on our own pipe; the kernel rounds up to one page.
+        let size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+        assert!(size >= 4096, "pipe size {size}");
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8).expect("io_uring");
+        let frame_len = size as usize / 2;
+        let mut bufs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; frame_len]).collect();
+        let (iovs, spans) = frames(&mut bufs);
+        let mut results = Vec::new();
+        ring.write_batch(&iovs, &spans, &mut results).expect("ring works");
+        assert_eq!(results.len(), 3, "two written, one failed, two not tried: {results:?}");
+        assert!(results[..2].iter().all(|r| r.as_ref().is_ok_and(|&n| n == frame_len)));
+        assert_eq!(results[2].as_ref().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(read_all(&rd), bufs[..2].concat());
+        // Room again: the untried frames go through the same ring.
+        let mut rest = Vec::new();
+        ring.write_batch(&iovs, &spans[2..], &mut rest).expect("ring works");
+        assert_eq!(rest.len(), 3, "{rest:?}");
+        assert!(rest[..2].iter().all(|r| r.is_ok()) && rest[2].is_err());
+        assert_eq!(read_all(&rd), bufs[2..4].concat());
+    }
+
+    #[test]
+    fn test_ring_refuses_anything_but_writev_to_its_fixed_file() {
+        let (rd, wr) = pipe();
+        let mut ring = TapRing::new(wr.as_raw_fd(), 4).expect("io_uring");
+        let mut buf = [0u8; 16];
+        // A read of the pipe by its fd number, and a writev not on the fixed file: both refused.
+        let read = opcode::Read::new(types::Fd(rd.as_raw_fd()), buf.as_mut_ptr(), 16).build().user_data(1);
+        let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 16 };
+        let write = opcode::Writev::new(types::Fd(wr.as_raw_fd()), &iov, 1).build().user_data(2);
+        // SAFETY: the buffers outlive the wait below.
+        unsafe {
+            ring.ring.submission().push(&read).unwrap();
+            ring.ring.submission().push(&write).unwrap();
+        }
+        ring.ring.submit_and_wait(2).expect("io_uring_enter");
+        let mut codes: Vec<(u64, i32)> = ring.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        codes.sort();
+        assert_eq!(codes, vec![(1, -libc::EACCES), (2, -libc::EACCES)]);
+        assert!(read_all(&rd).is_empty());
+        // Registering more files is refused too.
+        assert!(ring.ring.submitter().register_files(&[rd.as_raw_fd()]).is_err());
+    }
+}
