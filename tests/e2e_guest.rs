@@ -13,11 +13,16 @@ use vutap_testbed::{Backend, MacvtapMode, QemuVersion, Scenario, Topology};
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
+    e2e_with(qemu, backend, queues, &[]);
+}
+
+fn e2e_with(qemu: QemuVersion, backend: Backend, queues: u16, vutap_args: &[&str]) {
     let _held = ONE_GUEST.lock().unwrap_or_else(|p| p.into_inner());
     let _ = env_logger::builder().is_test(true).try_init();
     let topo = Topology::new(1, MacvtapMode::Bridge).expect("create netns/veth/macvtap topology");
     let tap = topo.taps[0].clone();
-    let name = format!("e2e-{backend}-q{}-{queues}q", qemu.label());
+    let variant: String = vutap_args.iter().map(|a| a.trim_start_matches('-')).collect::<Vec<_>>().join("-");
+    let name = format!("e2e-{backend}-q{}-{queues}q{}{variant}", qemu.label(), if variant.is_empty() { "" } else { "-" });
     let scenario = Scenario {
         qemu,
         backend,
@@ -28,6 +33,7 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
         // (a chance of 2^-15 against, per direction) that every pair carries some of them.
         streams: if queues > 1 { 8 * queues } else { 1 },
         spread_flows: queues > 1,
+        vutap_args: vutap_args.iter().map(|a| a.to_string()).collect(),
     };
     let out = scenario.run(&topo, &tap, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
     eprintln!(
@@ -41,6 +47,11 @@ fn e2e(qemu: QemuVersion, backend: Backend, queues: u16) {
     assert_eq!(out.per_queue.len(), usize::from(queues), "{name}: queue pairs the guest driver uses");
     for (pair, q) in out.per_queue.iter().enumerate() {
         assert!(q.rx > 0 && q.tx > 0, "{name}: queue pair {pair} carried nothing one way: {:?}", out.per_queue);
+    }
+    if vutap_args.contains(&"--io-uring") {
+        let log = std::fs::read_to_string(vutap_testbed::log_dir(&name).unwrap().join("vutap.log")).unwrap();
+        assert!(log.contains("TX through io_uring"), "{name}: the ring was not set up:\n{log}");
+        assert!(!log.contains("with writev from now on"), "{name}: the ring failed:\n{log}");
     }
 }
 
@@ -57,6 +68,13 @@ fn test_e2e_vutap_qemu7_2q() {
 #[test]
 fn test_e2e_vutap_qemu10_1q() {
     e2e(QemuVersion::V10, Backend::Vutap, 1);
+}
+
+/// TX batches through io_uring with a real guest: TSO frames over several descriptors, both
+/// pairs, under seccomp.
+#[test]
+fn test_e2e_vutap_qemu10_2q_io_uring() {
+    e2e_with(QemuVersion::V10, Backend::Vutap, 2, &["--io-uring"]);
 }
 
 #[test]

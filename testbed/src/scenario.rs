@@ -43,6 +43,8 @@ pub struct Scenario {
     /// Hash the guest's TX flows over its queues (XPS off) instead of pinning them to the
     /// sending CPU's queue, so that many streams use every queue pair both ways.
     pub spread_flows: bool,
+    /// Extra vutap options (vutap backend only).
+    pub vutap_args: Vec<String>,
 }
 
 /// What came out of it.
@@ -77,7 +79,8 @@ impl Scenario {
             Backend::Vutap => {
                 let socket = dir.join("vutap.sock");
                 let tap_arg = tap.dev.to_str().unwrap_or_default().to_string();
-                let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &[], &dir)
+                let extra: Vec<&str> = self.vutap_args.iter().map(String::as_str).collect();
+                let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &extra, &dir)
                     .map_err(|e| Error::Setup(format!("starting vutap on {tap_arg}: {e}")))?;
                 _vutap = Some(v);
                 Nic::VhostUser { socket, queues, mac: tap.mac.clone() }

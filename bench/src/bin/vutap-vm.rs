@@ -162,8 +162,16 @@ fn demo(args: DemoArgs) -> ExitCode {
         for &backend in backends {
             let name = format!("demo-{backend}-q{}-{}q", qemu.label(), args.queues);
             eprintln!("== {backend} on QEMU {qemu}, {} queue pair(s)", args.queues);
-            let s =
-                Scenario { qemu, backend, queues: args.queues, ping_count: 5, iperf_secs: args.seconds, streams: 1, spread_flows: false };
+            let s = Scenario {
+                qemu,
+                backend,
+                queues: args.queues,
+                ping_count: 5,
+                iperf_secs: args.seconds,
+                streams: 1,
+                spread_flows: false,
+                vutap_args: vec![],
+            };
             match s.run(&topo, &tap, &name) {
                 Ok(o) => {
                     eprintln!(
