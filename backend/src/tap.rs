@@ -178,11 +178,6 @@ impl TapQueue {
         Ok(())
     }
 
-    /// Whether TX batches go through an io_uring.
-    pub fn uses_io_uring(&self) -> bool {
-        self.ring.lock().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
     /// The queue's ring, while it has one.
     pub(crate) fn ring(&self) -> std::sync::MutexGuard<'_, Option<TapRing>> {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())

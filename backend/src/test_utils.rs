@@ -132,14 +132,8 @@ fn check_iov_max(iovs: &[IoVec]) -> io::Result<()> {
 impl TapIo for MockTap {
     fn write_batch(&self, iovs: &[IoVec], spans: &[std::ops::Range<usize>], results: &mut Vec<io::Result<usize>>) {
         self.batches.borrow_mut().push(spans.len());
-        for span in spans {
-            let result = self.write_frame(&iovs[span.clone()]);
-            let stop = result.as_ref().is_err_and(|e| self.linked.get() || crate::datapath::tap_io::ends_batch(e));
-            results.push(result);
-            if stop {
-                break;
-            }
-        }
+        let linked = self.linked.get();
+        crate::datapath::tap_io::write_each(self, iovs, spans, results, |e| linked || crate::datapath::tap_io::ends_batch(e));
     }
 
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {

@@ -21,7 +21,7 @@ pub trait TapIo {
     /// it tried. It stops after a result that [ends the batch](ends_batch); it may also stop
     /// after any other failure. Frames without a result were not tried.
     fn write_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
-        write_each(self, iovs, spans, results);
+        write_each(self, iovs, spans, results, ends_batch);
     }
 
     /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
@@ -47,11 +47,17 @@ pub fn is_fatal_tap_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::EBADFD) | Some(libc::EPIPE))
 }
 
-/// [`TapIo::write_batch`] as one `write_frame` per frame.
-fn write_each<T: TapIo + ?Sized>(tap: &T, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+/// [`TapIo::write_batch`] as one `write_frame` per frame, stopping after a failure `stop` names.
+pub(crate) fn write_each<T: TapIo + ?Sized>(
+    tap: &T,
+    iovs: &[IoVec],
+    spans: &[Range<usize>],
+    results: &mut Vec<io::Result<usize>>,
+    stop: impl Fn(&io::Error) -> bool,
+) {
     for span in spans {
         let result = tap.write_frame(&iovs[span.clone()]);
-        let stop = result.as_ref().is_err_and(ends_batch);
+        let stop = result.as_ref().is_err_and(&stop);
         results.push(result);
         if stop {
             break;
@@ -122,7 +128,7 @@ impl TapIo for TapQueue {
             }
         }
         drop(ring);
-        write_each(self, iovs, &spans[done..], results);
+        write_each(self, iovs, &spans[done..], results, ends_batch);
     }
 
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {

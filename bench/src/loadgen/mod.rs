@@ -505,6 +505,13 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
 }
 
 /// One vhost-user case against the backend at `socket`.
+/// One round of a vhost case against a running vutap process.
+fn vutap_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, p: &procs::Proc, place: Option<&Placement>) -> Result<Window> {
+    let pid = p.pid().to_string();
+    let cpu = || procs::cpu_ns(&pid);
+    vhost_case(cfg, k, socket, far, &BackendSide::process(&cpu, p.metrics.as_deref(), k.pairs, place))
+}
+
 fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, backend: &BackendSide) -> Result<Window> {
     let fe = connect(socket, fe_opts(k.pairs, k.dir, k.size, k.rxbuf))?;
     if k.dir == Dir::Tx && k.size == TSO_SIZE && fe.acked_features() & NET_F_HOST_TSO4 == 0 {
@@ -666,7 +673,6 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         // One vutap per pair count, a fresh connection per case. Between its cases it has no
         // frontend, so its queues are detached and the ceiling's queues get every frame.
         let p = procs::vutap(sock_path, &spec, pairs, log_dir, place.as_ref(), &[])?;
-        let pid = p.pid().to_string();
         // The io_uring variant: a second vutap on the same macvtap, idle (detached) but for its cases.
         let uring_sock = sock_path.with_extension("io-uring.sock");
         let pu = io_uring_wanted(cfg, pairs)
@@ -681,18 +687,9 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
             let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
             let (mut vs, mut us, mut cs) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
-                let cpu = || procs::cpu_ns(&pid);
-                vs.push(vhost_case(cfg, &kv, sock_path, &far, &BackendSide::process(&cpu, p.metrics.as_deref(), pairs, place.as_ref())));
+                vs.push(vutap_case(cfg, &kv, sock_path, &far, &p, place.as_ref()));
                 if let Some(pu) = uring {
-                    let upid = pu.pid().to_string();
-                    let cpu = || procs::cpu_ns(&upid);
-                    us.push(vhost_case(
-                        cfg,
-                        &ku,
-                        &uring_sock,
-                        &far,
-                        &BackendSide::process(&cpu, pu.metrics.as_deref(), pairs, place.as_ref()),
-                    ));
+                    us.push(vutap_case(cfg, &ku, &uring_sock, &far, pu, place.as_ref()));
                 }
                 if ceiling {
                     let w = raw::open_macvtap(&tap.dev, pairs)
@@ -739,7 +736,6 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
         // spins even when idle, so it runs only for its own case.
         let vp = procs::vutap(sock_path, &vname, pairs, log_dir, place.as_ref(), &[])?;
         let vfar = host_tap_far(&vname)?;
-        let vpid = vp.pid().to_string();
         // The io_uring variant: a second vutap on a tap of its own.
         let uring_sock = sock_path.with_extension("io-uring.sock");
         let pu = io_uring_wanted(cfg, pairs)
@@ -757,18 +753,9 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
             let (mut vs, mut us, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
-                let cpu = || procs::cpu_ns(&vpid);
-                vs.push(vhost_case(cfg, &kv, sock_path, &vfar, &BackendSide::process(&cpu, vp.metrics.as_deref(), pairs, place.as_ref())));
+                vs.push(vutap_case(cfg, &kv, sock_path, &vfar, &vp, place.as_ref()));
                 if let Some((pu, ufar)) = uring {
-                    let upid = pu.pid().to_string();
-                    let cpu = || procs::cpu_ns(&upid);
-                    us.push(vhost_case(
-                        cfg,
-                        &ku,
-                        &uring_sock,
-                        ufar,
-                        &BackendSide::process(&cpu, pu.metrics.as_deref(), pairs, place.as_ref()),
-                    ));
+                    us.push(vutap_case(cfg, &ku, &uring_sock, ufar, pu, place.as_ref()));
                 }
                 if dpdk {
                     ds.push(dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()));
