@@ -132,10 +132,19 @@ impl TapIo for TapQueue {
     }
 
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
-        let count = iov_count(iovs)?;
-        // SAFETY: `count` entries of `iovs` are passed; each describes memory valid for its length
-        // while it is used (IoVec's constructors' contract), and writev only reads it.
-        let n = unsafe { libc::writev(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) };
+        let n = if let [only] = iovs {
+            // A frame in one buffer (what a Linux guest posts for a linear skb, its header
+            // pushed in front of the data) goes by `write`: `writev` would copy and check an
+            // iovec array, which costs this path a tenth of its CPU per frame.
+            // SAFETY: `only` describes memory valid for reads of its length while it is used
+            // (IoVec's constructors' contract), and write only reads it.
+            unsafe { libc::write(self.as_raw_fd(), only.as_ptr().cast(), only.len()) }
+        } else {
+            let count = iov_count(iovs)?;
+            // SAFETY: `count` entries of `iovs` are passed; each describes memory valid for its
+            // length while it is used (IoVec's constructors' contract), and writev only reads it.
+            unsafe { libc::writev(self.as_raw_fd(), IoVec::as_iovecs(iovs), count) }
+        };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -153,5 +162,62 @@ impl TapIo for TapQueue {
         } else {
             Ok(n as usize)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    /// A pipe: the write end as a `TapQueue`, the read end to see what arrived.
+    fn pipe_queue() -> (TapQueue, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        (TapQueue::from_fd(w), r)
+    }
+
+    fn read_all(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(n.max(0) as usize);
+        buf
+    }
+
+    #[test]
+    fn test_write_frame_sends_one_buffer_and_gathered_buffers_byte_for_byte() {
+        let (q, r) = pipe_queue();
+        let mut frame: Vec<u8> = (0..=255u8).cycle().take(1526).collect();
+        // SAFETY: `frame` outlives the iovecs and nothing else touches it meanwhile.
+        let one = unsafe { IoVec::from_raw_parts(frame.as_mut_ptr(), frame.len()) };
+        assert_eq!(q.write_frame(&[one]).expect("one buffer"), 1526);
+        assert_eq!(read_all(&r), frame);
+        let (a, b) = frame.split_at_mut(12);
+        let (b, c) = b.split_at_mut(700);
+        // SAFETY: as above, three disjoint pieces of `frame`.
+        let three = unsafe { [a, b, c].map(|s| IoVec::from_raw_parts(s.as_mut_ptr(), s.len())) };
+        assert_eq!(q.write_frame(&three).expect("three buffers"), 1526);
+        assert_eq!(read_all(&r), frame);
+    }
+
+    #[test]
+    fn test_write_frame_returns_eagain_and_epipe_for_either_path() {
+        let (q, r) = pipe_queue();
+        let mut big = vec![7u8; 1 << 20];
+        // SAFETY: `big` outlives the iovec.
+        let one = unsafe { IoVec::from_raw_parts(big.as_mut_ptr(), big.len()) };
+        // The pipe takes 64 KiB, then refuses: a partial write, then EAGAIN, never a block.
+        assert!(q.write_frame(&[one]).expect("partial") < big.len());
+        let e = q.write_frame(&[one, one]).expect_err("pipe full");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(ends_batch(&e));
+        drop(r);
+        let e = q.write_frame(&[one]).expect_err("reader gone");
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE), "{e}");
+        assert!(is_fatal_tap_error(&e));
     }
 }
