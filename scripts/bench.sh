@@ -4,6 +4,9 @@
 # down. Markdown on stdout, results/bench.json, results/bench.svg, results/bench.md.
 #   scripts/bench.sh            full run (a few minutes)
 #   scripts/bench.sh --smoke    a couple of seconds: checks frames flow and a report is written
+#   scripts/bench.sh --profile  the one-pair cells once more under perf: where each backend's CPU
+#                               per frame goes (results/profile.{md,json,svg}); explains cells,
+#                               the unprofiled run measures them
 # Other arguments go to vutap-bench (--sizes, --pairs, --duration, --warmup, --no-dpdk, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,5 +15,9 @@ cargo build --release -p vutap -p vutap-bench --bins
 mkdir -p results
 if [ "${1:-}" = "--smoke" ]; then
     exec target/release/vutap-bench "$@" --json results/tmp/bench-smoke.json --svg results/tmp/bench-smoke.svg
+fi
+if [ "${1:-}" = "--profile" ]; then
+    exec target/release/vutap-bench --pairs 1 --rounds 1 --no-latency "$@" \
+        --json results/profile.json --svg results/profile.svg --markdown results/profile.md
 fi
 exec target/release/vutap-bench --markdown results/bench.md "$@"

@@ -21,13 +21,13 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
 fi
 
-# Tools (binutils: objdump and strip for scripts/build-deb.sh), the shared libraries both QEMU
+# Tools (binutils: objdump and strip for scripts/build-deb.sh; linux-perf: vutap-bench --profile), the shared libraries both QEMU
 # builds link against (union of their Depends), and libvirt's daemon, QEMU driver and virsh
 # (bookworm's 9.0; its domains run the unpacked QEMU through an <emulator> wrapper, see
 # tests/e2e_libvirt.rs). mmdebstrap (with the archive keyring and gpg it checks the mirror with)
 # builds the fresh Debian root tests/package_install.rs installs the .deb into
 # (scripts/build-debian-root.sh, once per machine).
-pkgs=(mmdebstrap debian-archive-keyring gpg busybox-static iperf3 ethtool cpio iproute2 kmod procps dpdk dpdk-dev systemd seabios ipxe-qemu binutils
+pkgs=(mmdebstrap debian-archive-keyring gpg busybox-static iperf3 ethtool cpio iproute2 kmod procps dpdk dpdk-dev systemd seabios ipxe-qemu binutils linux-perf
   libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30 libhogweed6
   libibverbs1 libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16 librdmacm1
   libsasl2-2 libseccomp2 libslirp0 libudev1 liburing2 libvdeplug2 libzstd1 zlib1g

@@ -52,6 +52,11 @@ struct Args {
     /// Skip the ping-pong latency runs.
     #[arg(long)]
     no_latency: bool,
+    /// Record each backend with `perf` during its windows and split its CPU per frame by where
+    /// it went (tap copy, tap path, own code, wake-ups, eventfd, io_uring, ...). Sampling costs
+    /// a little CPU: use a profiled run to explain cells, an unprofiled one to measure them.
+    #[arg(long)]
+    profile: bool,
     #[arg(long, default_value = "results/bench.json")]
     json: PathBuf,
     #[arg(long, default_value = "results/bench.svg")]
@@ -116,6 +121,13 @@ fn main() {
     cfg.pin &= !a.no_pin;
     if let Some(r) = a.rounds {
         cfg.rounds = r.max(1);
+    }
+    cfg.profile = a.profile;
+    if cfg.profile && a.render_from.is_none() {
+        if let Err(e) = loadgen::profile::check_available() {
+            eprintln!("vutap-bench: --profile: {e}");
+            std::process::exit(1);
+        }
     }
     let rendering = a.render_from.is_some();
     let rep = match &a.render_from {

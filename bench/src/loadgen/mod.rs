@@ -21,11 +21,13 @@ pub mod error;
 pub mod load_cpu;
 pub mod placement;
 pub mod procs;
+pub mod profile;
 pub mod raw;
 pub mod report;
 pub mod vhost;
 pub mod wire;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,6 +71,10 @@ pub struct Config {
     pub rounds: u32,
     /// One-pair TX cells also run vutap with `--io-uring`.
     pub io_uring: bool,
+    /// Record the backend with `perf` over each window and split its CPU per frame by where
+    /// it went (see `profile`). Sampling costs the backend a little CPU: profiled runs explain
+    /// a cell, unprofiled ones measure it.
+    pub profile: bool,
 }
 
 impl Config {
@@ -88,6 +94,7 @@ impl Config {
             pin: true,
             rounds: 3,
             io_uring: true,
+            profile: false,
         }
     }
     /// A couple of seconds: 1500 B, one pair, macvtap arrangement, vutap + ceiling.
@@ -172,6 +179,9 @@ pub struct CaseResult {
     pub counters: Option<BackendCounters>,
     /// Gbit/s of every round (the figures above are the median round's).
     pub rounds_gbps: Vec<f64>,
+    /// With `--profile`: the backend's CPU ns per delivered frame by where it went.
+    #[serde(default)]
+    pub profile: Option<BTreeMap<profile::Bucket, f64>>,
     pub error: Option<String>,
 }
 
@@ -268,6 +278,8 @@ struct Window {
     load_cpus: usize,
     load_limited: bool,
     counters: Option<BackendCounters>,
+    /// Samples per bucket, with `--profile`.
+    profile: Option<BTreeMap<profile::Bucket, u64>>,
 }
 
 /// How the backend of a case is read, besides the far side's counters.
@@ -278,6 +290,8 @@ struct BackendSide<'a> {
     tids: &'a dyn Fn() -> Vec<i32>,
     /// vutap's metrics endpoint.
     metrics: Option<&'a Path>,
+    /// The backend's process, if it is one (else its threads are `tids`).
+    pid: Option<u32>,
     /// Cores it can use: its threads, bounded by its CPUs.
     capacity: f64,
     /// CPUs the load side runs on.
@@ -286,13 +300,18 @@ struct BackendSide<'a> {
 
 impl<'a> BackendSide<'a> {
     /// A backend process (vutap, testpmd) with `threads` busy threads.
-    fn process(cpu: &'a dyn Fn() -> u64, metrics: Option<&'a Path>, threads: u16, place: Option<&Placement>) -> Self {
-        BackendSide { cpu, tids: &Vec::new, metrics, capacity: capacity(threads, place), load_cpus: load_cpus(place) }
+    fn process(pid: u32, cpu: &'a dyn Fn() -> u64, metrics: Option<&'a Path>, threads: u16, place: Option<&Placement>) -> Self {
+        BackendSide { cpu, tids: &Vec::new, metrics, pid: Some(pid), capacity: capacity(threads, place), load_cpus: load_cpus(place) }
+    }
+
+    /// What `perf` records for this backend.
+    fn perf_target(&self) -> profile::Target {
+        self.pid.map_or_else(|| profile::Target::Tids((self.tids)()), profile::Target::Pid)
     }
 
     /// The raw loop: `pairs` threads `tids` of this process.
     fn raw_loop(cpu: &'a dyn Fn() -> u64, tids: &'a dyn Fn() -> Vec<i32>, pairs: u16, place: Option<&Placement>) -> Self {
-        BackendSide { cpu, tids, metrics: None, capacity: capacity(pairs, place), load_cpus: load_cpus(place) }
+        BackendSide { cpu, tids, metrics: None, pid: None, capacity: capacity(pairs, place), load_cpus: load_cpus(place) }
     }
 }
 
@@ -314,9 +333,14 @@ fn scrape(metrics: Option<&Path>) -> Option<backend_counters::Totals> {
 fn measure(cfg: &Config, counters: &Counters, dir: Dir, backend: &BackendSide) -> Window {
     std::thread::sleep(cfg.warmup);
     let m0 = scrape(backend.metrics);
+    let recording = cfg
+        .profile
+        .then(|| profile::start(&backend.perf_target(), cfg.duration, &std::env::temp_dir()))
+        .and_then(|r| r.map_err(|e| progress(&format!("perf record: {e}"))).ok());
     let (s0, l0, c0, t0) = (counters.snap(), load_cpu::thread_times(), (backend.cpu)(), Instant::now());
     std::thread::sleep(cfg.duration);
     let (s1, l1, c1, secs) = (counters.snap(), load_cpu::thread_times(), (backend.cpu)(), t0.elapsed().as_secs_f64());
+    let profile = recording.and_then(|r| r.finish().map_err(|e| progress(&format!("perf: {e}"))).ok());
     let m1 = scrape(backend.metrics);
     let cpu_ns = c1.saturating_sub(c0);
     let load = LoadCpu::between(&l0, &l1, &(backend.tids)(), secs);
@@ -335,6 +359,7 @@ fn measure(cfg: &Config, counters: &Counters, dir: Dir, backend: &BackendSide) -
         load_cpus: backend.load_cpus,
         load_limited: load.was_the_limit(backend.load_cpus, backend_cores, backend.capacity),
         counters: m0.zip(m1).map(|(a, b)| BackendCounters::between(&a, &b, dir)),
+        profile,
     }
 }
 
@@ -370,6 +395,7 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
         load_limited: false,
         counters: None,
         rounds_gbps: Vec::new(),
+        profile: None,
         error: None,
     };
     match w {
@@ -386,6 +412,10 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
             r.cpu_ns_per_frame = if d.delivered_frames > 0 { w.cpu_ns as f64 / d.delivered_frames as f64 } else { 0.0 };
             r.cpu_cores = w.cpu_ns as f64 / 1e9 / w.secs;
             (r.load, r.load_cpus, r.load_limited, r.counters) = (w.load, w.load_cpus, w.load_limited, w.counters);
+            r.profile = w.profile.as_ref().filter(|_| d.delivered_frames > 0).map(|samples| {
+                let per_frame = profile::PERIOD_NS as f64 / d.delivered_frames as f64;
+                samples.iter().map(|(&b, &n)| (b, n as f64 * per_frame)).collect()
+            });
             if d.delivered_frames == 0 {
                 r.error = Some(format!("no frames delivered ({} offered)", d.offered_frames));
             }
@@ -509,7 +539,7 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
 fn vutap_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, p: &procs::Proc, place: Option<&Placement>) -> Result<Window> {
     let pid = p.pid().to_string();
     let cpu = || procs::cpu_ns(&pid);
-    vhost_case(cfg, k, socket, far, &BackendSide::process(&cpu, p.metrics.as_deref(), k.pairs, place))
+    vhost_case(cfg, k, socket, far, &BackendSide::process(p.pid(), &cpu, p.metrics.as_deref(), k.pairs, place))
 }
 
 fn vhost_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, backend: &BackendSide) -> Result<Window> {
@@ -829,7 +859,7 @@ fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Pat
         // Its forwarding lcore polls, 100 % busy with or without traffic: its CPU cannot say
         // whether it was the limit, so only the load side's can (unbounded capacity).
         let cpu = || procs::cpu_ns(&pid);
-        let side = BackendSide { capacity: f64::INFINITY, ..BackendSide::process(&cpu, None, 1, place) };
+        let side = BackendSide { capacity: f64::INFINITY, ..BackendSide::process(p.pid(), &cpu, None, 1, place) };
         vhost_case(cfg, k, socket, &far, &side)
     });
     wait_gone(name);

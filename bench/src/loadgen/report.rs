@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use super::profile::Bucket;
 use super::{Arrangement, Backend, CaseResult, Dir, Report, TSO_SIZE};
 
 fn size_label(s: u32) -> String {
@@ -109,6 +110,64 @@ fn io_uring_table(s: &mut String, rep: &Report) {
             wakeups(v),
             wakeups(Some(u))
         );
+    }
+    let _ = writeln!(s);
+}
+
+fn backend_label(b: Backend) -> &'static str {
+    match b {
+        Backend::Vutap => "vutap",
+        Backend::VutapIoUring => "vutap --io-uring",
+        Backend::Dpdk => "DPDK testpmd",
+        Backend::Ceiling => "raw loop",
+    }
+}
+
+/// With `--profile`: each backend's CPU per frame split by where `perf` saw it go.
+fn profile_table(s: &mut String, rep: &Report) {
+    let cells: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.profile.is_some()).collect();
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## Where the backend's CPU goes (`--profile`: perf samples every {} µs of its CPU, ns per delivered frame)\n\n\
+         tap copy = copying frame bytes inside the tap's read/write; tap path = the rest of that read/write, including the \
+         host stack's receive run in the writer's context; syscall entry + VFS = entering and leaving every system call and \
+         the VFS around the tap's (fd lookup, iovec import); seccomp = the filter on each call; own code / libc = user \
+         space; epoll/poll = sleeping and waking; eventfd = kicks and interrupts; other kernel = interrupts, softirqs, \
+         faults outside a system call. kernel I/O = tap copy + tap path + syscall entry + io_uring, what any program moving \
+         these frames through the tap pays; backend's own = own code + libc + seccomp + epoll/poll + eventfd, what the \
+         backend adds. Both come from the same window, so their ratio does not move with the host's drift the way \
+         CPU per frame of two windows does. Sampling adds a little CPU, so totals run slightly above the unprofiled tables'.\n",
+        super::profile::PERIOD_NS / 1000
+    );
+    let mut head = "| arrangement | dir | size | pairs | rx bufs | backend | CPU ns/f | kernel I/O | backend's own (share) |".to_string();
+    let mut sep = "|---|---|---|---|---|---|---|---|---|".to_string();
+    for b in Bucket::ALL {
+        head += &format!(" {} |", b.label());
+        sep += "---|";
+    }
+    let _ = writeln!(s, "{head}\n{sep}");
+    for c in cells {
+        let p = c.profile.as_ref().expect("filtered");
+        let total: f64 = p.values().sum();
+        let sum = |pick: fn(Bucket) -> bool| p.iter().filter(|(b, _)| pick(**b)).fold(0.0, |acc, (_, v)| acc + v);
+        let (io, own) = (sum(Bucket::is_kernel_io), sum(Bucket::is_backends_own));
+        let share = if total > 0.0 { 100.0 * own / total } else { 0.0 };
+        let mut row = format!(
+            "| {:?} | {:?} | {} | {} | {} | {} | {total:.0} | {io:.0} | {own:.0} ({share:.0} %) |",
+            c.arrangement,
+            c.dir,
+            size_label(c.size),
+            c.pairs,
+            c.rxbuf,
+            backend_label(c.backend)
+        );
+        for b in Bucket::ALL {
+            row += &format!(" {:.0} |", p.get(&b).copied().unwrap_or(0.0));
+        }
+        let _ = writeln!(s, "{row}");
     }
     let _ = writeln!(s);
 }
@@ -224,6 +283,7 @@ pub fn markdown(rep: &Report) -> String {
         explain(&mut s, rep, arr, dpdk);
     }
     io_uring_table(&mut s, rep);
+    profile_table(&mut s, rep);
     // Scaling: N pairs vs 1 pair.
     let mut sc = String::new();
     for c in rep.cases.iter().filter(|c| c.pairs > 1 && c.gbps > 0.0) {
@@ -474,6 +534,7 @@ mod tests {
                 BackendCounters::between(&before, &after, dir)
             }),
             rounds_gbps: Vec::new(),
+            profile: None,
             error: None,
         }
     }
@@ -513,8 +574,24 @@ mod tests {
     }
 
     #[test]
+    fn test_profile_table_has_a_row_per_profiled_backend_and_a_column_per_bucket() {
+        let mut rep = report();
+        assert!(!markdown(&rep).contains("Where the backend's CPU goes"), "no table without --profile");
+        rep.cases[0].profile = Some([(Bucket::TapCopy, 120.4), (Bucket::TapPath, 800.0), (Bucket::Seccomp, 30.0)].into());
+        rep.cases[2].profile = Some([(Bucket::TapCopy, 100.0), (Bucket::TapPath, 700.0)].into());
+        let md = markdown(&rep);
+        let head =
+            md.lines().find(|l| l.starts_with("| arrangement | dir | size | pairs | rx bufs | backend | CPU ns/f |")).expect("header");
+        assert_eq!(head.matches('|').count(), 10 + Bucket::ALL.len());
+        assert!(md.contains("| Tap | Rx | 64 | 1 | mrg | vutap | 950 | 920 | 30 (3 %) | 120 | 800 | 0 | 30 | 0 |"), "{md}");
+        assert!(md.contains("| Tap | Rx | 64 | 1 | - | raw loop | 800 | 800 | 0 (0 %) | 100 | 700 | 0 | 0 |"), "{md}");
+        assert!(!md.contains("DPDK testpmd |"), "DPDK was not profiled");
+    }
+
+    #[test]
     fn test_report_round_trips_through_json() {
-        let rep = report();
+        let mut rep = report();
+        rep.cases[1].profile = Some([(Bucket::Eventfd, 12.0)].into());
         let back: Report = serde_json::from_str(&serde_json::to_string(&rep).expect("to json")).expect("from json");
         assert_eq!(markdown(&back), markdown(&rep));
         assert_eq!(svg(&back), svg(&rep));
