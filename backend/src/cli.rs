@@ -112,7 +112,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_name = "US")]
     pub busy_poll_us: u32,
 
-    /// Write each TX batch to the tap with one io_uring_enter instead of one writev per frame
+    /// Write each TX batch to the tap with one io_uring_enter instead of one write/writev per frame
     /// (a ring per queue, restricted to writes to that queue). Default: writev.
     #[arg(long)]
     pub io_uring: bool,

@@ -147,7 +147,7 @@ pub const MAX_READ: usize = 65536 + 64;
 pub struct TapQueue {
     fd: OwnedFd,
     /// `--io-uring`: the ring TX batches are written through; none, or dropped after it failed,
-    /// means one `writev` per frame. Only the queue pair's worker takes the lock.
+    /// means one `write`/`writev` per frame. Only the queue pair's worker takes the lock.
     ring: Mutex<Option<TapRing>>,
 }
 
@@ -171,7 +171,7 @@ impl TapQueue {
     }
 
     /// Writes TX batches through an io_uring of `entries` writes bound to this queue (see
-    /// [`TapRing`]) instead of one `writev` per frame.
+    /// [`TapRing`]) instead of one `write`/`writev` per frame.
     pub fn use_io_uring(&self, entries: u32) -> Result<(), TapRingError> {
         let ring = TapRing::new(self.as_raw_fd(), entries)?;
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring);

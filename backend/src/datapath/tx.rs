@@ -1,4 +1,4 @@
-//! The TX batch loop: guest chains -> one `writev` per frame straight from guest memory.
+//! The TX batch loop: guest chains -> one `write`/`writev` per frame straight from guest memory.
 
 use std::io;
 use std::ops::Range;
