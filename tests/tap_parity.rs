@@ -221,7 +221,8 @@ fn read_test_frames(queue: &std::fs::File, n: usize) -> Vec<Vec<u8>> {
 /// them, so with the receiver not reading, a 32 KiB limit makes vutap wait (EAGAIN, counted)
 /// after a few frames, while the default (unlimited) writes all 64. Either way every frame
 /// arrives, in order and unchanged, once the receiver reads. The same with `--io-uring`, whose
-/// linked writes stop at the EAGAIN (the worker must wait for room, not sleep in the ring).
+/// writes are linked under a limit and stop at the EAGAIN (the worker must wait for room, not
+/// sleep in the ring), and go unlinked without one.
 #[test]
 fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
     use std::os::unix::fs::OpenOptionsExt;
@@ -280,6 +281,28 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
             assert_eq!(rings, 0, "no ring without --io-uring");
         }
     }
+}
+
+/// `--io-uring` links a batch's writes only while the queue can refuse one for room: not with
+/// the unlimited send buffer vutap opens taps with, again once a limit is set (a ring built
+/// before `--sndbuf` is applied follows it), and not once the limit is lifted.
+#[test]
+fn test_tap_parity_io_uring_links_writes_only_under_a_send_buffer_limit() {
+    use vutap::tap::{Tap, TapSpec};
+    let _g = serial();
+    let name = format!("vtlink{}", std::process::id() % 100_000);
+    let tap = Tap::open(&TapSpec::Name(name.clone()), 1).expect("open a tap");
+    let q = &tap.queues[0];
+    assert_eq!(q.io_uring_links_writes(), None, "no ring yet");
+    q.use_io_uring(64).expect("io_uring on a tap");
+    assert_eq!(q.io_uring_links_writes(), Some(false), "unlimited: a tap never refuses for room");
+    q.set_sndbuf(32768).unwrap();
+    assert_eq!(q.io_uring_links_writes(), Some(true), "limited: a refused write must stop the ones behind it");
+    q.set_sndbuf(libc::c_int::MAX).unwrap();
+    assert_eq!(q.io_uring_links_writes(), Some(false));
+    drop(tap);
+    // A tap vutap created goes with its last fd; a leftover one (a failed assertion) does not.
+    let _ = Command::new("ip").args(["link", "del", &name]).stderr(Stdio::null()).status();
 }
 
 /// How many io_uring instances process `pid` holds open.

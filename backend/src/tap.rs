@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use thiserror::Error;
@@ -22,6 +23,7 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const TUNSETSNDBUF: libc::c_ulong = 0x4004_54d4;
+const TUNGETSNDBUF: libc::c_ulong = 0x8004_54d3;
 
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
@@ -149,6 +151,9 @@ pub struct TapQueue {
     /// `--io-uring`: the ring TX batches are written through; none, or dropped after it failed,
     /// means one `write`/`writev` per frame. Only the queue pair's worker takes the lock.
     ring: Mutex<Option<TapRing>>,
+    /// The send buffer is unlimited, so the tap never refuses a write for room. Tracked here:
+    /// a detached tun queue reports its old value until it is attached again.
+    sndbuf_unlimited: AtomicBool,
 }
 
 impl std::os::fd::AsFd for TapQueue {
@@ -167,15 +172,39 @@ impl TapQueue {
     /// A queue fd handed over by a previous vutap (already non-blocking, with its vnet header
     /// and offloads set).
     pub fn from_fd(fd: OwnedFd) -> Self {
-        TapQueue { fd, ring: Mutex::new(None) }
+        let q = TapQueue { fd, ring: Mutex::new(None), sndbuf_unlimited: AtomicBool::new(false) };
+        q.sndbuf_unlimited.store(q.sndbuf().is_ok_and(|b| b == libc::c_int::MAX), Ordering::Relaxed);
+        q
     }
 
     /// Writes TX batches through an io_uring of `entries` writes bound to this queue (see
     /// [`TapRing`]) instead of one `write`/`writev` per frame.
     pub fn use_io_uring(&self, entries: u32) -> Result<(), TapRingError> {
-        let ring = TapRing::new(self.as_raw_fd(), entries)?;
+        let ring = TapRing::new(self.as_raw_fd(), entries, self.may_refuse_writes())?;
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring);
         Ok(())
+    }
+
+    /// With `--io-uring`: whether the ring links the writes of a batch (see [`TapRing`]).
+    pub fn io_uring_links_writes(&self) -> Option<bool> {
+        self.ring().as_ref().map(TapRing::links_writes)
+    }
+
+    /// Whether a write can be refused for room: the send buffer is limited (or unknown).
+    fn may_refuse_writes(&self) -> bool {
+        !self.sndbuf_unlimited.load(Ordering::Relaxed)
+    }
+
+    /// The send buffer in bytes (`TUNGETSNDBUF`).
+    fn sndbuf(&self) -> io::Result<libc::c_int> {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: TUNGETSNDBUF writes one int through the pointer, which is valid for the call.
+        let ret = unsafe { libc::ioctl(self.as_raw_fd(), TUNGETSNDBUF as _, &mut bytes as *mut libc::c_int) };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(bytes)
+        }
     }
 
     /// The queue's ring, while it has one.
@@ -203,7 +232,13 @@ impl TapQueue {
     /// `net.core.wmem_default` (~208 KiB, three 64 KiB GSO frames); frames from one macvtap to
     /// another on the same lower stay charged to the writer until the receiving side reads them.
     pub fn set_sndbuf(&self, bytes: libc::c_int) -> io::Result<()> {
-        ioctl_int(self.as_raw_fd(), TUNSETSNDBUF, &bytes)
+        ioctl_int(self.as_raw_fd(), TUNSETSNDBUF, &bytes)?;
+        self.sndbuf_unlimited.store(bytes == libc::c_int::MAX, Ordering::Relaxed);
+        // A ring built before links its writes again once they can be refused (and back).
+        if let Some(ring) = self.ring().as_mut() {
+            ring.set_may_refuse(self.may_refuse_writes());
+        }
+        Ok(())
     }
 
     /// Attaches (true) or detaches (false) this queue. A queue nobody reads must be detached,

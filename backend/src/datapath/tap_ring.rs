@@ -9,9 +9,13 @@
 //! else, and a worker taken over by a hostile guest can do with the ring no more than write frames
 //! to its own tap.
 //!
-//! The writes of a batch are linked, so they run in order and the first that fails cancels the
-//! rest: frames leave in ring order as with `writev`, and the frames after a refused one are
-//! simply not tried (the TX loop puts their chains back).
+//! The writes of a batch leave in ring order. While the tap may refuse a write (a limited send
+//! buffer answers `EAGAIN` when full) they are linked, so the first that fails cancels the rest
+//! and the TX loop puts their chains back, as with `writev`. A tap with an unlimited send buffer
+//! never refuses for room, so its writes go unlinked and the kernel issues them one after the
+//! other inside `io_uring_enter`, without the task work a link costs per write (about half of
+//! io_uring's own time per frame). Should such a write be refused anyway while later ones went,
+//! the refused frame is reported dropped (`ENOBUFS`), never sent twice or behind its followers.
 
 use std::io;
 use std::ops::Range;
@@ -49,6 +53,8 @@ pub struct TapRing {
     /// full file that supports non-blocking writes by waiting for room (it ignores
     /// `O_NONBLOCK`), and the worker would sleep in `io_uring_enter` instead of serving RX.
     rw_flags: i32,
+    /// Link the writes of a batch: the tap may refuse one for room (see the module docs).
+    linked: bool,
 }
 
 impl std::fmt::Debug for TapRing {
@@ -61,8 +67,9 @@ impl std::fmt::Debug for TapRing {
 const TAP_SLOT: types::Fixed = types::Fixed(0);
 
 impl TapRing {
-    /// A ring of `entries` submissions (a TX batch's worth) bound to the tap queue `tap_fd`.
-    pub fn new(tap_fd: RawFd, entries: u32) -> Result<TapRing, TapRingError> {
+    /// A ring of `entries` submissions (a TX batch's worth) bound to the tap queue `tap_fd`;
+    /// `may_refuse`: the queue can answer `EAGAIN` (its send buffer is limited).
+    pub fn new(tap_fd: RawFd, entries: u32, may_refuse: bool) -> Result<TapRing, TapRingError> {
         let ring = IoUring::builder()
             .setup_r_disabled()
             // Every write of a batch gets a completion even if one cannot be submitted, so
@@ -80,7 +87,7 @@ impl TapRing {
         ];
         submitter.register_restrictions(&mut rules).map_err(TapRingError::Restrict)?;
         submitter.register_enable_rings().map_err(TapRingError::Enable)?;
-        let mut ring = TapRing { ring, rw_flags: libc::RWF_NOWAIT };
+        let mut ring = TapRing { ring, rw_flags: libc::RWF_NOWAIT, linked: true };
         let probe = ring.probe_nowait().map_err(TapRingError::Probe)?;
         log::debug!(
             "io_uring for tap queue fd {tap_fd}: RWF_NOWAIT {}",
@@ -90,7 +97,21 @@ impl TapRing {
             // The file cannot take IOCB_NOWAIT; io_uring then honours O_NONBLOCK itself.
             ring.rw_flags = 0;
         }
+        // Unlinked writes need RWF_NOWAIT: without it a refused write would be retried later,
+        // behind the ones after it.
+        ring.set_may_refuse(may_refuse);
         Ok(ring)
+    }
+
+    /// Whether the queue can refuse a write for room (its send buffer was limited or lifted).
+    pub fn set_may_refuse(&mut self, may_refuse: bool) {
+        self.linked = may_refuse || self.rw_flags == 0;
+        log::debug!("io_uring: the writes of a batch {}", if self.linked { "are linked" } else { "go unlinked" });
+    }
+
+    /// Whether the writes of a batch are linked.
+    pub fn links_writes(&self) -> bool {
+        self.linked
     }
 
     /// Writes nothing with `RWF_NOWAIT` and returns the error, if any: EOPNOTSUPP says the file
@@ -127,7 +148,7 @@ impl TapRing {
                     frame => opcode::Writev::new(TAP_SLOT, IoVec::as_iovecs(frame), frame.len() as u32).rw_flags(self.rw_flags).build(),
                 }
                 .user_data(i as u64);
-                if i + 1 < n {
+                if self.linked && i + 1 < n {
                     entry = entry.flags(squeue::Flags::IO_LINK);
                 }
                 // SAFETY: the iovecs and the memory they describe stay valid until every
@@ -167,11 +188,29 @@ impl TapRing {
         if let Some(k) = tried {
             results.truncate(first + k);
         }
+        if !self.linked {
+            settle_unlinked(&mut results[first..]);
+            if let Some(k) = results[first..].iter().position(|r| r.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)) {
+                // Nothing behind it went: those are untried, as with linked writes.
+                results.truncate(first + k + 1);
+            }
+        }
         if submitted < n {
             // With SUBMIT_ALL only a failing ring submits fewer; its leftovers must never run.
             return Err(RingFailed(io::Error::other(format!("{submitted} of {n} writes submitted"))));
         }
         Ok(())
+    }
+}
+
+/// Unlinked writes run even after one was refused: a refused frame with a written one behind
+/// it cannot go again without leaving out of order, so it is reported dropped.
+fn settle_unlinked(results: &mut [io::Result<usize>]) {
+    let Some(last_ok) = results.iter().rposition(|r| r.is_ok()) else { return };
+    for r in &mut results[..last_ok] {
+        if r.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock) {
+            *r = Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
     }
 }
 
@@ -220,8 +259,15 @@ mod tests {
 
     #[test]
     fn test_ring_writes_a_batch_in_order_in_one_call() {
+        for may_refuse in [true, false] {
+            writes_a_batch_in_order(may_refuse);
+        }
+    }
+
+    fn writes_a_batch_in_order(may_refuse: bool) {
         let (rd, wr) = pipe();
-        let mut ring = TapRing::new(wr.as_raw_fd(), 8).expect("io_uring");
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8, may_refuse).expect("io_uring");
+        assert_eq!(ring.linked, may_refuse, "a pipe takes RWF_NOWAIT: links only where writes may be refused");
         let mut bufs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
         let (iovs, spans) = frames(&mut bufs);
         assert_eq!(spans.iter().map(|s| s.len()).collect::<Vec<_>>(), vec![1, 2, 1, 2, 1], "WRITEs and WRITEVs mixed");
@@ -232,15 +278,28 @@ mod tests {
         assert_eq!(read_all(&rd), bufs.concat(), "byte for byte, in order");
     }
 
-    #[test]
-    fn test_ring_failed_write_cancels_the_ones_behind_it() {
-        // A pipe full after two frames: the third fails with EAGAIN and the rest are not tried.
+    /// A pipe of one page (the kernel rounds up to it).
+    fn small_pipe() -> (OwnedFd, OwnedFd, usize) {
         let (rd, wr) = pipe();
-        // SAFETY: F_SETPIPE_SZ on our own pipe; the kernel rounds up to one page.
+        // SAFETY: F_SETPIPE_SZ on our own pipe.
         let size = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
         assert!(size >= 4096, "pipe size {size}");
-        let mut ring = TapRing::new(wr.as_raw_fd(), 8).expect("io_uring");
-        let frame_len = size as usize / 2;
+        (rd, wr, size as usize)
+    }
+
+    #[test]
+    fn test_ring_failed_write_leaves_the_ones_behind_it_untried() {
+        for may_refuse in [true, false] {
+            failed_write_leaves_the_rest_untried(may_refuse);
+        }
+    }
+
+    // A pipe full after two frames: the third fails with EAGAIN and the rest are not tried
+    // (linked: cancelled; unlinked: refused too, so reported untried and sent later in order).
+    fn failed_write_leaves_the_rest_untried(may_refuse: bool) {
+        let (rd, wr, size) = small_pipe();
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8, may_refuse).expect("io_uring");
+        let frame_len = size / 2;
         let mut bufs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; frame_len]).collect();
         let (iovs, spans) = frames(&mut bufs);
         let mut results = Vec::new();
@@ -260,7 +319,7 @@ mod tests {
     #[test]
     fn test_ring_refuses_anything_but_writes_to_its_fixed_file() {
         let (rd, wr) = pipe();
-        let mut ring = TapRing::new(wr.as_raw_fd(), 4).expect("io_uring");
+        let mut ring = TapRing::new(wr.as_raw_fd(), 4, true).expect("io_uring");
         let mut buf = [0u8; 16];
         // A read of the pipe by its fd number, a read of the fixed file, and a writev and a
         // write not on the fixed file: all refused.
@@ -282,5 +341,44 @@ mod tests {
         assert!(read_all(&rd).is_empty());
         // Registering more files is refused too.
         assert!(ring.ring.submitter().register_files(&[rd.as_raw_fd()]).is_err());
+    }
+
+    #[test]
+    fn test_unlinked_refused_frame_with_a_written_one_behind_it_is_dropped_not_resent() {
+        // 3000 B fit, 2000 B do not (a pipe write up to a page is all or nothing), 500 B fit:
+        // unlinked, the third went before the second could; the second is reported dropped.
+        let (rd, wr, size) = small_pipe();
+        assert_eq!(size, 4096);
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8, false).expect("io_uring");
+        let mut bufs: Vec<Vec<u8>> = [(1u8, 3000), (2, 2000), (3, 500)].map(|(b, n)| vec![b; n]).to_vec();
+        let (iovs, spans) = frames(&mut bufs);
+        let mut results = Vec::new();
+        ring.write_batch(&iovs, &spans, &mut results).expect("ring works");
+        assert_eq!(results.len(), 3, "{results:?}");
+        assert_eq!(results[0].as_ref().ok(), Some(&3000));
+        assert_eq!(results[1].as_ref().unwrap_err().raw_os_error(), Some(libc::ENOBUFS), "{results:?}");
+        assert_eq!(results[2].as_ref().ok(), Some(&500));
+        assert_eq!(read_all(&rd), [bufs[0].clone(), bufs[2].clone()].concat());
+    }
+
+    #[test]
+    fn test_a_limited_send_buffer_links_the_writes_again() {
+        let (_rd, wr) = pipe();
+        let mut ring = TapRing::new(wr.as_raw_fd(), 4, false).expect("io_uring");
+        assert!(!ring.linked);
+        ring.set_may_refuse(true);
+        assert!(ring.linked);
+        ring.rw_flags = 0;
+        ring.set_may_refuse(false);
+        assert!(ring.linked, "without RWF_NOWAIT a refused write would be retried behind the others");
+    }
+
+    #[test]
+    fn test_settle_unlinked_drops_only_refusals_with_a_written_frame_behind() {
+        let eagain = || Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        let mut r: Vec<io::Result<usize>> = vec![Ok(1), eagain(), Err(io::Error::from_raw_os_error(libc::EINVAL)), Ok(2), eagain()];
+        settle_unlinked(&mut r);
+        let codes: Vec<Option<i32>> = r.iter().map(|r| r.as_ref().err().and_then(|e| e.raw_os_error())).collect();
+        assert_eq!(codes, vec![None, Some(libc::ENOBUFS), Some(libc::EINVAL), None, Some(libc::EAGAIN)]);
     }
 }
