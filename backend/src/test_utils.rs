@@ -315,3 +315,24 @@ impl crate::datapath::tap_io::TapControl for MockTapQueue {
         Ok(())
     }
 }
+
+/// A non-blocking pipe, (read end, write end): stands in for a tap queue where only the bytes
+/// written matter.
+pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two-element array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// What one read of `fd` returns (up to 1 MiB; empty when nothing waits).
+pub fn read_all(fd: &std::os::fd::OwnedFd) -> Vec<u8> {
+    use std::os::fd::AsRawFd;
+    let mut out = vec![0u8; 1 << 20];
+    // SAFETY: reading into a buffer we own, of the length we pass.
+    let n = unsafe { libc::read(fd.as_raw_fd(), out.as_mut_ptr().cast(), out.len()) };
+    out.truncate(n.max(0) as usize);
+    out
+}

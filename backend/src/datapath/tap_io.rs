@@ -168,24 +168,13 @@ impl TapIo for TapQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use crate::test_utils::{pipe, read_all};
+    use std::os::fd::OwnedFd;
 
     /// A pipe: the write end as a `TapQueue`, the read end to see what arrived.
     fn pipe_queue() -> (TapQueue, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 returns.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
-        // SAFETY: both fds were just created and are owned by nothing else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (r, w) = pipe();
         (TapQueue::from_fd(w), r)
-    }
-
-    fn read_all(fd: &OwnedFd) -> Vec<u8> {
-        let mut buf = vec![0u8; 65536];
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        buf.truncate(n.max(0) as usize);
-        buf
     }
 
     #[test]

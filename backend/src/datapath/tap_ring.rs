@@ -217,24 +217,9 @@ fn settle_unlinked(results: &mut [io::Result<usize>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    /// A non-blocking pipe stands in for the tap queue: the ring does not care what it writes to.
-    fn pipe() -> (OwnedFd, OwnedFd) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills the two-element array it is given.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
-        // SAFETY: both fds were just created and are owned by nobody else.
-        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-    }
-
-    fn read_all(fd: &OwnedFd) -> Vec<u8> {
-        let mut out = vec![0u8; 1 << 20];
-        // SAFETY: reading into a buffer we own, of the length we pass.
-        let n = unsafe { libc::read(fd.as_raw_fd(), out.as_mut_ptr().cast(), out.len()) };
-        out.truncate(n.max(0) as usize);
-        out
-    }
+    // A pipe stands in for the tap queue: the ring does not care what it writes to.
+    use crate::test_utils::{pipe, read_all};
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     /// The buffers as frames, the odd ones in two iovecs (WRITEV) and the even ones in one
     /// (WRITE), and the spans that cut them out.
