@@ -17,8 +17,12 @@
 //! writes `ch.json` and `ch.md` there (scripts/ch-bench.sh). `VUTAP_L1_DIR` puts the L1
 //! initramfs elsewhere than `.deps/l1` (scripts/build-l1.sh reads it too).
 //!
-//! An L1 kernel crash (TCG's nested SVM, not anything vutap does) reruns the scenario groups it
-//! cut short in a fresh L1, once; `VUTAP_CH_CRASH_L1=GROUP` forces one to exercise that path.
+//! TCG's nested SVM sometimes fails under L1 or L2, not through anything vutap does: L1's kernel
+//! crashes or L1 resets (QEMU exits before L1 printed `CH_DONE`), or an L2's vCPU stops running
+//! (its console heartbeat falls silent and L1 reports `l2_stalled`). The scenario groups such a
+//! failure cut short run again in a fresh L1, once; a second failure fails the test.
+//! `VUTAP_CH_CRASH_L1=GROUP` crashes the first L1 as GROUP starts, `VUTAP_CH_STALL_L2=SCENARIO`
+//! freezes that scenario's cloud-hypervisor, to exercise those paths.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -57,7 +61,8 @@ fn l1_dir() -> PathBuf {
     std::env::var_os("VUTAP_L1_DIR").map_or_else(|| repo_root().join(".deps/l1"), PathBuf::from)
 }
 
-fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, crash_in: &str) -> String {
+/// `faults` goes on L1's command line as is (`ch_crash_in=...`, `ch_stall_in=...`).
+fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> String {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
     let console = log_dir.join(if only.is_empty() { "l1-console.log".to_string() } else { format!("l1-console-{only}.log") });
@@ -75,10 +80,7 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, crash_in: &str) -> S
         .arg(root.join(".deps/guest/vmlinuz"))
         .arg("-initrd")
         .arg(l1_dir().join("initrd.img"))
-        .args([
-            "-append",
-            &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps} ch_only={only} ch_crash_in={crash_in}"),
-        ])
+        .args(["-append", &format!("console=ttyS0 loglevel=1 panic=-1 ch_secs={secs} ch_reps={reps} ch_only={only} {faults}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -111,12 +113,21 @@ fn group_of(scenario: &str) -> Option<&'static str> {
     }
 }
 
-/// L1's own kernel died. Nested SVM is emulated by TCG, and on some hosts that emulation
-/// occasionally corrupts L1's kernel state on a VM exit (seen once in CI: "stack guard page was
-/// hit" in cloud-hypervisor's vcpu thread, while CH's own backend served the L2 guest). That is
-/// L0's emulator, not anything running in L1, so the groups the crash cut short run again.
-fn l1_kernel_crashed(console: &str) -> bool {
-    console.lines().any(is_kernel_crash_line)
+/// Why a run of L1 did not finish every group it ran, when the cause is TCG's nested SVM:
+/// L1's kernel crashed or L1 reset (QEMU exited before `CH_DONE`: seen in CI as a silent exit
+/// 20 s into the first L2 boot, and as "stack guard page was hit" in cloud-hypervisor's vcpu
+/// thread while CH's own backend served L2), or an L2 stalled (see scripts/l1-init `watch_l2`).
+/// None of these is anything running in L1 can cause; any other unfinished group is a failure.
+fn nested_failure(console: &str, stalled: &[String]) -> Option<String> {
+    if !console.contains("CH_DONE") {
+        let oops: Vec<&str> = console.lines().filter(|l| is_kernel_crash_line(l)).take(3).collect();
+        return Some(if oops.is_empty() {
+            "L1 stopped without finishing or a kernel message (a reset)".to_string()
+        } else {
+            format!("L1's kernel crashed: {}", oops.join(" | "))
+        });
+    }
+    (!stalled.is_empty()).then(|| format!("L2 stalled (console silent) in {stalled:?}"))
 }
 
 /// A printk line (`[  253.74] ...`) that reports a crash of L1's kernel.
@@ -124,26 +135,45 @@ fn is_kernel_crash_line(line: &str) -> bool {
     line.starts_with('[') && ["Kernel panic", "BUG: ", "Oops: ", "general protection fault"].iter().any(|m| line.contains(m))
 }
 
-/// Runs every scenario group; groups cut short by an L1 kernel crash run once more in a fresh
-/// L1. Returns the `CH_*` lines of each group's finished run, and the L1 crashes seen.
-fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, usize) {
+/// The scenarios whose L2 L1 reported stalled (`CH_RESULT <scenario> l2_stalled=1 ...`).
+fn stalled_scenarios(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("CH_RESULT "))
+        .filter(|l| l.split_whitespace().any(|w| w == "l2_stalled=1"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Runs every scenario group; groups cut short by a failure of nested SVM (`nested_failure`)
+/// run once more in a fresh L1. Returns the `CH_*` lines of each group's finished run, and the
+/// failures survived.
+fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
     let mut kept = String::new();
+    let mut survived = Vec::new();
     let mut pending: Vec<&str> = GROUPS.to_vec();
     for attempt in 0..2 {
         let only = if attempt == 0 { String::new() } else { pending.join(",") };
-        // VUTAP_CH_CRASH_L1=GROUP crashes L1's kernel (sysrq) as that group starts, in the first
-        // L1 only: it shows the rerun path works.
-        let crash = if attempt == 0 { std::env::var("VUTAP_CH_CRASH_L1").unwrap_or_default() } else { String::new() };
-        let console = run_l1(log_dir, secs, reps, &only, &crash);
-        let done = |g: &str| console.lines().any(|l| l.trim_end() == format!("CH_GROUP_DONE {g}"));
+        // The forced faults apply to the first L1 only: they show the rerun path works.
+        let faults = if attempt == 0 {
+            let var = |name| std::env::var(name).unwrap_or_default();
+            format!("ch_crash_in={} ch_stall_in={}", var("VUTAP_CH_CRASH_L1"), var("VUTAP_CH_STALL_L2"))
+        } else {
+            String::new()
+        };
+        let console = run_l1(log_dir, secs, reps, &only, &faults);
+        let stalled = stalled_scenarios(&console);
+        let stalled_group = |g: &str| stalled.iter().any(|s| group_of(s) == Some(g));
+        let done = |g: &str| console.lines().any(|l| l.trim_end() == format!("CH_GROUP_DONE {g}")) && !stalled_group(g);
         let finished: Vec<&str> = pending.iter().copied().filter(|g| done(g)).collect();
         // Lines of finished groups (and of L1 itself, once) are kept; a cut-short group starts over.
+        let take_l1 = !kept.contains("CH_RESULT l1 ");
         for line in console.lines().map(|l| l.trim_end_matches('\r')) {
             let scenario =
                 line.strip_prefix("CH_RESULT ").or_else(|| line.strip_prefix("CH_LOG ")).and_then(|l| l.split_whitespace().next());
             let keep = match scenario {
-                Some(s) => group_of(s).map_or(attempt == 0, |g| finished.contains(&g)),
-                None => line.starts_with("CH_DONE") || line.starts_with("CH_GROUP_DONE"),
+                Some(s) => group_of(s).map_or(take_l1, |g| finished.contains(&g)),
+                None => line.starts_with("CH_GROUP_DONE") && finished.iter().any(|g| line.trim_end() == format!("CH_GROUP_DONE {g}")),
             };
             if keep {
                 kept.push_str(line);
@@ -151,16 +181,18 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, usize) {
             }
         }
         pending.retain(|g| !finished.contains(g));
-        if console.contains("CH_DONE") && pending.is_empty() {
-            // Every attempt before this one ended in an L1 crash.
-            return (kept, attempt);
+        if pending.is_empty() {
+            return (kept, survived);
         }
+        let failure = nested_failure(&console, &stalled);
         assert!(
-            l1_kernel_crashed(&console) && attempt == 0,
-            "L1 did not finish its scenarios (unfinished groups: {pending:?}); console:\n{console}"
+            failure.is_some() && attempt == 0,
+            "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}); console:\n{console}",
+            failure.as_deref().unwrap_or("no crash, reset or stall seen")
         );
-        let oops: Vec<&str> = console.lines().filter(|l| is_kernel_crash_line(l)).take(3).collect();
-        eprintln!("L1's kernel crashed ({}); running {pending:?} again in a fresh L1", oops.join(" | "));
+        let failure = failure.unwrap_or_default();
+        eprintln!("{failure}; running {pending:?} again in a fresh L1");
+        survived.push(failure);
     }
     unreachable!("the second attempt either returns or fails its assertion")
 }
@@ -396,10 +428,10 @@ fn test_cloud_hypervisor_nested() {
     }
     let secs: u32 = std::env::var("VUTAP_CH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let reps: u32 = std::env::var("VUTAP_CH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let (console, l1_crashes) = run_groups(&log_dir, secs, reps);
+    let (console, survived) = run_groups(&log_dir, secs, reps);
     let r = Results::parse(&console);
-    if l1_crashes > 0 {
-        eprintln!("L1 kernel crashes (TCG's nested SVM) survived by rerunning the groups they cut short: {l1_crashes}");
+    for failure in &survived {
+        eprintln!("survived by rerunning the groups it cut short (TCG's nested SVM): {failure}");
     }
     for l in console.lines().filter(|l| l.starts_with("CH_RESULT") || l.starts_with("CH_LOG")) {
         eprintln!("{l}");
@@ -467,4 +499,23 @@ fn test_cloud_hypervisor_nested() {
         let restart = format!("{upgrade}. {restart}");
         write_results(Path::new(&dir), &r, secs, reps, &restart);
     }
+}
+
+#[test]
+fn test_nested_failure_tells_nested_svm_from_a_backend_failure() {
+    let finished = "CH_RESULT vutap-1q ping sent=3 received=3\nCH_GROUP_DONE 1q\nCH_DONE uptime=200.1\n";
+    assert_eq!(nested_failure(finished, &stalled_scenarios(finished)), None, "an L1 that finished is no nested failure");
+
+    let reset = "CH_RESULT l1 kvm=ok\nCH_RESULT vutap-1q ch_start uptime=5.77\n";
+    assert!(nested_failure(reset, &[]).is_some_and(|f| f.contains("reset")));
+    let crashed = format!("{reset}[  253.74] Kernel panic - not syncing: stack guard page was hit\n");
+    assert!(nested_failure(&crashed, &[]).is_some_and(|f| f.contains("stack guard page")));
+
+    let stall = "CH_RESULT vutap-2q ch_exit=137 uptime=90.2\r\nCH_RESULT vutap-2q l2_stalled=1 silent_s=90\nCH_RESULT vutap-1q iperf tx_mbps=0\nCH_DONE uptime=300\n";
+    let stalled = stalled_scenarios(stall);
+    assert_eq!(stalled, ["vutap-2q"]);
+    assert!(nested_failure(stall, &stalled).is_some_and(|f| f.contains("vutap-2q")));
+    // iperf3 that got nothing through a NIC that kept L2's heartbeat going is vutap's failure.
+    let no_traffic = "CH_RESULT vutap-1q iperf tx_mbps=0 rx_mbps=0\nCH_GROUP_DONE 1q\nCH_DONE uptime=300\n";
+    assert_eq!(nested_failure(no_traffic, &stalled_scenarios(no_traffic)), None);
 }
