@@ -32,8 +32,8 @@ const WAIT: Duration = Duration::from_secs(5);
 /// Stop must take effect within this, whatever the guest does.
 const STOP_WITHIN: Duration = Duration::from_millis(100);
 const GET_VRING_BASE: u32 = FrontendReq::GET_VRING_BASE as u32;
-/// Chains one RX pass may pop (64 frames x 4 chains per frame).
-const RX_CHAIN_BUDGET: u64 = 256;
+/// Chains one RX pass may pop (128 frames x 4 chains per frame).
+const RX_CHAIN_BUDGET: u64 = 512;
 const IOV_MAX: usize = 1024;
 
 /// A descriptor index at the top of the table, away from the frontend's own chains.

@@ -17,11 +17,14 @@ const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 #[derive(Debug, Default)]
 pub struct UsedBatch {
     elems: Vec<(u16, u32)>,
+    /// The elements as the ring lays them out, so a batch goes to guest memory in at most two
+    /// writes (one per side of the ring's wrap) instead of one checked write per element.
+    bytes: Vec<u8>,
 }
 
 impl UsedBatch {
     pub fn with_capacity(n: usize) -> Self {
-        UsedBatch { elems: Vec::with_capacity(n) }
+        UsedBatch { elems: Vec::with_capacity(n), bytes: Vec::with_capacity(n * 8) }
     }
 
     pub fn push(&mut self, head: u16, len: u32) {
@@ -41,16 +44,22 @@ impl UsedBatch {
         let size = queue.size();
         let used_ring = queue.used_ring();
         let old = Wrapping(queue.next_used());
-        let mut idx = old;
+        // Element layout: u32 id, u32 len, after the 4-byte flags/idx header.
+        self.bytes.clear();
         for &(head, len) in &self.elems {
-            // Element layout: u32 id, u32 len, after the 4-byte flags/idx header.
-            let slot = used_ring + 4 + u64::from(idx.0 % size) * 8;
-            let mut elem = [0u8; 8];
-            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
-            mem.write_slice(&elem, GuestAddress(slot))?;
-            idx += Wrapping(1);
+            self.bytes.extend_from_slice(&u32::from(head).to_le_bytes());
+            self.bytes.extend_from_slice(&len.to_le_bytes());
         }
+        // One write per run of slots up to the ring's end. A guest that re-posts heads can make
+        // a batch longer than the ring: it wraps again, later elements overwriting earlier ones,
+        // never past the ring.
+        let (mut slot, mut rest) = (usize::from(old.0 % size), &self.bytes[..]);
+        while !rest.is_empty() {
+            let (run, next) = rest.split_at(rest.len().min((usize::from(size) - slot) * 8));
+            mem.write_slice(run, GuestAddress(used_ring + 4 + slot as u64 * 8))?;
+            (slot, rest) = (0, next);
+        }
+        let idx = old + Wrapping(self.elems.len() as u16);
         self.elems.clear();
         // The elements must be visible before the index that announces them.
         fence(Ordering::Release);
@@ -84,4 +93,66 @@ pub fn read_used_idx(queue: &Queue, mem: &GuestMem) -> Option<u16> {
     let addr = GuestAddress(queue.used_ring() + 2);
     mem.check_address(addr)?;
     mem.load::<u16>(addr, Ordering::Acquire).ok().map(u16::from_le)
+}
+
+#[cfg(test)]
+mod tests {
+    use virtio_queue::mock::MockSplitQueue;
+
+    use super::*;
+    use crate::test_utils::{guest_memory, queue, used_addr};
+
+    const SIZE: u16 = 8;
+
+    /// Every slot of the used ring (id, len), and the 2 bytes right after it (avail_event).
+    fn slots(mem: &GuestMem, base: u64) -> (Vec<(u32, u32)>, u16) {
+        let slots = (0..u64::from(SIZE))
+            .map(|i| (mem.read_obj(GuestAddress(base + 4 + i * 8)).unwrap(), mem.read_obj(GuestAddress(base + 8 + i * 8)).unwrap()))
+            .collect();
+        (slots, mem.read_obj(GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap())
+    }
+
+    #[test]
+    fn test_publish_writes_each_element_in_its_slot_across_the_wrap() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let mut q = queue(&mq, false);
+        let base = used_addr(&mq, SIZE);
+        mem.write_obj(0xbeefu16, GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap();
+        q.set_next_used(6);
+        let mut batch = UsedBatch::with_capacity(4);
+        for (head, len) in [(3, 100), (5, 200), (1, 300), (7, 400)] {
+            batch.push(head, len);
+        }
+        assert!(batch.publish(&mut q, &mem, None).unwrap(), "no NO_INTERRUPT flag: the guest wants one");
+        assert!(batch.is_empty());
+        let (slots, after) = slots(&mem, base);
+        assert_eq!((slots[6], slots[7], slots[0], slots[1]), ((3, 100), (5, 200), (1, 300), (7, 400)));
+        assert_eq!(after, 0xbeef, "nothing written past the ring");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(base + 2)).unwrap(), 10);
+        assert_eq!(q.next_used(), 10);
+        // An empty batch publishes nothing and wants no interrupt.
+        assert!(!batch.publish(&mut q, &mem, None).unwrap());
+        assert_eq!(q.next_used(), 10);
+    }
+
+    #[test]
+    fn test_publish_of_a_batch_longer_than_the_ring_stays_inside_it() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        let mut q = queue(&mq, false);
+        let base = used_addr(&mq, SIZE);
+        mem.write_obj(0xbeefu16, GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap();
+        q.set_next_used(5);
+        // A guest that re-posts heads can make a batch of 20 completions on a ring of 8.
+        let mut batch = UsedBatch::with_capacity(20);
+        (0..20u32).for_each(|i| batch.push(i as u16, 1000 + i));
+        batch.publish(&mut q, &mem, None).unwrap();
+        let (slots, after) = slots(&mem, base);
+        // Element i went to slot (5 + i) % 8; the last 8 (12..20) are the ones left.
+        let expected: Vec<(u32, u32)> = (0..8u32).map(|s| (12..20).find(|i| (5 + i) % 8 == s).unwrap()).map(|i| (i, 1000 + i)).collect();
+        assert_eq!(slots, expected);
+        assert_eq!(after, 0xbeef, "nothing written past the ring");
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(base + 2)).unwrap(), 25);
+    }
 }

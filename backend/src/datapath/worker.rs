@@ -35,9 +35,11 @@ use crate::operations::sandbox::ThreadKind;
 /// Exit status for `--exit-on-tap-loss` (EX_TEMPFAIL: a supervisor should restart vutap).
 pub const EXIT_TAP_LOST: i32 = 75;
 
-/// Frames per direction per batch: enough to amortise the used-ring update and the interrupt,
-/// small enough that RX and TX take turns often.
-pub const BATCH_BUDGET: usize = 64;
+/// Frames per direction per batch: enough to amortise the used-ring update and the interrupt
+/// (waking a sleeping guest thread costs ~10 us of this thread's CPU on a VM host: at 64 it was
+/// 200-280 ns per RX frame, at 128 120-190), small enough that RX and TX take turns often (a
+/// full RX batch of 1500 B frames is ~0.3 ms).
+pub const BATCH_BUDGET: usize = 128;
 
 const TOKEN_STOP: u64 = 1;
 const TOKEN_RX_KICK: u64 = 2;
