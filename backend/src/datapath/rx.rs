@@ -64,6 +64,14 @@ enum Fill {
     BudgetSpent,
 }
 
+/// Chains one pass may pop: `CHAINS_PER_FRAME` per frame of the budget, but at most 3/4 of the
+/// ring, so the pass ends (used update, interrupt) while the guest still has buffers posted and
+/// refills behind it. A pass that runs the ring dry first costs the guest a kick as well as the
+/// interrupt (jumbo frames over page-sized buffers: 128 frames take 384 chains).
+fn chain_budget(budget: usize, queue_size: u16) -> usize {
+    (budget * CHAINS_PER_FRAME).min(usize::from(queue_size) * 3 / 4).max(1)
+}
+
 pub struct RxLoop {
     /// Chains popped ahead, not yet filled.
     held: HeldChains,
@@ -104,7 +112,7 @@ impl RxLoop {
             log: None,
             used: UsedBatch::with_capacity(budget * 4),
             budget,
-            chain_budget: budget * CHAINS_PER_FRAME,
+            chain_budget: chain_budget(budget, queue_size),
             limits: ChainLimits { max_descriptors: queue_size as usize, max_bytes: u32::MAX, min_bytes: hdr_len as u32 },
             hdr_len,
             mergeable: features.mrg_rxbuf(),
@@ -577,6 +585,29 @@ mod tests {
     }
 
     #[test]
+    fn test_rx_pass_ends_with_a_quarter_of_the_ring_still_posted() {
+        const SMALL: u16 = 16;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SMALL);
+        post(&mq, 0, SMALL, 2000);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_script.borrow_mut().extend((0..SMALL).map(|i| TapStep::Frame(frame(100, i as u8))));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SMALL, features(false, false), 1500, &mem);
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::MoreWork), "{outcome:?}");
+        assert!(notify);
+        assert_eq!((used_entries(&mq, &mem, SMALL).len(), counts.rx_frames, counts.rx_no_buffers), (12, 12, 0));
+        // The next pass takes the rest.
+        rx.process(&mut q, &mem, &tap, &mut counts);
+        assert_eq!(counts.rx_frames, 16);
+        assert_eq!(chain_budget(128, 256), 192);
+        assert_eq!(chain_budget(128, 1024), 512);
+        assert_eq!(chain_budget(128, 1), 1);
+    }
+
+    #[test]
     fn test_rx_bad_chain_flood_is_bounded_per_pass() {
         const BIG: u16 = 1024;
         let mem = guest_memory();
@@ -645,12 +676,16 @@ mod tests {
         let tap = MockTap::default();
         let mut counts = PairCounts::default();
         let mut rx = RxLoop::new(64, SMALL, features(true, false), 1500, &mem);
-        assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
+        // A pass pops at most 3 of the 4 (3/4 of the ring); passes go on until the ring is dry.
+        let until_dry = |rx: &mut RxLoop, q: &mut Queue, counts: &mut PairCounts| {
+            let outcomes: Vec<RxOutcome> = (0..4).map(|_| rx.process(q, &mem, &tap, counts).0).collect();
+            assert!(outcomes.iter().any(|o| matches!(o, RxOutcome::NoBuffers)), "{outcomes:?}");
+            assert!(outcomes.iter().all(|o| matches!(o, RxOutcome::NoBuffers | RxOutcome::MoreWork)), "{outcomes:?}");
+        };
+        until_dry(&mut rx, &mut q, &mut counts);
         // The driver reuses all four heads without getting them back.
         repost_heads(&mq, &mem, SMALL, &[0, 1, 2, 3]);
-        for _ in 0..3 {
-            assert!(matches!(rx.process(&mut q, &mem, &tap, &mut counts).0, RxOutcome::NoBuffers));
-        }
+        until_dry(&mut rx, &mut q, &mut counts);
         assert_eq!(counts.rx_bad_chains, 4);
         let refused: Vec<(u32, u32)> = (0..4).map(|h| (h, 0)).collect();
         assert_eq!(used_entries(&mq, &mem, SMALL), refused, "the second postings come back empty");
