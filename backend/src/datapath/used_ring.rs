@@ -112,14 +112,21 @@ mod tests {
         (slots, mem.read_obj(GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap())
     }
 
-    #[test]
-    fn test_publish_writes_each_element_in_its_slot_across_the_wrap() {
-        let mem = guest_memory();
-        let mq = MockSplitQueue::new(&mem, SIZE);
+    /// A ring of SIZE whose next used slot is `next_used`, with a marker right after its
+    /// elements; returns the queue and the used ring's address.
+    fn ring(mem: &GuestMem, next_used: u16) -> (Queue, u64) {
+        let mq = MockSplitQueue::new(mem, SIZE);
         let mut q = queue(&mq, false);
         let base = used_addr(&mq, SIZE);
         mem.write_obj(0xbeefu16, GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap();
-        q.set_next_used(6);
+        q.set_next_used(next_used);
+        (q, base)
+    }
+
+    #[test]
+    fn test_publish_writes_each_element_in_its_slot_across_the_wrap() {
+        let mem = guest_memory();
+        let (mut q, base) = ring(&mem, 6);
         let mut batch = UsedBatch::with_capacity(4);
         for (head, len) in [(3, 100), (5, 200), (1, 300), (7, 400)] {
             batch.push(head, len);
@@ -139,11 +146,7 @@ mod tests {
     #[test]
     fn test_publish_of_a_batch_longer_than_the_ring_stays_inside_it() {
         let mem = guest_memory();
-        let mq = MockSplitQueue::new(&mem, SIZE);
-        let mut q = queue(&mq, false);
-        let base = used_addr(&mq, SIZE);
-        mem.write_obj(0xbeefu16, GuestAddress(base + 4 + 8 * u64::from(SIZE))).unwrap();
-        q.set_next_used(5);
+        let (mut q, base) = ring(&mem, 5);
         // A guest that re-posts heads can make a batch of 20 completions on a ring of 8.
         let mut batch = UsedBatch::with_capacity(20);
         (0..20u32).for_each(|i| batch.push(i as u16, 1000 + i));
