@@ -13,54 +13,52 @@ use crate::datapath::dirty_log::DirtyLog;
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// Used elements waiting to be published.
+/// Size of a used element: u32 id, u32 len.
+const ELEM_LEN: usize = 8;
+
+/// Used elements waiting to be published, kept as the ring lays them out so a batch goes to
+/// guest memory in one checked write per run of slots (two at the ring's wrap) instead of one
+/// per element.
 #[derive(Debug, Default)]
 pub struct UsedBatch {
-    elems: Vec<(u16, u32)>,
-    /// The elements as the ring lays them out, so a batch goes to guest memory in at most two
-    /// writes (one per side of the ring's wrap) instead of one checked write per element.
     bytes: Vec<u8>,
 }
 
 impl UsedBatch {
     pub fn with_capacity(n: usize) -> Self {
-        UsedBatch { elems: Vec::with_capacity(n), bytes: Vec::with_capacity(n * 8) }
+        UsedBatch { bytes: Vec::with_capacity(n * ELEM_LEN) }
     }
 
     pub fn push(&mut self, head: u16, len: u32) {
-        self.elems.push((head, len));
+        self.bytes.extend_from_slice(&u32::from(head).to_le_bytes());
+        self.bytes.extend_from_slice(&len.to_le_bytes());
     }
 
     pub fn is_empty(&self) -> bool {
-        self.elems.is_empty()
+        self.bytes.is_empty()
     }
 
     /// Writes the batch to the used ring and publishes the new index. Returns whether the guest
     /// wants an interrupt for it. An empty batch publishes nothing and wants none.
     pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMem, log: Option<&DirtyLog>) -> Result<bool, vm_memory::GuestMemoryError> {
-        if self.elems.is_empty() {
+        if self.bytes.is_empty() {
             return Ok(false);
         }
         let size = queue.size();
         let used_ring = queue.used_ring();
         let old = Wrapping(queue.next_used());
-        // Element layout: u32 id, u32 len, after the 4-byte flags/idx header.
-        self.bytes.clear();
-        for &(head, len) in &self.elems {
-            self.bytes.extend_from_slice(&u32::from(head).to_le_bytes());
-            self.bytes.extend_from_slice(&len.to_le_bytes());
-        }
-        // One write per run of slots up to the ring's end. A guest that re-posts heads can make
-        // a batch longer than the ring: it wraps again, later elements overwriting earlier ones,
-        // never past the ring.
+        // Elements start after the 4-byte flags/idx header. One write per run of slots up to
+        // the ring's end. A guest that re-posts heads can make a batch longer than the ring: it
+        // wraps again, later elements overwriting earlier ones, never past the ring.
         let (mut slot, mut rest) = (usize::from(old.0 % size), &self.bytes[..]);
         while !rest.is_empty() {
-            let (run, next) = rest.split_at(rest.len().min((usize::from(size) - slot) * 8));
-            mem.write_slice(run, GuestAddress(used_ring + 4 + slot as u64 * 8))?;
+            let (run, next) = rest.split_at(rest.len().min((usize::from(size) - slot) * ELEM_LEN));
+            mem.write_slice(run, GuestAddress(used_ring + 4 + (slot * ELEM_LEN) as u64))?;
             (slot, rest) = (0, next);
         }
-        let idx = old + Wrapping(self.elems.len() as u16);
-        self.elems.clear();
+        // The index counts elements modulo 2^16, as the ring does.
+        let idx = old + Wrapping((self.bytes.len() / ELEM_LEN) as u16);
+        self.bytes.clear();
         // The elements must be visible before the index that announces them.
         fence(Ordering::Release);
         mem.store(idx.0.to_le(), GuestAddress(used_ring + 2), Ordering::Release)?;
