@@ -10,20 +10,20 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::control::memory::GuestMem;
 use crate::datapath::chain_iov::{IoVec, IOV_MAX};
+use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::tap_io::TapIo;
 
 /// Where the mock rings' data buffers start (rings live below it).
 pub const DATA_BASE: u64 = 0x10_0000;
 
-pub fn guest_memory() -> GuestMem {
-    GuestMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+pub fn guest_memory() -> FlatMem {
+    FlatMem::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
 }
 
 /// Writes descriptors chained in order (NEXT set on all but the last) starting at table slot
 /// `slot`, and makes the chain available.
-pub fn add_chain(q: &MockSplitQueue<GuestMem>, slot: u16, bufs: &[(u64, u32, bool)]) {
+pub fn add_chain(q: &MockSplitQueue<FlatMem>, slot: u16, bufs: &[(u64, u32, bool)]) {
     let descs: Vec<RawDescriptor> = bufs
         .iter()
         .enumerate()
@@ -40,7 +40,7 @@ pub fn add_chain(q: &MockSplitQueue<GuestMem>, slot: u16, bufs: &[(u64, u32, boo
 
 /// Makes `heads` available again without writing descriptors, wrapping around the avail ring
 /// (a driver re-posting heads, maybe ones the device has not returned yet).
-pub fn repost_heads(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16, heads: &[u16]) {
+pub fn repost_heads(q: &MockSplitQueue<FlatMem>, mem: &FlatMem, size: u16, heads: &[u16]) {
     let avail = q.avail_addr().0;
     let mut idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
     for h in heads {
@@ -53,11 +53,11 @@ pub fn repost_heads(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16, hea
 /// Where the used ring of a mock queue of `size` goes: right after the avail ring. virtio-queue's
 /// mock puts it at `avail.end()`, computed as one byte per entry, so its used ring overlaps the
 /// second half of the avail ring and tests that fill more than half a ring read garbage.
-pub fn used_addr(q: &MockSplitQueue<GuestMem>, size: u16) -> u64 {
+pub fn used_addr(q: &MockSplitQueue<FlatMem>, size: u16) -> u64 {
     (q.avail_addr().0 + 4 + 2 * u64::from(size) + 2).next_multiple_of(4)
 }
 
-pub fn queue(q: &MockSplitQueue<GuestMem>, event_idx: bool) -> Queue {
+pub fn queue(q: &MockSplitQueue<FlatMem>, event_idx: bool) -> Queue {
     let mut queue: Queue = q.create_queue().unwrap();
     let used = used_addr(q, queue.size());
     queue.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
@@ -66,7 +66,7 @@ pub fn queue(q: &MockSplitQueue<GuestMem>, event_idx: bool) -> Queue {
 }
 
 /// The used ring's entries (id, len) up to its published index.
-pub fn used_entries(q: &MockSplitQueue<GuestMem>, mem: &GuestMem, size: u16) -> Vec<(u32, u32)> {
+pub fn used_entries(q: &MockSplitQueue<FlatMem>, mem: &FlatMem, size: u16) -> Vec<(u32, u32)> {
     let base = used_addr(q, size);
     let idx: u16 = mem.read_obj(GuestAddress(base + 2)).unwrap();
     (0..idx)

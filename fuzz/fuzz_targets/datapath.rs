@@ -20,6 +20,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vutap::control::memory::{GuestMem, SharedMemory};
 use vutap::control::memory_guard::FaultOwner;
+use vutap::datapath::flat_mem::FlatMem;
 use vutap::datapath::rx::{RxLoop, RxOutcome};
 use vutap::datapath::tx::{TxLoop, TxOutcome};
 use vutap::metrics::PairCounts;
@@ -176,7 +177,9 @@ fn run(u: &mut Unstructured) -> Result<()> {
 
     let log = if u.ratio(1, 4)? { Some(std::sync::Arc::new(memfd_log(u.int_in_range(1..=64)?).1)) } else { None };
     let mut tx_loop = TxLoop::new(u.int_in_range(1..=64)?, tx.size, features.hdr_len()).with_log(log.clone());
-    let mut rx_loop = RxLoop::new(u.int_in_range(1..=64)?, rx.size, features, mtu, &mem).with_log(log);
+    // The loops read guest memory the way a worker does.
+    let flat = FlatMem::new(mem.clone());
+    let mut rx_loop = RxLoop::new(u.int_in_range(1..=64)?, rx.size, features, mtu, &flat).with_log(log);
 
     let tap = MockTap::default();
     let mut counts = PairCounts::default();
@@ -187,11 +190,11 @@ fn run(u: &mut Unstructured) -> Result<()> {
         }
         match u.int_in_range(0u8..=8)? {
             0 if !tx.stopped => {
-                let (outcome, _) = tx_loop.process(&mut tx.queue, &mem, &tap, &mut counts);
+                let (outcome, _) = tx_loop.process(&mut tx.queue, &flat, &tap, &mut counts);
                 tx.stopped = matches!(outcome, TxOutcome::TapGone(_) | TxOutcome::RingBroken(_));
             }
             1 if !rx.stopped => {
-                let (outcome, _) = rx_loop.process(&mut rx.queue, &mem, &tap, &mut counts);
+                let (outcome, _) = rx_loop.process(&mut rx.queue, &flat, &tap, &mut counts);
                 rx.stopped = matches!(outcome, RxOutcome::TapGone(_) | RxOutcome::RingBroken(_));
             }
             2 | 3 => {
@@ -217,7 +220,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 tap.write_script.borrow_mut().push_back(step);
             }
             7 if !rx.stopped => {
-                rx_loop.return_held(&mut rx.queue, &mem);
+                rx_loop.return_held(&mut rx.queue, &flat);
             }
             8 => {
                 // The guest scribbles over any ring while the device works.

@@ -7,10 +7,10 @@ use std::ops::Deref;
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
 use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
 
-use crate::control::memory::GuestMem;
+use crate::datapath::flat_mem::FlatMem;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BadChain {
@@ -96,7 +96,7 @@ impl IoVec {
 /// keep those mappings alive (hold `mem` or a clone of it) for as long as it uses them.
 pub unsafe fn collect_iovecs<M>(
     chain: DescriptorChain<M>,
-    mem: &GuestMem,
+    mem: &FlatMem,
     direction: Direction,
     limits: ChainLimits,
     max_segments: usize,
@@ -104,7 +104,7 @@ pub unsafe fn collect_iovecs<M>(
     mut ranges: Option<&mut Vec<(u64, u32)>>,
 ) -> Result<u32, BadChain>
 where
-    M: Deref<Target = GuestMem>,
+    M: Deref<Target = FlatMem>,
 {
     let start = iovs.len();
     let ranges_start = ranges.as_ref().map_or(0, |r| r.len());
@@ -143,12 +143,12 @@ where
 /// # Safety
 ///
 /// As for [`collect_iovecs`]: the caller keeps `mem`'s mappings alive while it uses the iovecs.
-unsafe fn push_region_iovecs(mem: &GuestMem, addr: GuestAddress, len: u32, iovs: &mut Vec<IoVec>) -> Result<(), BadChain> {
+unsafe fn push_region_iovecs(mem: &FlatMem, addr: GuestAddress, len: u32, iovs: &mut Vec<IoVec>) -> Result<(), BadChain> {
     let outside = || BadChain::OutsideMemory { addr: addr.0, len };
     if len == 0 {
         return Ok(());
     }
-    for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
+    for slice in mem.get_slices(addr, len as usize, Permissions::ReadWrite).map_err(|_| outside())? {
         let slice = slice.map_err(|_| outside())?;
         // SAFETY: vm-memory checked that the slice lies inside one mapped region of `mem`; it
         // stays mapped as long as the caller keeps `mem` (this function's contract).
@@ -165,8 +165,8 @@ mod tests {
     use super::*;
 
     /// Two adjacent 4 KiB regions, each filled with its own byte pattern.
-    fn two_regions() -> GuestMem {
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).unwrap();
+    fn two_regions() -> FlatMem {
+        let mem = FlatMem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)]).unwrap();
         let pattern: Vec<u8> = (0..0x2000u32).map(|i| (i % 251) as u8).collect();
         mem.write_slice(&pattern, GuestAddress(0)).unwrap();
         mem

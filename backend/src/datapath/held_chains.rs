@@ -18,9 +18,9 @@ use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 use vutap_virtio::{ChainLimits, Direction};
 
-use crate::control::memory::GuestMem;
 use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::flat_mem::FlatMem;
 
 /// Why a chain was not held.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub struct HeldChain {
 
 pub struct HeldChains {
     /// The memory every held iovec points into: holding it keeps them valid.
-    mem: GuestMem,
+    mem: FlatMem,
     chains: VecDeque<HeldChain>,
     iovs: VecDeque<IoVec>,
     ranges: VecDeque<(u64, u32)>,
@@ -58,7 +58,7 @@ pub struct HeldChains {
 
 impl HeldChains {
     /// Holds chains of a queue of `queue_size` whose buffers are in `mem`.
-    pub fn new(queue_size: u16, mem: &GuestMem) -> Self {
+    pub fn new(queue_size: u16, mem: &FlatMem) -> Self {
         let n = usize::from(queue_size);
         HeldChains {
             mem: mem.clone(),
@@ -109,7 +109,7 @@ impl HeldChains {
     #[inline]
     pub fn hold<M>(&mut self, chain: DescriptorChain<M>, limits: ChainLimits, max_segments: usize) -> Result<(), HoldError>
     where
-        M: Deref<Target = GuestMem>,
+        M: Deref<Target = FlatMem>,
     {
         let head = chain.head_index();
         if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
@@ -239,7 +239,7 @@ mod tests {
     const LIMITS: ChainLimits = ChainLimits { max_descriptors: SIZE as usize, max_bytes: u32::MAX, min_bytes: 12 };
 
     /// Pops the next chain of `q` and tries to hold it.
-    fn hold_next(held: &mut HeldChains, q: &mut Queue, mem: &GuestMem) -> Result<(), HoldError> {
+    fn hold_next(held: &mut HeldChains, q: &mut Queue, mem: &FlatMem) -> Result<(), HoldError> {
         let chain = q.iter(mem).unwrap().next().expect("a chain is posted");
         held.hold(chain, LIMITS, 64)
     }
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!((held.len(), held.capacity()), (2, 600));
         assert_eq!(held.capacities().collect::<Vec<_>>(), vec![300, 300]);
         assert_eq!(iov_lens(&mut held), vec![100, 200, 300]);
-        assert_eq!(held.iovs()[2].as_ptr() as usize, mem.get_host_address(GuestAddress(DATA_BASE + 0x2000)).unwrap() as usize);
+        assert_eq!(held.iovs()[2].as_ptr() as usize, mem.guest_mem().get_host_address(GuestAddress(DATA_BASE + 0x2000)).unwrap() as usize);
 
         let first = held.release_front(None).unwrap();
         assert_eq!((first.head, first.capacity, first.iov_count), (0, 300, 2));

@@ -11,6 +11,7 @@
 
 pub(crate) mod chain_iov;
 pub(crate) mod dirty_log;
+pub mod flat_mem;
 pub(crate) mod held_chains;
 pub(crate) mod pair_state;
 pub(crate) mod read_window;

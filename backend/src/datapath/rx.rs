@@ -19,10 +19,10 @@ use vutap_virtio::hdr::{num_buffers_bytes, NUM_BUFFERS_OFFSET};
 use vutap_virtio::mergeable::{chains_needed, used_len};
 use vutap_virtio::{ChainLimits, Features};
 
-use crate::control::memory::GuestMem;
 use crate::control::memory_guard::FaultWatch;
 use crate::datapath::chain_iov::{BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::held_chains::{HeldChains, HoldError};
 use crate::datapath::read_window::ReadWindow;
 use crate::datapath::ring_error::RingError;
@@ -105,7 +105,7 @@ pub struct RxLoop {
 
 impl RxLoop {
     /// A loop for a queue of `queue_size` whose buffers are in `mem`.
-    pub fn new(budget: usize, queue_size: u16, features: Features, mtu: u16, mem: &GuestMem) -> Self {
+    pub fn new(budget: usize, queue_size: u16, features: Features, mtu: u16, mem: &FlatMem) -> Self {
         let hdr_len = features.hdr_len();
         RxLoop {
             held: HeldChains::new(queue_size, mem),
@@ -151,7 +151,7 @@ impl RxLoop {
 
     /// Pops chains until there is room for one frame, at most `chains_left` of them. Err on a
     /// broken ring.
-    fn fill(&mut self, queue: &mut Queue, mem: &GuestMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, RingError> {
+    fn fill(&mut self, queue: &mut Queue, mem: &FlatMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, RingError> {
         while !self.has_room() {
             if *chains_left == 0 {
                 return Ok(Fill::BudgetSpent);
@@ -268,7 +268,7 @@ impl RxLoop {
 
     /// Moves up to one budget of frames from the tap to the guest and completes them in one
     /// used-ring update. Returns why it stopped and whether the guest wants an interrupt.
-    pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &GuestMem, tap: &T, counts: &mut PairCounts) -> (RxOutcome, bool) {
+    pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &FlatMem, tap: &T, counts: &mut PairCounts) -> (RxOutcome, bool) {
         let mut outcome = RxOutcome::MoreWork;
         let mut chains_left = self.chain_budget;
         for _ in 0..self.budget {
@@ -344,7 +344,7 @@ impl RxLoop {
     /// Gives the held (popped, unused) chains back before the ring stops: the ring's next_avail
     /// moves back over them so the next start (or the next backend) offers them again. If that
     /// is unsafe (a bad chain completed out of order), they are completed empty instead.
-    pub fn return_held(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
+    pub fn return_held(&mut self, queue: &mut Queue, mem: &FlatMem) -> bool {
         let mut notify = false;
         // Held heads are distinct and below the queue size, so their count fits a u16.
         let n = self.held.len() as u16;
@@ -387,14 +387,14 @@ mod tests {
         Features::negotiate(offered_features(), f).unwrap()
     }
 
-    fn read(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
+    fn read(mem: &FlatMem, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
     }
 
     /// Posts `n` single-descriptor RX buffers of `len` bytes, 0x1000 apart... or 0x10000 for big ones.
-    fn post(mq: &MockSplitQueue<GuestMem>, first_slot: u16, n: u16, len: u32) -> Vec<u64> {
+    fn post(mq: &MockSplitQueue<FlatMem>, first_slot: u16, n: u16, len: u32) -> Vec<u64> {
         let stride = u64::from(len).next_multiple_of(0x1000);
         (0..n)
             .map(|i| {

@@ -9,10 +9,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vutap_virtio::features::{HDR_LEN, MAX_GSO_FRAME};
 use vutap_virtio::{ChainLimits, Direction};
 
-use crate::control::memory::GuestMem;
 use crate::control::memory_guard::FaultWatch;
 use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::ring_error::RingError;
 use crate::datapath::tap_io::{is_fatal_tap_error, TapIo};
 use crate::datapath::used_ring::UsedBatch;
@@ -100,7 +100,7 @@ impl TxLoop {
     /// First it pops the chains and checks them, then hands every frame to the tap in one
     /// [`TapIo::write_batch`] (one `io_uring_enter` with `--io-uring`), then completes them in
     /// ring order; a chain the tap did not take is put back with every chain after it.
-    pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &GuestMem, tap: &T, counts: &mut PairCounts) -> (TxOutcome, bool) {
+    pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &FlatMem, tap: &T, counts: &mut PairCounts) -> (TxOutcome, bool) {
         let mut outcome = self.pop_batch(queue, mem);
         self.spans.clear();
         self.spans.extend(self.popped.iter().filter_map(|p| p.frame.as_ref().ok().map(|(span, _)| span.clone())));
@@ -125,7 +125,7 @@ impl TxLoop {
     }
 
     /// Pops up to one budget of chains into `popped` (their frames' iovecs into `iovs`).
-    fn pop_batch(&mut self, queue: &mut Queue, mem: &GuestMem) -> TxOutcome {
+    fn pop_batch(&mut self, queue: &mut Queue, mem: &FlatMem) -> TxOutcome {
         self.popped.clear();
         self.iovs.clear();
         for _ in 0..self.budget {
@@ -221,7 +221,7 @@ mod tests {
 
     const SIZE: u16 = 16;
 
-    fn put(mem: &GuestMem, addr: u64, bytes: &[u8]) {
+    fn put(mem: &FlatMem, addr: u64, bytes: &[u8]) {
         mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 
@@ -380,7 +380,7 @@ mod tests {
         assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 0), (1, 0), (2, 0)]);
     }
 
-    fn mem_bytes(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
+    fn mem_bytes(mem: &FlatMem, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v

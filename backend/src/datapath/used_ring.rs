@@ -6,10 +6,10 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::control::memory::GuestMem;
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::flat_mem::FlatMem;
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
@@ -40,7 +40,7 @@ impl UsedBatch {
 
     /// Writes the batch to the used ring and publishes the new index. Returns whether the guest
     /// wants an interrupt for it. An empty batch publishes nothing and wants none.
-    pub fn publish(&mut self, queue: &mut Queue, mem: &GuestMem, log: Option<&DirtyLog>) -> Result<bool, vm_memory::GuestMemoryError> {
+    pub fn publish(&mut self, queue: &mut Queue, mem: &FlatMem, log: Option<&DirtyLog>) -> Result<bool, vm_memory::GuestMemoryError> {
         if self.bytes.is_empty() {
             return Ok(false);
         }
@@ -87,9 +87,8 @@ pub fn log_used_ring(queue: &Queue, log: &DirtyLog) {
 }
 
 /// The used index the guest last saw (for resuming a ring after a reconnect).
-pub fn read_used_idx(queue: &Queue, mem: &GuestMem) -> Option<u16> {
-    let addr = GuestAddress(queue.used_ring() + 2);
-    mem.check_address(addr)?;
+pub fn read_used_idx<M: GuestMemory>(queue: &Queue, mem: &M) -> Option<u16> {
+    let addr = GuestAddress(queue.used_ring().checked_add(2)?);
     mem.load::<u16>(addr, Ordering::Acquire).ok().map(u16::from_le)
 }
 
@@ -103,7 +102,7 @@ mod tests {
     const SIZE: u16 = 8;
 
     /// Every slot of the used ring (id, len), and the 2 bytes right after it (avail_event).
-    fn slots(mem: &GuestMem, base: u64) -> (Vec<(u32, u32)>, u16) {
+    fn slots(mem: &FlatMem, base: u64) -> (Vec<(u32, u32)>, u16) {
         let slots = (0..u64::from(SIZE))
             .map(|i| (mem.read_obj(GuestAddress(base + 4 + i * 8)).unwrap(), mem.read_obj(GuestAddress(base + 8 + i * 8)).unwrap()))
             .collect();
@@ -112,7 +111,7 @@ mod tests {
 
     /// A ring of SIZE whose next used slot is `next_used`, with a marker right after its
     /// elements; returns the queue and the used ring's address.
-    fn ring(mem: &GuestMem, next_used: u16) -> (Queue, u64) {
+    fn ring(mem: &FlatMem, next_used: u16) -> (Queue, u64) {
         let mq = MockSplitQueue::new(mem, SIZE);
         let mut q = queue(&mq, false);
         let base = used_addr(&mq, SIZE);

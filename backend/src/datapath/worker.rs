@@ -24,6 +24,7 @@ use crate::cli::Policy;
 use crate::control::memory::GuestMem;
 use crate::control::memory_guard::{FaultWatch, RangeGuard};
 use crate::datapath::dirty_log::DirtyLog;
+use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::pair_state::{PairState, RxState, TxState};
 use crate::datapath::rx::{RxLoop, RxOutcome};
 use crate::datapath::tap_io::TapControl;
@@ -135,6 +136,8 @@ struct PairLoop<T: TapControl> {
     // guest memory, which must be unmapped before `setup` lets go of its SIGBUS guards.
     tx: TxLoop,
     rx: RxLoop,
+    /// `setup.mem` as the loops read it.
+    mem: FlatMem,
     setup: WorkerSetup<T>,
     stop: EventFd,
     counts: PairCounts,
@@ -147,17 +150,18 @@ impl<T: TapControl> PairLoop<T> {
         let tx = TxLoop::new(BATCH_BUDGET, setup.tx.queue.size(), setup.features.hdr_len())
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &setup.mem)
+        let mem = FlatMem::new(setup.mem.clone());
+        let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &mem)
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        PairLoop { tx, rx, setup, stop, counts: PairCounts::default(), state: PairState::new(), tap_interest: None }
+        PairLoop { tx, rx, mem, setup, stop, counts: PairCounts::default(), state: PairState::new(), tap_interest: None }
     }
 
     fn run(mut self) -> StoppedPair {
         if let Err(e) = self.event_loop() {
             error!("queue pair {}: event loop failed: {e}", self.setup.pair);
         }
-        let mem = &self.setup.mem;
+        let mem = &self.mem;
         if self.rx.return_held(&mut self.setup.rx.queue, mem) {
             signal(&self.setup.rx.call, &mut self.counts);
         }
@@ -172,7 +176,7 @@ impl<T: TapControl> PairLoop<T> {
         epoll_add(&epoll, &self.setup.tx.kick, TOKEN_TX_KICK, EventSet::IN)?;
         self.update_tap_interest(&epoll)?;
         // RX kicks only matter when we run out of buffers; suppress them until then.
-        let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
+        let _ = self.setup.rx.queue.disable_notification(&self.mem);
         let mut events = vec![EpollEvent::default(); 8];
         // Until when an idle worker keeps polling instead of sleeping (`--busy-poll-us`).
         let mut poll_until: Option<Instant> = None;
@@ -195,7 +199,7 @@ impl<T: TapControl> PairLoop<T> {
                         let _ = self.setup.rx.kick.read();
                         self.counts.kicks += 1;
                         self.state.rx.on_kick();
-                        let _ = self.setup.rx.queue.disable_notification(&self.setup.mem);
+                        let _ = self.setup.rx.queue.disable_notification(&self.mem);
                     }
                     TOKEN_TX_KICK => {
                         let _ = self.setup.tx.kick.read();
@@ -232,7 +236,7 @@ impl<T: TapControl> PairLoop<T> {
         if !self.state.tx_wants_pass() {
             return;
         }
-        let mem = &self.setup.mem;
+        let mem = &self.mem;
         let queue = &mut self.setup.tx.queue;
         let _ = queue.disable_notification(mem);
         let (outcome, notify) = self.tx.process(queue, mem, &*self.setup.tap, &mut self.counts);
@@ -265,7 +269,7 @@ impl<T: TapControl> PairLoop<T> {
         if !self.state.rx_wants_pass() {
             return;
         }
-        let mem = &self.setup.mem;
+        let mem = &self.mem;
         let queue = &mut self.setup.rx.queue;
         let (outcome, notify) = self.rx.process(queue, mem, &*self.setup.tap, &mut self.counts);
         if notify {
