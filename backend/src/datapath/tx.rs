@@ -15,7 +15,7 @@ use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::ring_error::RingError;
 use crate::datapath::tap_io::{is_fatal_tap_error, TapIo};
-use crate::datapath::used_ring::UsedBatch;
+use crate::datapath::used_ring::{completions_until_event, UsedBatch};
 use crate::metrics::PairCounts;
 
 /// Why a TX pass stopped.
@@ -128,7 +128,7 @@ impl TxLoop {
     fn pop_batch(&mut self, queue: &mut Queue, mem: &FlatMem) -> TxOutcome {
         self.popped.clear();
         self.iovs.clear();
-        for _ in 0..self.budget {
+        for _ in 0..pass_budget(self.budget, completions_until_event(queue, mem)) {
             let before = queue.next_avail();
             let chain = match queue.iter(mem) {
                 Ok(mut avail) => avail.next(),
@@ -209,6 +209,23 @@ impl TxLoop {
             }
         }
         None
+    }
+}
+
+/// A pass stops early where the guest wants its interrupt (EVENT_IDX's used_event), when that
+/// is at least this many chains away: the interrupt then goes out mid-ring instead of at the end
+/// of a full pass. Closer than this, the pass runs its whole budget (a guest that asks for an
+/// interrupt on every completion would otherwise get one-frame passes).
+const MIN_EARLY_STOP: u16 = 16;
+
+/// The chains one TX pass may pop. A Linux guest asks for its TX interrupt once 3/4 of the
+/// frames in flight are sent, so it refills the ring while the last quarter goes out; with
+/// the interrupt only at the end of a full pass, the ring would already be empty and the
+/// worker would sleep until the guest refilled it.
+fn pass_budget(budget: usize, until_event: Option<u16>) -> usize {
+    match until_event {
+        Some(n) if n >= MIN_EARLY_STOP && usize::from(n) < budget => usize::from(n),
+        _ => budget,
     }
 }
 
@@ -458,5 +475,44 @@ mod tests {
         assert_eq!((counts.tx_frames, counts.tx_bytes), (1, IOV_MAX as u64 * 4));
         assert_eq!(*tap.written.borrow(), vec![f[..IOV_MAX * 4].to_vec()], "only the chain one writev takes is sent");
         assert_eq!(used_entries(&mq, &mem, BIG), vec![(0, 0), (1100, 0)]);
+    }
+
+    #[test]
+    fn test_tx_pass_budget_stops_at_the_guests_event_unless_it_is_too_close() {
+        assert_eq!(pass_budget(128, None), 128);
+        assert_eq!(pass_budget(128, Some(1)), 128, "an interrupt per completion: keep batching");
+        assert_eq!(pass_budget(128, Some(MIN_EARLY_STOP - 1)), 128);
+        assert_eq!(pass_budget(128, Some(MIN_EARLY_STOP)), usize::from(MIN_EARLY_STOP));
+        assert_eq!(pass_budget(128, Some(64)), 64);
+        assert_eq!(pass_budget(128, Some(200)), 128);
+    }
+
+    #[test]
+    fn test_tx_pass_ends_where_the_guest_wants_its_interrupt() {
+        const RING: u16 = 64;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, RING);
+        for i in 0..60u16 {
+            put(&mem, DATA_BASE + u64::from(i) * 0x100, &frame(60, i as u8));
+            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x100, 60, false)]);
+        }
+        let mut q = queue(&mq, true);
+        // Like Linux's virtqueue_enable_cb_delayed: interrupt once 3/4 of the 60 are sent.
+        let used_event_addr = GuestAddress(mq.avail_addr().0 + 4 + 2 * u64::from(RING));
+        mem.write_obj(44u16.to_le(), used_event_addr).unwrap();
+        let tap = MockTap::default();
+        let mut counts = PairCounts::default();
+        let mut tx = TxLoop::new(128, RING, 12);
+        let (outcome, notify) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::MoreWork));
+        assert!(notify, "the 45th completion is the one the guest asked to hear about");
+        assert_eq!((q.next_used(), used_entries(&mq, &mem, RING).len()), (45, 45));
+        let (outcome, notify) = tx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, TxOutcome::Idle));
+        assert!(!notify, "the guest's event is behind: no second interrupt");
+        assert_eq!((counts.tx_frames, counts.tx_batches), (60, 2));
+        let written = tap.written.borrow();
+        assert_eq!(written.len(), 60);
+        assert!(written.iter().enumerate().all(|(i, f)| *f == frame(60, i as u8)), "every frame, in order");
     }
 }

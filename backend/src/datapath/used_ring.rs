@@ -80,6 +80,20 @@ impl UsedBatch {
     }
 }
 
+/// After how many more completions the guest wants its interrupt (EVENT_IDX's used_event), or
+/// None: no EVENT_IDX, or an event index the used ring has already passed.
+pub fn completions_until_event(queue: &Queue, mem: &FlatMem) -> Option<u16> {
+    if !queue.event_idx_enabled() {
+        return None;
+    }
+    let size = queue.size();
+    let addr = GuestAddress(queue.avail_ring().checked_add(4 + 2 * u64::from(size))?);
+    let used_event = u16::from_le(mem.load(addr, Ordering::Acquire).ok()?);
+    // The interrupt is due once the used index passes used_event.
+    let due_in = used_event.wrapping_add(1).wrapping_sub(queue.next_used());
+    (1..=size).contains(&due_in).then_some(due_in)
+}
+
 /// Marks the whole used ring (flags, idx, elements, avail_event) in the dirty log: a couple of
 /// pages, cheaper than tracking which slots changed.
 pub fn log_used_ring(queue: &Queue, log: &DirtyLog) {
