@@ -70,8 +70,8 @@ impl FlatMem {
     /// The region holding `addr`.
     #[inline]
     fn region_of(&self, addr: u64) -> Option<&FlatRegion> {
-        // Guests have a handful of regions (QEMU: one or two below and above 4 GiB); a scan of
-        // a few inline entries beats a binary search.
+        // A memory table has at most MAX_REGIONS (8) regions, QEMU's one or two (below and
+        // above 4 GiB): a scan of a few inline entries beats a binary search.
         self.regions.iter().find(|r| r.start <= addr && addr < r.end)
     }
 }
