@@ -242,6 +242,16 @@ mod tests {
         mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     }
 
+    /// Posts `n` one-descriptor frames of `len` bytes, frame `i` (`frame(len, i)`) at
+    /// `DATA_BASE + i * stride` in table slot `i`.
+    fn post_frames(mq: &MockSplitQueue<FlatMem>, mem: &FlatMem, n: u16, len: usize, stride: u64) {
+        for i in 0..n {
+            let addr = DATA_BASE + u64::from(i) * stride;
+            put(mem, addr, &frame(len, i as u8));
+            add_chain(mq, i, &[(addr, len as u32, false)]);
+        }
+    }
+
     #[test]
     fn test_tx_frames_arrive_byte_for_byte_and_complete_in_one_batch() {
         let mem = guest_memory();
@@ -269,10 +279,7 @@ mod tests {
     fn test_tx_eagain_keeps_chain_and_resumes() {
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, SIZE);
-        for i in 0..3u16 {
-            put(&mem, DATA_BASE + u64::from(i) * 0x1000, &frame(100, i as u8));
-            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x1000, 100, false)]);
-        }
+        post_frames(&mq, &mem, 3, 100, 0x1000);
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         tap.write_script.borrow_mut().extend([TapStep::Accept, TapStep::Fail(libc::EAGAIN)]);
@@ -492,10 +499,7 @@ mod tests {
         const RING: u16 = 64;
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, RING);
-        for i in 0..60u16 {
-            put(&mem, DATA_BASE + u64::from(i) * 0x100, &frame(60, i as u8));
-            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * 0x100, 60, false)]);
-        }
+        post_frames(&mq, &mem, 60, 60, 0x100);
         let mut q = queue(&mq, true);
         // Like Linux's virtqueue_enable_cb_delayed: interrupt once 3/4 of the 60 are sent.
         let used_event_addr = GuestAddress(mq.avail_addr().0 + 4 + 2 * u64::from(RING));
