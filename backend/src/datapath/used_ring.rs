@@ -70,7 +70,8 @@ impl UsedBatch {
         fence(Ordering::SeqCst);
         let avail_ring = queue.avail_ring();
         if queue.event_idx_enabled() {
-            let used_event: u16 = u16::from_le(mem.load(GuestAddress(avail_ring + 4 + 2 * u64::from(size)), Ordering::Acquire)?);
+            let at = used_event_addr(queue).ok_or(vm_memory::GuestMemoryError::GuestAddressOverflow)?;
+            let used_event: u16 = u16::from_le(mem.load(at, Ordering::Acquire)?);
             // vring_need_event(): notify if used_event is in (old, idx].
             Ok((idx - Wrapping(used_event) - Wrapping(1)) < (idx - old))
         } else {
@@ -86,12 +87,15 @@ pub fn completions_until_event(queue: &Queue, mem: &FlatMem) -> Option<u16> {
     if !queue.event_idx_enabled() {
         return None;
     }
-    let size = queue.size();
-    let addr = GuestAddress(queue.avail_ring().checked_add(4 + 2 * u64::from(size))?);
-    let used_event = u16::from_le(mem.load(addr, Ordering::Acquire).ok()?);
+    let used_event = u16::from_le(mem.load(used_event_addr(queue)?, Ordering::Acquire).ok()?);
     // The interrupt is due once the used index passes used_event.
     let due_in = used_event.wrapping_add(1).wrapping_sub(queue.next_used());
-    (1..=size).contains(&due_in).then_some(due_in)
+    (1..=queue.size()).contains(&due_in).then_some(due_in)
+}
+
+/// Where the guest keeps used_event (EVENT_IDX): right after the avail ring's entries.
+fn used_event_addr(queue: &Queue) -> Option<GuestAddress> {
+    queue.avail_ring().checked_add(4 + 2 * u64::from(queue.size())).map(GuestAddress)
 }
 
 /// Marks the whole used ring (flags, idx, elements, avail_event) in the dirty log: a couple of
