@@ -18,9 +18,11 @@
 //! initramfs elsewhere than `.deps/l1` (scripts/build-l1.sh reads it too).
 //!
 //! TCG's nested SVM sometimes fails under L1 or L2, not through anything vutap does: L1's kernel
-//! crashes or L1 resets (QEMU exits before L1 printed `CH_DONE`), or an L2's vCPU stops running
-//! (its console heartbeat falls silent and L1 reports `l2_stalled`). The scenario groups such a
-//! failure cut short run again in a fresh L1, once; a second failure fails the test.
+//! crashes or L1 resets (QEMU exits before L1 printed `CH_DONE`), an L2's vCPU stops running
+//! (its console heartbeat falls silent and L1 reports `l2_stalled`), or an L2 triple-faults and
+//! does not finish (cloud-hypervisor: "Guest likely triple-faulted", L1 reports `l2_resets`;
+//! seen in CI while CH's own backend served L2). The scenario groups such a failure cut short
+//! run again in a fresh L1, once; a second failure fails the test.
 //! `VUTAP_CH_CRASH_L1=GROUP` crashes the first L1 as GROUP starts, `VUTAP_CH_STALL_L2=SCENARIO`
 //! freezes that scenario's cloud-hypervisor, to exercise those paths.
 
@@ -116,9 +118,10 @@ fn group_of(scenario: &str) -> Option<&'static str> {
 /// Why a run of L1 did not finish every group it ran, when the cause is TCG's nested SVM:
 /// L1's kernel crashed or L1 reset (QEMU exited before `CH_DONE`: seen in CI as a silent exit
 /// 20 s into the first L2 boot, and as "stack guard page was hit" in cloud-hypervisor's vcpu
-/// thread while CH's own backend served L2), or an L2 stalled (see scripts/l1-init `watch_l2`).
-/// None of these is anything running in L1 can cause; any other unfinished group is a failure.
-fn nested_failure(console: &str, stalled: &[String]) -> Option<String> {
+/// thread while CH's own backend served L2), or an L2 stalled (see scripts/l1-init `watch_l2`)
+/// or triple-faulted before it finished. None of these is anything running in L1 can cause; any
+/// other unfinished group is a failure.
+fn nested_failure(console: &str) -> Option<String> {
     if !console.contains("CH_DONE") {
         let oops: Vec<&str> = console.lines().filter(|l| is_kernel_crash_line(l)).take(3).collect();
         return Some(if oops.is_empty() {
@@ -127,12 +130,39 @@ fn nested_failure(console: &str, stalled: &[String]) -> Option<String> {
             format!("L1's kernel crashed: {}", oops.join(" | "))
         });
     }
-    (!stalled.is_empty()).then(|| format!("L2 stalled (console silent) in {stalled:?}"))
+    let (stalled, reset) = (stalled_scenarios(console), reset_scenarios(console));
+    match (stalled.is_empty(), reset.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(format!("L2 stalled (console silent) in {stalled:?}")),
+        (true, false) => Some(format!("L2 triple-faulted before it finished in {reset:?}")),
+        (false, false) => Some(format!("L2 stalled (console silent) in {stalled:?}, triple-faulted in {reset:?}")),
+    }
 }
 
 /// A printk line (`[  253.74] ...`) that reports a crash of L1's kernel.
 fn is_kernel_crash_line(line: &str) -> bool {
     line.starts_with('[') && ["Kernel panic", "BUG: ", "Oops: ", "general protection fault"].iter().any(|m| line.contains(m))
+}
+
+/// The scenarios whose L2 triple-faulted (`CH_RESULT <scenario> l2_resets=N`, N > 0) and never
+/// reported `done`. One that CH rebooted and that then finished is no failure.
+fn reset_scenarios(console: &str) -> Vec<String> {
+    let r = Results::parse(console);
+    let mut out: Vec<String> = Vec::new();
+    for line in &r.0 {
+        let reset = line.head.is_empty() && line.get("l2_resets").and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n > 0);
+        if reset && !r.has(&line.scenario, "done") && !out.contains(&line.scenario) {
+            out.push(line.scenario.clone());
+        }
+    }
+    out
+}
+
+/// The scenarios an L2 failure of nested SVM cut short: stalled or triple-faulted.
+fn cut_short_scenarios(console: &str) -> Vec<String> {
+    let mut out = stalled_scenarios(console);
+    out.extend(reset_scenarios(console).into_iter().filter(|s| !out.contains(s)).collect::<Vec<_>>());
+    out
 }
 
 /// The scenarios whose L2 L1 reported stalled (`CH_RESULT <scenario> l2_stalled=1 ...`).
@@ -162,9 +192,9 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
             String::new()
         };
         let console = run_l1(log_dir, secs, reps, &only, &faults);
-        let stalled = stalled_scenarios(&console);
-        let stalled_group = |g: &str| stalled.iter().any(|s| group_of(s) == Some(g));
-        let done = |g: &str| console.lines().any(|l| l.trim_end() == format!("CH_GROUP_DONE {g}")) && !stalled_group(g);
+        let cut_short = cut_short_scenarios(&console);
+        let cut_short_group = |g: &str| cut_short.iter().any(|s| group_of(s) == Some(g));
+        let done = |g: &str| console.lines().any(|l| l.trim_end() == format!("CH_GROUP_DONE {g}")) && !cut_short_group(g);
         let finished: Vec<&str> = pending.iter().copied().filter(|g| done(g)).collect();
         // Lines of finished groups (and of L1 itself, once) are kept; a cut-short group starts over.
         let take_l1 = !kept.contains("CH_RESULT l1 ");
@@ -184,7 +214,7 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
         if pending.is_empty() {
             return (kept, survived);
         }
-        let failure = nested_failure(&console, &stalled);
+        let failure = nested_failure(&console);
         assert!(
             failure.is_some() && attempt == 0,
             "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}); console:\n{console}",
@@ -504,18 +534,25 @@ fn test_cloud_hypervisor_nested() {
 #[test]
 fn test_nested_failure_tells_nested_svm_from_a_backend_failure() {
     let finished = "CH_RESULT vutap-1q ping sent=3 received=3\nCH_GROUP_DONE 1q\nCH_DONE uptime=200.1\n";
-    assert_eq!(nested_failure(finished, &stalled_scenarios(finished)), None, "an L1 that finished is no nested failure");
+    assert_eq!(nested_failure(finished), None, "an L1 that finished is no nested failure");
 
     let reset = "CH_RESULT l1 kvm=ok\nCH_RESULT vutap-1q ch_start uptime=5.77\n";
-    assert!(nested_failure(reset, &[]).is_some_and(|f| f.contains("reset")));
+    assert!(nested_failure(reset).is_some_and(|f| f.contains("reset")));
     let crashed = format!("{reset}[  253.74] Kernel panic - not syncing: stack guard page was hit\n");
-    assert!(nested_failure(&crashed, &[]).is_some_and(|f| f.contains("stack guard page")));
+    assert!(nested_failure(&crashed).is_some_and(|f| f.contains("stack guard page")));
 
     let stall = "CH_RESULT vutap-2q ch_exit=137 uptime=90.2\r\nCH_RESULT vutap-2q l2_stalled=1 silent_s=90\nCH_RESULT vutap-1q iperf tx_mbps=0\nCH_DONE uptime=300\n";
-    let stalled = stalled_scenarios(stall);
-    assert_eq!(stalled, ["vutap-2q"]);
-    assert!(nested_failure(stall, &stalled).is_some_and(|f| f.contains("vutap-2q")));
+    assert_eq!(cut_short_scenarios(stall), ["vutap-2q"]);
+    assert!(nested_failure(stall).is_some_and(|f| f.contains("stalled") && f.contains("vutap-2q")));
+    // An L2 that triple-faulted and never finished (CH could not reboot it), as seen in CI.
+    let triple = "CH_RESULT ch-vhost-user-net ch_exit=1 uptime=200.39\nCH_RESULT ch-vhost-user-net l2_resets=1\n\
+                  CH_RESULT ch-tap l2_resets=0\nCH_RESULT ch-tap done\nCH_GROUP_DONE baselines\nCH_DONE uptime=300\n";
+    assert_eq!(cut_short_scenarios(triple), ["ch-vhost-user-net"]);
+    assert!(nested_failure(triple).is_some_and(|f| f.contains("triple-faulted") && f.contains("ch-vhost-user-net")));
+    // One CH rebooted and that then finished is no failure.
+    let rebooted = "CH_RESULT vutap-1q l2_resets=1\nCH_RESULT vutap-1q done\nCH_GROUP_DONE 1q\nCH_DONE uptime=300\n";
+    assert_eq!((cut_short_scenarios(rebooted), nested_failure(rebooted)), (vec![], None));
     // iperf3 that got nothing through a NIC that kept L2's heartbeat going is vutap's failure.
     let no_traffic = "CH_RESULT vutap-1q iperf tx_mbps=0 rx_mbps=0\nCH_GROUP_DONE 1q\nCH_DONE uptime=300\n";
-    assert_eq!(nested_failure(no_traffic, &stalled_scenarios(no_traffic)), None);
+    assert_eq!(nested_failure(no_traffic), None);
 }
