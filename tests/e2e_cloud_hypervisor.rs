@@ -161,7 +161,11 @@ fn reset_scenarios(console: &str) -> Vec<String> {
 /// The scenarios an L2 failure of nested SVM cut short: stalled or triple-faulted.
 fn cut_short_scenarios(console: &str) -> Vec<String> {
     let mut out = stalled_scenarios(console);
-    out.extend(reset_scenarios(console).into_iter().filter(|s| !out.contains(s)).collect::<Vec<_>>());
+    for s in reset_scenarios(console) {
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
     out
 }
 

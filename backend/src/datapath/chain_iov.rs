@@ -150,7 +150,7 @@ unsafe fn push_region_iovecs(mem: &FlatMem, addr: GuestAddress, len: u32, iovs: 
     }
     for slice in mem.get_slices(addr, len as usize, Permissions::ReadWrite).map_err(|_| outside())? {
         let slice = slice.map_err(|_| outside())?;
-        // SAFETY: vm-memory checked that the slice lies inside one mapped region of `mem`; it
+        // SAFETY: FlatMem checked that the slice lies inside one mapped region of `mem`; it
         // stays mapped as long as the caller keeps `mem` (this function's contract).
         // Guest memory is shared with the guest, so nothing relies on aliasing rules there.
         iovs.push(unsafe { IoVec::from_raw_parts(slice.ptr_guard_mut().as_ptr(), slice.len()) });

@@ -28,7 +28,7 @@ struct FlatRegion {
     host: *mut u8,
 }
 
-/// A [`GuestMem`] and its regions' host addresses in one sorted table.
+/// A [`GuestMem`] and its regions' host addresses in one table.
 #[derive(Clone, Debug)]
 pub struct FlatMem {
     regions: Vec<FlatRegion>,
@@ -44,7 +44,7 @@ unsafe impl Sync for FlatMem {}
 
 impl FlatMem {
     pub fn new(mem: GuestMem) -> FlatMem {
-        let mut regions: Vec<FlatRegion> = mem
+        let regions: Vec<FlatRegion> = mem
             .iter()
             .filter_map(|r| {
                 let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
@@ -52,7 +52,6 @@ impl FlatMem {
                 Some(FlatRegion { start: r.start_addr().0, end, host })
             })
             .collect();
-        regions.sort_by_key(|r| r.start);
         FlatMem { regions, mem }
     }
 
