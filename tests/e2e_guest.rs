@@ -50,7 +50,7 @@ fn e2e_with(qemu: QemuVersion, backend: Backend, queues: u16, vutap_args: &[&str
     }
     if vutap_args.contains(&"--io-uring") {
         let log = std::fs::read_to_string(vutap_testbed::log_dir(&name).unwrap().join("vutap.log")).unwrap();
-        assert!(log.contains("TX through io_uring"), "{name}: the ring was not set up:\n{log}");
+        assert!(log.contains("TX and RX through io_uring"), "{name}: the ring was not set up:\n{log}");
         assert!(!log.contains("with writev from now on"), "{name}: the ring failed:\n{log}");
     }
 }

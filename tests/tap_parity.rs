@@ -275,7 +275,7 @@ fn test_tap_parity_sndbuf_bounds_bytes_in_flight() {
         let rings = io_uring_fds(v.pid());
         if io_uring {
             assert_eq!(rings, 1, "one ring for the one queue");
-            assert!(v.log_text().contains("TX through io_uring"), "{}", v.log_text());
+            assert!(v.log_text().contains("TX and RX through io_uring"), "{}", v.log_text());
             assert!(!v.log_text().contains("with writev from now on"), "the ring failed:\n{}", v.log_text());
         } else {
             assert_eq!(rings, 0, "no ring without --io-uring");

@@ -112,8 +112,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_name = "US")]
     pub busy_poll_us: u32,
 
-    /// Write each TX batch to the tap with one io_uring_enter instead of one write/writev per frame
-    /// (a ring per queue, restricted to writes to that queue). Default: writev.
+    /// Write each TX batch to the tap, and read RX frames in runs, with one io_uring_enter instead
+    /// of one write/writev/readv per frame (a ring per queue, restricted to reads and writes of
+    /// that queue). Default: writev/readv.
     #[arg(long)]
     pub io_uring: bool,
 
@@ -131,7 +132,7 @@ pub struct Policy {
     pub exit_on_tap_loss: bool,
     /// `--busy-poll-us`: how long a worker polls before it sleeps (zero: it does not).
     pub busy_poll: Duration,
-    /// `--io-uring`: TX batches go to the tap through an io_uring.
+    /// `--io-uring`: TX batches and RX reads go through an io_uring.
     pub io_uring: bool,
 }
 

@@ -79,7 +79,7 @@ pub fn open_device(config: &Config) -> Result<Device, StartError> {
     dev.policy = config.policy;
     if config.policy.io_uring {
         dev.use_io_uring()?;
-        log::info!("device {}: TX through io_uring", dev.label);
+        log::info!("device {}: TX and RX through io_uring", dev.label);
     }
     Ok(dev)
 }

@@ -148,8 +148,9 @@ pub const MAX_READ: usize = 65536 + 64;
 #[derive(Debug)]
 pub struct TapQueue {
     fd: OwnedFd,
-    /// `--io-uring`: the ring TX batches are written through; none, or dropped after it failed,
-    /// means one `write`/`writev` per frame. Only the queue pair's worker takes the lock.
+    /// `--io-uring`: the ring TX batches are written and RX frames read through; none, or
+    /// dropped after it failed, means one `write`/`writev`/`readv` per frame. Only the queue
+    /// pair's worker takes the lock.
     ring: Mutex<Option<TapRing>>,
     /// The send buffer is unlimited, so the tap never refuses a write for room. Tracked here:
     /// a detached tun queue reports its old value until it is attached again.
@@ -177,8 +178,8 @@ impl TapQueue {
         q
     }
 
-    /// Writes TX batches through an io_uring of `entries` writes bound to this queue (see
-    /// [`TapRing`]) instead of one `write`/`writev` per frame.
+    /// Writes TX batches and reads RX frames through an io_uring of `entries` entries bound to
+    /// this queue (see [`TapRing`]) instead of one `write`/`writev`/`readv` per frame.
     pub fn use_io_uring(&self, entries: u32) -> Result<(), TapRingError> {
         let ring = TapRing::new(self.as_raw_fd(), entries, self.may_refuse_writes())?;
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring);

@@ -97,6 +97,11 @@ pub struct MockTap {
     pub written: RefCell<Vec<Vec<u8>>>,
     pub write_script: RefCell<VecDeque<TapStep>>,
     pub read_script: RefCell<VecDeque<TapStep>>,
+    /// Reads one `read_batch` call may take (0 or 1: frame by frame, as `readv`); above 1 every
+    /// read of a batch is tried, as io_uring's unlinked reads are.
+    pub read_batch_capacity: std::cell::Cell<usize>,
+    /// The number of reads in each `read_batch` call.
+    pub read_batches: RefCell<Vec<usize>>,
 }
 
 fn gather(iovs: &[IoVec]) -> Vec<u8> {
@@ -147,6 +152,18 @@ impl TapIo for MockTap {
                 Ok(n)
             }
         }
+    }
+
+    fn read_batch_capacity(&self) -> usize {
+        self.read_batch_capacity.get().max(1)
+    }
+
+    fn read_batch(&self, iovs: &[IoVec], spans: &[std::ops::Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        self.read_batches.borrow_mut().push(spans.len());
+        if self.read_batch_capacity() == 1 {
+            return crate::datapath::tap_io::read_each(self, iovs, spans, results);
+        }
+        results.extend(spans.iter().map(|span| self.read_frame(&iovs[span.clone()])));
     }
 
     fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {

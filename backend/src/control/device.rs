@@ -44,8 +44,8 @@ impl Device<TapQueue> {
         Device::with_queues(name, tap.kind, tap.queues, mac, mtu)
     }
 
-    /// `--io-uring`: every queue writes its TX batches through an io_uring of its own, sized
-    /// for one batch.
+    /// `--io-uring`: every queue writes its TX batches and reads its RX frames through an
+    /// io_uring of its own, sized for one batch.
     pub fn use_io_uring(&self) -> Result<(), TapRingError> {
         for q in &self.queues {
             q.use_io_uring(BATCH_BUDGET as u32)?;

@@ -11,7 +11,7 @@
 //!   mapped for as long as any chain is held.
 
 use std::collections::VecDeque;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
@@ -158,6 +158,20 @@ impl HeldChains {
             }
         }
         (iovs, capacity)
+    }
+
+    /// The leading chains that can each take `min_bytes` alone, at most `max` of them: each one's
+    /// iovecs as a range of [`iovs`](Self::iovs), and its capacity.
+    pub fn single_chain_windows(&self, min_bytes: usize, max: usize, out: &mut Vec<(Range<usize>, usize)>) {
+        out.clear();
+        let mut start = 0;
+        for c in self.chains.iter().take(max) {
+            if c.capacity < min_bytes {
+                break;
+            }
+            out.push((start..start + c.iov_count, c.capacity));
+            start += c.iov_count;
+        }
     }
 
     /// Writes `bytes` at `offset` into the oldest chain's buffers, through vm-memory's checked
@@ -327,6 +341,28 @@ mod tests {
         assert_eq!(held.window(10_000, 64), (4, 3000), "everything held");
         assert_eq!(held.window(10_000, 3), (3, 2000), "the third chain's iovec does not fit");
         assert_eq!(held.window(10_000, 1), (0, 0), "not even the first chain fits");
+    }
+
+    #[test]
+    fn test_held_chains_single_chain_windows_stop_at_a_chain_too_small() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 500, true), (DATA_BASE + 0x1000, 1000, true)]);
+        add_chain(&mq, 2, &[(DATA_BASE + 0x2000, 1500, true)]);
+        add_chain(&mq, 3, &[(DATA_BASE + 0x3000, 1000, true)]);
+        add_chain(&mq, 4, &[(DATA_BASE + 0x4000, 2000, true)]);
+        let mut q = queue(&mq, false);
+        let mut held = HeldChains::new(SIZE, &mem);
+        for _ in 0..4 {
+            hold_next(&mut held, &mut q, &mem).unwrap();
+        }
+        let mut w = Vec::new();
+        held.single_chain_windows(1500, 8, &mut w);
+        assert_eq!(w, vec![(0..2, 1500), (2..3, 1500)], "the third chain holds only 1000 bytes");
+        held.single_chain_windows(0, 3, &mut w);
+        assert_eq!(w, vec![(0..2, 1500), (2..3, 1500), (3..4, 1000)], "at most three");
+        held.single_chain_windows(1501, 8, &mut w);
+        assert!(w.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!   batch loops (RX holds popped chains in [`held_chains`]), stopping a ring on a
 //!   [`ring_error::RingError`].
 //! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked;
-//!   [`tap_ring`]: TX batches through an io_uring instead (`--io-uring`).
+//!   [`tap_ring`]: TX and RX batches through an io_uring instead (`--io-uring`).
 //! - [`chain_iov`]: a checked chain as iovecs into guest memory; [`used_ring`]: one used-ring
 //!   update per batch; [`dirty_log`]: the migration log.
 

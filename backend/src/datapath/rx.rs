@@ -11,6 +11,7 @@
 //! reports [`RxOutcome::MoreWork`], so the worker comes back after looking at its other fds.
 
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 
 use log::{trace, warn};
@@ -54,6 +55,12 @@ const MAX_RX_SEGMENTS: usize = IOV_MAX - 1;
 /// back to its epoll after a few hundred.
 const CHAINS_PER_FRAME: usize = 4;
 
+/// Reads one batch may take at most (each holds a spill tail of its own, `tap::MAX_READ` bytes).
+const MAX_BATCH_READS: usize = 32;
+
+/// Fewer reads than this in a batch: read frame by frame.
+const MIN_BATCH_READS: usize = 2;
+
 /// Why [`RxLoop::fill`] stopped.
 enum Fill {
     /// Enough buffers are held for the largest frame.
@@ -70,6 +77,52 @@ enum Fill {
 /// interrupt (jumbo frames over page-sized buffers: 128 frames take 384 chains).
 fn chain_budget(budget: usize, queue_size: u16) -> usize {
     (budget * CHAINS_PER_FRAME).min(usize::from(queue_size) * 3 / 4).max(1)
+}
+
+/// The tap answered end of file: the device behind the fd is gone.
+fn tap_closed(counts: &mut PairCounts) -> RxOutcome {
+    counts.tap_errors += 1;
+    RxOutcome::TapGone(io::Error::new(io::ErrorKind::UnexpectedEof, "tap returned end of file"))
+}
+
+/// Sorts a failed read into an outcome that stops the pass, or a dropped frame (`None`).
+fn read_failed(e: io::Error, faults: Option<FaultWatch>, iovs: &[IoVec], counts: &mut PairCounts) -> Option<RxOutcome> {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        return Some(RxOutcome::Idle);
+    }
+    if is_fatal_tap_error(&e) {
+        counts.tap_errors += 1;
+        return Some(RxOutcome::TapGone(e));
+    }
+    // The kernel could not write the buffers; if their memory is gone (probing faults in user
+    // space and the guard replaces it), the connection is done.
+    if e.raw_os_error() == Some(libc::EFAULT) && faults.is_some_and(|f| f.probe_lost(iovs)) {
+        counts.guest_memory_faults += 1;
+        return Some(RxOutcome::MemoryLost);
+    }
+    // EFAULT: a macvtap frame larger than the buffers; the frame is lost, not the tap.
+    trace!("rx read failed: {e}");
+    counts.rx_dropped += 1;
+    None
+}
+
+/// A read's error as an owned one (a batch's results are borrowed).
+fn owned(e: &io::Error) -> io::Error {
+    e.raw_os_error().map_or_else(|| io::Error::new(e.kind(), e.to_string()), io::Error::from_raw_os_error)
+}
+
+/// Copies the first `n` bytes `iovs` describe into `out`.
+fn gather(iovs: &[IoVec], n: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for iov in iovs {
+        let take = (n - out.len()).min(iov.len());
+        if take == 0 {
+            break;
+        }
+        let start = out.len();
+        out.resize(start + take, 0);
+        iov.as_volatile_slice().subslice(0, take).map(|s| s.copy_to(&mut out[start..])).unwrap_or(0);
+    }
 }
 
 pub struct RxLoop {
@@ -89,8 +142,20 @@ pub struct RxLoop {
     /// looked whole. With it, `n > capacity` says the frame did not fit. Never resized, so an
     /// iovec over it stays valid as long as the loop.
     spill: Vec<u8>,
-    /// The held window plus the spill tail, rebuilt for every read.
+    /// The held window plus the spill tail, rebuilt for every read (every batch of reads).
     read_iovs: Vec<IoVec>,
+    /// Batched reads (a tap that reads in batches): one spill tail per read, each never resized.
+    batch_spills: Vec<Vec<u8>>,
+    /// The iovecs of each read of a batch in `read_iovs`, its chain's capacity, and its result.
+    batch_windows: Vec<(Range<usize>, usize)>,
+    batch_spans: Vec<Range<usize>>,
+    batch_results: Vec<io::Result<usize>>,
+    /// Frames of a batch that did not land in their place, copied aside before the chains are
+    /// refilled in order.
+    moved: Vec<Vec<u8>>,
+    /// Reads the next batch tries: doubles while every read gets a frame, and after a read finds
+    /// the tap empty follows the frames that were there, so an idle tap costs few empty reads.
+    batch_reads: usize,
     /// How much of the held buffers a read covers (mergeable buffers).
     window: ReadWindow,
     warned_spill: bool,
@@ -119,6 +184,12 @@ impl RxLoop {
             max_frame: features.max_rx_frame(mtu),
             spill: vec![0u8; crate::tap::MAX_READ],
             read_iovs: Vec::with_capacity(64),
+            batch_spills: Vec::new(),
+            batch_windows: Vec::with_capacity(MAX_BATCH_READS),
+            batch_spans: Vec::with_capacity(MAX_BATCH_READS),
+            batch_results: Vec::with_capacity(MAX_BATCH_READS),
+            moved: Vec::new(),
+            batch_reads: MIN_BATCH_READS,
             window: ReadWindow::default(),
             warned_spill: false,
             rewind_ok: true,
@@ -149,15 +220,23 @@ impl RxLoop {
         }
     }
 
-    /// Pops chains until there is room for one frame, at most `chains_left` of them. Err on a
-    /// broken ring.
-    fn fill(&mut self, queue: &mut Queue, mem: &FlatMem, counts: &mut PairCounts, chains_left: &mut usize) -> Result<Fill, RingError> {
-        while !self.has_room() {
+    /// Pops chains until there is room for one frame and `want_chains` chains are held, at most
+    /// `chains_left` of them; room for one frame is enough once the ring or the budget runs out.
+    /// Err on a broken ring.
+    fn fill(
+        &mut self,
+        queue: &mut Queue,
+        mem: &FlatMem,
+        counts: &mut PairCounts,
+        chains_left: &mut usize,
+        want_chains: usize,
+    ) -> Result<Fill, RingError> {
+        while !self.has_room() || self.held.len() < want_chains {
             if *chains_left == 0 {
-                return Ok(Fill::BudgetSpent);
+                return Ok(if self.has_room() { Fill::Room } else { Fill::BudgetSpent });
             }
             let chain = queue.iter(mem).map_err(RingError::PopAvail)?.next();
-            let Some(chain) = chain else { return Ok(Fill::NoBuffers) };
+            let Some(chain) = chain else { return Ok(if self.has_room() { Fill::Room } else { Fill::NoBuffers }) };
             *chains_left -= 1;
             let head = chain.head_index();
             match self.held.hold(chain, self.limits, MAX_RX_SEGMENTS) {
@@ -205,19 +284,22 @@ impl RxLoop {
         self.held.window(self.window.bytes(self.max_frame), MAX_RX_SEGMENTS)
     }
 
-    /// Completes the first chains for a frame of `n` bytes. Returns false if it cannot be
-    /// delivered (it was truncated), leaving the chains held for the next frame.
-    fn deliver(&mut self, n: usize, read_capacity: usize, counts: &mut PairCounts) -> bool {
+    /// Completes the first chains for a frame of `n` bytes whose first `read_capacity` bytes
+    /// are in them already and the rest in `overflow` (the spill tail, or the whole frame if it
+    /// was moved aside). Returns false if it cannot be delivered (it was truncated), leaving the
+    /// chains held for the next frame.
+    fn deliver(&mut self, n: usize, read_capacity: usize, overflow: &[u8], counts: &mut PairCounts) -> bool {
         self.window.observe(n);
         if n > read_capacity {
-            // It ran into the spill tail. Bigger than the window but not than the buffers held
-            // for one frame: the rest goes from the spill tail into the chains behind the window.
+            // It ran into the spill tail (or was moved aside). No bigger than the buffers held
+            // for one frame: the rest goes from `overflow` into the chains behind the window.
             let spilled = n - read_capacity;
-            if !(self.mergeable && n <= self.held.capacity() && spilled <= self.spill.len()) {
+            let room = if self.mergeable { self.held.capacity() } else { self.held.front().map_or(0, |c| c.capacity) };
+            if !(n <= room && spilled <= overflow.len()) {
                 self.frame_did_not_fit(n, read_capacity);
                 return false;
             }
-            if !self.held.write_across(read_capacity, &self.spill[..spilled]) {
+            if !self.held.write_across(read_capacity, &overflow[..spilled]) {
                 return false;
             }
             counts.rx_window_copies += 1;
@@ -269,10 +351,13 @@ impl RxLoop {
     /// Moves up to one budget of frames from the tap to the guest and completes them in one
     /// used-ring update. Returns why it stopped and whether the guest wants an interrupt.
     pub fn process<T: TapIo>(&mut self, queue: &mut Queue, mem: &FlatMem, tap: &T, counts: &mut PairCounts) -> (RxOutcome, bool) {
+        let batch_capacity = tap.read_batch_capacity().min(MAX_BATCH_READS);
         let mut outcome = RxOutcome::MoreWork;
         let mut chains_left = self.chain_budget;
-        for _ in 0..self.budget {
-            match self.fill(queue, mem, counts, &mut chains_left) {
+        let mut reads = 0;
+        while reads < self.budget {
+            let batch = if batch_capacity >= MIN_BATCH_READS { self.batch_reads.min(batch_capacity).min(self.budget - reads) } else { 0 };
+            match self.fill(queue, mem, counts, &mut chains_left, batch) {
                 Ok(Fill::Room) => {}
                 Ok(Fill::NoBuffers) => {
                     counts.rx_no_buffers += 1;
@@ -285,47 +370,17 @@ impl RxLoop {
                     break;
                 }
             }
-            let (iov_count, read_capacity) = self.read_window();
-            self.read_iovs.clear();
-            self.read_iovs.extend_from_slice(&self.held.iovs()[..iov_count]);
-            // SAFETY: `spill` belongs to this loop and is never resized, so its heap buffer is
-            // valid for reads and writes of its length as long as the loop; only the kernel
-            // (this read) and the fault probe touch it.
-            self.read_iovs.push(unsafe { IoVec::from_raw_parts(self.spill.as_mut_ptr(), self.spill.len()) });
-            match tap.read_frame(&self.read_iovs) {
-                Ok(0) => {
-                    // End of file: the device behind the fd is gone.
-                    counts.tap_errors += 1;
-                    outcome = RxOutcome::TapGone(io::Error::new(io::ErrorKind::UnexpectedEof, "tap returned end of file"));
-                    break;
-                }
-                Ok(n) => {
-                    trace!("rx frame len={n}");
-                    if !self.deliver(n, read_capacity, counts) {
-                        counts.rx_dropped += 1;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    outcome = RxOutcome::Idle;
-                    break;
-                }
-                Err(e) if is_fatal_tap_error(&e) => {
-                    counts.tap_errors += 1;
-                    outcome = RxOutcome::TapGone(e);
-                    break;
-                }
-                // The kernel could not write the buffers; if their memory is gone (probing
-                // faults in user space and the guard replaces it), the connection is done.
-                Err(e) if e.raw_os_error() == Some(libc::EFAULT) && self.faults.is_some_and(|f| f.probe_lost(&self.read_iovs)) => {
-                    counts.guest_memory_faults += 1;
-                    outcome = RxOutcome::MemoryLost;
-                    break;
-                }
-                Err(e) => {
-                    // EFAULT: a macvtap frame larger than the buffers; the frame is lost, not the tap.
-                    trace!("rx read failed: {e}");
-                    counts.rx_dropped += 1;
-                }
+            let stop = if batch >= MIN_BATCH_READS && self.plan_batch(batch) {
+                tap.read_batch(&self.read_iovs, &self.batch_spans, &mut self.batch_results);
+                reads += self.batch_results.len().max(1);
+                self.settle_batch(queue, mem, counts, &mut chains_left)
+            } else {
+                reads += 1;
+                self.read_one(tap, counts)
+            };
+            if let Some(stop) = stop {
+                outcome = stop;
+                break;
             }
         }
         if !self.used.is_empty() {
@@ -339,6 +394,146 @@ impl RxLoop {
             }
         };
         (outcome, notify)
+    }
+
+    /// Reads one frame into the read window. Returns why the pass stops, if it does.
+    fn read_one<T: TapIo>(&mut self, tap: &T, counts: &mut PairCounts) -> Option<RxOutcome> {
+        let (iov_count, read_capacity) = self.read_window();
+        self.read_iovs.clear();
+        self.read_iovs.extend_from_slice(&self.held.iovs()[..iov_count]);
+        // SAFETY: `spill` belongs to this loop and is never resized, so its heap buffer is
+        // valid for reads and writes of its length as long as the loop; only the kernel
+        // (this read) and the fault probe touch it.
+        self.read_iovs.push(unsafe { IoVec::from_raw_parts(self.spill.as_mut_ptr(), self.spill.len()) });
+        match tap.read_frame(&self.read_iovs) {
+            Ok(0) => Some(tap_closed(counts)),
+            Ok(n) => {
+                trace!("rx frame len={n}");
+                // Taken out for the call and put back: the buffer itself does not move.
+                let spill = std::mem::take(&mut self.spill);
+                if !self.deliver(n, read_capacity, &spill, counts) {
+                    counts.rx_dropped += 1;
+                }
+                self.spill = spill;
+                None
+            }
+            Err(e) => read_failed(e, self.faults, &self.read_iovs, counts),
+        }
+    }
+
+    /// Lays out a batch of up to `reads` reads, one per leading held chain that alone can take
+    /// the read window, each with a spill tail of its own. False if fewer than two chains can.
+    fn plan_batch(&mut self, reads: usize) -> bool {
+        let window = if self.mergeable { self.window.bytes(self.max_frame) } else { 0 };
+        self.held.single_chain_windows(window, reads, &mut self.batch_windows);
+        if self.batch_windows.len() < MIN_BATCH_READS {
+            return false;
+        }
+        while self.batch_spills.len() < self.batch_windows.len() {
+            self.batch_spills.push(vec![0u8; crate::tap::MAX_READ]);
+        }
+        self.read_iovs.clear();
+        self.batch_spans.clear();
+        self.batch_results.clear();
+        let held = self.held.iovs();
+        for ((chain_iovs, _), spill) in self.batch_windows.iter().zip(&mut self.batch_spills) {
+            let start = self.read_iovs.len();
+            self.read_iovs.extend_from_slice(&held[chain_iovs.clone()]);
+            // SAFETY: each spill tail belongs to this loop and is never resized (the outer Vec
+            // only grows, which moves no inner buffer), so it is valid for reads and writes of its
+            // length as long as the loop; only the kernel (this batch) and this loop touch it.
+            self.read_iovs.push(unsafe { IoVec::from_raw_parts(spill.as_mut_ptr(), spill.len()) });
+            self.batch_spans.push(start..self.read_iovs.len());
+        }
+        true
+    }
+
+    /// Delivers the frames of a batch in order. Frames that landed in their chain are completed
+    /// in place while every earlier read did too; from the first that did not (it ran into its
+    /// spill tail, or a read before it got no frame or one that was dropped) the remaining frames
+    /// are copied aside and laid out again over the front chains, as frame-by-frame reads would
+    /// have. Returns why the pass stops, if it does.
+    fn settle_batch(&mut self, queue: &mut Queue, mem: &FlatMem, counts: &mut PairCounts, chains_left: &mut usize) -> Option<RxOutcome> {
+        let results = std::mem::take(&mut self.batch_results);
+        let got = results.iter().filter(|r| matches!(r, Ok(n) if *n > 0)).count();
+        self.batch_reads = if got == results.len() { (got * 2).min(MAX_BATCH_READS) } else { (got + 1).max(MIN_BATCH_READS) };
+        let mut in_place = 0;
+        while let Some(&Ok(n)) = results.get(in_place) {
+            let capacity = self.batch_windows[in_place].1;
+            if n == 0 || n > capacity {
+                break;
+            }
+            trace!("rx frame len={n}");
+            in_place += 1;
+            // The chain this frame is in is the front one: each frame before it used exactly one.
+            if !self.deliver(n, capacity, &[], counts) {
+                counts.rx_dropped += 1;
+                break;
+            }
+        }
+        let mut stop = None;
+        if in_place < results.len() {
+            stop = self.settle_rest(&results[in_place..], in_place, queue, mem, counts, chains_left);
+        }
+        self.batch_results = results;
+        stop
+    }
+
+    /// The reads of a batch from `first` on, whose frames are not where frame-by-frame reads
+    /// would have put them.
+    fn settle_rest(
+        &mut self,
+        results: &[io::Result<usize>],
+        first: usize,
+        queue: &mut Queue,
+        mem: &FlatMem,
+        counts: &mut PairCounts,
+        chains_left: &mut usize,
+    ) -> Option<RxOutcome> {
+        // Every frame is copied out before any chain is written: a frame laid out again may
+        // take the chains later frames arrived in.
+        let mut moved = std::mem::take(&mut self.moved);
+        if moved.len() < results.len() {
+            moved.resize_with(results.len(), Vec::new);
+        }
+        for (i, result) in results.iter().enumerate() {
+            if let Ok(n) = *result {
+                let span = &self.batch_spans[first + i];
+                gather(&self.read_iovs[span.clone()], n, &mut moved[i]);
+            }
+        }
+        let mut stop = None;
+        let mut idle = false;
+        for (i, result) in results.iter().enumerate() {
+            match result {
+                Ok(0) => {
+                    stop = Some(tap_closed(counts));
+                    break;
+                }
+                Ok(_) => {
+                    let frame = &moved[i];
+                    trace!("rx frame len={} (laid out again)", frame.len());
+                    // Room for one frame, as before each frame-by-frame read.
+                    let _ = self.fill(queue, mem, counts, chains_left, 0);
+                    if !self.deliver(frame.len(), 0, frame, counts) {
+                        counts.rx_dropped += 1;
+                    }
+                }
+                Err(e) => {
+                    let span = &self.batch_spans[first + i];
+                    match read_failed(owned(e), self.faults, &self.read_iovs[span.clone()], counts) {
+                        Some(RxOutcome::Idle) => idle = true,
+                        Some(other) => {
+                            stop = Some(other);
+                            break;
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        self.moved = moved;
+        stop.or(idle.then_some(RxOutcome::Idle))
     }
 
     /// Gives the held (popped, unused) chains back before the ring stops: the ring's next_avail
@@ -774,5 +969,132 @@ mod tests {
         }
         assert_eq!(&got[12..], &big[12..], "the big frame byte for byte");
         assert_eq!(counts.rx_window_copies, 1, "only the big frame needed the spill copy");
+    }
+
+    /// What a run of RX passes left: the used entries, the bytes of each used buffer, and the
+    /// frame counters.
+    type RxRun = (Vec<(u32, u32)>, Vec<Vec<u8>>, (u64, u64, u64, u64), u64);
+
+    /// Posts `chains` single-buffer chains of `buf_len` bytes, plays `script` through a tap that
+    /// reads `batch` frames per call, and runs passes until the script is played out, reposting
+    /// each used buffer after reading it back, as a driver does.
+    fn run_script(batch: usize, mergeable: bool, buf_len: u32, chains: u16, script: &[TapStep]) -> (RxRun, Vec<usize>) {
+        const RING: u16 = 256;
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, RING);
+        let stride = u64::from(buf_len).next_multiple_of(0x1000);
+        for i in 0..chains {
+            add_chain(&mq, i, &[(DATA_BASE + u64::from(i) * stride, buf_len, true)]);
+        }
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_batch_capacity.set(batch);
+        tap.read_script.borrow_mut().extend(script.iter().map(|step| match step {
+            TapStep::Frame(f) => TapStep::Frame(f.clone()),
+            TapStep::Accept => TapStep::Accept,
+            TapStep::Fail(e) => TapStep::Fail(*e),
+        }));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, RING, features(mergeable, true), 1500, &mem);
+        let (mut used, mut bytes) = (Vec::new(), Vec::new());
+        let used_base = used_addr(&mq, RING);
+        for _ in 0..4 * script.len() {
+            if tap.read_script.borrow().is_empty() {
+                break;
+            }
+            rx.process(&mut q, &mem, &tap, &mut counts);
+            let idx: u16 = mem.read_obj(GuestAddress(used_base + 2)).unwrap();
+            let mut heads = Vec::new();
+            for i in used.len()..usize::from(idx) {
+                let slot = used_base + 4 + (i % usize::from(RING)) as u64 * 8;
+                let (head, len): (u32, u32) = (mem.read_obj(GuestAddress(slot)).unwrap(), mem.read_obj(GuestAddress(slot + 4)).unwrap());
+                used.push((head, len));
+                bytes.push(read(&mem, DATA_BASE + u64::from(head) * stride, len as usize));
+                heads.push(head as u16);
+            }
+            repost_heads(&mq, &mem, RING, &heads);
+        }
+        assert!(tap.read_script.borrow().is_empty(), "the script was played out");
+        let batches = tap.read_batches.borrow().clone();
+        ((used, bytes, (counts.rx_frames, counts.rx_bytes, counts.rx_dropped, counts.tap_errors), counts.rx_window_copies), batches)
+    }
+
+    /// Frames of every size class past a warm-up of the read window, a hole (a read that found
+    /// the tap empty before one that got a frame), a frame bigger than the read window in the
+    /// middle of a batch, a failed read.
+    fn mixed_script(big: usize) -> Vec<TapStep> {
+        let mut script = Vec::new();
+        for i in 0..400u16 {
+            let len = [60, 1526, 200, 90][usize::from(i) % 4];
+            script.push(TapStep::Frame(frame(len, i as u8)));
+            match i {
+                300 => script.push(TapStep::Fail(libc::EAGAIN)),
+                330 => script.push(TapStep::Frame(frame(big, 0xee))),
+                350 => script.push(TapStep::Fail(libc::EIO)),
+                _ => {}
+            }
+        }
+        script
+    }
+
+    #[test]
+    fn test_rx_batched_reads_deliver_exactly_what_frame_by_frame_reads_do() {
+        // Mergeable 1536-byte buffers of a GSO guest (a 40 000-byte frame spans 27 of them) and
+        // non-mergeable 64 KiB buffers.
+        for (mergeable, buf_len, chains, big) in [(true, 1536, 256, 40_000), (false, 65_562, 200, 60_000)] {
+            let script = mixed_script(big);
+            let (one_by_one, batches) = run_script(1, mergeable, buf_len, chains, &script);
+            assert!(batches.iter().all(|&n| n == 1), "the reference reads frame by frame");
+            assert_eq!(one_by_one.2, (401, one_by_one.2 .1, 1, 0), "401 frames, the failed read dropped one: {:?}", one_by_one.2);
+            let mut moved_any = false;
+            for batch in [2, 8, 32] {
+                let (batched, batches) = run_script(batch, mergeable, buf_len, chains, &script);
+                assert!(batches.contains(&batch), "reads went in batches of up to {batch}: {batches:?}");
+                assert_eq!(batched.0, one_by_one.0, "the same chains with the same lengths (mergeable {mergeable}, batch {batch})");
+                assert!(batched.1 == one_by_one.1, "the same bytes in every buffer (mergeable {mergeable}, batch {batch})");
+                assert_eq!(batched.2, one_by_one.2, "the same counters");
+                moved_any |= batched.3 > one_by_one.3;
+            }
+            // Frames behind the hole, the big frame or the failed read were laid out again by a
+            // copy, not where their reads put them (which ones depends on where batches end).
+            assert!(moved_any, "some frames were moved (mergeable {mergeable})");
+        }
+    }
+
+    #[test]
+    fn test_rx_batch_stops_at_an_empty_tap_and_next_batch_follows_the_frames_seen() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, SIZE, 2048);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_batch_capacity.set(32);
+        tap.read_script.borrow_mut().extend((0..5).map(|i| TapStep::Frame(frame(100, i))));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem);
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::Idle), "{outcome:?}");
+        assert!(notify);
+        // Batches of 2 and 4 read frames 1-2 and 3-5 and found the tap empty once.
+        assert_eq!(*tap.read_batches.borrow(), vec![2, 4]);
+        assert_eq!(counts.rx_frames, 5);
+        assert_eq!(used_entries(&mq, &mem, SIZE), (0..5).map(|h| (h, 100)).collect::<Vec<_>>());
+        assert_eq!(rx.batch_reads, 4, "the next batch tries one read more than found frames");
+    }
+
+    #[test]
+    fn test_rx_batch_read_into_lost_memory_ends_the_pass() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 8, 2048);
+        let mut q = queue(&mq, false);
+        let tap = MockTap::default();
+        tap.read_batch_capacity.set(8);
+        tap.read_script.borrow_mut().extend([TapStep::Frame(frame(100, 1)), TapStep::Fail(libc::ENODEV), TapStep::Frame(frame(100, 2))]);
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem);
+        let (outcome, _) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::TapGone(ref e) if e.raw_os_error() == Some(libc::ENODEV)), "{outcome:?}");
+        assert_eq!((counts.rx_frames, counts.tap_errors), (1, 1), "the frame before the gone tap was delivered");
     }
 }

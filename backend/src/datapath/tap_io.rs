@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use log::warn;
 
 use crate::datapath::chain_iov::IoVec;
+use crate::datapath::tap_ring::TapRing;
 use crate::tap::{TapError, TapQueue};
 
 pub trait TapIo {
@@ -24,6 +25,20 @@ pub trait TapIo {
         write_each(self, iovs, spans, results, ends_batch);
     }
 
+    /// How many reads one [`read_batch`](Self::read_batch) call may take; 1: the tap reads one
+    /// frame per call, and the RX loop reads frame by frame.
+    fn read_batch_capacity(&self) -> usize {
+        1
+    }
+
+    /// Reads one frame into each of the iovec runs `spans` cut out of `iovs`, in order, and
+    /// appends one result per read it tried. Reads after one that found the tap empty
+    /// (`EAGAIN`) may still be tried and get a frame that arrived meanwhile; frames without a
+    /// result were not tried.
+    fn read_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        read_each(self, iovs, spans, results);
+    }
+
     /// Writes one frame (virtio_net_hdr + Ethernet frame) held in our own memory, such as an
     /// announcement the device builds itself. Rare, so it copies the frame rather than hand out
     /// an iovec over borrowed, read-only memory.
@@ -33,6 +48,18 @@ pub trait TapIo {
         // while the iovec is in use, and the iovec is dropped with this call.
         let iov = unsafe { IoVec::from_raw_parts(owned.as_mut_ptr(), owned.len()) };
         self.write_frame(&[iov])
+    }
+}
+
+/// [`TapIo::read_batch`] as one `read_frame` per frame, stopping at the first that got no frame.
+pub(crate) fn read_each<T: TapIo + ?Sized>(tap: &T, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+    for span in spans {
+        let result = tap.read_frame(&iovs[span.clone()]);
+        let stop = !matches!(result, Ok(n) if n > 0);
+        results.push(result);
+        if stop {
+            break;
+        }
     }
 }
 
@@ -129,6 +156,23 @@ impl TapIo for TapQueue {
         }
         drop(ring);
         write_each(self, iovs, &spans[done..], results, ends_batch);
+    }
+
+    fn read_batch_capacity(&self) -> usize {
+        self.ring().as_ref().map_or(1, TapRing::capacity)
+    }
+
+    fn read_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
+        let mut ring = self.ring();
+        let Some(r) = ring.as_mut() else {
+            drop(ring);
+            return read_each(self, iovs, spans, results);
+        };
+        if let Err(e) = r.read_batch(iovs, spans, results) {
+            // The reads that went are in `results`; the next batch reads with readv.
+            warn!("tap queue fd {}: {e}; reading frames with readv from now on", self.as_raw_fd());
+            *ring = None;
+        }
     }
 
     fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {

@@ -1,13 +1,13 @@
 //! `--io-uring`: the frames of one TX batch go to the tap in one `io_uring_enter` instead of one
-//! `writev` each.
+//! `writev` each, and RX reads a run of frames in one `io_uring_enter` instead of one `readv` each.
 //!
 //! The ring is built where the tap queue is opened, before any thread is filtered: created
-//! disabled, the tap queue registered as its only fixed file, then restricted to linked
-//! `WRITE`s and `WRITEV`s on fixed files (no other opcode, no file descriptor of the process, no
-//! further registration) and only then enabled. A frame in one buffer goes as a `WRITE`, which
-//! spares the kernel importing an iovec array per frame. A worker therefore needs `io_uring_enter` and nothing
-//! else, and a worker taken over by a hostile guest can do with the ring no more than write frames
-//! to its own tap.
+//! disabled, the tap queue registered as its only fixed file, then restricted to `WRITE`s,
+//! `WRITEV`s and `READV`s on fixed files (no other opcode, no file descriptor of the process, no
+//! further registration, no flag but `IO_LINK`) and only then enabled. A frame in one buffer goes
+//! as a `WRITE`, which spares the kernel importing an iovec array per frame. A worker therefore
+//! needs `io_uring_enter` and nothing else, and a worker taken over by a hostile guest can do with
+//! the ring no more than move frames between its own tap and its own memory.
 //!
 //! The writes of a batch leave in ring order. While the tap may refuse a write (a limited send
 //! buffer answers `EAGAIN` when full) they are linked, so the first that fails cancels the rest
@@ -16,6 +16,11 @@
 //! other inside `io_uring_enter`, without the task work a link costs per write (about half of
 //! io_uring's own time per frame). Should such a write be refused anyway while later ones went,
 //! the refused frame is reported dropped (`ENOBUFS`), never sent twice or behind its followers.
+//!
+//! Reads go unlinked with `RWF_NOWAIT`: each takes the next frame waiting on the tap or answers
+//! `EAGAIN` at once, and the kernel issues them in ring order, so the frames of the reads that
+//! succeeded are in arrival order (a read after an `EAGAIN` may still get a frame that arrived
+//! meanwhile; the RX loop keeps the order).
 
 use std::io;
 use std::ops::Range;
@@ -33,7 +38,7 @@ pub enum TapRingError {
     Setup(#[source] io::Error),
     #[error("io_uring: cannot register the tap queue as a fixed file: {0}")]
     RegisterFile(#[source] io::Error),
-    #[error("io_uring: cannot restrict the ring to WRITE and WRITEV: {0}")]
+    #[error("io_uring: cannot restrict the ring to WRITE, WRITEV and READV: {0}")]
     Restrict(#[source] io::Error),
     #[error("io_uring: cannot enable the ring: {0}")]
     Enable(#[source] io::Error),
@@ -46,12 +51,13 @@ pub enum TapRingError {
 #[error("io_uring_enter: {0}")]
 pub struct RingFailed(#[source] pub io::Error);
 
-/// An io_uring that can only write frames to one tap queue.
+/// An io_uring that can only write frames to and read frames from one tap queue.
 pub struct TapRing {
     ring: IoUring,
-    /// `RWF_NOWAIT` on every write, if the file supports it. Without it io_uring answers a
-    /// full file that supports non-blocking writes by waiting for room (it ignores
-    /// `O_NONBLOCK`), and the worker would sleep in `io_uring_enter` instead of serving RX.
+    /// `RWF_NOWAIT` on every write and read, if the file supports it. Without it io_uring
+    /// answers a full (empty) file that supports non-blocking I/O by waiting for room (a frame):
+    /// it ignores `O_NONBLOCK`, and the worker would sleep in `io_uring_enter` instead of serving
+    /// the other direction.
     rw_flags: i32,
     /// Link the writes of a batch: the tap may refuse one for room (see the module docs).
     linked: bool,
@@ -82,6 +88,7 @@ impl TapRing {
         let mut rules = [
             Restriction::sqe_op(opcode::Write::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_flags_allowed(squeue::Flags::IO_LINK.bits()),
             Restriction::sqe_flags_required(squeue::Flags::FIXED_FILE.bits()),
         ];
@@ -157,32 +164,8 @@ impl TapRing {
                 unsafe { sq.push(&entry) }.map_err(|_| RingFailed(io::Error::from_raw_os_error(libc::EBUSY)))?;
             }
         }
-        let submitted = loop {
-            match self.ring.submit() {
-                Ok(s) => break s,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(RingFailed(e)),
-            }
-        };
         results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
-        let mut reaped = 0;
-        while reaped < submitted {
-            for cqe in self.ring.completion() {
-                let i = cqe.user_data() as usize;
-                if i < n {
-                    let res = cqe.result();
-                    results[first + i] = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
-                }
-                reaped += 1;
-            }
-            if reaped < submitted {
-                match self.ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(e) => return Err(RingFailed(e)),
-                }
-            }
-        }
+        let submitted = self.submit_and_reap(&mut results[first..])?;
         // Writes after a failed one were cancelled, not tried.
         let tried = results[first..].iter().position(|r| r.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ECANCELED)));
         if let Some(k) = tried {
@@ -200,6 +183,70 @@ impl TapRing {
             return Err(RingFailed(io::Error::other(format!("{submitted} of {n} writes submitted"))));
         }
         Ok(())
+    }
+
+    /// Reads one frame into each of the iovec runs `spans` cut out of `iovs` (at most
+    /// [`capacity`](Self::capacity)), in ring order, and appends one result per read: every read
+    /// is tried, and one that found the tap empty answers `EAGAIN`. Returns only when every read
+    /// has completed, so the iovecs are not used after it returns.
+    pub fn read_batch(&mut self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) -> Result<(), RingFailed> {
+        let n = spans.len().min(self.capacity());
+        if n == 0 {
+            return Ok(());
+        }
+        {
+            let mut sq = self.ring.submission();
+            for (i, span) in spans[..n].iter().enumerate() {
+                let frame = &iovs[span.clone()];
+                let entry = opcode::Readv::new(TAP_SLOT, IoVec::as_iovecs(frame), frame.len() as u32)
+                    .rw_flags(self.rw_flags)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: the iovecs and the memory they describe stay valid and writable until
+                // every completion is reaped below (IoVec's contract; the caller holds the memory
+                // for this call); the queue has room (n <= its size, and it is empty between calls).
+                unsafe { sq.push(&entry) }.map_err(|_| RingFailed(io::Error::from_raw_os_error(libc::EBUSY)))?;
+            }
+        }
+        let first = results.len();
+        results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
+        let submitted = self.submit_and_reap(&mut results[first..])?;
+        if submitted < n {
+            // The reads that were not submitted were not tried.
+            results.truncate(first + submitted);
+            return Err(RingFailed(io::Error::other(format!("{submitted} of {n} reads submitted"))));
+        }
+        Ok(())
+    }
+
+    /// Submits the queued entries (their `user_data` is their index in `results`) and waits for
+    /// every one submitted to complete, storing each result. Returns how many were submitted.
+    fn submit_and_reap(&mut self, results: &mut [io::Result<usize>]) -> Result<usize, RingFailed> {
+        let submitted = loop {
+            match self.ring.submit() {
+                Ok(s) => break s,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(RingFailed(e)),
+            }
+        };
+        let mut reaped = 0;
+        while reaped < submitted {
+            for cqe in self.ring.completion() {
+                if let Some(slot) = results.get_mut(cqe.user_data() as usize) {
+                    let res = cqe.result();
+                    *slot = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) };
+                }
+                reaped += 1;
+            }
+            if reaped < submitted {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => return Err(RingFailed(e)),
+                }
+            }
+        }
+        Ok(submitted)
     }
 }
 
@@ -219,7 +266,7 @@ mod tests {
     use super::*;
     // A pipe stands in for the tap queue: the ring does not care what it writes to.
     use crate::test_utils::{pipe, read_all};
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     /// The buffers as frames, the odd ones in two iovecs (WRITEV) and the even ones in one
     /// (WRITE), and the spans that cut them out.
@@ -301,28 +348,63 @@ mod tests {
         assert_eq!(read_all(&rd), bufs[2..4].concat());
     }
 
+    /// A datagram socket pair stands in for a tap queue that reads one frame per read.
+    fn datagram_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two fds into `fds`, which we then own.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both fds are fresh and ours.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
     #[test]
-    fn test_ring_refuses_anything_but_writes_to_its_fixed_file() {
+    fn test_ring_reads_one_frame_per_read_in_order_and_eagain_when_empty() {
+        let (mine, peer) = datagram_pair();
+        let mut ring = TapRing::new(mine.as_raw_fd(), 8, false).expect("io_uring");
+        let sent: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 100 + 50 * usize::from(i)]).collect();
+        for f in &sent {
+            // SAFETY: sends `f`, which outlives the call.
+            assert_eq!(unsafe { libc::send(peer.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) }, f.len() as isize);
+        }
+        // Five reads, each into a 64-byte buffer and a 1000-byte tail (two iovecs).
+        let mut bufs: Vec<Vec<u8>> = (0..5).flat_map(|_| [vec![0u8; 64], vec![0u8; 1000]]).collect();
+        // SAFETY: the buffers outlive the iovecs and only the kernel writes them meanwhile.
+        let iovs: Vec<IoVec> = bufs.iter_mut().map(|b| unsafe { IoVec::from_raw_parts(b.as_mut_ptr(), b.len()) }).collect();
+        let spans: Vec<Range<usize>> = (0..5).map(|i| 2 * i..2 * i + 2).collect();
+        let mut results = Vec::new();
+        ring.read_batch(&iovs, &spans, &mut results).expect("ring works");
+        let got: Vec<Result<usize, Option<i32>>> = results.iter().map(|r| r.as_ref().map(|n| *n).map_err(|e| e.raw_os_error())).collect();
+        assert_eq!(got, vec![Ok(100), Ok(150), Ok(200), Err(Some(libc::EAGAIN)), Err(Some(libc::EAGAIN))], "every read tried, none waited");
+        for (i, f) in sent.iter().enumerate() {
+            let read: Vec<u8> = [&bufs[2 * i][..], &bufs[2 * i + 1][..]].concat();
+            assert_eq!(&read[..f.len()], &f[..], "frame {i} byte for byte, in order");
+        }
+    }
+
+    #[test]
+    fn test_ring_refuses_anything_but_reads_and_writes_of_its_fixed_file() {
         let (rd, wr) = pipe();
-        let mut ring = TapRing::new(wr.as_raw_fd(), 4, true).expect("io_uring");
+        let mut ring = TapRing::new(wr.as_raw_fd(), 8, true).expect("io_uring");
         let mut buf = [0u8; 16];
-        // A read of the pipe by its fd number, a read of the fixed file, and a writev and a
-        // write not on the fixed file: all refused.
+        // A read of the pipe by its fd number, a READ (not READV) of the fixed file, a readv of
+        // the pipe by its fd number, and a writev and a write not on the fixed file: all refused.
         let read = opcode::Read::new(types::Fd(rd.as_raw_fd()), buf.as_mut_ptr(), 16).build().user_data(1);
         let read_fixed = opcode::Read::new(TAP_SLOT, buf.as_mut_ptr(), 16).build().user_data(2);
         let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: 16 };
-        let writev = opcode::Writev::new(types::Fd(wr.as_raw_fd()), &iov, 1).build().user_data(3);
-        let write = opcode::Write::new(types::Fd(wr.as_raw_fd()), buf.as_ptr(), 16).build().user_data(4);
+        let readv = opcode::Readv::new(types::Fd(rd.as_raw_fd()), &iov, 1).build().user_data(3);
+        let writev = opcode::Writev::new(types::Fd(wr.as_raw_fd()), &iov, 1).build().user_data(4);
+        let write = opcode::Write::new(types::Fd(wr.as_raw_fd()), buf.as_ptr(), 16).build().user_data(5);
         // SAFETY: the buffers outlive the wait below.
         unsafe {
-            for e in [&read, &read_fixed, &writev, &write] {
+            for e in [&read, &read_fixed, &readv, &writev, &write] {
                 ring.ring.submission().push(e).unwrap();
             }
         }
-        ring.ring.submit_and_wait(4).expect("io_uring_enter");
+        ring.ring.submit_and_wait(5).expect("io_uring_enter");
         let mut codes: Vec<(u64, i32)> = ring.ring.completion().map(|c| (c.user_data(), c.result())).collect();
         codes.sort();
-        assert_eq!(codes, (1..=4).map(|i| (i, -libc::EACCES)).collect::<Vec<_>>());
+        assert_eq!(codes, (1..=5).map(|i| (i, -libc::EACCES)).collect::<Vec<_>>());
         assert!(read_all(&rd).is_empty());
         // Registering more files is refused too.
         assert!(ring.ring.submitter().register_files(&[rd.as_raw_fd()]).is_err());

@@ -159,8 +159,8 @@ fn run_taken_over(mut config: DaemonConfig, fd: RawFd) -> Result<(), DaemonError
         if config.policy.io_uring {
             // The tap queues carried over; a ring that cannot be built only costs speed.
             match dev.use_io_uring() {
-                Ok(()) => info!("device {}: TX through io_uring", dev.label),
-                Err(e) => warn!("device {}: --io-uring: {e}; TX by writev", dev.label),
+                Ok(()) => info!("device {}: TX and RX through io_uring", dev.label),
+                Err(e) => warn!("device {}: --io-uring: {e}; TX and RX by writev/readv", dev.label),
             }
         }
         let dev = Arc::new(dev);

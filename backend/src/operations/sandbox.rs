@@ -102,8 +102,9 @@ const WORKER_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_write,
     libc::SYS_readv,
     libc::SYS_writev,
-    // `--io-uring`: TX batches through the queue's ring. The rings are built before any
-    // filter and restricted to writes to their own tap queue; a thread cannot make another.
+    // `--io-uring`: TX and RX batches through the queue's ring. The rings are built before any
+    // filter and restricted to reads and writes of their own tap queue; a thread cannot make
+    // another.
     libc::SYS_io_uring_enter,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,

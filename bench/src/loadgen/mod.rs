@@ -69,7 +69,7 @@ pub struct Config {
     /// Rounds per case; the backends of a case take turns within a round, and each reports
     /// its median round (a shared host drifts within seconds).
     pub rounds: u32,
-    /// One-pair TX cells also run vutap with `--io-uring`.
+    /// One-pair cells also run vutap with `--io-uring`.
     pub io_uring: bool,
     /// Record the backend with `perf` over each window and split its CPU per frame by where
     /// it went (see `profile`). Sampling costs the backend a little CPU: profiled runs explain
@@ -134,7 +134,7 @@ pub enum Arrangement {
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     Vutap,
-    /// vutap with `--io-uring` (one-pair TX cells).
+    /// vutap with `--io-uring` (one-pair cells).
     #[serde(rename = "vutap-io-uring")]
     VutapIoUring,
     Dpdk,
@@ -468,9 +468,9 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// The busy-poll window of the latency runs of vutap with `--busy-poll-us`.
 const BUSY_POLL_US: u32 = 50;
 
-/// Whether the `--io-uring` variant runs for `pairs` (one-pair TX cells).
+/// Whether the `--io-uring` variant runs for `pairs` (one-pair cells).
 fn io_uring_wanted(cfg: &Config, pairs: u16) -> bool {
-    cfg.io_uring && pairs == 1 && cfg.dirs.contains(&Dir::Tx)
+    cfg.io_uring && pairs == 1
 }
 
 fn io_uring_args() -> Vec<String> {
@@ -714,7 +714,7 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
             let kc = CaseKey { backend: Backend::Ceiling, rxbuf: "-", ..kv };
             // The ceiling does not depend on the guest's buffers: measured with the mergeable case.
             let ceiling = rxbuf != "nomrg";
-            let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
+            let uring = pu.as_ref();
             let (mut vs, mut us, mut cs) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
                 vs.push(vutap_case(cfg, &kv, sock_path, &far, &p, place.as_ref()));
@@ -780,7 +780,7 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             let kd = CaseKey { backend: Backend::Dpdk, ..kv };
             let kc = CaseKey { backend: Backend::Ceiling, rxbuf: "-", ..kv };
             let ceiling = rxbuf != "nomrg";
-            let uring = pu.as_ref().filter(|_| dir == Dir::Tx);
+            let uring = pu.as_ref();
             let (mut vs, mut us, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..cfg.rounds {
                 vs.push(vutap_case(cfg, &kv, sock_path, &vfar, &vp, place.as_ref()));

@@ -75,7 +75,8 @@ fn sides(c: Option<&CaseResult>) -> String {
     }
 }
 
-/// TX with `--io-uring` against the default `writev` path, cell by cell (same run, turn by turn).
+/// vutap with `--io-uring` against the default `writev`/`readv` path, cell by cell (same run,
+/// turn by turn).
 fn io_uring_table(s: &mut String, rep: &Report) {
     let cells: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.backend == Backend::VutapIoUring).collect();
     if cells.is_empty() {
@@ -83,10 +84,10 @@ fn io_uring_table(s: &mut String, rep: &Report) {
     }
     let _ = writeln!(
         s,
-        "## TX through io_uring (`--io-uring`: one `io_uring_enter` per batch) vs writev (one per frame)\n\n\
-         | arrangement | size | writev Gbit/s / Mpps | io_uring Gbit/s / Mpps | writev CPU ns/f | io_uring CPU ns/f | \
-         io_uring / writev CPU | ceiling CPU ns/f | wake-ups/f writev → io_uring |\n\
-         |---|---|---|---|---|---|---|---|---|"
+        "## Through io_uring (`--io-uring`: one `io_uring_enter` per batch of writes or reads) vs one `writev`/`readv` per frame\n\n\
+         | arrangement | dir | size | rx bufs | plain Gbit/s / Mpps | io_uring Gbit/s / Mpps | plain CPU ns/f | io_uring CPU ns/f | \
+         io_uring / plain CPU | ceiling CPU ns/f | wake-ups/f plain → io_uring |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|"
     );
     for u in cells {
         let v = rep.find(u.arrangement, Backend::Vutap, u.dir, u.size, u.pairs, u.rxbuf);
@@ -99,9 +100,11 @@ fn io_uring_table(s: &mut String, rep: &Report) {
             |c: Option<&CaseResult>| c.and_then(|c| c.counters).map(|k| format!("{:.3}", k.wakeups_per_frame)).unwrap_or("–".into());
         let _ = writeln!(
             s,
-            "| {:?} | {} | {} | {} | {} | {} | {per_frame} | {} | {} → {} |",
+            "| {:?} | {:?} | {} | {} | {} | {} | {} | {} | {per_frame} | {} | {} → {} |",
             u.arrangement,
+            u.dir,
             size_label(u.size),
+            u.rxbuf,
             cell(v),
             cell(Some(u)),
             cpu(v),
