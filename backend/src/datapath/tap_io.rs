@@ -159,12 +159,12 @@ impl TapIo for TapQueue {
     }
 
     fn read_batch_capacity(&self) -> usize {
-        self.ring().as_ref().map_or(1, TapRing::capacity)
+        self.ring().as_ref().filter(|r| r.reads_in_batches()).map_or(1, TapRing::capacity)
     }
 
     fn read_batch(&self, iovs: &[IoVec], spans: &[Range<usize>], results: &mut Vec<io::Result<usize>>) {
         let mut ring = self.ring();
-        let Some(r) = ring.as_mut() else {
+        let Some(r) = ring.as_mut().filter(|r| r.reads_in_batches()) else {
             drop(ring);
             return read_each(self, iovs, spans, results);
         };

@@ -20,7 +20,7 @@
 //! Reads go unlinked with `RWF_NOWAIT`: each takes the next frame waiting on the tap or answers
 //! `EAGAIN` at once, and the kernel issues them in ring order, so the frames of the reads that
 //! succeeded are in arrival order (a read after an `EAGAIN` may still get a frame that arrived
-//! meanwhile; the RX loop keeps the order).
+//! meanwhile; the RX loop keeps the order). A file without `RWF_NOWAIT` is read by `readv`.
 
 use std::io;
 use std::ops::Range;
@@ -132,7 +132,14 @@ impl TapRing {
         Ok((res < 0).then_some(-res))
     }
 
-    /// How many frames one call may write.
+    /// Whether reads may go through the ring: only with `RWF_NOWAIT`, without which a read of an
+    /// empty queue would wait in `io_uring_enter` for the next frame (io_uring ignores
+    /// `O_NONBLOCK` on a file that supports non-blocking reads).
+    pub fn reads_in_batches(&self) -> bool {
+        self.rw_flags != 0
+    }
+
+    /// How many frames one call may write or read.
     pub fn capacity(&self) -> usize {
         self.ring.params().sq_entries() as usize
     }
@@ -362,6 +369,7 @@ mod tests {
     fn test_ring_reads_one_frame_per_read_in_order_and_eagain_when_empty() {
         let (mine, peer) = datagram_pair();
         let mut ring = TapRing::new(mine.as_raw_fd(), 8, false).expect("io_uring");
+        assert!(ring.reads_in_batches(), "a socket takes RWF_NOWAIT");
         let sent: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 100 + 50 * usize::from(i)]).collect();
         for f in &sent {
             // SAFETY: sends `f`, which outlives the call.
@@ -438,6 +446,7 @@ mod tests {
         ring.rw_flags = 0;
         ring.set_may_refuse(false);
         assert!(ring.linked, "without RWF_NOWAIT a refused write would be retried behind the others");
+        assert!(!ring.reads_in_batches(), "without RWF_NOWAIT a read of an empty queue would wait for a frame");
     }
 
     #[test]
