@@ -182,6 +182,8 @@ fn run(u: &mut Unstructured) -> Result<()> {
     let mut rx_loop = RxLoop::new(u.int_in_range(1..=64)?, rx.size, features, mtu, &flat).with_log(log);
 
     let tap = MockTap::default();
+    // Frame by frame (readv), or batches of reads as through io_uring.
+    tap.read_batch_capacity.set(*u.choose(&[1, 2, 8, 32])?);
     let mut counts = PairCounts::default();
     let (mut offered_frames, mut offered_bytes) = (0u64, 0u64);
     for _ in 0..64 {
