@@ -506,16 +506,14 @@ impl RxLoop {
         let mut idle = false;
         for (i, result) in results.iter().enumerate() {
             match result {
-                Ok(0) => {
-                    stop = Some(tap_closed(counts));
-                    break;
-                }
+                Ok(0) => stop = Some(tap_closed(counts)),
                 Ok(_) => {
                     let frame = &moved[i];
                     trace!("rx frame len={} (laid out again)", frame.len());
                     // Room for one frame, as before each frame-by-frame read.
-                    let _ = self.fill(queue, mem, counts, chains_left, 0);
-                    if !self.deliver(frame.len(), 0, frame, counts) {
+                    if let Err(e) = self.fill(queue, mem, counts, chains_left, 0) {
+                        stop = Some(RxOutcome::RingBroken(e));
+                    } else if !self.deliver(frame.len(), 0, frame, counts) {
                         counts.rx_dropped += 1;
                     }
                 }
@@ -523,13 +521,15 @@ impl RxLoop {
                     let span = &self.batch_spans[first + i];
                     match read_failed(owned(e), self.faults, &self.read_iovs[span.clone()], counts) {
                         Some(RxOutcome::Idle) => idle = true,
-                        Some(other) => {
-                            stop = Some(other);
-                            break;
-                        }
+                        Some(other) => stop = Some(other),
                         None => {}
                     }
                 }
+            }
+            if stop.is_some() {
+                // The frames read after this one cannot be delivered any more: lost, and counted.
+                counts.rx_dropped += results[i..].iter().filter(|r| matches!(r, Ok(n) if *n > 0)).count() as u64;
+                break;
             }
         }
         self.moved = moved;
@@ -1083,18 +1083,24 @@ mod tests {
     }
 
     #[test]
-    fn test_rx_batch_read_into_lost_memory_ends_the_pass() {
+    fn test_rx_batch_stops_at_a_gone_tap_and_counts_the_frames_read_behind_it_as_dropped() {
         let mem = guest_memory();
         let mq = MockSplitQueue::new(&mem, SIZE);
         post(&mq, 0, 8, 2048);
         let mut q = queue(&mq, false);
         let tap = MockTap::default();
         tap.read_batch_capacity.set(8);
-        tap.read_script.borrow_mut().extend([TapStep::Frame(frame(100, 1)), TapStep::Fail(libc::ENODEV), TapStep::Frame(frame(100, 2))]);
+        // A batch of 2 (both got a frame), then one of 4: a frame, the tap gone, a frame read
+        // behind it, an empty read.
+        let script = [TapStep::Frame(frame(100, 1)), TapStep::Frame(frame(100, 2)), TapStep::Frame(frame(100, 3))];
+        tap.read_script.borrow_mut().extend(script);
+        tap.read_script.borrow_mut().extend([TapStep::Fail(libc::ENODEV), TapStep::Frame(frame(100, 5))]);
         let mut counts = PairCounts::default();
         let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem);
         let (outcome, _) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(matches!(outcome, RxOutcome::TapGone(ref e) if e.raw_os_error() == Some(libc::ENODEV)), "{outcome:?}");
-        assert_eq!((counts.rx_frames, counts.tap_errors), (1, 1), "the frame before the gone tap was delivered");
+        assert_eq!(*tap.read_batches.borrow(), vec![2, 4]);
+        assert_eq!((counts.rx_frames, counts.rx_dropped, counts.tap_errors), (3, 1, 1), "{counts:?}");
+        assert_eq!(used_entries(&mq, &mem, SIZE), vec![(0, 100), (1, 100), (2, 100)]);
     }
 }
