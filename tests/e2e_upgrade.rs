@@ -278,8 +278,12 @@ fn upgrade_under_traffic(qemu: QemuVersion, upgrades: usize, then_restart: bool)
     assert_eq!(upgraded.ping.lost(), 0, "ping replies lost: {:?}", upgraded.ping.replies.len());
     for (i, e) in upgraded.events.iter().enumerate() {
         assert!(e.ping_gap_ms <= 500.0, "upgrade {i}: a {} ms ping gap", e.ping_gap_ms);
-        let (_, worst) = e.to_guest.expect("intervals around every upgrade");
-        assert!(worst > 0.0, "upgrade {i}: an interval with no traffic: {e:?}");
+        let (_, worst_to) = e.to_guest.expect("intervals around every upgrade");
+        let (_, worst_from) = e.from_guest.expect("intervals around every upgrade");
+        // One TCP stream can stall for a 100 ms interval on its own (its sender's window full
+        // while the TCG guest is short of CPU as the new vutap starts; seen in CI with pings
+        // answered every 13 ms throughout); a datapath that stops stops both directions.
+        assert!(worst_to > 0.0 || worst_from > 0.0, "upgrade {i}: an interval with no traffic either way: {e:?}");
     }
     if let Some((phase, second)) = restarted {
         let second = second.expect("the restart ran");
