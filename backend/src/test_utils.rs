@@ -106,11 +106,7 @@ pub struct MockTap {
 
 fn gather(iovs: &[IoVec]) -> Vec<u8> {
     let mut out = Vec::new();
-    for iov in iovs {
-        let start = out.len();
-        out.resize(start + iov.len(), 0);
-        iov.as_volatile_slice().copy_to(&mut out[start..]);
-    }
+    IoVec::copy_out(iovs, iovs.iter().map(IoVec::len).sum(), &mut out);
     out
 }
 

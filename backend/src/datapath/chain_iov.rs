@@ -83,6 +83,21 @@ impl IoVec {
     pub fn as_iovecs(iovs: &[IoVec]) -> *const libc::iovec {
         iovs.as_ptr().cast()
     }
+
+    /// Copies the first `n` bytes `iovs` describe, in order, into `out` (cleared first; fewer if
+    /// they hold fewer).
+    pub fn copy_out(iovs: &[IoVec], n: usize, out: &mut Vec<u8>) {
+        out.clear();
+        for iov in iovs {
+            let take = (n - out.len()).min(iov.len());
+            if take == 0 {
+                break;
+            }
+            let start = out.len();
+            out.resize(start + take, 0);
+            iov.as_volatile_slice().subslice(0, take).map(|s| s.copy_to(&mut out[start..])).unwrap_or(0);
+        }
+    }
 }
 
 /// Appends the chain's buffers to `iovs` (and, if asked, their guest-physical ranges to

@@ -111,20 +111,6 @@ fn owned(e: &io::Error) -> io::Error {
     e.raw_os_error().map_or_else(|| io::Error::new(e.kind(), e.to_string()), io::Error::from_raw_os_error)
 }
 
-/// Copies the first `n` bytes `iovs` describe into `out`.
-fn gather(iovs: &[IoVec], n: usize, out: &mut Vec<u8>) {
-    out.clear();
-    for iov in iovs {
-        let take = (n - out.len()).min(iov.len());
-        if take == 0 {
-            break;
-        }
-        let start = out.len();
-        out.resize(start + take, 0);
-        iov.as_volatile_slice().subslice(0, take).map(|s| s.copy_to(&mut out[start..])).unwrap_or(0);
-    }
-}
-
 pub struct RxLoop {
     /// Chains popped ahead, not yet filled.
     held: HeldChains,
@@ -499,7 +485,7 @@ impl RxLoop {
         for (i, result) in results.iter().enumerate() {
             if let Ok(n) = *result {
                 let span = &self.batch_spans[first + i];
-                gather(&self.read_iovs[span.clone()], n, &mut moved[i]);
+                IoVec::copy_out(&self.read_iovs[span.clone()], n, &mut moved[i]);
             }
         }
         let mut stop = None;
