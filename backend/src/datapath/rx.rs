@@ -132,9 +132,11 @@ pub struct RxLoop {
     read_iovs: Vec<IoVec>,
     /// Batched reads (a tap that reads in batches): one spill tail per read, each never resized.
     batch_spills: Vec<Vec<u8>>,
-    /// The iovecs of each read of a batch in `read_iovs`, its chain's capacity, and its result.
+    /// Each read's chain in a batch: its iovecs among the held chains' and its capacity.
     batch_windows: Vec<(Range<usize>, usize)>,
+    /// Each read's iovecs in `read_iovs` (its chain's, then its spill tail).
     batch_spans: Vec<Range<usize>>,
+    /// Each read's result.
     batch_results: Vec<io::Result<usize>>,
     /// Frames of a batch that did not land in their place, copied aside before the chains are
     /// refilled in order.

@@ -171,8 +171,7 @@ impl TapRing {
                 unsafe { sq.push(&entry) }.map_err(|_| RingFailed(io::Error::from_raw_os_error(libc::EBUSY)))?;
             }
         }
-        results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
-        let submitted = self.submit_and_reap(&mut results[first..])?;
+        let submitted = self.submit_and_reap(n, results)?;
         // Writes after a failed one were cancelled, not tried.
         let tried = results[first..].iter().position(|r| r.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::ECANCELED)));
         if let Some(k) = tried {
@@ -216,8 +215,7 @@ impl TapRing {
             }
         }
         let first = results.len();
-        results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
-        let submitted = self.submit_and_reap(&mut results[first..])?;
+        let submitted = self.submit_and_reap(n, results)?;
         if submitted < n {
             // The reads that were not submitted were not tried.
             results.truncate(first + submitted);
@@ -226,9 +224,13 @@ impl TapRing {
         Ok(())
     }
 
-    /// Submits the queued entries (their `user_data` is their index in `results`) and waits for
-    /// every one submitted to complete, storing each result. Returns how many were submitted.
-    fn submit_and_reap(&mut self, results: &mut [io::Result<usize>]) -> Result<usize, RingFailed> {
+    /// Submits the `n` queued entries (their `user_data` is their index among them) and waits
+    /// for every one submitted to complete, appending one result per entry to `results` (an
+    /// entry that did not complete stays `ECANCELED`). Returns how many were submitted.
+    fn submit_and_reap(&mut self, n: usize, results: &mut Vec<io::Result<usize>>) -> Result<usize, RingFailed> {
+        let first = results.len();
+        results.extend((0..n).map(|_| Err(io::Error::from_raw_os_error(libc::ECANCELED))));
+        let results = &mut results[first..];
         let submitted = loop {
             match self.ring.submit() {
                 Ok(s) => break s,
