@@ -41,8 +41,9 @@ const IPERF_SECS: u64 = 12;
 
 /// QEMU 7.2 under TCG sometimes corrupts the destination guest's kernel on its own: with its
 /// built-in tap backend too (`e2e_migration_baseline`: 2 of 4 QEMU-tap runs vs 1 of 5 vutap
-/// runs crashed, same signatures). A run that fails *with such a crash on the destination's
-/// console* is retried, up to three runs; any other failure fails the test at once.
+/// runs crashed, same signatures). A run whose destination kernel *broke* (a crash on its
+/// console, or it no longer answered an NMI) is retried, up to three runs; any other
+/// failure fails the test at once.
 #[test]
 fn test_e2e_migration_qemu7() {
     let console_log = log_dir("e2e-migration-7.2").unwrap().join("dst/console.log");
@@ -50,11 +51,9 @@ fn test_e2e_migration_qemu7() {
         let _ = std::fs::remove_file(&console_log); // judge each run by its own console only
         let Err(panic) = std::panic::catch_unwind(|| migrate(QemuVersion::V7)) else { return };
         let console = std::fs::read(&console_log).unwrap_or_default();
-        let console = String::from_utf8_lossy(&console);
-        match GUEST_KERNEL_CRASH.iter().find(|k| console.contains(*k)) {
-            Some(k) if attempt < 3 => {
-                eprintln!("attempt {attempt}: the destination guest's kernel crashed ({k:?}), a QEMU 7.2/TCG failure; retrying")
-            }
+        let message = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
+        match broken_guest_kernel(&String::from_utf8_lossy(&console), message.unwrap_or("")) {
+            Some(why) if attempt < 3 => eprintln!("attempt {attempt}: {why}, a QEMU 7.2/TCG failure; retrying"),
             _ => std::panic::resume_unwind(panic),
         }
     }
@@ -62,6 +61,44 @@ fn test_e2e_migration_qemu7() {
 
 /// Console lines of a guest kernel that broke (what QEMU 7.2/TCG migrations produce now and then).
 const GUEST_KERNEL_CRASH: &[&str] = &["general protection fault", "BUG:", "Oops", "list_add corruption", "Kernel panic", "soft lockup"];
+
+/// What a running guest kernel prints on the console when QEMU injects an NMI it did not expect
+/// ("Uhhuh. NMI received for unknown reason ..."); a kernel that stopped prints nothing, as the
+/// console is flushed from interrupt context. (The console does not echo typed text: the
+/// guest's init turns echo off.)
+const NMI_ANSWER: &str = "NMI received";
+
+/// Starts the failure message of a run whose destination kernel no longer answered an NMI.
+const GUEST_STOPPED: &str = "the destination guest's kernel stopped running";
+
+/// Whether a failed run's destination kernel broke on its own (and why): a crash signature on
+/// its console, or the failure was that it no longer answered an NMI. A kernel that still
+/// answers, whatever else failed, is not a broken kernel.
+fn broken_guest_kernel(console: &str, failure: &str) -> Option<String> {
+    if let Some(k) = GUEST_KERNEL_CRASH.iter().find(|k| console.contains(*k)) {
+        return Some(format!("the destination guest's kernel crashed ({k:?})"));
+    }
+    failure.starts_with(GUEST_STOPPED).then(|| GUEST_STOPPED.to_string())
+}
+
+/// Waits for the end of the guest's iperf3 on the destination's console; if it does not come,
+/// fails with [`GUEST_STOPPED`] when the kernel no longer answers an NMI on the console, else as
+/// iperf3 not finishing (a datapath problem to find, never retried).
+fn wait_iperf_done(dst: &mut Guest, timeout: Duration) {
+    let Err(e) = dst.wait_output("__IPERF_DONE_", timeout) else { return };
+    // A QEMU stuck (on its vhost-user backend, say) stops feeding the console too: only a QEMU
+    // that still serves its monitor and runs the guest can tell about the guest's kernel.
+    let status = dst.hmp("info status", T);
+    assert!(
+        status.as_ref().is_ok_and(|s| s.contains("running")),
+        "iperf3 did not finish on the destination, whose QEMU does not report running ({status:?}): {e}"
+    );
+    dst.hmp("nmi", T).unwrap();
+    match dst.wait_output(NMI_ANSWER, Duration::from_secs(15)) {
+        Ok(()) => panic!("iperf3 did not finish on the destination, whose kernel still answers an NMI: {e}"),
+        Err(_) => panic!("{GUEST_STOPPED}: iperf3 did not finish and an NMI got no answer on the console in 15 s: {e}"),
+    }
+}
 
 #[test]
 fn test_e2e_migration_qemu10() {
@@ -122,10 +159,13 @@ fn migrate(qemu: QemuVersion) {
     // "Attempted to kill init"). The command line sits in the guest's tty buffer, so the shell
     // finishes it on the destination, whose console then prints the end marker.
     src.send_line(&format!(
-        "iperf3 -c {} -p 5201 -t {IPERF_SECS} -i 1{} -J --connect-timeout 5000 > /tmp/ip.json 2>&1; echo \"__IPERF\"\"_DONE_$?__\"",
+        "iperf3 -c {} -p 5201 -t {IPERF_SECS} -i 1{} -J --connect-timeout 5000 > /tmp/ip.json 2>&1;{} echo \"__IPERF\"\"_DONE_$?__\"",
         topo.peer_ip,
         // VUTAP_MIGRATION_TX=1: guest -> peer instead (vutap then writes only ACKs to the guest).
-        if std::env::var_os("VUTAP_MIGRATION_TX").is_some() { "" } else { " -R" }
+        if std::env::var_os("VUTAP_MIGRATION_TX").is_some() { "" } else { " -R" },
+        // VUTAP_MIGRATION_HALT_DST=1: the destination's kernel halts once iperf3 is done,
+        // standing in for a kernel that stopped on its own, to exercise the retry's judgement.
+        if std::env::var_os("VUTAP_MIGRATION_HALT_DST").is_some() { " halt -f;" } else { "" }
     ))
     .unwrap();
     let iperf_started = Instant::now();
@@ -149,7 +189,7 @@ fn migrate(qemu: QemuVersion) {
         + &vutap_testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
 
     // Back on the destination's console: the same shell finishes the same iperf3.
-    dst.wait_output("__IPERF_DONE_", Duration::from_secs(IPERF_SECS + 30)).unwrap();
+    wait_iperf_done(&mut dst, Duration::from_secs(IPERF_SECS + 30));
     let report = dst.run_ok("cat /tmp/ip.json", T).unwrap();
     let guest_diag =
         dst.run("ethtool -S eth0; cat /proc/net/snmp /proc/net/netstat /proc/net/tcp; ip -s link", T).map(|r| r.1).unwrap_or_default();
@@ -373,4 +413,15 @@ impl Drop for KillOnDrop {
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
         let _ = self.0.wait();
     }
+}
+
+#[test]
+fn test_broken_guest_kernel_is_a_crash_or_a_silent_console_only() {
+    let crash = "[  41.2] BUG: unable to handle page fault for address: ffff";
+    assert!(broken_guest_kernel(crash, "iperf3 did not finish").unwrap().contains("BUG:"));
+    let stopped = format!("{GUEST_STOPPED}: iperf3 did not finish and an NMI got no answer on the console in 15 s");
+    assert_eq!(broken_guest_kernel("", &stopped).as_deref(), Some(GUEST_STOPPED));
+    let answered = "iperf3 did not finish on the destination, whose kernel still answers an NMI: timeout";
+    assert_eq!(broken_guest_kernel("Uhhuh. NMI received for unknown reason 30 on CPU 0.", answered), None);
+    assert_eq!(broken_guest_kernel("", "destination runs after migration: paused"), None);
 }
