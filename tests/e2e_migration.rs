@@ -84,7 +84,7 @@ fn broken_guest_kernel(console: &str, failure: &str) -> Option<String> {
 /// Waits for the end of the guest's iperf3 on the destination's console; if it does not come,
 /// fails with [`GUEST_STOPPED`] when the kernel no longer answers an NMI on the console, else as
 /// iperf3 not finishing (a datapath problem to find, never retried).
-fn wait_iperf_done(dst: &mut Guest, timeout: Duration) {
+fn wait_iperf_done(dst: &Guest, timeout: Duration) {
     let Err(e) = dst.wait_output("__IPERF_DONE_", timeout) else { return };
     // A QEMU stuck (on its vhost-user backend, say) stops feeding the console too: only a QEMU
     // that still serves its monitor and runs the guest can tell about the guest's kernel.
@@ -189,7 +189,7 @@ fn migrate(qemu: QemuVersion) {
         + &vutap_testbed::cmd::run("ip", &["-s", "-s", "link", "show", "dev", &tap.ifname]).unwrap_or_default();
 
     // Back on the destination's console: the same shell finishes the same iperf3.
-    wait_iperf_done(&mut dst, Duration::from_secs(IPERF_SECS + 30));
+    wait_iperf_done(&dst, Duration::from_secs(IPERF_SECS + 30));
     let report = dst.run_ok("cat /tmp/ip.json", T).unwrap();
     let guest_diag =
         dst.run("ethtool -S eth0; cat /proc/net/snmp /proc/net/netstat /proc/net/tcp; ip -s link", T).map(|r| r.1).unwrap_or_default();
