@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 mod migration_util;
 
-use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
+use migration_util::{field_ms, free_port, iperf_intervals, panic_message, peer_pinger};
 use vutap_testbed::frames;
 use vutap_testbed::packet::{PacketOptions, PacketSocket};
 use vutap_testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
@@ -51,8 +51,7 @@ fn test_e2e_migration_qemu7() {
         let _ = std::fs::remove_file(&console_log); // judge each run by its own console only
         let Err(panic) = std::panic::catch_unwind(|| migrate(QemuVersion::V7)) else { return };
         let console = std::fs::read(&console_log).unwrap_or_default();
-        let message = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied());
-        match broken_guest_kernel(&String::from_utf8_lossy(&console), message.unwrap_or("")) {
+        match broken_guest_kernel(&String::from_utf8_lossy(&console), panic_message(&*panic)) {
             Some(why) if attempt < 3 => eprintln!("attempt {attempt}: {why}, a QEMU 7.2/TCG failure; retrying"),
             _ => std::panic::resume_unwind(panic),
         }

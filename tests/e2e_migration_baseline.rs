@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 mod migration_util;
 
-use migration_util::{field_ms, free_port, iperf_intervals, peer_pinger};
+use migration_util::{field_ms, free_port, iperf_intervals, panic_message, peer_pinger};
 use vutap_testbed::{log_dir, Guest, GuestConfig, MacvtapMode, Nic, QemuVersion, Topology, Vutap};
 
 const T: Duration = Duration::from_secs(20);
@@ -92,12 +92,8 @@ fn migration_memcmp_qemu7() {
             let dir = root.join(format!("{}-{round}", v.label()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let r = catch_unwind(AssertUnwindSafe(|| memcmp_run(QemuVersion::V7, v, &dir))).unwrap_or_else(|p| {
-                Err(format!(
-                    "panicked: {}",
-                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-                ))
-            });
+            let r = catch_unwind(AssertUnwindSafe(|| memcmp_run(QemuVersion::V7, v, &dir)))
+                .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(&*p))));
             let line = format!(
                 "{} #{round}: {}",
                 v.label(),
@@ -262,12 +258,8 @@ fn baseline(qemu: QemuVersion) {
             let dir = root.join(format!("{}-{round}", v.label()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            let r = catch_unwind(AssertUnwindSafe(|| one_run(qemu, v, &dir))).unwrap_or_else(|p| {
-                Err(format!(
-                    "panicked: {}",
-                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
-                ))
-            });
+            let r = catch_unwind(AssertUnwindSafe(|| one_run(qemu, v, &dir)))
+                .unwrap_or_else(|p| Err(format!("panicked: {}", panic_message(&*p))));
             eprintln!(
                 "[{} round {round}] {}: {}",
                 qemu.label(),
