@@ -1,7 +1,7 @@
 //! The short version of `vutap-vm seed` for CI: QEMU 10, 1 queue pair, 1 stream, 2 s
 //! per iperf3 run, both topologies (internal: guest to guest through a bridge-mode macvtap;
 //! external: guest to the peer netns), both backends (vutap, QEMU's tap backend), plus the VEPA
-//! isolation check. Every cell must produce a number, bridge-mode guests must reach each other,
+//! isolation check. Every cell must produce a number and a datapath CPU figure, bridge-mode guests must reach each other,
 //! VEPA guests must not (until the far end hairpins). About 2 minutes on the 2-core host.
 //!
 //! Needs root, `scripts/install-deps.sh` and a built `vutap` (`cargo build --release -p vutap`).
@@ -37,6 +37,12 @@ fn test_e2e_seed_quick_every_cell_has_a_number_and_vepa_isolates() {
                 report.measurements
             );
         }
+        // The datapath's host CPU was read from /proc: a run moves bytes only if it used some.
+        for (what, v) in [("vutap", c.vutap_cpu_per_gb), ("vutap's own part", c.vutap_own_cpu_per_gb), ("QEMU tap", c.qemu_tap_cpu_per_gb)]
+        {
+            assert!(v.is_some_and(|x| x > 0.0), "{} {} {what}: no datapath CPU per GB; cell: {c:?}", c.path, c.direction);
+        }
+        assert!(c.vutap_own_cpu_per_gb <= c.vutap_cpu_per_gb, "vutap's part exceeds the whole: {c:?}");
     }
     for g in report.groups.iter().filter(|g| g.path == SeedPath::Internal) {
         assert_eq!(g.a_reaches_b, Some(true), "bridge mode: guest A must reach guest B ({})", g.variant);

@@ -27,6 +27,8 @@ use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
 use vutap_testbed::vutap::Vutap;
 use vutap_testbed::{log_dir, Error, Result};
 
+use crate::loadgen::procs::cpu_ns;
+
 /// Which of the seed's two measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SeedPath {
@@ -123,6 +125,12 @@ pub struct Measurement {
     pub error: Option<String>,
     /// Host load average (1 min) just before this run.
     pub loadavg: f64,
+    /// Host CPU seconds the network datapath used during the run (see [`DatapathCpu`]).
+    #[serde(default)]
+    pub datapath_cpu_secs: Option<f64>,
+    /// The part of it that vutap's processes used (None for QEMU's tap backend).
+    #[serde(default)]
+    pub vutap_cpu_secs: Option<f64>,
     /// 0-based repetition of the cell.
     pub round: u32,
 }
@@ -160,6 +168,15 @@ pub struct Cell {
     /// QEMU tap with `vectors=0` (only when run).
     pub qemu_tap_intx: Option<f64>,
     pub ratio_intx: Option<f64>,
+    /// Host CPU seconds of the datapath per GB the receiver got (median run): what moving the
+    /// bytes cost outside the guests' own CPUs.
+    #[serde(default)]
+    pub vutap_cpu_per_gb: Option<f64>,
+    /// The part of `vutap_cpu_per_gb` that vutap's processes used; the rest is QEMU's.
+    #[serde(default)]
+    pub vutap_own_cpu_per_gb: Option<f64>,
+    #[serde(default)]
+    pub qemu_tap_cpu_per_gb: Option<f64>,
 }
 
 /// A fixed label. The alias keeps serde's derive from borrowing a `&str` field from the input
@@ -310,6 +327,50 @@ fn teardown(nodes: Vec<Node>) -> Vec<String> {
     totals
 }
 
+/// Host CPU, in ns, the network datapath of some guests has used so far: every vutap (all its
+/// threads) and every QEMU thread but the vCPUs ("CPU n/TCG"), which run the guest itself, the
+/// same work whatever the backend. QEMU's own tap backend runs in those threads, and so does
+/// QEMU's delivery of a vhost-user backend's interrupts (under TCG there is no irqfd).
+#[derive(Debug, Clone, Copy)]
+struct DatapathCpu {
+    qemu_ns: u64,
+    vutap_ns: u64,
+}
+
+impl DatapathCpu {
+    fn of(nodes: &[Node]) -> DatapathCpu {
+        let mut cpu = DatapathCpu { qemu_ns: 0, vutap_ns: 0 };
+        for node in nodes {
+            let pid = node.guest.pid();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                let task = format!("{pid}/task/{}", task.file_name().to_string_lossy());
+                let comm = std::fs::read_to_string(format!("/proc/{task}/comm")).unwrap_or_default();
+                if !comm.starts_with("CPU ") {
+                    cpu.qemu_ns += cpu_ns(&task);
+                }
+            }
+            if let Some(v) = &node.vutap {
+                cpu.vutap_ns += cpu_ns(&v.pid().to_string());
+            }
+        }
+        cpu
+    }
+
+    /// Seconds used since `before`: (all of the datapath, vutap's part).
+    fn since(self, before: DatapathCpu) -> (f64, f64) {
+        let qemu = self.qemu_ns.saturating_sub(before.qemu_ns) as f64 / 1e9;
+        let vutap = self.vutap_ns.saturating_sub(before.vutap_ns) as f64 / 1e9;
+        (qemu + vutap, vutap)
+    }
+}
+
+/// Seconds of CPU `cpu` per GB received in run `m` of `seconds` (None without a rate or a CPU
+/// figure).
+fn per_gb(m: &Measurement, seconds: u32, cpu: Option<f64>) -> Option<f64> {
+    let gb = m.gbps? * f64::from(seconds) / 8.0;
+    (gb > 0.0).then_some(cpu? / gb)
+}
+
 fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
@@ -400,10 +461,11 @@ fn run_block(
                             // One retry: a lost connect on a loaded host should not leave a hole.
                             let mut r = Err(String::new());
                             for attempt in 0..2 {
+                                let cpu_before = DatapathCpu::of(nodes);
                                 r = nodes[0]
                                     .guest
                                     .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
-                                    .map(|x| (x.received_gbps, x.retransmits))
+                                    .map(|x| (x.received_gbps, x.retransmits, DatapathCpu::of(nodes).since(cpu_before)))
                                     .map_err(|e| e.to_string());
                                 match &r {
                                     Ok(_) => break,
@@ -414,15 +476,17 @@ fn run_block(
                         }
                     };
                     match &r {
-                        Ok((g, rt)) => eprintln!(
-                            "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, load {load:.1})",
+                        Ok((g, rt, (cpu, _))) => eprintln!(
+                            "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, datapath CPU {cpu:.2} s, load {load:.1})",
                             direction.label(path)
                         ),
                         Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
                     }
-                    let (gbps, retransmits, error) = match r {
-                        Ok((g, rt)) => (Some(g), Some(rt), None),
-                        Err(e) => (None, None, Some(e)),
+                    let (gbps, retransmits, datapath_cpu_secs, vutap_cpu_secs, error) = match r {
+                        Ok((g, rt, (cpu, vutap_cpu))) => {
+                            (Some(g), Some(rt), Some(cpu), (variant == Variant::Vutap).then_some(vutap_cpu), None)
+                        }
+                        Err(e) => (None, None, None, None, Some(e)),
                     };
                     measurements.push(Measurement {
                         path,
@@ -435,6 +499,8 @@ fn run_block(
                         retransmits,
                         error,
                         loadavg: load,
+                        datapath_cpu_secs,
+                        vutap_cpu_secs,
                         round,
                     });
                 }
@@ -454,7 +520,7 @@ fn run_block(
 
 /// Builds the table cells from the measurements.
 pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
-    let find = |path, qemu, variant, queues, streams, direction| {
+    let find = |path, qemu, variant, queues, streams, direction, value: &dyn Fn(&Measurement) -> Option<f64>| {
         let mut v: Vec<f64> = ms
             .iter()
             .filter(|m| {
@@ -465,7 +531,7 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                     && m.streams == streams
                     && m.direction == direction
             })
-            .filter_map(|m| m.gbps)
+            .filter_map(value)
             .collect();
         v.sort_by(f64::total_cmp);
         median(&v)
@@ -481,8 +547,12 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                 for &queues in &plan.queues {
                     for &streams in &plan.streams {
                         let args = (path, qemu, queues, streams, direction);
-                        let get = |v| find(args.0, args.1, v, args.2, args.3, args.4);
-                        let (vutap, tap, intx) = (get(Variant::Vutap), get(Variant::QemuTap), get(Variant::QemuTapIntx));
+                        let gbps = |m: &Measurement| m.gbps;
+                        let cpu = |m: &Measurement| per_gb(m, plan.seconds, m.datapath_cpu_secs);
+                        let vutap_cpu = |m: &Measurement| per_gb(m, plan.seconds, m.vutap_cpu_secs);
+                        let get = |v, value: &dyn Fn(&Measurement) -> Option<f64>| find(args.0, args.1, v, args.2, args.3, args.4, value);
+                        let (vutap, tap, intx) =
+                            (get(Variant::Vutap, &gbps), get(Variant::QemuTap, &gbps), get(Variant::QemuTapIntx, &gbps));
                         out.push(Cell {
                             path,
                             direction: direction.label(path),
@@ -494,6 +564,9 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                             ratio: ratio(vutap, tap),
                             qemu_tap_intx: intx,
                             ratio_intx: ratio(vutap, intx),
+                            vutap_cpu_per_gb: get(Variant::Vutap, &cpu),
+                            vutap_own_cpu_per_gb: get(Variant::Vutap, &vutap_cpu),
+                            qemu_tap_cpu_per_gb: get(Variant::QemuTap, &cpu),
                         });
                     }
                 }
@@ -554,12 +627,18 @@ pub fn markdown(report: &SeedReport) -> String {
     let mut s = String::new();
     for &qemu in &report.plan.qemus {
         let intx = report.cells.iter().any(|c| c.qemu == qemu && c.qemu_tap_intx.is_some());
-        s.push_str(&format!("**QEMU {qemu}** (Gbit/s, iperf3 receiver side)\n\n"));
+        s.push_str(&format!(
+            "**QEMU {qemu}** (Gbit/s, iperf3 receiver side; CPU s/GB: host CPU seconds of the datapath per GB received, vutap's processes plus QEMU's threads but the vCPUs, vutap's own part in brackets)\n\n"
+        ));
+        s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio |");
         if intx {
-            s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio | QEMU tap, INTx | ratio vs INTx |\n|---|---|---|---:|---:|---:|---:|---:|\n");
-        } else {
-            s.push_str("| path | direction | queue pairs / streams | vutap | QEMU tap | ratio |\n|---|---|---|---:|---:|---:|\n");
+            s.push_str(" QEMU tap, INTx | ratio vs INTx |");
         }
+        s.push_str(" CPU s/GB, vutap / QEMU tap | CPU ratio |\n|---|---|---|---:|---:|---:|");
+        if intx {
+            s.push_str("---:|---:|");
+        }
+        s.push_str("---:|---:|\n");
         for c in report.cells.iter().filter(|c| c.qemu == qemu) {
             s.push_str(&format!(
                 "| {} | {} | {} / {} | {} | {} | {} |",
@@ -574,7 +653,13 @@ pub fn markdown(report: &SeedReport) -> String {
             if intx {
                 s.push_str(&format!(" {} | {} |", f(c.qemu_tap_intx), r(c.ratio_intx)));
             }
-            s.push('\n');
+            let cpu = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
+            let own = c.vutap_own_cpu_per_gb.map_or(String::new(), |x| format!(" (vutap {x:.2})"));
+            let cpu_ratio = match (c.vutap_cpu_per_gb, c.qemu_tap_cpu_per_gb) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            s.push_str(&format!(" {}{own} / {} | {} |\n", cpu(c.vutap_cpu_per_gb), cpu(c.qemu_tap_cpu_per_gb), r(cpu_ratio)));
         }
         s.push('\n');
     }
@@ -781,6 +866,74 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 2 * 16, "a label per cell");
+    }
+
+    #[test]
+    fn test_cells_give_datapath_cpu_per_gb_received_from_the_median_run() {
+        let plan = SeedPlan {
+            qemus: vec![QemuVersion::V10],
+            paths: vec![SeedPath::External],
+            queues: vec![1],
+            streams: vec![1],
+            seconds: 8,
+            rounds: 3,
+            intx_baseline: false,
+            vepa_check: false,
+            tag: "t".into(),
+        };
+        let run = |variant, gbps: Option<f64>, cpu: Option<f64>, round| Measurement {
+            path: SeedPath::External,
+            qemu: QemuVersion::V10,
+            variant,
+            queues: 1,
+            streams: 1,
+            direction: Direction::Forward,
+            gbps,
+            retransmits: Some(0),
+            error: None,
+            loadavg: 0.0,
+            datapath_cpu_secs: cpu,
+            vutap_cpu_secs: cpu.filter(|_| variant == Variant::Vutap).map(|c| c * 0.75),
+            round,
+        };
+        // 8 s at 4 Gbit/s = 4 GB: 2 CPU-seconds are 0.5 s per GB.
+        let ms = [
+            run(Variant::Vutap, Some(4.0), Some(2.0), 0),
+            run(Variant::Vutap, Some(2.0), Some(2.0), 1),
+            run(Variant::Vutap, Some(8.0), Some(2.0), 2),
+            run(Variant::QemuTap, Some(4.0), Some(6.0), 0),
+            // No CPU figure (a report from before it was recorded), and a failed run: skipped.
+            run(Variant::QemuTap, Some(1.0), None, 1),
+            run(Variant::QemuTap, None, Some(9.0), 2),
+        ];
+        let cells = cells(&plan, &ms);
+        let forward = &cells[0];
+        assert_eq!(forward.vutap_cpu_per_gb, Some(0.5));
+        assert_eq!(forward.vutap_own_cpu_per_gb, Some(0.375));
+        assert_eq!(forward.qemu_tap_cpu_per_gb, Some(1.5));
+        assert_eq!((forward.vutap, forward.qemu_tap), (Some(4.0), Some(2.5)));
+        assert_eq!((cells[1].vutap_cpu_per_gb, cells[1].qemu_tap_cpu_per_gb), (None, None), "no reverse runs");
+        let report = SeedReport {
+            plan,
+            started_unix: 0,
+            duration_secs: 1.0,
+            nproc: 2,
+            groups: Vec::new(),
+            measurements: ms.to_vec(),
+            cells,
+            vepa: None,
+        };
+        let md = markdown(&report);
+        assert!(md.contains("| 4.00 | 2.50 | 1.60× | 0.50 (vutap 0.38) / 1.50 | 0.33× |"), "{md}");
+        assert!(md.contains("| - / - | - |"), "{md}");
+    }
+
+    #[test]
+    fn test_measurements_recorded_before_the_cpu_figure_still_load() {
+        let old = r#"{"path": "Internal", "qemu": "V7", "variant": "Vutap", "queues": 1, "streams": 1, "direction": "Forward",
+            "gbps": 2.86, "retransmits": 0, "error": null, "loadavg": 0.88, "round": 0}"#;
+        let m: Measurement = serde_json::from_str(old).expect("old measurement");
+        assert_eq!((m.gbps, m.datapath_cpu_secs, m.vutap_cpu_secs), (Some(2.86), None, None));
     }
 
     #[test]

@@ -170,6 +170,9 @@ impl Guest {
         cmd.args(["-L", path_str(&dir.join("usr/share/qemu"))?]);
         cmd.args(["-L", "/usr/share/seabios", "-L", "/usr/lib/ipxe/qemu"]);
         cmd.args(["-display", "none", "-nodefaults", "-serial", "stdio", "-no-reboot"]);
+        // Names the vCPU threads ("CPU 0/TCG"), so host CPU can be split into the guest's own
+        // and QEMU's device work (the seed's datapath CPU).
+        cmd.args(["-name", "guest,debug-threads=on"]);
         cmd.args(["-accel", "tcg", "-smp", &config.smp.to_string()]);
         let mem = format!("{}M", config.mem_mb);
         cmd.args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
@@ -329,6 +332,11 @@ impl Guest {
             set_queue_attached(fd.as_raw_fd(), attached)?;
         }
         Ok(())
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether QEMU is still running.
