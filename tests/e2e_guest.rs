@@ -43,6 +43,15 @@ fn e2e_with(qemu: QemuVersion, backend: Backend, queues: u16, vutap_args: &[&str
     assert!(out.ping.received > 0, "{name}: no ping replies: {:?}", out.ping);
     assert!(out.tx.received_gbps > 0.0, "{name}: no guest->peer throughput: {:?}", out.tx);
     assert!(out.rx.received_gbps > 0.0, "{name}: no peer->guest throughput: {:?}", out.rx);
+    // The datapath's host CPU (what the demo and the seed table report) was read: moving the
+    // bytes took some, and vutap's part of it is there exactly when vutap carried them.
+    for (dir, used) in [("guest->peer", out.tx_cpu), ("peer->guest", out.rx_cpu)] {
+        assert!(used.total_secs > 0.0, "{name} {dir}: no datapath CPU: {used:?}");
+        match backend {
+            Backend::Vutap => assert!(used.vutap_secs > 0.0 && used.vutap_secs <= used.total_secs, "{name} {dir}: vutap's part: {used:?}"),
+            Backend::QemuTap => assert_eq!(used.vutap_secs, 0.0, "{name} {dir}: no vutap runs: {used:?}"),
+        }
+    }
     eprintln!("{name}: packets per queue pair {:?}", out.per_queue);
     assert_eq!(out.per_queue.len(), usize::from(queues), "{name}: queue pairs the guest driver uses");
     for (pair, q) in out.per_queue.iter().enumerate() {

@@ -27,7 +27,7 @@ use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
 use vutap_testbed::vutap::Vutap;
 use vutap_testbed::{log_dir, Error, Result};
 
-use crate::loadgen::procs::cpu_ns;
+use vutap_testbed::host_cpu::DatapathCpu;
 
 /// Which of the seed's two measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,7 +125,7 @@ pub struct Measurement {
     pub error: Option<String>,
     /// Host load average (1 min) just before this run.
     pub loadavg: f64,
-    /// Host CPU seconds the network datapath used during the run (see [`DatapathCpu`]).
+    /// Host CPU seconds the network datapath used during the run ([`DatapathCpu`]).
     #[serde(default)]
     pub datapath_cpu_secs: Option<f64>,
     /// The part of it that vutap's processes used (None for QEMU's tap backend).
@@ -327,43 +327,6 @@ fn teardown(nodes: Vec<Node>) -> Vec<String> {
     totals
 }
 
-/// Host CPU, in ns, the network datapath of some guests has used so far: every vutap (all its
-/// threads) and every QEMU thread but the vCPUs ("CPU n/TCG"), which run the guest itself, the
-/// same work whatever the backend. QEMU's own tap backend runs in those threads, and so does
-/// QEMU's delivery of a vhost-user backend's interrupts (under TCG there is no irqfd).
-#[derive(Debug, Clone, Copy)]
-struct DatapathCpu {
-    qemu_ns: u64,
-    vutap_ns: u64,
-}
-
-impl DatapathCpu {
-    fn of(nodes: &[Node]) -> DatapathCpu {
-        let mut cpu = DatapathCpu { qemu_ns: 0, vutap_ns: 0 };
-        for node in nodes {
-            let pid = node.guest.pid();
-            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-                let task = format!("{pid}/task/{}", task.file_name().to_string_lossy());
-                let comm = std::fs::read_to_string(format!("/proc/{task}/comm")).unwrap_or_default();
-                if !comm.starts_with("CPU ") {
-                    cpu.qemu_ns += cpu_ns(&task);
-                }
-            }
-            if let Some(v) = &node.vutap {
-                cpu.vutap_ns += cpu_ns(&v.pid().to_string());
-            }
-        }
-        cpu
-    }
-
-    /// Seconds used since `before`: (all of the datapath, vutap's part).
-    fn since(self, before: DatapathCpu) -> (f64, f64) {
-        let qemu = self.qemu_ns.saturating_sub(before.qemu_ns) as f64 / 1e9;
-        let vutap = self.vutap_ns.saturating_sub(before.vutap_ns) as f64 / 1e9;
-        (qemu + vutap, vutap)
-    }
-}
-
 /// Seconds of CPU `cpu` per GB received in run `m` of `seconds` (None without a rate or a CPU
 /// figure).
 fn per_gb(m: &Measurement, seconds: u32, cpu: Option<f64>) -> Option<f64> {
@@ -461,11 +424,12 @@ fn run_block(
                             // One retry: a lost connect on a loaded host should not leave a hole.
                             let mut r = Err(String::new());
                             for attempt in 0..2 {
-                                let cpu_before = DatapathCpu::of(nodes);
+                                let datapath = |nodes: &[Node]| DatapathCpu::read(nodes.iter().map(|n| (&n.guest, n.vutap.as_ref())));
+                                let cpu_before = datapath(nodes);
                                 r = nodes[0]
                                     .guest
                                     .iperf3(server_ip, IPERF_PORT, plan.seconds, streams, reverse)
-                                    .map(|x| (x.received_gbps, x.retransmits, DatapathCpu::of(nodes).since(cpu_before)))
+                                    .map(|x| (x.received_gbps, x.retransmits, datapath(nodes).since(cpu_before)))
                                     .map_err(|e| e.to_string());
                                 match &r {
                                     Ok(_) => break,
@@ -476,15 +440,16 @@ fn run_block(
                         }
                     };
                     match &r {
-                        Ok((g, rt, (cpu, _))) => eprintln!(
-                            "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, datapath CPU {cpu:.2} s, load {load:.1})",
-                            direction.label(path)
+                        Ok((g, rt, cpu)) => eprintln!(
+                            "   {path} QEMU {qemu} {queues}qp {streams}s {:<11} {variant:<13} {g:6.2} Gbit/s (retr {rt}, datapath CPU {:.2} s, load {load:.1})",
+                            direction.label(path),
+                            cpu.total_secs
                         ),
                         Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
                     }
                     let (gbps, retransmits, datapath_cpu_secs, vutap_cpu_secs, error) = match r {
-                        Ok((g, rt, (cpu, vutap_cpu))) => {
-                            (Some(g), Some(rt), Some(cpu), (variant == Variant::Vutap).then_some(vutap_cpu), None)
+                        Ok((g, rt, cpu)) => {
+                            (Some(g), Some(rt), Some(cpu.total_secs), (variant == Variant::Vutap).then_some(cpu.vutap_secs), None)
                         }
                         Err(e) => (None, None, None, None, Some(e)),
                     };

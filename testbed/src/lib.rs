@@ -11,6 +11,7 @@
 //!   serial console over a unix socket).
 //! - [`monitor`]: QEMU's human monitor over a unix socket (live migration).
 //! - [`scenario`]: one boot + ping + iperf3 run, shared by the e2e tests and `vutap-vm`.
+//! - [`host_cpu`]: CPU time of host processes and threads, and of a guest's network datapath.
 //! - [`link`]: MTU and IPv6 settings of interfaces made for a run.
 //! - [`frames`]: test frames (plain, UDP, TCP) with their checksums, and MAC parsing.
 //! - [`packet`]: AF_PACKET sockets on an interface of the host or of a namespace (the far end of
@@ -23,6 +24,7 @@ pub mod cmd;
 pub mod console;
 pub mod frames;
 pub mod guest;
+pub mod host_cpu;
 pub mod iperf;
 pub mod libvirt;
 pub mod link;

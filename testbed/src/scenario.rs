@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::guest::{Guest, GuestConfig, Nic, PingResult, QemuVersion, QueuePackets};
+use super::host_cpu::{CpuUsed, DatapathCpu};
 use super::iperf::IperfResult;
 use super::topo::{Tap, Topology};
 use super::vutap::Vutap;
@@ -60,6 +61,9 @@ pub struct Outcome {
     pub tx: IperfResult,
     /// Peer sends to the guest (`iperf3 -R`).
     pub rx: IperfResult,
+    /// Host CPU of the guest's datapath during each run ([`DatapathCpu`]).
+    pub tx_cpu: CpuUsed,
+    pub rx_cpu: CpuUsed,
     /// Packets each of the guest's queue pairs carried during the run (from `ethtool -S`).
     pub per_queue: Vec<QueuePackets>,
 }
@@ -86,7 +90,7 @@ impl Scenario {
                 Nic::VhostUser { socket, queues, mac: tap.mac.clone() }
             }
         };
-        let result = self.drive(topo, tap, name, nic, &dir);
+        let result = self.drive(topo, tap, name, nic, _vutap.as_ref(), &dir);
         match (result, &_vutap) {
             (Err(e), Some(v)) => Err(Error::Setup(format!("{e}\n--- vutap log ({}):\n{}", v.log.display(), tail(&v.log_text())))),
             (r, _) => r,
@@ -94,7 +98,7 @@ impl Scenario {
     }
 
     /// The guest part of [`Scenario::run`], once the backend is up.
-    fn drive(&self, topo: &Topology, tap: &Tap, name: &str, nic: Nic, dir: &std::path::Path) -> Result<Outcome> {
+    fn drive(&self, topo: &Topology, tap: &Tap, name: &str, nic: Nic, vutap: Option<&Vutap>, dir: &std::path::Path) -> Result<Outcome> {
         let queues = nic.queues();
         let mut guest = Guest::boot(GuestConfig::new(self.qemu, nic, dir.to_path_buf()))?;
         log::info!("{name}: booted in {:.1} s", guest.boot_time.as_secs_f64());
@@ -109,8 +113,12 @@ impl Scenario {
         let ping = guest.ping(topo.peer_ip, self.ping_count)?;
         let streams = if self.streams == 0 { queues } else { self.streams };
         let _server = topo.iperf_server(IPERF_PORT)?;
+        let cpu = |guest: &Guest| DatapathCpu::read([(guest, vutap)]);
+        let cpu_start = cpu(&guest);
         let tx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, false)?;
+        let cpu_between = cpu(&guest);
         let rx = guest.iperf3(topo.peer_ip, IPERF_PORT, self.iperf_secs, streams, true)?;
+        let (tx_cpu, rx_cpu) = (cpu_between.since(cpu_start), cpu(&guest).since(cpu_between));
         let after = guest.queue_packets()?;
         let per_queue = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
         let outcome = Outcome {
@@ -122,6 +130,8 @@ impl Scenario {
             ping,
             tx,
             rx,
+            tx_cpu,
+            rx_cpu,
             per_queue,
         };
         if let Err(e) = guest.shutdown(Duration::from_secs(10)) {

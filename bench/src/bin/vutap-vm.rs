@@ -116,6 +116,13 @@ struct Row {
     gbps: f64,
     /// vutap Gbit/s over qemu-tap Gbit/s for the same QEMU, queues and direction (vutap rows).
     ratio_vs_qemu_tap: Option<f64>,
+    /// Host CPU seconds of the datapath per GB received: vutap's processes plus QEMU's threads
+    /// but the vCPUs (`vutap_testbed::host_cpu::DatapathCpu`).
+    cpu_s_per_gb: Option<f64>,
+    /// The part of it vutap's processes used (vutap rows).
+    vutap_cpu_s_per_gb: Option<f64>,
+    /// `cpu_s_per_gb` over qemu-tap's for the same QEMU, queues and direction (vutap rows).
+    cpu_ratio_vs_qemu_tap: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -187,7 +194,7 @@ fn demo(args: DemoArgs) -> ExitCode {
             }
         }
     }
-    let rows = rows(&outcomes);
+    let rows = rows(&outcomes, f64::from(args.seconds));
     print_table(&rows);
     let report = Report { seconds: args.seconds, outcomes, rows, failures };
     let path = if args.json.is_absolute() { args.json.clone() } else { workspace_root().join(&args.json) };
@@ -206,13 +213,17 @@ fn demo(args: DemoArgs) -> ExitCode {
     }
 }
 
-fn rows(outcomes: &[Outcome]) -> Vec<Row> {
+fn rows(outcomes: &[Outcome], secs: f64) -> Vec<Row> {
     let gbps = |o: &Outcome, dir: &str| {
         if dir == "guest->peer" {
             o.tx.received_gbps
         } else {
             o.rx.received_gbps
         }
+    };
+    let cpu_per_gb = |o: &Outcome, dir: &str| {
+        let used = if dir == "guest->peer" { o.tx_cpu } else { o.rx_cpu };
+        used.per_gb(gbps(o, dir), secs)
     };
     let mut rows = Vec::new();
     for o in outcomes {
@@ -222,6 +233,11 @@ fn rows(outcomes: &[Outcome]) -> Vec<Row> {
                 (Backend::Vutap, Some(b)) if gbps(b, dir) > 0.0 => Some(gbps(o, dir) / gbps(b, dir)),
                 _ => None,
             };
+            let cpu = cpu_per_gb(o, dir);
+            let cpu_ratio = match (o.backend, cpu, baseline.and_then(|b| cpu_per_gb(b, dir))) {
+                (Backend::Vutap, Some((a, _)), Some((b, _))) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
             rows.push(Row {
                 backend: o.backend,
                 qemu: o.qemu.label(),
@@ -229,6 +245,9 @@ fn rows(outcomes: &[Outcome]) -> Vec<Row> {
                 direction: dir,
                 gbps: gbps(o, dir),
                 ratio_vs_qemu_tap: ratio,
+                cpu_s_per_gb: cpu.map(|(all, _)| all),
+                vutap_cpu_s_per_gb: cpu.filter(|_| o.backend == Backend::Vutap).map(|(_, vutap)| vutap),
+                cpu_ratio_vs_qemu_tap: cpu_ratio,
             });
         }
     }
@@ -236,15 +255,25 @@ fn rows(outcomes: &[Outcome]) -> Vec<Row> {
 }
 
 fn print_table(rows: &[Row]) {
-    println!("| backend | qemu | queues | direction | Gbit/s | vutap/qemu-tap |");
-    println!("|---|---|---|---|---|---|");
+    println!("| backend | qemu | queues | direction | Gbit/s | vutap/qemu-tap | CPU s/GB | CPU vutap/qemu-tap |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let two = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}"));
     for r in rows {
-        let ratio = r.ratio_vs_qemu_tap.map_or("-".to_string(), |x| format!("{x:.2}"));
+        let ratio = two(r.ratio_vs_qemu_tap);
+        let own = r.vutap_cpu_s_per_gb.map_or(String::new(), |x| format!(" (vutap {x:.2})"));
+        let cpu = format!("{}{own}", two(r.cpu_s_per_gb));
         let backend = match r.backend {
             Backend::Vutap => "vutap",
             Backend::QemuTap => "qemu-tap",
         };
-        println!("| {backend} | {} | {} | {} | {:.2} | {ratio} |", r.qemu, r.queues, r.direction, r.gbps);
+        println!(
+            "| {backend} | {} | {} | {} | {:.2} | {ratio} | {cpu} | {} |",
+            r.qemu,
+            r.queues,
+            r.direction,
+            r.gbps,
+            two(r.cpu_ratio_vs_qemu_tap)
+        );
     }
 }
 

@@ -10,17 +10,7 @@ use super::error::{LoadgenError, Result};
 use super::placement::Placement;
 use vutap_testbed::Vutap;
 
-/// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID" or "self/task/TID").
-pub fn cpu_ns(path: &str) -> u64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{path}/stat")) else { return 0 };
-    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0 };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1_000_000_000 / hz
-}
+pub use vutap_testbed::host_cpu::cpu_ns;
 
 /// A child process killed with SIGTERM, then SIGKILL, on drop.
 pub struct Proc {

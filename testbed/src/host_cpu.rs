@@ -1,0 +1,104 @@
+//! Host CPU time of processes and threads, from /proc: what a backend cost while a benchmark or
+//! an end-to-end run moved traffic through it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::Guest;
+use crate::vutap::Vutap;
+
+/// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID", "PID/task/TID" or
+/// "self/task/TID"), 0 if it cannot be read. Counts in clock ticks (10 ms); a whole process's
+/// figure includes its threads that have exited.
+pub fn cpu_ns(path: &str) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{path}/stat")) else { return 0 };
+    let Some(rest) = s.rsplit_once(')').map(|(_, r)| r) else { return 0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After ")": state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000_000 / hz
+}
+
+/// CPU time the network datapath of some guests has used so far, in ns: every vutap (all its
+/// threads) and every QEMU thread but the vCPUs ("CPU n/TCG", named so by
+/// `-name ...,debug-threads=on`), which run the guest itself, the same work whatever the
+/// backend. QEMU's own tap backend runs in those threads, and so does QEMU's delivery of a
+/// vhost-user backend's interrupts (under TCG there is no irqfd).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DatapathCpu {
+    qemu_ns: u64,
+    vutap_ns: u64,
+}
+
+/// What the datapath used over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuUsed {
+    /// vutap's processes plus QEMU's threads but the vCPUs, seconds.
+    pub total_secs: f64,
+    /// vutap's processes alone (0 with QEMU's tap backend), seconds.
+    pub vutap_secs: f64,
+}
+
+impl CpuUsed {
+    /// Seconds of (all of it, vutap's part) per GB, for `gbps` over `secs` (None without traffic).
+    pub fn per_gb(&self, gbps: f64, secs: f64) -> Option<(f64, f64)> {
+        let gb = gbps * secs / 8.0;
+        (gb > 0.0).then(|| (self.total_secs / gb, self.vutap_secs / gb))
+    }
+}
+
+impl DatapathCpu {
+    /// Reads it now for each guest and the vutap serving it, if any.
+    pub fn read<'a>(guests: impl IntoIterator<Item = (&'a Guest, Option<&'a Vutap>)>) -> DatapathCpu {
+        let mut cpu = DatapathCpu::default();
+        for (guest, vutap) in guests {
+            let pid = guest.pid();
+            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+                let task = format!("{pid}/task/{}", task.file_name().to_string_lossy());
+                let comm = std::fs::read_to_string(format!("/proc/{task}/comm")).unwrap_or_default();
+                if !comm.starts_with("CPU ") {
+                    cpu.qemu_ns += cpu_ns(&task);
+                }
+            }
+            if let Some(v) = vutap {
+                cpu.vutap_ns += cpu_ns(&v.pid().to_string());
+            }
+        }
+        cpu
+    }
+
+    /// What was used since `before`.
+    pub fn since(self, before: DatapathCpu) -> CpuUsed {
+        let qemu = self.qemu_ns.saturating_sub(before.qemu_ns) as f64 / 1e9;
+        let vutap = self.vutap_ns.saturating_sub(before.vutap_ns) as f64 / 1e9;
+        CpuUsed { total_secs: qemu + vutap, vutap_secs: vutap }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cpu_ns_counts_this_threads_work_and_zero_for_no_such_process() {
+        // SAFETY: gettid has no preconditions.
+        let me = format!("self/task/{}", unsafe { libc::gettid() });
+        let before = cpu_ns(&me);
+        let t0 = std::time::Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed() < std::time::Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_ns(&me) > before, "60 ms of spinning must show in 10 ms ticks");
+        assert_eq!(cpu_ns("0"), 0, "no /proc/0");
+    }
+
+    #[test]
+    fn test_cpu_used_per_gb() {
+        let used = CpuUsed { total_secs: 2.0, vutap_secs: 1.5 };
+        // 4 Gbit/s for 8 s = 4 GB.
+        assert_eq!(used.per_gb(4.0, 8.0), Some((0.5, 0.375)));
+        assert_eq!(used.per_gb(0.0, 8.0), None);
+    }
+}
