@@ -23,11 +23,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use vutap_testbed::guest::{Guest, GuestConfig, Nic, QemuVersion};
+use vutap_testbed::host_cpu::{self, DatapathCpu};
 use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
 use vutap_testbed::vutap::Vutap;
 use vutap_testbed::{log_dir, Error, Result};
-
-use vutap_testbed::host_cpu::DatapathCpu;
 
 /// Which of the seed's two measurements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,8 +167,8 @@ pub struct Cell {
     /// QEMU tap with `vectors=0` (only when run).
     pub qemu_tap_intx: Option<f64>,
     pub ratio_intx: Option<f64>,
-    /// Host CPU seconds of the datapath per GB the receiver got (median run): what moving the
-    /// bytes cost outside the guests' own CPUs.
+    /// Host CPU seconds of the datapath per GB the receiver got (median over the runs): what
+    /// moving the bytes cost outside the guests' own CPUs.
     #[serde(default)]
     pub vutap_cpu_per_gb: Option<f64>,
     /// The part of `vutap_cpu_per_gb` that vutap's processes used; the rest is QEMU's.
@@ -330,8 +329,7 @@ fn teardown(nodes: Vec<Node>) -> Vec<String> {
 /// Seconds of CPU `cpu` per GB received in run `m` of `seconds` (None without a rate or a CPU
 /// figure).
 fn per_gb(m: &Measurement, seconds: u32, cpu: Option<f64>) -> Option<f64> {
-    let gb = m.gbps? * f64::from(seconds) / 8.0;
-    (gb > 0.0).then_some(cpu? / gb)
+    host_cpu::per_gb(cpu?, m.gbps?, f64::from(seconds))
 }
 
 fn loadavg() -> f64 {

@@ -43,9 +43,14 @@ pub struct CpuUsed {
 impl CpuUsed {
     /// Seconds of (all of it, vutap's part) per GB, for `gbps` over `secs` (None without traffic).
     pub fn per_gb(&self, gbps: f64, secs: f64) -> Option<(f64, f64)> {
-        let gb = gbps * secs / 8.0;
-        (gb > 0.0).then(|| (self.total_secs / gb, self.vutap_secs / gb))
+        Some((per_gb(self.total_secs, gbps, secs)?, per_gb(self.vutap_secs, gbps, secs)?))
     }
+}
+
+/// `cpu_secs` per GB moved at `gbps` for `secs` (None without traffic).
+pub fn per_gb(cpu_secs: f64, gbps: f64, secs: f64) -> Option<f64> {
+    let gb = gbps * secs / 8.0;
+    (gb > 0.0).then(|| cpu_secs / gb)
 }
 
 impl DatapathCpu {
