@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use vutap_testbed::guest::{Guest, GuestConfig, Nic, QemuVersion};
-use vutap_testbed::host_cpu::{self, DatapathCpu};
+use vutap_testbed::host_cpu::{CpuUsed, DatapathCpu};
 use vutap_testbed::topo::{MacvtapMode, Tap, Topology};
 use vutap_testbed::vutap::Vutap;
 use vutap_testbed::{log_dir, Error, Result};
@@ -124,12 +124,9 @@ pub struct Measurement {
     pub error: Option<String>,
     /// Host load average (1 min) just before this run.
     pub loadavg: f64,
-    /// Host CPU seconds the network datapath used during the run ([`DatapathCpu`]).
+    /// Host CPU the network datapath used during the run ([`DatapathCpu`]).
     #[serde(default)]
-    pub datapath_cpu_secs: Option<f64>,
-    /// The part of it that vutap's processes used (None for QEMU's tap backend).
-    #[serde(default)]
-    pub vutap_cpu_secs: Option<f64>,
+    pub cpu: Option<CpuUsed>,
     /// 0-based repetition of the cell.
     pub round: u32,
 }
@@ -326,12 +323,6 @@ fn teardown(nodes: Vec<Node>) -> Vec<String> {
     totals
 }
 
-/// Seconds of CPU `cpu` per GB received in run `m` of `seconds` (None without a rate or a CPU
-/// figure).
-fn per_gb(m: &Measurement, seconds: u32, cpu: Option<f64>) -> Option<f64> {
-    host_cpu::per_gb(cpu?, m.gbps?, f64::from(seconds))
-}
-
 fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
@@ -445,11 +436,9 @@ fn run_block(
                         ),
                         Err(e) => eprintln!("   {path} {variant} {streams}s {}: FAILED {e}", direction.label(path)),
                     }
-                    let (gbps, retransmits, datapath_cpu_secs, vutap_cpu_secs, error) = match r {
-                        Ok((g, rt, cpu)) => {
-                            (Some(g), Some(rt), Some(cpu.total_secs), (variant == Variant::Vutap).then_some(cpu.vutap_secs), None)
-                        }
-                        Err(e) => (None, None, None, None, Some(e)),
+                    let (gbps, retransmits, cpu, error) = match r {
+                        Ok((g, rt, cpu)) => (Some(g), Some(rt), Some(cpu), None),
+                        Err(e) => (None, None, None, Some(e)),
                     };
                     measurements.push(Measurement {
                         path,
@@ -462,8 +451,7 @@ fn run_block(
                         retransmits,
                         error,
                         loadavg: load,
-                        datapath_cpu_secs,
-                        vutap_cpu_secs,
+                        cpu,
                         round,
                     });
                 }
@@ -511,8 +499,9 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
                     for &streams in &plan.streams {
                         let args = (path, qemu, queues, streams, direction);
                         let gbps = |m: &Measurement| m.gbps;
-                        let cpu = |m: &Measurement| per_gb(m, plan.seconds, m.datapath_cpu_secs);
-                        let vutap_cpu = |m: &Measurement| per_gb(m, plan.seconds, m.vutap_cpu_secs);
+                        let per_gb = |m: &Measurement| m.cpu?.per_gb(m.gbps?, f64::from(plan.seconds));
+                        let cpu = |m: &Measurement| per_gb(m).map(|(all, _)| all);
+                        let vutap_cpu = |m: &Measurement| per_gb(m).map(|(_, vutap)| vutap);
                         let get = |v, value: &dyn Fn(&Measurement) -> Option<f64>| find(args.0, args.1, v, args.2, args.3, args.4, value);
                         let (vutap, tap, intx) =
                             (get(Variant::Vutap, &gbps), get(Variant::QemuTap, &gbps), get(Variant::QemuTapIntx, &gbps));
@@ -855,8 +844,7 @@ mod tests {
             retransmits: Some(0),
             error: None,
             loadavg: 0.0,
-            datapath_cpu_secs: cpu,
-            vutap_cpu_secs: cpu.filter(|_| variant == Variant::Vutap).map(|c| c * 0.75),
+            cpu: cpu.map(|c| CpuUsed { total_secs: c, vutap_secs: if variant == Variant::Vutap { c * 0.75 } else { 0.0 } }),
             round,
         };
         // 8 s at 4 Gbit/s = 4 GB: 2 CPU-seconds are 0.5 s per GB.
@@ -896,7 +884,7 @@ mod tests {
         let old = r#"{"path": "Internal", "qemu": "V7", "variant": "Vutap", "queues": 1, "streams": 1, "direction": "Forward",
             "gbps": 2.86, "retransmits": 0, "error": null, "loadavg": 0.88, "round": 0}"#;
         let m: Measurement = serde_json::from_str(old).expect("old measurement");
-        assert_eq!((m.gbps, m.datapath_cpu_secs, m.vutap_cpu_secs), (Some(2.86), None, None));
+        assert_eq!((m.gbps, m.cpu), (Some(2.86), None));
     }
 
     #[test]
