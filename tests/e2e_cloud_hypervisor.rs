@@ -185,8 +185,8 @@ fn stalled_scenarios(console: &str) -> Vec<String> {
 const L1_ATTEMPTS: u32 = 3;
 
 /// Runs every scenario group; groups cut short by a failure of nested SVM (`nested_failure`)
-/// run again in a fresh L1, up to [`L1_ATTEMPTS`] runs in all. Returns the `CH_*` lines of each group's finished run, and the
-/// failures survived.
+/// run again in a fresh L1, up to [`L1_ATTEMPTS`] runs in all. Returns the `CH_*` lines of each
+/// group's finished run, and the failures survived.
 fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
     let mut kept = String::new();
     let mut survived = Vec::new();

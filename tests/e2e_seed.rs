@@ -1,8 +1,9 @@
 //! The short version of `vutap-vm seed` for CI: QEMU 10, 1 queue pair, 1 stream, 2 s
 //! per iperf3 run, both topologies (internal: guest to guest through a bridge-mode macvtap;
 //! external: guest to the peer netns), both backends (vutap, QEMU's tap backend), plus the VEPA
-//! isolation check. Every cell must produce a number and a datapath CPU figure, bridge-mode guests must reach each other,
-//! VEPA guests must not (until the far end hairpins). About 2 minutes on the 2-core host.
+//! isolation check. Every cell must produce a number and a datapath CPU figure, bridge-mode
+//! guests must reach each other, VEPA guests must not (until the far end hairpins). About 2
+//! minutes on the 2-core host.
 //!
 //! Needs root, `scripts/install-deps.sh` and a built `vutap` (`cargo build --release -p vutap`).
 

@@ -77,7 +77,7 @@ impl Scenario {
         let dir = log_dir(name)?;
         let queues = self.queues.max(1);
         // Keep vutap alive for the whole guest lifetime: declared before `guest`, dropped after.
-        let mut _vutap = None;
+        let mut vutap = None;
         let nic = match self.backend {
             Backend::QemuTap => Nic::QemuTap { tap_path: tap.dev.clone(), queues, mac: tap.mac.clone() },
             Backend::Vutap => {
@@ -86,12 +86,12 @@ impl Scenario {
                 let extra: Vec<&str> = self.vutap_args.iter().map(String::as_str).collect();
                 let v = Vutap::spawn(&socket, tap.dev.as_ref(), queues, &extra, &dir)
                     .map_err(|e| Error::Setup(format!("starting vutap on {tap_arg}: {e}")))?;
-                _vutap = Some(v);
+                vutap = Some(v);
                 Nic::VhostUser { socket, queues, mac: tap.mac.clone() }
             }
         };
-        let result = self.drive(topo, tap, name, nic, _vutap.as_ref(), &dir);
-        match (result, &_vutap) {
+        let result = self.drive(topo, tap, name, nic, vutap.as_ref(), &dir);
+        match (result, &vutap) {
             (Err(e), Some(v)) => Err(Error::Setup(format!("{e}\n--- vutap log ({}):\n{}", v.log.display(), tail(&v.log_text())))),
             (r, _) => r,
         }

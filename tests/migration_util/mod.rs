@@ -8,12 +8,12 @@ use std::thread::JoinHandle;
 
 pub use vutap_testbed::free_port;
 
-/// `"total time: 1305 ms"` (QEMU 7.2: `total time: 1305 milliseconds`) → 1305.
 /// The text a test's panic carried (`panic!` with a format gives a String, a literal a &str).
 pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
     panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("")
 }
 
+/// `"total time: 1305 ms"` (QEMU 7.2: `total time: 1305 milliseconds`) → 1305.
 pub fn field_ms(info: &str, key: &str) -> Option<u64> {
     let line = info.lines().find(|l| l.trim_start().to_lowercase().starts_with(key))?;
     line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()

@@ -20,7 +20,7 @@ fn thread_ns(tid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| super::procs::cpu_ns(&format!("self/task/{tid}")))
+        .unwrap_or_else(|| vutap_testbed::host_cpu::cpu_ns(&format!("self/task/{tid}")))
 }
 
 /// The load side's CPU over a window.

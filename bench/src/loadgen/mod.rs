@@ -38,7 +38,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use vutap_frontend::features::{NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
 use vutap_frontend::{mergeable, FrontendOptions, NetFrontend, VirtioNetHdr};
-use vutap_testbed::{frames, link, MacvtapMode, Topology};
+use vutap_testbed::{frames, host_cpu, link, MacvtapMode, Topology};
 
 use backend_counters::BackendCounters;
 pub use error::{LoadgenError, Result};
@@ -538,7 +538,7 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
 /// One round of a vhost case against a running vutap process.
 fn vutap_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, p: &procs::Proc, place: Option<&Placement>) -> Result<Window> {
     let pid = p.pid().to_string();
-    let cpu = || procs::cpu_ns(&pid);
+    let cpu = || host_cpu::cpu_ns(&pid);
     vhost_case(cfg, k, socket, far, &BackendSide::process(p.pid(), &cpu, p.metrics.as_deref(), k.pairs, place))
 }
 
@@ -582,7 +582,7 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
     let counters = Arc::new(Counters::default());
     let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let tid_cpu = |tids: &[Arc<std::sync::atomic::AtomicI32>]| {
-        tids.iter().map(|t| procs::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
+        tids.iter().map(|t| host_cpu::cpu_ns(&format!("self/task/{}", t.load(Ordering::Relaxed)))).sum::<u64>()
     };
     let tid_list = |tids: &[Arc<std::sync::atomic::AtomicI32>]| tids.iter().map(|t| t.load(Ordering::Relaxed)).collect::<Vec<i32>>();
     match k.dir {
@@ -858,7 +858,7 @@ fn dpdk_case(cfg: &Config, k: &CaseKey, socket: &Path, name: &str, log_dir: &Pat
         let pid = p.pid().to_string();
         // Its forwarding lcore polls, 100 % busy with or without traffic: its CPU cannot say
         // whether it was the limit, so only the load side's can (unbounded capacity).
-        let cpu = || procs::cpu_ns(&pid);
+        let cpu = || host_cpu::cpu_ns(&pid);
         let side = BackendSide { capacity: f64::INFINITY, ..BackendSide::process(p.pid(), &cpu, None, 1, place) };
         vhost_case(cfg, k, socket, &far, &side)
     });

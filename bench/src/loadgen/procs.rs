@@ -1,4 +1,4 @@
-//! Backend processes under test (vutap, DPDK testpmd) and CPU time from /proc.
+//! Backend processes under test (vutap, DPDK testpmd).
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use super::error::{LoadgenError, Result};
 use super::placement::Placement;
 use vutap_testbed::Vutap;
-
-pub use vutap_testbed::host_cpu::cpu_ns;
 
 /// A child process killed with SIGTERM, then SIGKILL, on drop.
 pub struct Proc {
