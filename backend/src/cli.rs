@@ -2,12 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use thiserror::Error;
 
 use crate::control::vhost_user::SocketMode;
+use crate::datapath::poll_window::PollPolicy;
 use crate::operations::sandbox::Seccomp;
 use crate::tap::{parse_mac, TapError, TapSpec};
 
@@ -112,6 +112,13 @@ pub struct Args {
     #[arg(long, default_value_t = 0, value_name = "US")]
     pub busy_poll_us: u32,
 
+    /// After a pass that moved frames, a worker polls for a window that follows the traffic, at
+    /// most this many microseconds (KVM's halt-polling rule): it grows while the next event came
+    /// soon after the last pass and shrinks to nothing when it came later than this, so sparse
+    /// traffic, and none, is not polled. 0: off. `--busy-poll-us` wins over it.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    pub adaptive_poll_us: u32,
+
     /// Write each TX batch to the tap, and read RX frames in runs, with one io_uring_enter instead
     /// of one write/writev/readv per frame (a ring per queue, restricted to reads and writes of
     /// that queue). Default: writev/readv.
@@ -130,8 +137,8 @@ pub struct Args {
 pub struct Policy {
     pub seccomp: Seccomp,
     pub exit_on_tap_loss: bool,
-    /// `--busy-poll-us`: how long a worker polls before it sleeps (zero: it does not).
-    pub busy_poll: Duration,
+    /// `--busy-poll-us`, `--adaptive-poll-us`: how long a worker polls before it sleeps.
+    pub poll: PollPolicy,
     /// `--io-uring`: TX batches and RX reads go through an io_uring.
     pub io_uring: bool,
 }
@@ -141,7 +148,7 @@ impl From<&Args> for Policy {
         Policy {
             seccomp: Seccomp::new(!args.no_seccomp),
             exit_on_tap_loss: args.exit_on_tap_loss,
-            busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
+            poll: PollPolicy::from_micros(args.busy_poll_us, args.adaptive_poll_us),
             io_uring: args.io_uring,
         }
     }
@@ -378,6 +385,7 @@ impl TryFrom<Args> for DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn args(extra: &[&str]) -> Args {
         let mut v = vec!["vutap", "--socket", "/tmp/s.sock", "--tap", "/dev/tap5"];
@@ -449,12 +457,14 @@ mod tests {
             DaemonConfig::try_from(Args::try_parse_from(v).unwrap()).unwrap()
         };
         let default = daemon(&[]);
-        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false, busy_poll: Duration::ZERO, io_uring: false });
+        assert_eq!(default.policy, Policy { seccomp: Seccomp::ON, exit_on_tap_loss: false, poll: PollPolicy::Off, io_uring: false });
         let relaxed = daemon(&["--no-seccomp", "--exit-on-tap-loss", "--busy-poll-us", "50", "--io-uring"]);
         assert_eq!(
             relaxed.policy,
-            Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true, busy_poll: Duration::from_micros(50), io_uring: true }
+            Policy { seccomp: Seccomp::OFF, exit_on_tap_loss: true, poll: PollPolicy::Fixed(Duration::from_micros(50)), io_uring: true }
         );
+        let adaptive = daemon(&["--adaptive-poll-us", "80"]);
+        assert_eq!(adaptive.policy.poll, PollPolicy::Adaptive { max: Duration::from_micros(80) });
         // Every device, the flag-given one and the --device one, carries the daemon's policy.
         assert!(relaxed.devices.iter().all(|d| d.config.policy == relaxed.policy));
         assert!(default.devices.iter().all(|d| d.config.policy == default.policy));

@@ -1,7 +1,8 @@
 //! The datapath: one worker thread per queue pair and the batch loops that move frames between
 //! guest memory and a tap queue.
 //!
-//! - [`worker`]: the epoll loop of one pair, scheduled by [`pair_state`]; [`tx`] and [`rx`]: the
+//! - [`worker`]: the epoll loop of one pair, scheduled by [`pair_state`], polling before it sleeps
+//!   as [`poll_window`] says; [`tx`] and [`rx`]: the
 //!   batch loops (RX holds popped chains in [`held_chains`]), stopping a ring on a
 //!   [`ring_error::RingError`].
 //! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked;
@@ -14,6 +15,7 @@ pub(crate) mod dirty_log;
 pub mod flat_mem;
 pub(crate) mod held_chains;
 pub(crate) mod pair_state;
+pub mod poll_window;
 pub(crate) mod read_window;
 pub mod ring_error;
 pub mod rx;

@@ -26,6 +26,7 @@ use crate::control::memory_guard::{FaultWatch, RangeGuard};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::pair_state::{PairState, RxState, TxState};
+use crate::datapath::poll_window::PollWindow;
 use crate::datapath::rx::{RxLoop, RxOutcome};
 use crate::datapath::tap_io::TapControl;
 use crate::datapath::tx::{TxLoop, TxOutcome};
@@ -178,7 +179,10 @@ impl<T: TapControl> PairLoop<T> {
         // RX kicks only matter when we run out of buffers; suppress them until then.
         let _ = self.setup.rx.queue.disable_notification(&self.mem);
         let mut events = vec![EpollEvent::default(); 8];
-        // Until when an idle worker keeps polling instead of sleeping (`--busy-poll-us`).
+        let mut poll = PollWindow::new(self.setup.policy.poll);
+        // Since when the worker has been idle after a pass that moved frames, and until when it
+        // keeps polling instead of sleeping.
+        let mut idle_since: Option<Instant> = None;
         let mut poll_until: Option<Instant> = None;
         loop {
             let polling = poll_until.is_some_and(|t| Instant::now() < t);
@@ -190,6 +194,11 @@ impl<T: TapControl> PairLoop<T> {
             };
             if n == 0 && polling && !self.state.has_pending_work() {
                 continue;
+            }
+            if let Some(since) = idle_since.take() {
+                if n > 0 {
+                    poll.record_gap(since.elapsed());
+                }
             }
             self.counts.wakeups += 1;
             for ev in &events[..n] {
@@ -224,8 +233,11 @@ impl<T: TapControl> PairLoop<T> {
             self.run_tx();
             self.run_rx();
             self.update_tap_interest(&epoll)?;
-            if !self.setup.policy.busy_poll.is_zero() && self.counts.tx_frames + self.counts.rx_frames > 0 {
-                poll_until = Some(Instant::now() + self.setup.policy.busy_poll);
+            if self.counts.tx_frames + self.counts.rx_frames > 0 {
+                let now = Instant::now();
+                idle_since = Some(now);
+                let window = poll.window();
+                poll_until = (!window.is_zero()).then(|| now + window);
             }
             self.setup.metrics.add(&self.counts);
             self.counts = PairCounts::default();

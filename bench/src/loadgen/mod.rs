@@ -196,6 +196,9 @@ pub struct LatencyResult {
     /// vutap's `--busy-poll-us` in this run (0: off; the other backends: always 0).
     #[serde(default)]
     pub busy_poll_us: u32,
+    /// vutap's `--adaptive-poll-us` in this run (0: off; the other backends: always 0).
+    #[serde(default)]
+    pub adaptive_poll_us: u32,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -465,8 +468,11 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// The busy-poll window of the latency runs of vutap with `--busy-poll-us`.
-const BUSY_POLL_US: u32 = 50;
+/// The poll window (fixed, or an adaptive one's maximum) of vutap's polling latency runs.
+const POLL_US: u32 = 50;
+
+/// The polling latency runs of vutap: `(--busy-poll-us, --adaptive-poll-us)`.
+const POLLED: [(u32, u32); 2] = [(POLL_US, 0), (0, POLL_US)];
 
 /// Whether the `--io-uring` variant runs for `pairs` (one-pair cells).
 fn io_uring_wanted(cfg: &Config, pairs: u16) -> bool {
@@ -477,17 +483,26 @@ fn io_uring_args() -> Vec<String> {
     vec!["--io-uring".into()]
 }
 
-fn busy_poll_args() -> Vec<String> {
-    vec!["--busy-poll-us".into(), BUSY_POLL_US.to_string()]
+fn poll_args((fixed, adaptive): (u32, u32)) -> Vec<String> {
+    vec!["--busy-poll-us".into(), fixed.to_string(), "--adaptive-poll-us".into(), adaptive.to_string()]
 }
 
-/// The ping-pong of a vutap started with [`busy_poll_args`].
-fn busy_poll_result(a: Arrangement, r: Result<Vec<u64>>) -> LatencyResult {
-    LatencyResult { busy_poll_us: BUSY_POLL_US, ..latency_result(a, Backend::Vutap, r) }
+/// The ping-pong of a vutap started with [`poll_args`]`(polled)`.
+fn polled_result(a: Arrangement, polled: (u32, u32), r: Result<Vec<u64>>) -> LatencyResult {
+    LatencyResult { busy_poll_us: polled.0, adaptive_poll_us: polled.1, ..latency_result(a, Backend::Vutap, r) }
 }
 
 fn latency_result(a: Arrangement, b: Backend, r: Result<Vec<u64>>) -> LatencyResult {
-    let mut out = LatencyResult { arrangement: a, backend: b, samples: 0, p50_us: 0.0, p99_us: 0.0, error: None, busy_poll_us: 0 };
+    let mut out = LatencyResult {
+        arrangement: a,
+        backend: b,
+        samples: 0,
+        p50_us: 0.0,
+        p99_us: 0.0,
+        error: None,
+        busy_poll_us: 0,
+        adaptive_poll_us: 0,
+    };
     match r {
         Ok(mut v) => {
             v.sort_unstable();
@@ -746,9 +761,11 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
         }
         drop(p);
         if cfg.latency && pairs == 1 {
-            let r = procs::vutap(sock_path, &spec, 1, log_dir, place.as_ref(), &busy_poll_args())
-                .and_then(|_polling| vhost_latency(cfg, sock_path, &far));
-            rep.latency.push(busy_poll_result(Arrangement::Macvtap, r));
+            for polled in POLLED {
+                let r = procs::vutap(sock_path, &spec, 1, log_dir, place.as_ref(), &poll_args(polled))
+                    .and_then(|_polling| vhost_latency(cfg, sock_path, &far));
+                rep.latency.push(polled_result(Arrangement::Macvtap, polled, r));
+            }
         }
     }
     Ok(())
@@ -830,10 +847,12 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             wait_gone(&uname);
         }
         if cfg.latency && pairs == 1 {
-            let r = procs::vutap(sock_path, &vname, 1, log_dir, place.as_ref(), &busy_poll_args())
-                .and_then(|_polling| vhost_latency(cfg, sock_path, &host_tap_far(&vname)?));
-            wait_gone(&vname);
-            rep.latency.push(busy_poll_result(Arrangement::Tap, r));
+            for polled in POLLED {
+                let r = procs::vutap(sock_path, &vname, 1, log_dir, place.as_ref(), &poll_args(polled))
+                    .and_then(|_polling| vhost_latency(cfg, sock_path, &host_tap_far(&vname)?));
+                wait_gone(&vname);
+                rep.latency.push(polled_result(Arrangement::Tap, polled, r));
+            }
         }
     }
     Ok(())

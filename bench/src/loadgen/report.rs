@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::profile::Bucket;
-use super::{Arrangement, Backend, CaseResult, Dir, Report, TSO_SIZE};
+use super::{Arrangement, Backend, CaseResult, Dir, LatencyResult, Report, TSO_SIZE};
 
 fn size_label(s: u32) -> String {
     if s == TSO_SIZE {
@@ -115,6 +115,15 @@ fn io_uring_table(s: &mut String, rep: &Report) {
         );
     }
     let _ = writeln!(s);
+}
+
+/// A latency row's vutap polling option, if it ran with one.
+fn poll_label(l: &LatencyResult) -> String {
+    match (l.busy_poll_us, l.adaptive_poll_us) {
+        (0, 0) => String::new(),
+        (0, max) => format!(" (--adaptive-poll-us {max})"),
+        (fixed, _) => format!(" (--busy-poll-us {fixed})"),
+    }
 }
 
 fn backend_label(b: Backend) -> &'static str {
@@ -315,7 +324,7 @@ pub fn markdown(rep: &Report) -> String {
                 "| {:?} | {:?}{} | {:.1} | {:.1} | {}{} |",
                 l.arrangement,
                 l.backend,
-                if l.busy_poll_us > 0 { format!(" (--busy-poll-us {})", l.busy_poll_us) } else { String::new() },
+                poll_label(l),
                 l.p50_us,
                 l.p99_us,
                 l.samples,
@@ -589,6 +598,30 @@ mod tests {
         assert!(md.contains("| Tap | Rx | 64 | 1 | mrg | vutap | 950 | 920 | 30 (3 %) | 120 | 800 | 0 | 30 | 0 |"), "{md}");
         assert!(md.contains("| Tap | Rx | 64 | 1 | - | raw loop | 800 | 800 | 0 (0 %) | 100 | 700 | 0 | 0 |"), "{md}");
         assert!(!md.contains("DPDK testpmd |"), "DPDK was not profiled");
+    }
+
+    #[test]
+    fn test_latency_rows_name_the_polling_option() {
+        let mut rep = report();
+        let row = |busy_poll_us, adaptive_poll_us, p50_us| LatencyResult {
+            arrangement: Arrangement::Tap,
+            backend: Backend::Vutap,
+            samples: 2000,
+            p50_us,
+            p99_us: 2.0 * p50_us,
+            error: None,
+            busy_poll_us,
+            adaptive_poll_us,
+        };
+        rep.latency = vec![row(0, 0, 80.0), row(50, 0, 25.0), row(0, 50, 27.5)];
+        let md = markdown(&rep);
+        assert!(md.contains("| Tap | Vutap | 80.0 | 160.0 | 2000 |"), "{md}");
+        assert!(md.contains("| Tap | Vutap (--busy-poll-us 50) | 25.0 | 50.0 | 2000 |"), "{md}");
+        assert!(md.contains("| Tap | Vutap (--adaptive-poll-us 50) | 27.5 | 55.0 | 2000 |"), "{md}");
+        // A run from before the adaptive option reads as not using it.
+        let old = r#"{"arrangement":"tap","backend":"vutap","samples":1,"p50_us":1.0,"p99_us":2.0,"error":null,"busy_poll_us":50}"#;
+        let l: LatencyResult = serde_json::from_str(old).expect("old latency row");
+        assert_eq!((l.busy_poll_us, l.adaptive_poll_us), (50, 0));
     }
 
     #[test]
