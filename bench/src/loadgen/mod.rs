@@ -177,12 +177,66 @@ pub struct CaseResult {
     /// vutap's counters over the window (vutap cells only).
     #[serde(default)]
     pub counters: Option<BackendCounters>,
-    /// Gbit/s of every round (the figures above are the median round's).
+    /// Gbit/s of every round, sorted (the figures above are the median round's).
     pub rounds_gbps: Vec<f64>,
+    /// Every round's figures in the order the rounds ran (`None`: the round failed), to compare
+    /// two backends round by round (see [`paired_ratio`]).
+    #[serde(default)]
+    pub rounds: Vec<Option<RoundFigures>>,
     /// With `--profile`: the backend's CPU ns per delivered frame by where it went.
     #[serde(default)]
     pub profile: Option<BTreeMap<profile::Bucket, f64>>,
     pub error: Option<String>,
+}
+
+/// One round's headline figures.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundFigures {
+    pub gbps: f64,
+    pub cpu_ns_per_frame: f64,
+}
+
+/// `a`'s figure over `b`'s, as the median of the rounds' ratios: each round puts the two side by
+/// side within seconds, so the host's drift between rounds, which moves a median round by up
+/// to ±30 %, mostly cancels. Falls back to the ratio of the median rounds when the two do not
+/// share a round (a run from before rounds were kept, or a different round count).
+pub fn paired_ratio(a: &CaseResult, b: &CaseResult, figure: fn(&RoundFigures) -> f64) -> Option<f64> {
+    let mut ratios: Vec<f64> = if a.rounds.len() == b.rounds.len() {
+        a.rounds.iter().zip(&b.rounds).filter_map(|(x, y)| Some(figure(x.as_ref()?) / figure(y.as_ref()?))).collect()
+    } else {
+        Vec::new()
+    };
+    ratios.retain(|r| r.is_finite() && *r > 0.0);
+    if ratios.is_empty() {
+        let (x, y) = (
+            figure(&RoundFigures { gbps: a.gbps, cpu_ns_per_frame: a.cpu_ns_per_frame }),
+            figure(&RoundFigures { gbps: b.gbps, cpu_ns_per_frame: b.cpu_ns_per_frame }),
+        );
+        return (x > 0.0 && y > 0.0).then(|| x / y);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = ratios.len();
+    Some(if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 })
+}
+
+/// One backend's rounds of a case: where its windows go, and how to measure one.
+type Turn<'a> = (&'a mut Vec<Result<Window>>, Box<dyn FnMut() -> Result<Window> + 'a>);
+
+/// Runs `rounds` rounds of a case, each backend once per round in [`turn_order`].
+fn take_turns(rounds: u32, mut turns: Vec<Turn>) {
+    for round in 0..rounds {
+        for i in turn_order(turns.len(), round) {
+            let (windows, measure) = &mut turns[i];
+            windows.push(measure());
+        }
+    }
+}
+
+/// The order the backends of a case take in round `round`: each round starts one further along,
+/// so no backend always runs first, or always right after another, and a drift across a round
+/// touches each alike over the rounds.
+fn turn_order(backends: usize, round: u32) -> impl Iterator<Item = usize> {
+    (0..backends).map(move |i| (i + round as usize) % backends)
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -398,6 +452,7 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
         load_limited: false,
         counters: None,
         rounds_gbps: Vec::new(),
+        rounds: Vec::new(),
         profile: None,
         error: None,
     };
@@ -447,6 +502,13 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
 /// The result of the median round by throughput (rounds that failed only count if all did).
 fn median_result(k: &CaseKey, rounds: Vec<Result<Window>>) -> CaseResult {
     let gbps = |w: &Window| w.d.delivered_bytes as f64 * 8.0 / w.secs / 1e9;
+    let figures: Vec<Option<RoundFigures>> = rounds
+        .iter()
+        .map(|w| {
+            let w = w.as_ref().ok().filter(|w| w.d.delivered_frames > 0)?;
+            Some(RoundFigures { gbps: gbps(w), cpu_ns_per_frame: w.cpu_ns as f64 / w.d.delivered_frames as f64 })
+        })
+        .collect();
     let (mut ok, errs): (Vec<_>, Vec<_>) = rounds.into_iter().partition(Result::is_ok);
     let mut ok: Vec<Window> = ok.drain(..).filter_map(Result::ok).collect();
     if ok.is_empty() {
@@ -457,6 +519,7 @@ fn median_result(k: &CaseKey, rounds: Vec<Result<Window>>) -> CaseResult {
     let mid = ok.swap_remove(ok.len() / 2);
     let mut r = result(k, Ok(mid));
     r.rounds_gbps = all;
+    r.rounds = figures;
     r
 }
 
@@ -731,18 +794,21 @@ fn run_macvtap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path)
             let ceiling = rxbuf != "nomrg";
             let uring = pu.as_ref();
             let (mut vs, mut us, mut cs) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..cfg.rounds {
-                vs.push(vutap_case(cfg, &kv, sock_path, &far, &p, place.as_ref()));
-                if let Some(pu) = uring {
-                    us.push(vutap_case(cfg, &ku, &uring_sock, &far, pu, place.as_ref()));
-                }
-                if ceiling {
-                    let w = raw::open_macvtap(&tap.dev, pairs)
-                        .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
-                        .and_then(|fds| ceiling_case(cfg, &kc, fds, &far, place.as_ref()));
-                    cs.push(w);
-                }
+            let mut turns: Vec<Turn> = vec![(&mut vs, Box::new(|| vutap_case(cfg, &kv, sock_path, &far, &p, place.as_ref())))];
+            if let Some(pu) = uring {
+                turns.push((&mut us, Box::new(|| vutap_case(cfg, &ku, &uring_sock, &far, pu, place.as_ref()))));
             }
+            if ceiling {
+                turns.push((
+                    &mut cs,
+                    Box::new(|| {
+                        raw::open_macvtap(&tap.dev, pairs)
+                            .map_err(|source| LoadgenError::OpenTap { what: tap.dev.display().to_string(), source })
+                            .and_then(|fds| ceiling_case(cfg, &kc, fds, &far, place.as_ref()))
+                    }),
+                ));
+            }
+            take_turns(cfg.rounds, turns);
             rep.cases.push(median_result(&kv, vs));
             if uring.is_some() {
                 rep.cases.push(median_result(&ku, us));
@@ -799,22 +865,26 @@ fn run_tap(cfg: &Config, rep: &mut Report, sock_path: &Path, log_dir: &Path, dpd
             let ceiling = rxbuf != "nomrg";
             let uring = pu.as_ref();
             let (mut vs, mut us, mut ds, mut cs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..cfg.rounds {
-                vs.push(vutap_case(cfg, &kv, sock_path, &vfar, &vp, place.as_ref()));
-                if let Some((pu, ufar)) = uring {
-                    us.push(vutap_case(cfg, &ku, &uring_sock, ufar, pu, place.as_ref()));
-                }
-                if dpdk {
-                    ds.push(dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()));
-                }
-                if ceiling {
-                    let w = raw::open_tap(&cname, pairs)
-                        .map_err(|source| LoadgenError::OpenTap { what: format!("new tap {cname}"), source })
-                        .and_then(|fds| ceiling_case(cfg, &kc, fds, &host_tap_far(&cname)?, place.as_ref()));
-                    wait_gone(&cname);
-                    cs.push(w);
-                }
+            let mut turns: Vec<Turn> = vec![(&mut vs, Box::new(|| vutap_case(cfg, &kv, sock_path, &vfar, &vp, place.as_ref())))];
+            if let Some((pu, ufar)) = uring {
+                turns.push((&mut us, Box::new(|| vutap_case(cfg, &ku, &uring_sock, ufar, pu, place.as_ref()))));
             }
+            if dpdk {
+                turns.push((&mut ds, Box::new(|| dpdk_case(cfg, &kd, &dpdk_sock, &dname, log_dir, place.as_ref()))));
+            }
+            if ceiling {
+                turns.push((
+                    &mut cs,
+                    Box::new(|| {
+                        let w = raw::open_tap(&cname, pairs)
+                            .map_err(|source| LoadgenError::OpenTap { what: format!("new tap {cname}"), source })
+                            .and_then(|fds| ceiling_case(cfg, &kc, fds, &host_tap_far(&cname)?, place.as_ref()));
+                        wait_gone(&cname);
+                        w
+                    }),
+                ));
+            }
+            take_turns(cfg.rounds, turns);
             rep.cases.push(median_result(&kv, vs));
             if uring.is_some() {
                 rep.cases.push(median_result(&ku, us));
@@ -941,5 +1011,75 @@ impl PinnedFor {
 impl Drop for PinnedFor {
     fn drop(&mut self) {
         let _ = placement::pin_current_thread(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(gbps: f64, cpu: f64, rounds: &[Option<(f64, f64)>]) -> CaseResult {
+        let mut c = result(
+            &CaseKey { arrangement: Arrangement::Tap, backend: Backend::Vutap, dir: Dir::Tx, size: 1500, pairs: 1, rxbuf: "-" },
+            Err(LoadgenError::NoRounds),
+        );
+        (c.gbps, c.cpu_ns_per_frame, c.error) = (gbps, cpu, None);
+        c.rounds = rounds.iter().map(|r| r.map(|(gbps, cpu_ns_per_frame)| RoundFigures { gbps, cpu_ns_per_frame })).collect();
+        c
+    }
+
+    fn cpu(r: &RoundFigures) -> f64 {
+        r.cpu_ns_per_frame
+    }
+
+    #[test]
+    fn test_paired_ratio_is_the_median_of_each_rounds_ratio() {
+        // The host slowed down in round 2 for both: each round says 1.10, the medians 1.50.
+        let a = cell(5.0, 3300.0, &[Some((6.0, 2200.0)), Some((4.0, 3300.0)), Some((5.0, 2750.0))]);
+        let b = cell(5.0, 2200.0, &[Some((6.0, 2000.0)), Some((4.0, 3000.0)), Some((5.0, 2500.0))]);
+        assert!((paired_ratio(&a, &b, cpu).unwrap() - 1.10).abs() < 1e-9);
+        assert!((paired_ratio(&a, &b, |r| r.gbps).unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn test_paired_ratio_skips_failed_rounds_and_takes_the_middle_of_an_even_count() {
+        let a = cell(5.0, 1000.0, &[Some((1.0, 1200.0)), None, Some((1.0, 1400.0))]);
+        let b = cell(5.0, 1000.0, &[Some((1.0, 1000.0)), Some((1.0, 1000.0)), Some((1.0, 1000.0))]);
+        assert!((paired_ratio(&a, &b, cpu).unwrap() - 1.30).abs() < 1e-9);
+    }
+
+    #[test]
+    fn test_paired_ratio_falls_back_to_the_median_rounds_without_shared_rounds() {
+        let a = cell(5.0, 1500.0, &[]);
+        let b = cell(5.0, 1000.0, &[Some((1.0, 900.0))]);
+        assert!((paired_ratio(&a, &b, cpu).unwrap() - 1.5).abs() < 1e-9);
+        let dead = cell(0.0, 0.0, &[]);
+        assert_eq!(paired_ratio(&a, &dead, cpu), None);
+    }
+
+    #[test]
+    fn test_turn_order_rotates_so_each_backend_leads_a_round() {
+        let orders: Vec<Vec<usize>> = (0..4).map(|r| turn_order(3, r).collect()).collect();
+        assert_eq!(orders, vec![vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]]);
+        let (mut a, mut b, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+        let log = std::cell::RefCell::new(&mut seen);
+        let mut turns: Vec<Turn> = Vec::new();
+        turns.push((
+            &mut a,
+            Box::new(|| {
+                log.borrow_mut().push('a');
+                Err(LoadgenError::NoRounds)
+            }),
+        ));
+        turns.push((
+            &mut b,
+            Box::new(|| {
+                log.borrow_mut().push('b');
+                Err(LoadgenError::NoRounds)
+            }),
+        ));
+        take_turns(3, turns);
+        assert_eq!((a.len(), b.len()), (3, 3));
+        assert_eq!(seen, vec!['a', 'b', 'b', 'a', 'a', 'b']);
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::profile::Bucket;
-use super::{Arrangement, Backend, CaseResult, Dir, LatencyResult, Report, TSO_SIZE};
+use super::{paired_ratio, Arrangement, Backend, CaseResult, Dir, LatencyResult, Report, TSO_SIZE};
 
 fn size_label(s: u32) -> String {
     if s == TSO_SIZE {
@@ -29,17 +29,18 @@ fn drops(c: Option<&CaseResult>) -> String {
     c.filter(|c| c.mpps > 0.0 || c.offered_mpps > 0.0).map(|c| format!("{:.1}%", c.drop_pct)).unwrap_or("–".into())
 }
 
+/// `a`'s throughput over `b`'s, round by round ([`paired_ratio`]).
 fn ratio(a: Option<&CaseResult>, b: Option<&CaseResult>, pct: bool) -> String {
-    match (a, b) {
-        (Some(a), Some(b)) if b.gbps > 0.0 && a.gbps > 0.0 => {
-            if pct {
-                format!("{:.0}%", 100.0 * a.gbps / b.gbps)
-            } else {
-                format!("{:.2}x", a.gbps / b.gbps)
-            }
-        }
-        _ => "–".into(),
+    match a.zip(b).and_then(|(a, b)| paired_ratio(a, b, |r| r.gbps)) {
+        Some(r) if pct => format!("{:.0}%", 100.0 * r),
+        Some(r) => format!("{r:.2}x"),
+        None => "–".into(),
     }
+}
+
+/// `a`'s CPU per frame over `b`'s, round by round ([`paired_ratio`]).
+fn cpu_ratio(a: Option<&CaseResult>, b: Option<&CaseResult>) -> String {
+    a.zip(b).and_then(|(a, b)| paired_ratio(a, b, |r| r.cpu_ns_per_frame)).map_or("–".into(), |r| format!("{r:.2}"))
 }
 
 /// vutap's counters: frames per batch, kicks, interrupts and wake-ups per frame, RX no-buffer
@@ -92,10 +93,7 @@ fn io_uring_table(s: &mut String, rep: &Report) {
     for u in cells {
         let v = rep.find(u.arrangement, Backend::Vutap, u.dir, u.size, u.pairs, u.rxbuf);
         let c = rep.find(u.arrangement, Backend::Ceiling, u.dir, u.size, u.pairs, "-");
-        let per_frame = match v {
-            Some(v) if v.cpu_ns_per_frame > 0.0 && u.cpu_ns_per_frame > 0.0 => format!("{:.2}", u.cpu_ns_per_frame / v.cpu_ns_per_frame),
-            _ => "–".into(),
-        };
+        let per_frame = cpu_ratio(Some(u), v);
         let wakeups =
             |c: Option<&CaseResult>| c.and_then(|c| c.counters).map(|k| format!("{:.3}", k.wakeups_per_frame)).unwrap_or("–".into());
         let _ = writeln!(
@@ -242,7 +240,7 @@ fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
 pub fn markdown(rep: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# vutap-bench ({})\n", rep.host);
-    let _ = writeln!(s, "Cells are `Gbit/s / Mpps` delivered and verified at the receiving end; CPU = backend process (or raw-loop threads) CPU ns per delivered frame; drops = offered − delivered.\n");
+    let _ = writeln!(s, "Cells are `Gbit/s / Mpps` delivered and verified at the receiving end; CPU = backend process (or raw-loop threads) CPU ns per delivered frame; drops = offered − delivered. The backends of a case take turns, each round starting with the next one; cells are each backend's median round, ratios the median of the rounds' ratios (the two backends within seconds of each other).\n");
     for arr in [Arrangement::Macvtap, Arrangement::Tap] {
         let r = rows(rep, arr);
         if r.is_empty() {
@@ -263,8 +261,8 @@ pub fn markdown(rep: &Report) -> String {
             head += " DPDK | DPDK CPU ns/f | DPDK drops |";
             sep += "---|---|---|";
         }
-        head += " ceiling | ceiling CPU ns/f | vutap % ceiling |";
-        sep += "---|---|---|";
+        head += " ceiling | ceiling CPU ns/f | vutap % ceiling | vutap CPU ÷ ceiling CPU |";
+        sep += "---|---|---|---|";
         if dpdk {
             head += " vutap / DPDK |";
             sep += "---|";
@@ -285,7 +283,7 @@ pub fn markdown(rep: &Report) -> String {
             if dpdk {
                 let _ = write!(line, " {} | {} | {} |", cell(d), cpu(d), drops(d));
             }
-            let _ = write!(line, " {} | {} | {} |", cell(c), cpu(c), ratio(v, c, true));
+            let _ = write!(line, " {} | {} | {} | {} |", cell(c), cpu(c), ratio(v, c, true), cpu_ratio(v, c));
             if dpdk {
                 let _ = write!(line, " {} |", ratio(v, d, false));
             }
@@ -514,6 +512,7 @@ fn nice(v: f64) -> f64 {
 mod tests {
     use super::super::backend_counters::BackendCounters;
     use super::super::load_cpu::LoadCpu;
+    use super::super::RoundFigures;
     use super::*;
 
     fn case(backend: Backend, dir: Dir, size: u32, rxbuf: &'static str, mpps: f64) -> CaseResult {
@@ -546,6 +545,7 @@ mod tests {
                 BackendCounters::between(&before, &after, dir)
             }),
             rounds_gbps: Vec::new(),
+            rounds: Vec::new(),
             profile: None,
             error: None,
         }
@@ -598,6 +598,20 @@ mod tests {
         assert!(md.contains("| Tap | Rx | 64 | 1 | mrg | vutap | 950 | 920 | 30 (3 %) | 120 | 800 | 0 | 30 | 0 |"), "{md}");
         assert!(md.contains("| Tap | Rx | 64 | 1 | - | raw loop | 800 | 800 | 0 (0 %) | 100 | 700 | 0 | 0 |"), "{md}");
         assert!(!md.contains("DPDK testpmd |"), "DPDK was not profiled");
+    }
+
+    #[test]
+    fn test_ratios_compare_round_by_round() {
+        let mut rep = report();
+        let rounds = |v: &[(f64, f64)]| v.iter().map(|&(gbps, cpu_ns_per_frame)| Some(RoundFigures { gbps, cpu_ns_per_frame })).collect();
+        // The host was slower in the second round, but each round says vutap costs 1.10x the
+        // ceiling's CPU and moves 0.90x its frames, whatever the cells' own figures (their median
+        // rounds: 2500 against 1667 ns here) would give.
+        rep.cases[0].rounds = rounds(&[(0.45, 1100.0), (0.30, 1650.0), (0.40, 1320.0)]);
+        rep.cases[2].rounds = rounds(&[(0.50, 1000.0), (0.333, 1500.0), (0.444, 1200.0)]);
+        let md = markdown(&rep);
+        let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg |")).expect("64 B row");
+        assert!(row.ends_with("| 90% | 1.10 | 8.00x |"), "{row}");
     }
 
     #[test]
