@@ -195,6 +195,52 @@ fn rows(rep: &Report, arr: Arrangement) -> Vec<(Dir, u32, u16, &'static str)> {
     v
 }
 
+/// Every one-pair cell in one table: vutap against the raw loop, DPDK and its own `--io-uring`
+/// variant, ratios round by round (the README's benchmark table).
+fn summary_table(s: &mut String, rep: &Report) {
+    let mut cells: Vec<&CaseResult> = rep.cases.iter().filter(|c| c.backend == Backend::Vutap && c.pairs == 1).collect();
+    if cells.is_empty() {
+        return;
+    }
+    cells.sort_by_key(|c| (c.arrangement as u8, c.dir as u8, c.rxbuf, c.size));
+    let _ = writeln!(
+        s,
+        "## One queue pair, every cell\n\n*ns/f* = the backend's CPU per delivered frame; *vutap CPU ÷ ceiling CPU* = the cost vutap adds \
+         over a raw `write`/`read` loop (1.00 = none); *io_uring* = the `--io-uring` cell, its ns/f and its CPU ÷ the plain path's; \
+         *load-limited* = the load generator, not vutap, was the limit.\n\n\
+         | arrangement | dir | size | vutap Gbit/s | vutap ns/f | ceiling Gbit/s | ceiling ns/f | vutap CPU ÷ ceiling CPU | DPDK Gbit/s | \
+         vutap / DPDK | io_uring ns/f (÷ plain) | load-limited |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    let gbps = |c: Option<&CaseResult>| c.filter(|c| c.gbps > 0.0).map_or("–".into(), |c| format!("{:.2}", c.gbps));
+    for v in cells {
+        let find = |b: Backend, rxbuf: &str| rep.find(v.arrangement, b, v.dir, v.size, 1, rxbuf);
+        let (c, d, u) = (find(Backend::Ceiling, "-"), find(Backend::Dpdk, v.rxbuf), find(Backend::VutapIoUring, v.rxbuf));
+        let dir = match v.dir {
+            Dir::Tx => "TX".to_string(),
+            Dir::Rx => format!("RX {}", v.rxbuf),
+        };
+        let uring = match u.filter(|u| u.mpps > 0.0) {
+            Some(u) => format!("{} ({})", cpu(Some(u)), cpu_ratio(Some(u), Some(v))),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {dir} | {} | {} | {} | {} | {} | {} | {} | {} | {uring} | {} |",
+            format!("{:?}", v.arrangement).to_lowercase(),
+            size_label(v.size),
+            gbps(Some(v)),
+            cpu(Some(v)),
+            gbps(c),
+            cpu(c),
+            cpu_ratio(Some(v), c),
+            gbps(d),
+            if d.is_some_and(|d| d.gbps > 0.0) { ratio(Some(v), d, false).replace('x', "×") } else { "–".into() },
+            if v.load_limited { "yes" } else { "" }
+        );
+    }
+    let _ = writeln!(s);
+}
+
 /// Why each cell ran at its speed: vutap's counters, offered vs delivered, and the CPU of both
 /// sides (the load side is this process's frontend driver and far-end threads).
 fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
@@ -292,6 +338,7 @@ pub fn markdown(rep: &Report) -> String {
         let _ = writeln!(s);
         explain(&mut s, rep, arr, dpdk);
     }
+    summary_table(&mut s, rep);
     io_uring_table(&mut s, rep);
     profile_table(&mut s, rep);
     // Scaling: N pairs vs 1 pair.
@@ -612,6 +659,19 @@ mod tests {
         let md = markdown(&rep);
         let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg |")).expect("64 B row");
         assert!(row.ends_with("| 90% | 1.10 | 8.00x |"), "{row}");
+    }
+
+    #[test]
+    fn test_summary_table_has_a_row_per_one_pair_vutap_cell() {
+        let mut rep = report();
+        let mut uring = case(Backend::VutapIoUring, Dir::Rx, 64, "mrg", 0.5);
+        uring.cpu_ns_per_frame = 2000.0;
+        rep.cases.push(uring);
+        let md = markdown(&rep);
+        assert!(md.contains("| arrangement | dir | size | vutap Gbit/s | vutap ns/f |"), "{md}");
+        // vutap 2500 ns/f against the ceiling's 1667, 8x DPDK, io_uring 2000 ns/f = 0.80x plain.
+        assert!(md.contains("| tap | RX mrg | 64 | 0.20 | 2500 | 0.31 | 1667 | 1.50 | 0.03 | 8.00× | 2000 (0.80) | yes |"), "{md}");
+        assert!(md.contains("| tap | RX mrg | 1500 | 4.80 | 2500 | 7.20 | 1667 | 1.50 | 0.60 | 8.00× | – | yes |"), "{md}");
     }
 
     #[test]
