@@ -56,6 +56,11 @@ impl PollWindow {
         PollWindow { policy, current }
     }
 
+    /// Whether the worker ever polls (if not, it need not time its idle gaps).
+    pub fn is_off(&self) -> bool {
+        self.policy == PollPolicy::Off
+    }
+
     /// How long to poll after a pass that moved frames (zero: sleep at once).
     pub fn window(&self) -> Duration {
         self.current
@@ -100,6 +105,7 @@ mod tests {
     fn test_off_and_fixed_windows_never_change() {
         let mut off = PollWindow::new(PollPolicy::Off);
         let mut fixed = PollWindow::new(PollPolicy::Fixed(us(30)));
+        assert!(off.is_off() && !fixed.is_off());
         for gap in [1, 5, 25, 40, 1000, 3] {
             off.record_gap(us(gap));
             fixed.record_gap(us(gap));

@@ -233,7 +233,7 @@ impl<T: TapControl> PairLoop<T> {
             self.run_tx();
             self.run_rx();
             self.update_tap_interest(&epoll)?;
-            if self.counts.tx_frames + self.counts.rx_frames > 0 {
+            if !poll.is_off() && self.counts.tx_frames + self.counts.rx_frames > 0 {
                 let now = Instant::now();
                 idle_since = Some(now);
                 let window = poll.window();
