@@ -339,6 +339,18 @@ struct Window {
     profile: Option<BTreeMap<profile::Bucket, u64>>,
 }
 
+impl Window {
+    fn gbps(&self) -> f64 {
+        self.d.delivered_bytes as f64 * 8.0 / self.secs / 1e9
+    }
+
+    /// Gbit/s and CPU per frame, if any frame arrived.
+    fn figures(&self) -> Option<RoundFigures> {
+        let frames = self.d.delivered_frames;
+        (frames > 0).then(|| RoundFigures { gbps: self.gbps(), cpu_ns_per_frame: self.cpu_ns as f64 / frames as f64 })
+    }
+}
+
 /// How the backend of a case is read, besides the far side's counters.
 struct BackendSide<'a> {
     /// Its CPU time in ns.
@@ -461,13 +473,13 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
         Ok(w) => {
             let d = &w.d;
             r.secs = w.secs;
-            r.gbps = d.delivered_bytes as f64 * 8.0 / w.secs / 1e9;
+            r.gbps = w.gbps();
             r.mpps = d.delivered_frames as f64 / w.secs / 1e6;
             r.offered_mpps = d.offered_frames as f64 / w.secs / 1e6;
             r.drops = d.offered_frames.saturating_sub(d.delivered_frames);
             r.drop_pct = if d.offered_frames > 0 { 100.0 * r.drops as f64 / d.offered_frames as f64 } else { 0.0 };
             r.bad = d.bad;
-            r.cpu_ns_per_frame = if d.delivered_frames > 0 { w.cpu_ns as f64 / d.delivered_frames as f64 } else { 0.0 };
+            r.cpu_ns_per_frame = w.figures().map_or(0.0, |f| f.cpu_ns_per_frame);
             r.cpu_cores = w.cpu_ns as f64 / 1e9 / w.secs;
             (r.load, r.load_cpus, r.load_limited, r.counters) = (w.load, w.load_cpus, w.load_limited, w.counters);
             r.profile = w.profile.as_ref().filter(|_| d.delivered_frames > 0).map(|samples| {
@@ -501,21 +513,14 @@ fn result(k: &CaseKey, w: Result<Window>) -> CaseResult {
 
 /// The result of the median round by throughput (rounds that failed only count if all did).
 fn median_result(k: &CaseKey, rounds: Vec<Result<Window>>) -> CaseResult {
-    let gbps = |w: &Window| w.d.delivered_bytes as f64 * 8.0 / w.secs / 1e9;
-    let figures: Vec<Option<RoundFigures>> = rounds
-        .iter()
-        .map(|w| {
-            let w = w.as_ref().ok().filter(|w| w.d.delivered_frames > 0)?;
-            Some(RoundFigures { gbps: gbps(w), cpu_ns_per_frame: w.cpu_ns as f64 / w.d.delivered_frames as f64 })
-        })
-        .collect();
+    let figures: Vec<Option<RoundFigures>> = rounds.iter().map(|w| w.as_ref().ok().and_then(Window::figures)).collect();
     let (mut ok, errs): (Vec<_>, Vec<_>) = rounds.into_iter().partition(Result::is_ok);
     let mut ok: Vec<Window> = ok.drain(..).filter_map(Result::ok).collect();
     if ok.is_empty() {
         return result(k, errs.into_iter().next().unwrap_or(Err(LoadgenError::NoRounds)));
     }
-    ok.sort_by(|a, b| gbps(a).total_cmp(&gbps(b)));
-    let all: Vec<f64> = ok.iter().map(|w| (gbps(w) * 1000.0).round() / 1000.0).collect();
+    ok.sort_by(|a, b| a.gbps().total_cmp(&b.gbps()));
+    let all: Vec<f64> = ok.iter().map(|w| (w.gbps() * 1000.0).round() / 1000.0).collect();
     let mid = ok.swap_remove(ok.len() / 2);
     let mut r = result(k, Ok(mid));
     r.rounds_gbps = all;
