@@ -234,7 +234,7 @@ fn summary_table(s: &mut String, rep: &Report) {
             cpu(c),
             cpu_ratio(Some(v), c),
             gbps(d),
-            if d.is_some_and(|d| d.gbps > 0.0) { ratio(Some(v), d, false).replace('x', "×") } else { "–".into() },
+            ratio(Some(v), d, false).replace('x', "×"),
             if v.load_limited { "yes" } else { "" }
         );
     }
