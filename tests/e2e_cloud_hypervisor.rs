@@ -22,8 +22,9 @@
 //! (its console heartbeat falls silent and L1 reports `l2_stalled`), or an L2 triple-faults and
 //! does not finish (cloud-hypervisor: "Guest likely triple-faulted", L1 reports `l2_resets`;
 //! seen in CI while CH's own backend served L2). The scenario groups such a failure cut short
-//! run again in a fresh L1, at most twice (CI once saw a reset and then a crash in a row); a
-//! third failure fails the test.
+//! (each baseline is a group of its own) run again in a fresh L1, up to five times while the L1
+//! runs so far took under 9 minutes (CI once met a stall, a triple fault and a kernel crash in a
+//! row); a failure past that fails the test.
 //! `VUTAP_CH_CRASH_L1=GROUP` crashes the first L1 as GROUP starts, `VUTAP_CH_STALL_L2=SCENARIO`
 //! freezes that scenario's cloud-hypervisor, to exercise those paths.
 
@@ -58,14 +59,14 @@ impl Drop for L1 {
     }
 }
 
-/// Boots L1 and waits for it to power off; returns its serial console.
 /// Where scripts/build-l1.sh puts the L1 initramfs: `$VUTAP_L1_DIR`, else `.deps/l1`.
 fn l1_dir() -> PathBuf {
     std::env::var_os("VUTAP_L1_DIR").map_or_else(|| repo_root().join(".deps/l1"), PathBuf::from)
 }
 
+/// Boots L1 and waits for it to power off; returns its serial console and how long it ran.
 /// `faults` goes on L1's command line as is (`ch_crash_in=...`, `ch_stall_in=...`).
-fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> String {
+fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> (String, Duration) {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
     let console = log_dir.join(if only.is_empty() { "l1-console.log".to_string() } else { format!("l1-console-{only}.log") });
@@ -100,19 +101,19 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> Str
     };
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     eprintln!("L1 ran {:.0} s ({status})", start.elapsed().as_secs_f64());
-    text
+    (text, start.elapsed())
 }
 
 /// The scenario groups of scripts/l1-init, each announced by `CH_GROUP_DONE <group>` when it ends.
-const GROUPS: &[&str] = &["1q", "restart", "2q", "baselines"];
+/// Each baseline is a group of its own: a failure of nested SVM reruns only the boot it hit.
+const GROUPS: &[&str] = &["1q", "restart", "2q", "ch-vhost-user-net", "ch-tap", "ch-fd"];
 
 fn group_of(scenario: &str) -> Option<&'static str> {
     match scenario {
         "vutap-1q" | "vutap-reboot" => Some("1q"),
         "vutap-restart" => Some("restart"),
         "vutap-2q" => Some("2q"),
-        s if s.starts_with("ch-") => Some("baselines"),
-        _ => None,
+        s => GROUPS.iter().copied().find(|g| *g == s),
     }
 }
 
@@ -180,17 +181,22 @@ fn stalled_scenarios(console: &str) -> Vec<String> {
         .collect()
 }
 
-/// L1 runs one test may take: the first, and a fresh one for each failure of nested SVM but the
-/// last. Each costs up to ~3 minutes of CI.
-const L1_ATTEMPTS: u32 = 3;
+/// How many L1 runs one test may take: the first, and a fresh one for each failure of nested SVM.
+const L1_ATTEMPTS: u32 = 6;
+
+/// A fresh L1 starts only while the L1 runs so far took less than this in all, which keeps the
+/// test inside CI's time (a rerun of one group takes ~1-2 minutes, the whole set ~5).
+const RERUN_BUDGET: Duration = Duration::from_secs(9 * 60);
 
 /// Runs every scenario group; groups cut short by a failure of nested SVM (`nested_failure`)
-/// run again in a fresh L1, up to [`L1_ATTEMPTS`] runs in all. Returns the `CH_*` lines of each
+/// run again in a fresh L1 while [`L1_ATTEMPTS`] and [`RERUN_BUDGET`] allow. `boot(only, faults)`
+/// runs one L1 and returns its console and how long it ran. Returns the `CH_*` lines of each
 /// group's finished run, and the failures survived.
-fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
+fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> (String, Vec<String>) {
     let mut kept = String::new();
     let mut survived = Vec::new();
     let mut pending: Vec<&str> = GROUPS.to_vec();
+    let mut spent = Duration::ZERO;
     for attempt in 0..L1_ATTEMPTS {
         let only = if attempt == 0 { String::new() } else { pending.join(",") };
         // The forced faults apply to the first L1 only: they show the rerun path works.
@@ -200,7 +206,8 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
         } else {
             String::new()
         };
-        let console = run_l1(log_dir, secs, reps, &only, &faults);
+        let (console, took) = boot(&only, &faults);
+        spent += took;
         let cut_short = cut_short_scenarios(&console);
         let cut_short_group = |g: &str| cut_short.iter().any(|s| group_of(s) == Some(g));
         let done = |g: &str| console.lines().any(|l| l.trim_end() == format!("CH_GROUP_DONE {g}")) && !cut_short_group(g);
@@ -224,10 +231,14 @@ fn run_groups(log_dir: &Path, secs: u32, reps: u32) -> (String, Vec<String>) {
             return (kept, survived);
         }
         let failure = nested_failure(&console);
+        let may_rerun = attempt + 1 < L1_ATTEMPTS && spent < RERUN_BUDGET;
         assert!(
-            failure.is_some() && attempt + 1 < L1_ATTEMPTS,
-            "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}); console:\n{console}",
-            failure.as_deref().unwrap_or("no crash, reset or stall seen")
+            failure.is_some() && may_rerun,
+            "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}; {} L1 run(s) in {:.0} s, \
+             failures survived before: {survived:?}); console:\n{console}",
+            failure.as_deref().unwrap_or("no crash, reset or stall seen"),
+            attempt + 1,
+            spent.as_secs_f64()
         );
         let failure = failure.unwrap_or_default();
         eprintln!("{failure}; running {pending:?} again in a fresh L1");
@@ -467,7 +478,7 @@ fn test_cloud_hypervisor_nested() {
     }
     let secs: u32 = std::env::var("VUTAP_CH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let reps: u32 = std::env::var("VUTAP_CH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let (console, survived) = run_groups(&log_dir, secs, reps);
+    let (console, survived) = run_groups(|only, faults| run_l1(&log_dir, secs, reps, only, faults));
     let r = Results::parse(&console);
     for failure in &survived {
         eprintln!("survived by rerunning the groups it cut short (TCG's nested SVM): {failure}");
@@ -555,7 +566,7 @@ fn test_nested_failure_tells_nested_svm_from_a_backend_failure() {
     assert!(nested_failure(stall).is_some_and(|f| f.contains("stalled") && f.contains("vutap-2q")));
     // An L2 that triple-faulted and never finished (CH could not reboot it), as seen in CI.
     let triple = "CH_RESULT ch-vhost-user-net ch_exit=1 uptime=200.39\nCH_RESULT ch-vhost-user-net l2_resets=1\n\
-                  CH_RESULT ch-tap l2_resets=0\nCH_RESULT ch-tap done\nCH_GROUP_DONE baselines\nCH_DONE uptime=300\n";
+                  CH_RESULT ch-tap l2_resets=0\nCH_RESULT ch-tap done\nCH_GROUP_DONE ch-tap\nCH_DONE uptime=300\n";
     assert_eq!(cut_short_scenarios(triple), ["ch-vhost-user-net"]);
     assert!(nested_failure(triple).is_some_and(|f| f.contains("triple-faulted") && f.contains("ch-vhost-user-net")));
     // One CH rebooted and that then finished is no failure.
@@ -564,4 +575,86 @@ fn test_nested_failure_tells_nested_svm_from_a_backend_failure() {
     // iperf3 that got nothing through a NIC that kept L2's heartbeat going is vutap's failure.
     let no_traffic = "CH_RESULT vutap-1q iperf tx_mbps=0 rx_mbps=0\nCH_GROUP_DONE 1q\nCH_DONE uptime=300\n";
     assert_eq!(nested_failure(no_traffic), None);
+}
+
+/// A console of an L1 that ran `groups` to the end, with `extra` lines after them.
+fn finished_console(groups: &[&str], extra: &str, done: bool) -> String {
+    let mut c = "CH_RESULT l1 kvm=ok\n".to_string();
+    for g in groups {
+        let scenario = match *g {
+            "1q" => "vutap-1q",
+            "restart" => "vutap-restart",
+            "2q" => "vutap-2q",
+            other => other,
+        };
+        c.push_str(&format!("CH_RESULT {scenario} l2_resets=0\nCH_RESULT {scenario} done\nCH_GROUP_DONE {g}\n"));
+    }
+    c.push_str(extra);
+    if done {
+        c.push_str("CH_DONE uptime=300\n");
+    }
+    c
+}
+
+/// What `run_groups` gave: the kept console and the failures survived, or the test failure's message.
+type Outcome = Result<(String, Vec<String>), String>;
+
+/// Drives `run_groups` with scripted L1 consoles; returns what each L1 was asked to run, and the
+/// outcome.
+fn replay(consoles: Vec<String>, each: Duration) -> (Vec<String>, Outcome) {
+    let asked = std::cell::RefCell::new(Vec::new());
+    let mut script = consoles.into_iter();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_groups(|only, _| {
+            asked.borrow_mut().push(only.to_string());
+            (script.next().expect("an L1 more than the script has"), each)
+        })
+    }));
+    let outcome = outcome.map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_default());
+    (asked.into_inner(), outcome)
+}
+
+#[test]
+fn test_reruns_only_the_groups_nested_svm_cut_short() {
+    // The CI run that used up three L1s: a stall, then a triple fault in CH's own vhost-user
+    // backend, then L1's kernel crashed in ch-fd. Each baseline being its own group, the second
+    // and third L1s rerun only what failed, and a fourth finishes it.
+    let (vutap, stall) = (["1q", "restart", "2q"], "CH_RESULT ch-vhost-user-net l2_stalled=1 silent_s=90\n");
+    let first = finished_console(&[&vutap[..], &["ch-tap"]].concat(), stall, true);
+    let triple = "CH_RESULT ch-vhost-user-net ch_exit=1\nCH_RESULT ch-vhost-user-net l2_resets=1\n";
+    let second = finished_console(&[], triple, true);
+    let third = finished_console(&["ch-vhost-user-net"], "CH_RESULT ch-fd ch_start\n[ 82.48] BUG: TASK stack guard page was hit\n", false);
+    let fourth = finished_console(&["ch-fd"], "", true);
+    let (asked, outcome) = replay(vec![first, second, third, fourth], Duration::from_secs(120));
+    assert_eq!(asked, ["", "ch-vhost-user-net,ch-fd", "ch-vhost-user-net,ch-fd", "ch-fd"]);
+    let (kept, survived) = outcome.expect("four L1s finish every group");
+    assert_eq!(survived.len(), 3, "{survived:?}");
+    let r = Results::parse(&kept);
+    for g in GROUPS {
+        assert_eq!(kept.lines().filter(|l| *l == format!("CH_GROUP_DONE {g}")).count(), 1, "{g} in:\n{kept}");
+    }
+    for s in ["vutap-1q", "vutap-restart", "vutap-2q", "ch-vhost-user-net", "ch-tap", "ch-fd"] {
+        assert!(r.has(s, "done"), "{s} in:\n{kept}");
+    }
+    // Lines of a cut-short run are not kept: the stall and the triple fault are gone.
+    assert!(!kept.contains("l2_stalled") && !kept.contains("l2_resets=1"), "{kept}");
+    assert_eq!(kept.matches("CH_RESULT l1 ").count(), 1);
+}
+
+#[test]
+fn test_rerun_ends_at_the_time_budget_and_on_a_backend_failure() {
+    // Every L1 crashes: the reruns stop once the L1 runs took RERUN_BUDGET, before L1_ATTEMPTS.
+    let crash = finished_console(&["1q"], "[ 9.1] Kernel panic - not syncing: x\n", false);
+    let (asked, outcome) = replay(vec![crash; L1_ATTEMPTS as usize], RERUN_BUDGET / 2);
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(outcome.is_err_and(|m| m.contains("L1 did not finish") && m.contains("Kernel panic")));
+    // Quick crashes get every attempt, and no more.
+    let crash = finished_console(&[], "[ 9.1] Kernel panic - not syncing: x\n", false);
+    let (asked, outcome) = replay(vec![crash; L1_ATTEMPTS as usize], Duration::from_secs(30));
+    assert_eq!(asked.len(), L1_ATTEMPTS as usize);
+    assert!(outcome.is_err());
+    // A group that did not finish in an L1 that did, with no stall or reset: no rerun.
+    let (asked, outcome) = replay(vec![finished_console(&["1q", "restart"], "", true)], Duration::from_secs(30));
+    assert_eq!(asked, [""]);
+    assert!(outcome.is_err_and(|m| m.contains("no crash, reset or stall seen") && m.contains("2q")));
 }
