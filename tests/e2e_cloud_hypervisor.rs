@@ -616,9 +616,10 @@ fn replay(consoles: Vec<String>, each: Duration) -> (Vec<String>, Outcome) {
 
 #[test]
 fn test_reruns_only_the_groups_nested_svm_cut_short() {
-    // The CI run that used up three L1s: a stall, then a triple fault in CH's own vhost-user
-    // backend, then L1's kernel crashed in ch-fd. Each baseline being its own group, the second
-    // and third L1s rerun only what failed, and a fourth finishes it.
+    // Modelled on the CI run that used up three L1s under CH's own backends (a stall, then a
+    // triple fault in ch-vhost-user-net, then L1's kernel crashed in ch-fd), each rerun repeating
+    // all three baselines then. Here the first L1 also left ch-fd undone: every rerun asks for
+    // just the groups still pending, keeps what finished, and a fourth L1 ends it.
     let (vutap, stall) = (["1q", "restart", "2q"], "CH_RESULT ch-vhost-user-net l2_stalled=1 silent_s=90\n");
     let first = finished_console(&[&vutap[..], &["ch-tap"]].concat(), stall, true);
     let triple = "CH_RESULT ch-vhost-user-net ch_exit=1\nCH_RESULT ch-vhost-user-net l2_resets=1\n";
