@@ -188,11 +188,14 @@ const L1_ATTEMPTS: u32 = 6;
 /// test inside CI's time (a rerun of one group takes ~1-2 minutes, the whole set ~5).
 const RERUN_BUDGET: Duration = Duration::from_secs(9 * 60);
 
+/// What [`run_groups`] gives: the kept console and the failures survived, or the test failure.
+type Outcome = Result<(String, Vec<String>), String>;
+
 /// Runs every scenario group; groups cut short by a failure of nested SVM (`nested_failure`)
 /// run again in a fresh L1 while [`L1_ATTEMPTS`] and [`RERUN_BUDGET`] allow. `boot(only, faults)`
 /// runs one L1 and returns its console and how long it ran. Returns the `CH_*` lines of each
-/// group's finished run, and the failures survived.
-fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> (String, Vec<String>) {
+/// group's finished run and the failures survived, or why a group could not be finished.
+fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> Outcome {
     let mut kept = String::new();
     let mut survived = Vec::new();
     let mut pending: Vec<&str> = GROUPS.to_vec();
@@ -228,23 +231,26 @@ fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> (String
         }
         pending.retain(|g| !finished.contains(g));
         if pending.is_empty() {
-            return (kept, survived);
+            return Ok((kept, survived));
         }
-        let failure = nested_failure(&console);
         let may_rerun = attempt + 1 < L1_ATTEMPTS && spent < RERUN_BUDGET;
-        assert!(
-            failure.is_some() && may_rerun,
-            "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}; {} L1 run(s) in {:.0} s, \
-             failures survived before: {survived:?}); console:\n{console}",
-            failure.as_deref().unwrap_or("no crash, reset or stall seen"),
-            attempt + 1,
-            spent.as_secs_f64()
-        );
-        let failure = failure.unwrap_or_default();
-        eprintln!("{failure}; running {pending:?} again in a fresh L1");
-        survived.push(failure);
+        match nested_failure(&console) {
+            Some(failure) if may_rerun => {
+                eprintln!("{failure}; running {pending:?} again in a fresh L1");
+                survived.push(failure);
+            }
+            failure => {
+                return Err(format!(
+                    "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}; {} L1 run(s) in {:.0} s, \
+                     failures survived before: {survived:?}); console:\n{console}",
+                    failure.as_deref().unwrap_or("no crash, reset or stall seen"),
+                    attempt + 1,
+                    spent.as_secs_f64()
+                ))
+            }
+        }
     }
-    unreachable!("the last attempt either returns or fails its assertion")
+    unreachable!("the last attempt may not rerun, so it returns")
 }
 
 /// One `CH_RESULT <scenario> [head] key=value ...` line.
@@ -478,7 +484,7 @@ fn test_cloud_hypervisor_nested() {
     }
     let secs: u32 = std::env::var("VUTAP_CH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let reps: u32 = std::env::var("VUTAP_CH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let (console, survived) = run_groups(|only, faults| run_l1(&log_dir, secs, reps, only, faults));
+    let (console, survived) = run_groups(|only, faults| run_l1(&log_dir, secs, reps, only, faults)).unwrap_or_else(|e| panic!("{e}"));
     let r = Results::parse(&console);
     for failure in &survived {
         eprintln!("survived by rerunning the groups it cut short (TCG's nested SVM): {failure}");
@@ -596,22 +602,16 @@ fn finished_console(groups: &[&str], extra: &str, done: bool) -> String {
     c
 }
 
-/// What `run_groups` gave: the kept console and the failures survived, or the test failure's message.
-type Outcome = Result<(String, Vec<String>), String>;
-
 /// Drives `run_groups` with scripted L1 consoles; returns what each L1 was asked to run, and the
 /// outcome.
 fn replay(consoles: Vec<String>, each: Duration) -> (Vec<String>, Outcome) {
-    let asked = std::cell::RefCell::new(Vec::new());
+    let mut asked = Vec::new();
     let mut script = consoles.into_iter();
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_groups(|only, _| {
-            asked.borrow_mut().push(only.to_string());
-            (script.next().expect("an L1 more than the script has"), each)
-        })
-    }));
-    let outcome = outcome.map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_default());
-    (asked.into_inner(), outcome)
+    let outcome = run_groups(|only, _| {
+        asked.push(only.to_string());
+        (script.next().expect("an L1 more than the script has"), each)
+    });
+    (asked, outcome)
 }
 
 #[test]
