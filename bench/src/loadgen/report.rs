@@ -60,7 +60,7 @@ fn offered(c: Option<&CaseResult>) -> String {
     c.filter(|c| c.error.is_none() || c.mpps > 0.0).map(|c| format!("{:.3} → {:.3}", c.offered_mpps, c.mpps)).unwrap_or("–".into())
 }
 
-/// Backend cores / load cores (busiest load thread), flagged when the load side was the limit.
+/// Backend cores / load cores busy (busiest load thread), flagged when the load side was the limit.
 fn sides(c: Option<&CaseResult>) -> String {
     match c.filter(|c| c.secs > 0.0) {
         None => "–".into(),
@@ -250,8 +250,10 @@ fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
     let _ = writeln!(
         s,
         "What each cell did: vutap's counters over the window (per frame vutap moved; no-buf and EAGAIN per 1000 frames), \
-         offered → delivered Mpps, and CPU as `backend cores / load cores (busiest load thread)`; **load-limited** = the load \
-         side was ≥ 90 % busy (a thread, or all its CPUs) while the backend was below 90 % of what it could use.\n"
+         offered → delivered Mpps, and CPU as `backend cores / load cores (busiest load thread)`, the load side's busy time only \
+         (the far-side sink or source polls its socket rather than sleep; the CPU it spends polling an empty one is left out); \
+         **load-limited** = the load side was ≥ 90 % busy (a thread, or all its CPUs) while the backend was below 90 % of what \
+         it could use.\n"
     );
     let mut head = "| dir | size | pairs | rx bufs | frames/batch | kicks/f | irqs/f | wake-ups/f | no-buf /1k | EAGAIN /1k | vutap Mpps offered → delivered | vutap CPU / load |".to_string();
     let mut sep = "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string();
@@ -580,7 +582,7 @@ mod tests {
             bad: 0,
             cpu_ns_per_frame: 1000.0 / mpps,
             cpu_cores: 0.5,
-            load: LoadCpu { cores: 0.97, busiest_thread: 0.95 },
+            load: LoadCpu { cores: 0.97, busiest_thread: 0.95, polling: 0.0 },
             load_cpus: 1,
             load_limited: backend == Backend::Vutap,
             counters: (backend == Backend::Vutap).then(|| {

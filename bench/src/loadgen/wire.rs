@@ -2,7 +2,7 @@
 //! there is one), the test frames, and the sink / source / reflector threads that count and
 //! verify them.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -36,6 +36,11 @@ pub struct Counters {
     pub delivered_bytes: AtomicU64,
     /// Frames the receiving side saw but could not verify (wrong length / magic).
     pub bad: AtomicU64,
+    /// The far-side thread (sink or source), and the CPU time it spent polling a socket that
+    /// had nothing for it: it polls instead of sleeping (see [`sink`]), so its CPU time alone
+    /// would make the load side look busy whatever the load.
+    pub far_tid: AtomicI32,
+    pub far_idle_ns: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -46,6 +51,7 @@ pub struct Snap {
     pub delivered_frames: u64,
     pub delivered_bytes: u64,
     pub bad: u64,
+    pub far_idle_ns: u64,
 }
 
 impl Counters {
@@ -56,6 +62,7 @@ impl Counters {
             delivered_frames: self.delivered_frames.load(Ordering::Relaxed),
             delivered_bytes: self.delivered_bytes.load(Ordering::Relaxed),
             bad: self.bad.load(Ordering::Relaxed),
+            far_idle_ns: self.far_idle_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -125,6 +132,58 @@ impl Drop for FarThread {
     }
 }
 
+/// This thread's CPU time, ns.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Adds up the CPU time a far-side thread spends in runs of empty polls into
+/// [`Counters::far_idle_ns`]. The thread's CPU clock is read where a run starts and ends (and
+/// every [`IdlePolls::FLUSH_EVERY`] polls inside one, so a window's snapshot misses little of a
+/// long run), not on every poll; a run counts from the end of its first empty poll to the end
+/// of the poll that found work again, so it is off by about one system call per run.
+struct IdlePolls<'a> {
+    counters: &'a Counters,
+    since: Option<u64>,
+    polls: u32,
+}
+
+impl<'a> IdlePolls<'a> {
+    const FLUSH_EVERY: u32 = 64;
+
+    fn new(counters: &'a Counters) -> Self {
+        // SAFETY: gettid has no preconditions.
+        counters.far_tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+        IdlePolls { counters, since: None, polls: 0 }
+    }
+
+    /// A poll found nothing to do.
+    fn empty(&mut self) {
+        match self.since {
+            None => self.since = Some(thread_cpu_ns()),
+            Some(since) => {
+                self.polls += 1;
+                if self.polls.is_multiple_of(Self::FLUSH_EVERY) {
+                    let now = thread_cpu_ns();
+                    self.counters.far_idle_ns.fetch_add(now.saturating_sub(since), Ordering::Relaxed);
+                    self.since = Some(now);
+                }
+            }
+        }
+    }
+
+    /// A poll found work: ends a run of empty ones.
+    fn busy(&mut self) {
+        if let Some(since) = self.since.take() {
+            self.counters.far_idle_ns.fetch_add(thread_cpu_ns().saturating_sub(since), Ordering::Relaxed);
+            self.polls = 0;
+        }
+    }
+}
+
 /// Counts our frames arriving on `sock` into `delivered_*`. `expect_len`: the exact frame length
 /// to verify (None for TSO, where the far side may see segments; bytes are counted then).
 pub fn sink(sock: PacketSocket, counters: Arc<Counters>, expect_len: Option<usize>) -> FarThread {
@@ -132,15 +191,18 @@ pub fn sink(sock: PacketSocket, counters: Arc<Counters>, expect_len: Option<usiz
         const B: usize = 64;
         const SNAP: usize = 64;
         let mut batch = RecvBatch::new(B, SNAP);
+        let mut idle = IdlePolls::new(&counters);
         while !st.load(Ordering::Relaxed) {
             let n = sock.recv_batch(&mut batch);
             if n == 0 {
+                idle.empty();
                 // Poll, not sleep: a sleeping sink is woken by every frame, and that wake-up
                 // (an IPI, ~20% of a 64 B frame's cost) lands on the sender, i.e. on the
                 // backend under test. The load side has its own CPUs (see `placement`).
                 std::thread::yield_now();
                 continue;
             }
+            idle.busy();
             let (mut frames, mut bytes, mut bad) = (0u64, 0u64, 0u64);
             for i in 0..n {
                 let (b, len) = batch.frame(i);
@@ -175,12 +237,15 @@ pub fn source(sock: PacketSocket, counters: Arc<Counters>, frame: Vec<u8>) -> Fa
             })
             .collect();
         let len = frame.len() as u64;
+        let mut idle = IdlePolls::new(&counters);
         while !st.load(Ordering::Relaxed) {
             let n = sock.send_batch(&batch) as u64;
             if n == 0 {
+                idle.empty();
                 std::thread::yield_now();
                 continue;
             }
+            idle.busy();
             counters.offered_frames.fetch_add(n, Ordering::Relaxed);
             counters.offered_bytes.fetch_add(n * len, Ordering::Relaxed);
         }
@@ -210,6 +275,41 @@ pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_idle_polls_add_up_the_cpu_of_runs_of_empty_polls_and_nothing_else() {
+        let c = Counters::default();
+        let mut idle = IdlePolls::new(&c);
+        // SAFETY: gettid has no preconditions.
+        assert_eq!(c.far_tid.load(Ordering::Relaxed), unsafe { libc::gettid() });
+        // Busy polls between runs add nothing.
+        idle.busy();
+        assert_eq!(c.far_idle_ns.load(Ordering::Relaxed), 0);
+        let start = thread_cpu_ns();
+        idle.empty();
+        let mut polls = 1u32;
+        while thread_cpu_ns() - start < 20_000_000 {
+            idle.empty();
+            polls += 1;
+        }
+        let flushed = c.far_idle_ns.load(Ordering::Relaxed);
+        assert!(polls > IdlePolls::FLUSH_EVERY && flushed > 0, "a long run is counted as it goes: {polls} polls, {flushed} ns");
+        idle.busy();
+        let run = c.far_idle_ns.load(Ordering::Relaxed);
+        let spent = thread_cpu_ns() - start;
+        assert!(run <= spent && run >= spent * 9 / 10, "run of empty polls {run} ns, thread CPU over it {spent} ns");
+        idle.busy();
+        assert_eq!(c.far_idle_ns.load(Ordering::Relaxed), run);
+        // A short run (one long empty poll, no flush inside) is counted when it ends.
+        idle.empty();
+        let start = thread_cpu_ns();
+        while thread_cpu_ns() - start < 5_000_000 {
+            std::hint::spin_loop();
+        }
+        idle.busy();
+        let short = c.far_idle_ns.load(Ordering::Relaxed) - run;
+        assert!(short >= 5_000_000, "short run counted {short} ns");
+    }
 
     #[test]
     fn udp_frames_have_the_asked_length_and_are_recognised() {
