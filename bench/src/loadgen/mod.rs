@@ -412,14 +412,7 @@ fn measure(cfg: &Config, counters: &Counters, dir: Dir, backend: &BackendSide) -
     let profile = recording.and_then(|r| r.finish().map_err(|e| progress(&format!("perf: {e}"))).ok());
     let m1 = scrape(backend.metrics);
     let cpu_ns = c1.saturating_sub(c0);
-    let d = wire::Snap {
-        offered_frames: s1.offered_frames - s0.offered_frames,
-        offered_bytes: s1.offered_bytes - s0.offered_bytes,
-        delivered_frames: s1.delivered_frames - s0.delivered_frames,
-        delivered_bytes: s1.delivered_bytes - s0.delivered_bytes,
-        bad: s1.bad - s0.bad,
-        far_idle_ns: s1.far_idle_ns - s0.far_idle_ns,
-    };
+    let d = s1.since(&s0);
     let polling = load_cpu::Polling { tid: counters.far_tid.load(Ordering::Relaxed), ns: d.far_idle_ns };
     let load = LoadCpu::between(&l0, &l1, &(backend.tids)(), polling, secs);
     let backend_cores = cpu_ns as f64 / 1e9 / secs;

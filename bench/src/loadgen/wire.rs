@@ -67,6 +67,20 @@ impl Counters {
     }
 }
 
+impl Snap {
+    /// What the counters moved by between `earlier` and `self`.
+    pub fn since(&self, earlier: &Snap) -> Snap {
+        Snap {
+            offered_frames: self.offered_frames - earlier.offered_frames,
+            offered_bytes: self.offered_bytes - earlier.offered_bytes,
+            delivered_frames: self.delivered_frames - earlier.delivered_frames,
+            delivered_bytes: self.delivered_bytes - earlier.delivered_bytes,
+            bad: self.bad - earlier.bad,
+            far_idle_ns: self.far_idle_ns - earlier.far_idle_ns,
+        }
+    }
+}
+
 /// Addresses of the test frames' IPv4 header (never routed: the frames stay on the wire).
 const SRC_IP: [u8; 4] = [10, 99, 0, 2];
 const DST_IP: [u8; 4] = [10, 99, 0, 1];
