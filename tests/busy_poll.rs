@@ -69,6 +69,10 @@ impl Rig {
     /// The worker's CPU share while a frame goes out about every `every`, for `over`.
     fn share_under_paced_frames(&mut self, every: Duration, over: Duration) -> f64 {
         let pid = self.v.pid();
+        // The worker thread starts (and names itself) as the frontend's last message is handled,
+        // which the handshake does not wait for: a first frame through it shows it is there.
+        self.send_one();
+        std::thread::sleep(every);
         let a = thread_cpu_ns(pid, "vutap-q0").expect("worker thread vutap-q0");
         let t0 = Instant::now();
         while t0.elapsed() < over {
