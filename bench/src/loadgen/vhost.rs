@@ -235,7 +235,7 @@ pub fn ping_pong(fe: &mut NetFrontend, frame: &[u8], samples: usize, budget: Dur
                 break;
             }
             // This thread stands in for a guest on a CPU of its own, but shares the load CPU
-            // with the far side's reflector. Spinning through its time slice, it kept the
+            // with the far side's reflector. Spinning through its time slice, it would keep the
             // reflector, woken by the ping, waiting for the CPU (the scheduler lets a running
             // task finish its slice): yielding hands the CPU over at once, as a reflector on
             // its own CPU would have it.

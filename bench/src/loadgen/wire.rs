@@ -279,9 +279,10 @@ pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
                     let _ = sock.send(&buf[..n]);
                 }
                 Some(_) => {}
-                // Polls, as the sink and source do: a reflector sleeping in poll(2) left its CPU
-                // idle, and waking an idle CPU of this VM took 20-40 us, which only the raw loop's
-                // round trips paid (in a vhost-user backend's, the frontend kept that CPU busy).
+                // Polls, as the sink and source do: a reflector sleeping in poll(2) would leave
+                // its CPU idle, and waking an idle CPU of this VM takes 20-40 us, which only the
+                // raw loop's round trips would pay (in a vhost-user backend's, the frontend keeps
+                // that CPU busy).
                 None => std::thread::yield_now(),
             }
         }
