@@ -4,8 +4,8 @@
 //! and under paced frames, against a vutap without the option. A polling worker never sleeps, so
 //! it reads runnable (`R`) in every sample, whether it has a CPU or waits for one: the share of
 //! such samples does not fall when other load or the hypervisor takes CPU time, as the worker's
-//! own CPU time does (a CI run under load saw a polling worker get 40 % of a CPU). The CPU time
-//! (from schedstat) is printed beside it. Needs root (a tap).
+//! own CPU time does (a polling worker beside two busy loops on two CPUs gets about half of one).
+//! The CPU time (from schedstat) is printed beside it. Needs root (a tap).
 
 mod common;
 
