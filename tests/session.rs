@@ -16,13 +16,22 @@ use vutap_frontend::{FrontendOptions, HandshakeOrder, NetFrontend, VirtioNetHdr}
 
 const WAIT: Duration = Duration::from_secs(5);
 
-/// One frame each way through `fe`, byte for byte. The RX frame may land on any running pair:
-/// the macvtap picks the queue by a flow hash seeded at boot.
+/// One frame each way through `fe`, byte for byte: TX on pair 0. The RX frame may land on any
+/// running pair: the macvtap picks the queue by a flow hash seeded at boot.
 fn traffic(bed: &Bed, fe: &mut NetFrontend, seq: u32) {
-    let out = test_frame(bed.far_mac, bed.guest_mac, 1514, seq);
-    fe.send_frame(0, &VirtioNetHdr::default(), &out).expect("send_frame");
-    let got = bed.far.recv_matching(WAIT, |f| is_test_frame(f) && seq_of(f) == seq).expect("TX frame at the far end");
-    assert!(got == out, "TX frame changed");
+    traffic_on_pairs(bed, fe, seq, 1);
+}
+
+/// [`traffic`] with one TX frame on each of the first `pairs` pairs (`seq`, `seq + 1`, ...).
+fn traffic_on_pairs(bed: &Bed, fe: &mut NetFrontend, seq: u32, pairs: u16) {
+    for pair in 0..pairs {
+        let seq = seq + u32::from(pair);
+        let out = test_frame(bed.far_mac, bed.guest_mac, 1514, seq);
+        fe.send_frame(pair, &VirtioNetHdr::default(), &out).expect("send_frame");
+        let got = bed.far.recv_matching(WAIT, |f| is_test_frame(f) && seq_of(f) == seq).expect("TX frame at the far end");
+        assert!(got == out, "TX frame of pair {pair} changed");
+    }
+    let seq = seq + u32::from(pairs) - 1;
     let inb = test_frame(bed.guest_mac, bed.far_mac, 1514, seq + 1);
     bed.far.send(&inb);
     let deadline = std::time::Instant::now() + WAIT;
@@ -48,7 +57,9 @@ fn test_reconnect_new_frontend_after_disconnect_gets_traffic() {
     let mut frontend_rx = 0;
     for (round, order) in orders.into_iter().enumerate() {
         let mut fe = bed.daemon.connect(FrontendOptions { queue_pairs: 2, ..opts(order) });
-        traffic(&bed, &mut fe, 10 * round as u32);
+        // Every pair transmits on every connection: a reconnect (CH's reboot of a guest is one)
+        // must serve the second pair as it did the first.
+        traffic_on_pairs(&bed, &mut fe, 10 * round as u32, 2);
         frontend_rx += fe.stats().rx_frames;
         fe.disconnect();
         // The macvtap queues are detached while nobody is connected: frames for the guest
@@ -58,7 +69,7 @@ fn test_reconnect_new_frontend_after_disconnect_gets_traffic() {
     // Every connection has ended, so the workers' counters are flushed and final.
     let tx = bed.daemon.total(|c| c.tx_frames);
     let rx = bed.daemon.total(|c| c.rx_frames);
-    assert_eq!(tx, 3, "TX over 3 connections");
+    assert_eq!(tx, 6, "TX over 3 connections, 2 pairs each");
     assert_eq!(rx, frontend_rx, "RX frames counted by vutap = frames the frontends received");
     assert!(rx >= 3, "one test frame per connection: {rx}");
 }
