@@ -15,15 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::host_cpu::threads;
 use vutap_testbed::Vutap;
 
 /// `/proc` directory of the thread called `name` of process `pid`.
 fn thread_dir(pid: u32, name: &str) -> Option<std::path::PathBuf> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-        .map(|t| t.path())
-        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|comm| comm.trim_end() == name))
+    threads(&pid.to_string()).into_iter().find(|t| t.name == name).map(|t| t.dir)
 }
 
 /// Nanoseconds the thread at `dir` has run so far.

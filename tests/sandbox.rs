@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vutap_frontend::{FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_testbed::host_cpu::threads;
 use vutap_testbed::scrape::{http_get, metric_sum, read_backend_req, vutap_stats as stats};
 use vutap_testbed::{free_port, log_dir, MacvtapMode, Topology, Vutap};
 
@@ -53,13 +54,11 @@ fn tasks(pid: u32) -> Vec<Task> {
     let field = |status: &str, key: &str| -> u32 {
         status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(u32::MAX)
     };
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
+    threads(&pid.to_string())
+        .into_iter()
         .filter_map(|t| {
-            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string();
-            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            Some(Task { name, mode: field(&status, "Seccomp:"), filters: field(&status, "Seccomp_filters:") })
+            let status = std::fs::read_to_string(t.dir.join("status")).ok()?;
+            Some(Task { name: t.name, mode: field(&status, "Seccomp:"), filters: field(&status, "Seccomp_filters:") })
         })
         .collect()
 }

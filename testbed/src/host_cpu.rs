@@ -6,6 +6,38 @@ use serde::{Deserialize, Serialize};
 use crate::guest::Guest;
 use crate::vutap::Vutap;
 
+/// One thread of a process, as `/proc/<pid>/task/<tid>` shows it.
+#[derive(Debug, Clone)]
+pub struct Thread {
+    /// The process, as given to [`threads`].
+    pub pid: String,
+    pub tid: i32,
+    /// Its name (`comm`: cut to 15 bytes by the kernel).
+    pub name: String,
+    /// Its `/proc/<pid>/task/<tid>` directory.
+    pub dir: std::path::PathBuf,
+}
+
+impl Thread {
+    /// Its `/proc` path for [`cpu_ns`]: "PID/task/TID".
+    pub fn proc_path(&self) -> String {
+        format!("{}/task/{}", self.pid, self.tid)
+    }
+}
+
+/// The threads of process `pid` (a number, or "self"); one that exits while they are read is
+/// left out, and a process that is gone has none.
+pub fn threads(pid: &str) -> Vec<Thread> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim_end().to_string();
+            Some(Thread { pid: pid.to_string(), tid, name, dir: t.path() })
+        })
+        .collect()
+}
+
 /// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID", "PID/task/TID" or
 /// "self/task/TID"), 0 if it cannot be read. Counts in clock ticks (10 ms); a whole process's
 /// figure includes its threads that have exited.
@@ -58,12 +90,9 @@ impl DatapathCpu {
     pub fn read<'a>(guests: impl IntoIterator<Item = (&'a Guest, Option<&'a Vutap>)>) -> DatapathCpu {
         let mut cpu = DatapathCpu::default();
         for (guest, vutap) in guests {
-            let pid = guest.pid();
-            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
-                let task = format!("{pid}/task/{}", task.file_name().to_string_lossy());
-                let comm = std::fs::read_to_string(format!("/proc/{task}/comm")).unwrap_or_default();
-                if !comm.starts_with("CPU ") {
-                    cpu.qemu_ns += cpu_ns(&task);
+            for thread in threads(&guest.pid().to_string()) {
+                if !thread.name.starts_with("CPU ") {
+                    cpu.qemu_ns += cpu_ns(&thread.proc_path());
                 }
             }
             if let Some(v) = vutap {
@@ -97,6 +126,32 @@ mod tests {
         }
         assert!(cpu_ns(&me) > before, "60 ms of spinning must show in 10 ms ticks");
         assert_eq!(cpu_ns("0"), 0, "no /proc/0");
+    }
+
+    #[test]
+    fn test_threads_lists_each_thread_by_name() {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let helper = std::thread::Builder::new()
+            .name("threads-probe".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                ready_tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = done_rx.recv();
+            })
+            .unwrap();
+        let tid = ready_rx.recv().unwrap();
+        let all = threads("self");
+        let probe = all.iter().find(|t| t.name == "threads-probe").expect("the named thread is listed");
+        assert_eq!(probe.tid, tid);
+        assert_eq!(probe.proc_path(), format!("self/task/{tid}"));
+        assert!(probe.dir.join("stat").is_file());
+        // SAFETY: gettid has no preconditions.
+        let me = unsafe { libc::gettid() };
+        assert!(all.iter().any(|t| t.tid == me), "this thread too");
+        done_tx.send(()).unwrap();
+        helper.join().unwrap();
+        assert!(threads("0").is_empty(), "no /proc/0");
     }
 
     #[test]

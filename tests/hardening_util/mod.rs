@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserU64};
 use vutap::control::wire::{self, Header, WireError};
+use vutap_testbed::host_cpu::{threads, Thread};
 
 // ------------------------------------------------------------------------------- log capture
 
@@ -172,13 +173,8 @@ pub fn mem_table(regions: &[(u64, u64, u64)]) -> Vec<u8> {
 /// utime/stime of /proc count 10 ms ticks, too coarse for a threshold of a few percent.
 pub fn thread_cpu_ns(prefix: &str) -> std::collections::BTreeMap<i32, u64> {
     let mut out = std::collections::BTreeMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
-    for t in dir.flatten() {
-        let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) else { continue };
-        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if !comm.starts_with(prefix) {
-            continue;
-        }
+    for t in threads_of_self(prefix) {
+        let tid = t.tid;
         // The kernel's clock id of one thread's CPU time (MAKE_THREAD_CPUCLOCK(tid,
         // CPUCLOCK_SCHED) in include/linux/posix-timers.h): readable for threads of this process.
         let clock = ((!tid) << 3) | 6;
@@ -211,13 +207,17 @@ pub fn fd_count() -> usize {
 
 /// Threads of this process.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    threads("self").len()
+}
+
+/// This process's threads whose name starts with `prefix`.
+fn threads_of_self(prefix: &str) -> impl Iterator<Item = Thread> + '_ {
+    threads("self").into_iter().filter(move |t| t.name.starts_with(prefix))
 }
 
 /// Threads of this process whose name starts with `prefix`.
 pub fn threads_named(prefix: &str) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return 0 };
-    dir.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))).count()
+    threads_of_self(prefix).count()
 }
 
 /// Resident set size of this process in KiB.
@@ -238,10 +238,8 @@ pub fn conn_fd(vu: &impl AsRawFd) -> std::os::fd::OwnedFd {
 /// The seccomp mode (the `Seccomp:` line of /proc/.../status: 2 = filter) of each thread of this
 /// process whose name starts with `prefix`.
 pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return vec![] };
-    dir.flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+    threads_of_self(prefix)
+        .filter_map(|t| std::fs::read_to_string(t.dir.join("status")).ok())
         .filter_map(|s| s.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .collect()
 }
