@@ -19,14 +19,13 @@
 //!
 //! TCG's nested SVM sometimes fails under L1 or L2, not through anything vutap does: L1's kernel
 //! crashes or locks up (`softlockup_panic=1` makes a lockup a crash) or L1 resets (QEMU exits
-//! before L1 printed `CH_DONE`), an L2's vCPU stops running
-//! (its console heartbeat falls silent and L1 reports `l2_stalled`), or an L2 triple-faults
-//! (cloud-hypervisor: "Guest likely triple-faulted", L1 reports `l2_resets`; seen under CH's
-//! built-in virtio-net as under vutap, most often with two vCPUs) and the L2 that CH reboots
-//! does not then pass its traffic checks. The scenario groups such a failure cut short
-//! (each baseline is a group of its own) run again in a fresh L1, up to five times while the L1
-//! runs so far took under 9 minutes (CI once met a stall, a triple fault and a kernel crash in a
-//! row); a failure past that fails the test.
+//! before L1 printed `CH_DONE`), an L2's vCPU stops running (its console heartbeat falls silent
+//! and L1 reports `l2_stalled`), or an L2 triple-faults (cloud-hypervisor: "Guest likely
+//! triple-faulted", L1 reports `l2_resets`; seen under CH's built-in virtio-net as under vutap,
+//! most often with two vCPUs) and the L2 that CH reboots does not then pass its traffic checks.
+//! The scenario groups such a failure cut short (each baseline is a group of its own) run again
+//! in a fresh L1, up to five times while the L1 runs so far took under 9 minutes (CI once met a
+//! stall, a triple fault and a kernel crash in a row); a failure past that fails the test.
 //! `VUTAP_CH_CRASH_L1=GROUP` crashes the first L1 as GROUP starts, `VUTAP_CH_STALL_L2=SCENARIO`
 //! freezes that scenario's cloud-hypervisor, to exercise those paths.
 
@@ -140,14 +139,7 @@ fn nested_failure(console: &str) -> Option<String> {
         });
     }
     let stalled = stalled_scenarios(console);
-    let r = Results::parse(console);
-    let reset: Vec<String> = reset_scenarios(console)
-        .into_iter()
-        .map(|s| {
-            let after = unclean_reboot(&r, &s).unwrap_or_default();
-            format!("{s} (after the reboot: {after})")
-        })
-        .collect();
+    let reset: Vec<String> = reset_scenarios(console).iter().map(|(s, why)| format!("{s} (after the reboot: {why})")).collect();
     match (stalled.is_empty(), reset.is_empty()) {
         (true, true) => None,
         (false, true) => Some(format!("L2 stalled (console silent) in {stalled:?}")),
@@ -168,15 +160,17 @@ fn is_kernel_crash_line(line: &str) -> bool {
 /// `done`, when its traffic then failed (the crash cut a measurement short and what it left
 /// behind, such as the peer's half of a TCP test, can starve the next one: seen in CI as
 /// `tx_mbps=0` after a reset, never without one), and always for the restart scenario, whose
-/// upgrade-and-kill sequence belongs to a single boot.
-fn reset_scenarios(console: &str) -> Vec<String> {
+/// upgrade-and-kill sequence belongs to a single boot. Each comes with why it does not count.
+fn reset_scenarios(console: &str) -> Vec<(String, String)> {
     let r = Results::parse(console);
-    let mut out: Vec<String> = Vec::new();
+    let mut out: Vec<(String, String)> = Vec::new();
     for line in &r.0 {
         let reset = line.head.is_empty() && line.get("l2_resets").and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n > 0);
         let s = &line.scenario;
-        if reset && !out.contains(s) && unclean_reboot(&r, s).is_some() {
-            out.push(s.clone());
+        if reset && !out.iter().any(|(seen, _)| seen == s) {
+            if let Some(why) = unclean_reboot(&r, s) {
+                out.push((s.clone(), why));
+            }
         }
     }
     out
@@ -193,7 +187,7 @@ fn unclean_reboot(r: &Results, scenario: &str) -> Option<String> {
 /// The scenarios an L2 failure of nested SVM cut short: stalled or triple-faulted.
 fn cut_short_scenarios(console: &str) -> Vec<String> {
     let mut out = stalled_scenarios(console);
-    for s in reset_scenarios(console) {
+    for (s, _) in reset_scenarios(console) {
         if !out.contains(&s) {
             out.push(s);
         }
