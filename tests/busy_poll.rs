@@ -20,7 +20,7 @@ use vutap_testbed::Vutap;
 
 /// `/proc` directory of the thread called `name` of process `pid`.
 fn thread_dir(pid: u32, name: &str) -> Option<std::path::PathBuf> {
-    threads(&pid.to_string()).into_iter().find(|t| t.name == name).map(|t| t.dir)
+    threads(&pid.to_string()).into_iter().find(|t| t.name == name).map(|t| t.dir())
 }
 
 /// Nanoseconds the thread at `dir` has run so far.

@@ -57,7 +57,7 @@ fn tasks(pid: u32) -> Vec<Task> {
     threads(&pid.to_string())
         .into_iter()
         .filter_map(|t| {
-            let status = std::fs::read_to_string(t.dir.join("status")).ok()?;
+            let status = std::fs::read_to_string(t.dir().join("status")).ok()?;
             Some(Task { name: t.name, mode: field(&status, "Seccomp:"), filters: field(&status, "Seccomp_filters:") })
         })
         .collect()

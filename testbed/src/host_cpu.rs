@@ -14,14 +14,17 @@ pub struct Thread {
     pub tid: i32,
     /// Its name (`comm`: cut to 15 bytes by the kernel).
     pub name: String,
-    /// Its `/proc/<pid>/task/<tid>` directory.
-    pub dir: std::path::PathBuf,
 }
 
 impl Thread {
     /// Its `/proc` path for [`cpu_ns`]: "PID/task/TID".
     pub fn proc_path(&self) -> String {
         format!("{}/task/{}", self.pid, self.tid)
+    }
+
+    /// Its `/proc/<pid>/task/<tid>` directory.
+    pub fn dir(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/proc/{}", self.proc_path()))
     }
 }
 
@@ -33,7 +36,7 @@ pub fn threads(pid: &str) -> Vec<Thread> {
         .filter_map(|t| {
             let tid = t.file_name().to_str()?.parse().ok()?;
             let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim_end().to_string();
-            Some(Thread { pid: pid.to_string(), tid, name, dir: t.path() })
+            Some(Thread { pid: pid.to_string(), tid, name })
         })
         .collect()
 }
@@ -145,7 +148,7 @@ mod tests {
         let probe = all.iter().find(|t| t.name == "threads-probe").expect("the named thread is listed");
         assert_eq!(probe.tid, tid);
         assert_eq!(probe.proc_path(), format!("self/task/{tid}"));
-        assert!(probe.dir.join("stat").is_file());
+        assert!(probe.dir().join("stat").is_file());
         // SAFETY: gettid has no preconditions.
         let me = unsafe { libc::gettid() };
         assert!(all.iter().any(|t| t.tid == me), "this thread too");

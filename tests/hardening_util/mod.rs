@@ -239,7 +239,7 @@ pub fn conn_fd(vu: &impl AsRawFd) -> std::os::fd::OwnedFd {
 /// process whose name starts with `prefix`.
 pub fn seccomp_modes(prefix: &str) -> Vec<u32> {
     threads_of_self(prefix)
-        .filter_map(|t| std::fs::read_to_string(t.dir.join("status")).ok())
+        .filter_map(|t| std::fs::read_to_string(t.dir().join("status")).ok())
         .filter_map(|s| s.lines().find(|l| l.starts_with("Seccomp:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .collect()
 }
