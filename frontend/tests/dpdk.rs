@@ -47,7 +47,10 @@ impl Testpmd {
             .arg(format!("net_vhost0,iface={},queues={queues}", socket.display()))
             .arg("--vdev")
             .arg(format!("net_tap0,iface={tap}"))
-            .args(["--", "--forward-mode=io", "--auto-start", "--stats-period", "60"])
+            // testpmd starts forwarding only once the vhost port's link is up, i.e. after the
+            // frontend connected, and by default first drains and drops whatever waits on its
+            // ports' RX queues: a frame a test sent right after the handshake could go there.
+            .args(["--", "--forward-mode=io", "--auto-start", "--no-flush-rx", "--stats-period", "60"])
             .arg(format!("--rxq={queues}"))
             .arg(format!("--txq={queues}"))
             .stdin(Stdio::null())
