@@ -41,6 +41,14 @@ pub fn threads(pid: &str) -> Vec<Thread> {
         .collect()
 }
 
+/// The calling thread's CPU time in ns, from its own clock (exact, unlike `/proc`'s ticks).
+pub fn this_thread_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// utime + stime of `/proc/<path>/stat` in ns (`path` = "PID", "PID/task/TID" or
 /// "self/task/TID"), 0 if it cannot be read. Counts in clock ticks (10 ms); a whole process's
 /// figure includes its threads that have exited.

@@ -25,6 +25,7 @@ pub mod profile;
 pub mod raw;
 pub mod report;
 pub mod vhost;
+pub mod wake_cost;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,9 @@ pub use error::{LoadgenError, Result};
 use load_cpu::LoadCpu;
 use placement::Placement;
 use wire::{Counters, OTHER_MAC, PEER_MAC};
+
+/// Wake-ups timed for [`Report::wake_cost`] (each way; ~0.3 ms apiece).
+const WAKE_COST_SAMPLES: usize = 200;
 
 /// The size label of the TSO case.
 pub const TSO_SIZE: u32 = 65536;
@@ -258,6 +262,10 @@ pub struct LatencyResult {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub host: String,
+    /// What a wake-up costs its writer on this host (see [`wake_cost`]); `None` in a report from
+    /// before it was measured, or on one CPU.
+    #[serde(default)]
+    pub wake_cost: Option<wake_cost::WakeCost>,
     pub cases: Vec<CaseResult>,
     pub latency: Vec<LatencyResult>,
     pub notes: Vec<String>,
@@ -737,6 +745,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let log_dir = vutap_testbed::log_dir("bench")?;
     let mut rep =
         Report { host: format!("{} CPUs", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)), ..Report::default() };
+    rep.wake_cost = wake_cost::measure(&placement::online_cpus_at_start(), WAKE_COST_SAMPLES)?;
+    if let Some(w) = rep.wake_cost {
+        progress(&format!("a wake-up costs its writer {:.1} us across CPUs, {:.1} us on one", w.cross_cpu_ns / 1e3, w.same_cpu_ns / 1e3));
+    }
     let dpdk = cfg.dpdk && Path::new(procs::TESTPMD).exists();
     if cfg.dpdk && !dpdk {
         rep.notes.push(format!("{} not found: DPDK comparison skipped", procs::TESTPMD));

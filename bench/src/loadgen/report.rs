@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::profile::Bucket;
+use super::wake_cost::WakeCost;
 use super::{paired_ratio, Arrangement, Backend, CaseResult, Dir, LatencyResult, Report, TSO_SIZE};
 
 fn size_label(s: u32) -> String {
@@ -52,6 +53,15 @@ fn counters(c: Option<&CaseResult>) -> String {
             k.frames_per_batch, k.kicks_per_frame, k.interrupts_per_frame, k.wakeups_per_frame, k.rx_no_buffers_per_1k, k.tx_eagain_per_1k
         ),
         _ => "– | – | – | – | – | –".into(),
+    }
+}
+
+/// The most vutap's interrupts can have cost per frame on this host: each one waking a
+/// frontend asleep on the other CPU.
+fn interrupt_cost(c: Option<&CaseResult>, wake: &WakeCost) -> String {
+    match c.and_then(|c| c.counters) {
+        Some(k) if k.frames > 0 => format!("{:.0}", wake.interrupts_ns_per_frame(k.interrupts_per_frame)),
+        _ => "–".into(),
     }
 }
 
@@ -255,8 +265,14 @@ fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
          **load-limited** = the load side was ≥ 90 % busy (a thread, or all its CPUs) while the backend was below 90 % of what \
          it could use.\n"
     );
-    let mut head = "| dir | size | pairs | rx bufs | frames/batch | kicks/f | irqs/f | wake-ups/f | no-buf /1k | EAGAIN /1k | vutap Mpps offered → delivered | vutap CPU / load |".to_string();
-    let mut sep = "|---|---|---|---|---|---|---|---|---|---|---|---|".to_string();
+    let mut head = "| dir | size | pairs | rx bufs | frames/batch | kicks/f | irqs/f | wake-ups/f | no-buf /1k | EAGAIN /1k |".to_string();
+    let mut sep = "|---|---|---|---|---|---|---|---|---|---|".to_string();
+    if rep.wake_cost.is_some() {
+        head += " irqs ≤ ns/f |";
+        sep += "---|";
+    }
+    head += " vutap Mpps offered → delivered | vutap CPU / load |";
+    sep += "---|---|";
     if dpdk {
         head += " DPDK Mpps offered → delivered | DPDK CPU / load |";
         sep += "---|---|";
@@ -266,14 +282,12 @@ fn explain(s: &mut String, rep: &Report, arr: Arrangement, dpdk: bool) {
     let _ = writeln!(s, "{head}\n{sep}");
     for (dir, size, pairs, rxbuf) in rows(rep, arr) {
         let v = rep.find(arr, Backend::Vutap, dir, size, pairs, rxbuf);
-        let mut line = format!(
-            "| {} | {} | {pairs} | {rxbuf} | {} | {} | {} |",
-            if dir == Dir::Tx { "TX" } else { "RX" },
-            size_label(size),
-            counters(v),
-            offered(v),
-            sides(v)
-        );
+        let mut line =
+            format!("| {} | {} | {pairs} | {rxbuf} | {} |", if dir == Dir::Tx { "TX" } else { "RX" }, size_label(size), counters(v));
+        if let Some(w) = &rep.wake_cost {
+            let _ = write!(line, " {} |", interrupt_cost(v, w));
+        }
+        let _ = write!(line, " {} | {} |", offered(v), sides(v));
         if dpdk {
             let d = rep.find(arr, Backend::Dpdk, dir, size, pairs, rxbuf);
             let _ = write!(line, " {} | {} |", offered(d), sides(d));
@@ -289,6 +303,19 @@ pub fn markdown(rep: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# vutap-bench ({})\n", rep.host);
     let _ = writeln!(s, "Cells are `Gbit/s / Mpps` delivered and verified at the receiving end; CPU = backend process (or raw-loop threads) CPU ns per delivered frame; drops = offered − delivered. The backends of a case take turns, each round starting with the next one; cells are each backend's median round, ratios the median of the rounds' ratios (the two backends within seconds of each other).\n");
+    if let Some(w) = &rep.wake_cost {
+        let _ = writeln!(
+            s,
+            "This host's wake-up: an eventfd write that wakes a thread asleep on the other CPU costs its writer {:.1} µs of CPU, \
+             one on the writer's own CPU {:.1} µs (median of {} each). Each interrupt vutap sends a frontend asleep on its call \
+             eventfd is such a wake-up, so *irqs ≤ ns/f* = interrupts per frame × the cross-CPU figure: the most they cost per \
+             frame here (an interrupt that finds the frontend awake costs far less), CPU the raw loop, which notifies nobody, \
+             does not spend.\n",
+            w.cross_cpu_ns / 1e3,
+            w.same_cpu_ns / 1e3,
+            w.samples
+        );
+    }
     for arr in [Arrangement::Macvtap, Arrangement::Tap] {
         let r = rows(rep, arr);
         if r.is_empty() {
@@ -619,6 +646,20 @@ mod tests {
         assert!(row.contains("0.500 → 0.400"), "offered → delivered: {row}");
         assert!(row.contains("0.50 / 0.97 (0.95) **load-limited**"), "{row}");
         assert!(row.contains("0.062 → 0.050 | 0.50 / 0.97 (0.95) |"), "DPDK cell, not flagged: {row}");
+    }
+
+    #[test]
+    fn test_interrupts_are_priced_at_the_hosts_wake_up_only_when_it_was_measured() {
+        let old = markdown(&report());
+        assert!(!old.contains("irqs ≤ ns/f") && !old.contains("This host's wake-up"), "a report without the figure renders as before");
+        let rep = Report { wake_cost: Some(WakeCost { cross_cpu_ns: 20_000.0, same_cpu_ns: 2_500.0, samples: 200 }), ..report() };
+        let md = markdown(&rep);
+        assert!(md.contains("costs its writer 20.0 µs of CPU, one on the writer's own CPU 2.5 µs (median of 200 each)"), "{md}");
+        let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg | 25.0 |")).unwrap_or_else(|| panic!("no counters row in\n{md}"));
+        // 0.020 interrupts per frame at 20 µs each: at most 400 ns per frame.
+        assert!(row.contains("| 3.00 | 0.00 | 400 | 0.500 → 0.400 |"), "{row}");
+        let head = md.lines().find(|l| l.starts_with("| dir | size | pairs | rx bufs | frames/batch")).unwrap();
+        assert_eq!(head.matches('|').count(), row.matches('|').count(), "one cell per column:\n{head}\n{row}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vutap_testbed::frames::{self, TcpFlow};
+use vutap_testbed::host_cpu::this_thread_ns;
 use vutap_testbed::packet::{PacketOptions, PacketSocket, RecvBatch};
 
 use super::error::{LoadgenError, Result};
@@ -146,14 +147,6 @@ impl Drop for FarThread {
     }
 }
 
-/// This thread's CPU time, ns.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Adds up the CPU time a far-side thread spends in runs of empty polls into
 /// [`Counters::far_idle_ns`]. The thread's CPU clock is read where a run starts and ends (and
 /// every [`IdlePolls::FLUSH_EVERY`] polls inside one, so a window's snapshot misses little of a
@@ -177,11 +170,11 @@ impl<'a> IdlePolls<'a> {
     /// A poll found nothing to do.
     fn empty(&mut self) {
         match self.since {
-            None => self.since = Some(thread_cpu_ns()),
+            None => self.since = Some(this_thread_ns()),
             Some(since) => {
                 self.polls += 1;
                 if self.polls.is_multiple_of(Self::FLUSH_EVERY) {
-                    let now = thread_cpu_ns();
+                    let now = this_thread_ns();
                     self.counters.far_idle_ns.fetch_add(now.saturating_sub(since), Ordering::Relaxed);
                     self.since = Some(now);
                 }
@@ -192,7 +185,7 @@ impl<'a> IdlePolls<'a> {
     /// A poll found work: ends a run of empty ones.
     fn busy(&mut self) {
         if let Some(since) = self.since.take() {
-            self.counters.far_idle_ns.fetch_add(thread_cpu_ns().saturating_sub(since), Ordering::Relaxed);
+            self.counters.far_idle_ns.fetch_add(this_thread_ns().saturating_sub(since), Ordering::Relaxed);
             self.polls = 0;
         }
     }
@@ -302,10 +295,10 @@ mod tests {
         // Busy polls between runs add nothing.
         idle.busy();
         assert_eq!(c.far_idle_ns.load(Ordering::Relaxed), 0);
-        let start = thread_cpu_ns();
+        let start = this_thread_ns();
         idle.empty();
         let mut polls = 1u32;
-        while thread_cpu_ns() - start < 20_000_000 {
+        while this_thread_ns() - start < 20_000_000 {
             idle.empty();
             polls += 1;
         }
@@ -313,14 +306,14 @@ mod tests {
         assert!(polls > IdlePolls::FLUSH_EVERY && flushed > 0, "a long run is counted as it goes: {polls} polls, {flushed} ns");
         idle.busy();
         let run = c.far_idle_ns.load(Ordering::Relaxed);
-        let spent = thread_cpu_ns() - start;
+        let spent = this_thread_ns() - start;
         assert!(run <= spent && run >= spent * 9 / 10, "run of empty polls {run} ns, thread CPU over it {spent} ns");
         idle.busy();
         assert_eq!(c.far_idle_ns.load(Ordering::Relaxed), run);
         // A short run (one long empty poll, no flush inside) is counted when it ends.
         idle.empty();
-        let start = thread_cpu_ns();
-        while thread_cpu_ns() - start < 5_000_000 {
+        let start = this_thread_ns();
+        while this_thread_ns() - start < 5_000_000 {
             std::hint::spin_loop();
         }
         idle.busy();
