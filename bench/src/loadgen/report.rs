@@ -57,9 +57,10 @@ fn counters(c: Option<&CaseResult>) -> String {
 }
 
 /// The most vutap's interrupts can have cost per frame on this host: each one waking a
-/// frontend asleep on the other CPU.
+/// frontend asleep on the other CPU. One-pair cells only: there the frontend runs on the load
+/// CPUs, away from vutap's; multi-pair cells run unpinned, where a wake-up may stay on one CPU.
 fn interrupt_cost(c: Option<&CaseResult>, wake: &WakeCost) -> String {
-    match c.and_then(|c| c.counters) {
+    match c.filter(|c| c.pairs == 1).and_then(|c| c.counters) {
         Some(k) if k.frames > 0 => format!("{:.0}", wake.interrupts_ns_per_frame(k.interrupts_per_frame)),
         _ => "–".into(),
     }
@@ -310,7 +311,7 @@ pub fn markdown(rep: &Report) -> String {
              one on the writer's own CPU {:.1} µs (median of {} each). Each interrupt vutap sends a frontend asleep on its call \
              eventfd is such a wake-up, so *irqs ≤ ns/f* = interrupts per frame × the cross-CPU figure: the most they cost per \
              frame here (an interrupt that finds the frontend awake costs far less), CPU the raw loop, which notifies nobody, \
-             does not spend.\n",
+             does not spend. One-pair cells only, whose frontend runs on the other CPU; multi-pair cells run unpinned.\n",
             w.cross_cpu_ns / 1e3,
             w.same_cpu_ns / 1e3,
             w.samples
@@ -658,6 +659,13 @@ mod tests {
         let row = md.lines().find(|l| l.starts_with("| RX | 64 | 1 | mrg | 25.0 |")).unwrap_or_else(|| panic!("no counters row in\n{md}"));
         // 0.020 interrupts per frame at 20 µs each: at most 400 ns per frame.
         assert!(row.contains("| 3.00 | 0.00 | 400 | 0.500 → 0.400 |"), "{row}");
+        let mut two = report();
+        two.wake_cost = rep.wake_cost;
+        two.cases.iter_mut().for_each(|c| c.pairs = 2);
+        let md2 = markdown(&two);
+        let row2 =
+            md2.lines().find(|l| l.starts_with("| RX | 64 | 2 | mrg | 25.0 |")).unwrap_or_else(|| panic!("no counters row in\n{md2}"));
+        assert!(row2.contains("| 3.00 | 0.00 | – | 0.500 → 0.400 |"), "unpinned multi-pair cell, not priced: {row2}");
         let head = md.lines().find(|l| l.starts_with("| dir | size | pairs | rx bufs | frames/batch")).unwrap();
         assert_eq!(head.matches('|').count(), row.matches('|').count(), "one cell per column:\n{head}\n{row}");
     }
