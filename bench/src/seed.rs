@@ -472,7 +472,7 @@ fn run_block(
 /// Builds the table cells from the measurements.
 pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
     let find = |path, qemu, variant, queues, streams, direction, value: &dyn Fn(&Measurement) -> Option<f64>| {
-        let mut v: Vec<f64> = ms
+        let v: Vec<f64> = ms
             .iter()
             .filter(|m| {
                 m.path == path
@@ -484,8 +484,7 @@ pub fn cells(plan: &SeedPlan, ms: &[Measurement]) -> Vec<Cell> {
             })
             .filter_map(value)
             .collect();
-        v.sort_by(f64::total_cmp);
-        median(&v)
+        crate::median(v)
     };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
@@ -753,15 +752,6 @@ pub fn svg(report: &SeedReport) -> String {
     }
     s.push_str("</svg>\n");
     s
-}
-
-/// Median (mean of the middle two for an even count); `None` when empty.
-fn median(v: &[f64]) -> Option<f64> {
-    match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
 }
 
 fn xml_escape(s: &str) -> String {

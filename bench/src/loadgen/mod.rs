@@ -218,9 +218,7 @@ pub fn paired_ratio(a: &CaseResult, b: &CaseResult, figure: fn(&RoundFigures) ->
         );
         return (x > 0.0 && y > 0.0).then(|| x / y);
     }
-    ratios.sort_by(f64::total_cmp);
-    let n = ratios.len();
-    Some(if n % 2 == 1 { ratios[n / 2] } else { (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0 })
+    crate::median(ratios)
 }
 
 /// One backend's rounds of a case: where its windows go, and how to measure one.

@@ -43,9 +43,12 @@ const SETTLE: Duration = Duration::from_micros(300);
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Measures [`WakeCost`] with the writer on `cpus[0]` and the cross-CPU sleeper on `cpus[1]`;
-/// `None` with fewer than two CPUs. The calling thread's placement is left alone.
+/// `None` with fewer than two CPUs or no samples. The calling thread's placement is left alone.
 pub fn measure(cpus: &[usize], samples: usize) -> Result<Option<WakeCost>> {
     let &[writer, other, ..] = cpus else { return Ok(None) };
+    if samples == 0 {
+        return Ok(None);
+    }
     let cross_cpu_ns = median_write_ns(writer, other, samples)?;
     let same_cpu_ns = median_write_ns(writer, writer, samples)?;
     Ok(Some(WakeCost { cross_cpu_ns, same_cpu_ns, samples }))
@@ -73,42 +76,38 @@ fn median_write_ns(writer_cpu: usize, sleeper_cpu: usize, samples: usize) -> Res
             Ok(())
         })
     };
-    let writer = std::thread::spawn(move || -> io::Result<Vec<u64>> {
-        pin_current_thread(&[writer_cpu])?;
-        let mut costs = Vec::with_capacity(samples);
-        for i in 0..samples as u64 {
-            // Spin rather than sleep: a writer waking from its own sleep would come back with
-            // cold caches, and, on the sleeper's CPU, change whom the scheduler finds running.
-            let settle = Instant::now();
-            while settle.elapsed() < SETTLE {
-                std::hint::spin_loop();
-            }
-            if i + 1 == samples as u64 {
-                stop.store(true, Ordering::Release);
-            }
-            let before = this_thread_ns();
-            efd.write(1)?;
-            costs.push(this_thread_ns().saturating_sub(before));
-            let deadline = Instant::now() + WAKE_TIMEOUT;
-            while woken.load(Ordering::Acquire) <= i {
-                if Instant::now() > deadline {
-                    stop.store(true, Ordering::Release);
-                    efd.write(1)?; // the sleeper's last read, whatever it missed
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the sleeper did not wake"));
+    let writer = {
+        let (efd, woken) = (efd.clone(), woken.clone());
+        std::thread::spawn(move || -> io::Result<Vec<f64>> {
+            pin_current_thread(&[writer_cpu])?;
+            let mut costs = Vec::with_capacity(samples);
+            for i in 0..samples as u64 {
+                // Spin rather than sleep: a writer waking from its own sleep would come back
+                // with cold caches, and, on the sleeper's CPU, change whom the scheduler finds.
+                let settle = Instant::now();
+                while settle.elapsed() < SETTLE {
+                    std::hint::spin_loop();
                 }
-                std::thread::yield_now();
+                let before = this_thread_ns();
+                efd.write(1)?;
+                costs.push(this_thread_ns().saturating_sub(before) as f64);
+                let deadline = Instant::now() + WAKE_TIMEOUT;
+                while woken.load(Ordering::Acquire) <= i {
+                    if Instant::now() > deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "the sleeper did not wake"));
+                    }
+                    std::thread::yield_now();
+                }
             }
-        }
-        Ok(costs)
-    });
-    let costs = writer.join().map_err(|_| LoadgenError::DriverPanicked)?.map_err(io_error("writer"))?;
+            Ok(costs)
+        })
+    };
+    let costs = writer.join().map_err(|_| LoadgenError::DriverPanicked)?;
+    // However the writer ended, one more write releases a sleeper still in `read`.
+    stop.store(true, Ordering::Release);
+    efd.write(1).map_err(io_error("eventfd"))?;
     sleeper.join().map_err(|_| LoadgenError::DriverPanicked)?.map_err(io_error("sleeper"))?;
-    Ok(median(costs))
-}
-
-fn median(mut v: Vec<u64>) -> f64 {
-    v.sort_unstable();
-    v.get(v.len() / 2).copied().unwrap_or(0) as f64
+    Ok(crate::median(costs.map_err(io_error("writer"))?).unwrap_or(0.0))
 }
 
 #[cfg(test)]
@@ -126,11 +125,5 @@ mod tests {
             assert_eq!(w.samples, 20);
             assert!((w.interrupts_ns_per_frame(0.01) - w.cross_cpu_ns / 100.0).abs() < 1e-6);
         }
-    }
-
-    #[test]
-    fn test_median_takes_the_middle_sample() {
-        assert_eq!(median(vec![30, 10, 20_000]), 30.0);
-        assert_eq!(median(vec![]), 0.0);
     }
 }
