@@ -390,9 +390,13 @@ fn test_bounded_backend_channel_never_read_does_not_hang_disconnect() {
         sh("ip", &["link", "set", &topo.lower, state]);
         assert!(wait_until(WAIT, || changes(m) > changes0 + i), "link change {i} ({state}) not seen: the monitor is stuck");
     }
-    let sent = m.config_change_msgs.load(Ordering::Relaxed) - sent0;
-    let dropped = m.config_change_dropped.load(Ordering::Relaxed) - dropped0;
+    // The monitor counts a change before it sends or drops its message: wait for the last one.
+    let sent = || m.config_change_msgs.load(Ordering::Relaxed) - sent0;
+    let dropped = || m.config_change_dropped.load(Ordering::Relaxed) - dropped0;
+    let settled = wait_until(WAIT, || sent() + dropped() == changes(m) - changes0);
+    let (sent, dropped) = (sent(), dropped());
     eprintln!("{} link changes: {sent} CONFIG_CHANGE_MSG sent, {dropped} dropped (channel never read)", changes(m) - changes0);
+    assert!(settled, "every link change is sent or counted as dropped");
     assert_eq!(sent + dropped, changes(m) - changes0);
     assert!(dropped > 0, "the channel never filled up (sent {sent})");
     assert!(dev.link.is_up());
