@@ -94,7 +94,9 @@ fn test_ops_multi_device_metrics_stats_and_isolation() {
     let la = format!("device=\"{a}\",queue_pair=\"0\"");
     wait_for("tx counters", Duration::from_secs(5), || {
         let t = http_get(port, "/metrics");
+        // Bytes too: a pass adds its counters one by one.
         metric(&t, "vutap_tx_frames_total", &la) == Some(5)
+            && metric(&t, "vutap_tx_bytes_total", &la) == Some(5 * (64 + 12))
             && metric(&t, "vutap_tx_frames_total", "device=\"b\",queue_pair=\"1\"") == Some(5)
     });
     let text = http_get(port, "/metrics");

@@ -155,6 +155,13 @@ fn unfreed_bytes(s: &PacketSocket) -> i32 {
     n
 }
 
+/// Frames the interface has received, from its kernel statistics.
+fn rx_packets(ifname: &str) -> u64 {
+    let path = format!("/sys/class/net/{ifname}/statistics/rx_packets");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.trim().parse().unwrap_or_else(|e| panic!("{path}: {text:?}: {e}"))
+}
+
 /// Frames that wait on the tap queue of a pair that stops for good (GET_VRING_BASE, as at the
 /// end of a migration) are dropped and counted, which frees their sender's memory. Left on the
 /// detached queue they stayed charged to the sender for as long as vutap ran, and a TCP sender
@@ -166,9 +173,14 @@ fn test_stopped_pair_frees_frames_left_on_its_tap_queue() {
     let bed = Bed::macvtap_serve_forever(1);
     let mut fe = bed.daemon.connect(FrontendOptions { rx_prefill: false, ..opts(HandshakeOrder::Qemu) });
     // No RX buffers posted: vutap leaves the frames on the tap queue.
+    let received = || rx_packets(&bed.tap_name);
+    let received0 = received();
     for i in 0..20 {
         bed.far.send(&test_frame(bed.guest_mac, bed.far_mac, 1514, 100 + i));
     }
+    // A sent frame is charged at once, but may still wait for the kernel's receive processing:
+    // wait until the macvtap has taken all of them, or a late one would meet a detached queue.
+    assert!(wait_until(WAIT, || received() >= received0 + 20), "frames reached the macvtap: {}", received() - received0);
     assert!(wait_until(WAIT, || unfreed_bytes(&bed.far) >= 20 * 1514), "frames queued and charged: {}", unfreed_bytes(&bed.far));
     fe.get_vring_base(0).expect("GET_VRING_BASE");
     let counts = || bed.daemon.dev.metrics[0].snapshot();

@@ -621,9 +621,10 @@ fn test_upgrade_hands_over_the_backend_channel() {
     // The new process tells the frontend of a carrier change on the channel it took over.
     sh("ip", &["link", "set", &topo.lower, "down"]);
     let msg = read_backend_req(&mut ours, WAIT);
-    sh("ip", &["link", "set", &topo.lower, "up"]);
     assert_eq!(msg, Some((2, 1, 0)), "CONFIG_CHANGE_MSG from the new vutap:\n{}", serving.first.log_text());
+    // Read STATUS before the carrier returns: the monitor would report it up within its poll.
     assert_eq!(fe.config().unwrap().unwrap().status & 1, 0, "STATUS after the carrier loss");
+    sh("ip", &["link", "set", &topo.lower, "up"]);
     assert!(read_backend_req(&mut ours, WAIT).is_some(), "CONFIG_CHANGE_MSG when the carrier returns");
     assert_eq!(fe.config().unwrap().unwrap().status & 1, 1);
     drop(fe);
