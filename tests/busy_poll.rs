@@ -185,3 +185,38 @@ fn test_adaptive_poll_polls_only_while_the_gaps_are_short() {
         "a fixed window polls after every frame ({gap:?} apart): {fixed}, against adaptive {sparse}"
     );
 }
+
+/// TX kicks (and TX passes that ran without one) since the start, from the metrics socket.
+fn kicks(metrics: &Path) -> u64 {
+    let text = vutap::operations::stats::fetch(metrics.to_str().unwrap()).expect("metrics");
+    vutap_testbed::scrape::metric_sum(&text, "vutap_kicks_total", "")
+}
+
+/// While its poll window is open a polling worker looks at the TX ring itself, as vhost-net's
+/// busyloop does, so the guest sends frames without kicking (an eventfd write, a system call on
+/// the guest's side and a wake-up of the worker); once the window has closed it asks for kicks
+/// again, and a frame sent then still goes out.
+#[test]
+fn test_busy_poll_takes_frames_from_the_ring_without_kicks() {
+    let _g = serial();
+    let metrics = std::env::temp_dir().join(format!("vbp-metrics-{}.sock", unique()));
+    let mut rig = Rig::start(&["--busy-poll-us", "300000", "--metrics-unix", metrics.to_str().unwrap()]);
+    // The first frame finds the worker asleep and kicks it; each pass re-opens the window.
+    // (The worker adds up its counters after the pass that sent the frame: wait for them.)
+    rig.send_one();
+    assert!(wait_until(Duration::from_secs(5), || kicks(&metrics) >= 1), "the first frame kicked");
+    let before = kicks(&metrics);
+    for _ in 0..20 {
+        rig.send_one();
+    }
+    let polled = kicks(&metrics) - before;
+    assert_eq!(polled, 0, "20 frames sent while the worker polled: {polled} kicks");
+    // After the window: the worker asked for kicks before it slept, and the next frame wakes it.
+    std::thread::sleep(Duration::from_millis(600));
+    let before = kicks(&metrics);
+    rig.send_one();
+    assert!(wait_until(Duration::from_secs(5), || kicks(&metrics) > before), "a frame after the window kicks the sleeping worker");
+    assert_eq!(kicks(&metrics) - before, 1);
+    drop(rig);
+    let _ = std::fs::remove_file(&metrics);
+}

@@ -106,7 +106,7 @@ pub struct Args {
     #[arg(long)]
     pub exit_on_tap_loss: bool,
 
-    /// After a pass that moved frames, a worker keeps polling its kicks and tap for this many
+    /// After a pass that moved frames, a worker keeps polling its TX ring and tap for this many
     /// microseconds before it sleeps (like vhost-net's busyloop): lower latency, paid in CPU
     /// while traffic is sparse. 0 (default): sleep at once.
     #[arg(long, default_value_t = 0, value_name = "US")]

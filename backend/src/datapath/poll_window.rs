@@ -1,4 +1,4 @@
-//! How long an idle worker polls its kicks and tap before it sleeps.
+//! How long an idle worker polls its TX ring, kicks and tap before it sleeps.
 //!
 //! A sleeping worker costs each frame that wakes it a wake-up (an inter-processor interrupt, ~10
 //! µs on a VM host); under request/response traffic that is two per round trip. Polling a little

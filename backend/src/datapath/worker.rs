@@ -6,7 +6,9 @@
 //! posting, even bad chains, cannot keep the thread from its stop eventfd); does one used-ring
 //! update per batch; signals the guest at most once per batch; then re-enables notifications
 //! and re-checks before sleeping. Work left when a budget runs out stays pending, so the next
-//! epoll_wait does not sleep.
+//! epoll_wait does not sleep. A polling worker (`--busy-poll-us`, `--adaptive-poll-us`) leaves
+//! the guest's TX kicks off while its poll window is open and looks at the TX ring itself, as
+//! vhost-net's busyloop does: the guest then sends without a system call per frame.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -144,6 +146,11 @@ struct PairLoop<T: TapControl> {
     counts: PairCounts,
     state: PairState,
     tap_interest: Option<EventSet>,
+    /// Whether the worker polls: it then leaves the guest's TX kicks off after a pass and looks
+    /// at the TX ring itself while its poll window is open, as vhost-net's busyloop does.
+    polls: bool,
+    /// TX kicks are off (left so after a pass): they must be asked for again before sleeping.
+    tx_kicks_off: bool,
 }
 
 impl<T: TapControl> PairLoop<T> {
@@ -155,7 +162,19 @@ impl<T: TapControl> PairLoop<T> {
         let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &mem)
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        PairLoop { tx, rx, mem, setup, stop, counts: PairCounts::default(), state: PairState::new(), tap_interest: None }
+        let polls = !PollWindow::new(setup.policy.poll).is_off();
+        PairLoop {
+            tx,
+            rx,
+            mem,
+            setup,
+            stop,
+            counts: PairCounts::default(),
+            state: PairState::new(),
+            tap_interest: None,
+            polls,
+            tx_kicks_off: false,
+        }
     }
 
     fn run(mut self) -> StoppedPair {
@@ -186,17 +205,21 @@ impl<T: TapControl> PairLoop<T> {
         let mut poll_until: Option<Instant> = None;
         loop {
             let polling = poll_until.is_some_and(|t| Instant::now() < t);
+            if !polling && self.tx_kicks_off {
+                self.resume_tx_kicks();
+            }
             let timeout = if self.state.has_pending_work() || polling { 0 } else { -1 };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            if n == 0 && polling && !self.state.has_pending_work() {
+            let found_on_ring = n == 0 && polling && self.tx_frame_posted();
+            if n == 0 && polling && !self.state.has_pending_work() && !found_on_ring {
                 continue;
             }
             if let Some(since) = idle_since.take() {
-                if n > 0 {
+                if n > 0 || found_on_ring {
                     poll.record_gap(since.elapsed());
                 }
             }
@@ -256,14 +279,14 @@ impl<T: TapControl> PairLoop<T> {
             signal(&self.setup.tx.call, &mut self.counts);
         }
         match outcome {
+            TxOutcome::Idle if self.polls => {
+                // The poll loop looks at the ring; kicks come back before the worker sleeps.
+                self.tx_kicks_off = true;
+                self.state.tx = TxState::Idle;
+            }
             TxOutcome::Idle => {
-                // Re-enable kicks, then look again: the guest may have added a frame between
-                // our last pop and the enable.
-                let more = queue.enable_notification(mem).unwrap_or(false);
-                self.state.tx = if more { TxState::Pending } else { TxState::Idle };
-                if let Some(log) = &self.setup.log {
-                    log_used_ring(queue, log);
-                }
+                self.state.tx = TxState::Idle;
+                self.resume_tx_kicks();
             }
             TxOutcome::MoreWork => self.state.tx = TxState::Pending,
             TxOutcome::Blocked => self.state.tx = TxState::Blocked,
@@ -275,6 +298,37 @@ impl<T: TapControl> PairLoop<T> {
                 self.counts.rings_broken += 1;
             }
         }
+    }
+
+    /// Re-enables TX kicks, then looks again: the guest may have added a frame between the last
+    /// look and the enable.
+    fn resume_tx_kicks(&mut self) {
+        self.tx_kicks_off = false;
+        if self.state.halt.is_halted() {
+            return;
+        }
+        let queue = &mut self.setup.tx.queue;
+        let more = queue.enable_notification(&self.mem).unwrap_or(false);
+        if let Some(log) = &self.setup.log {
+            log_used_ring(queue, log);
+        }
+        if more {
+            self.state.tx.on_kick();
+        }
+    }
+
+    /// While TX kicks are off: whether the guest has posted a frame since the last pass (then
+    /// a pass is due, as if it had kicked).
+    fn tx_frame_posted(&mut self) -> bool {
+        if !self.tx_kicks_off || self.state.halt.is_halted() {
+            return false;
+        }
+        let queue = &self.setup.tx.queue;
+        let posted = queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|idx| idx.0 != queue.next_avail());
+        if posted {
+            self.state.tx.on_kick();
+        }
+        posted && self.state.tx_wants_pass()
     }
 
     fn run_rx(&mut self) {
