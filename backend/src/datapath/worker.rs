@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -28,7 +29,7 @@ use crate::control::memory_guard::{FaultWatch, RangeGuard};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::pair_state::{PairState, RxState, TxState};
-use crate::datapath::poll_window::PollWindow;
+use crate::datapath::poll_window::{PollPolicy, PollWindow};
 use crate::datapath::rx::{RxLoop, RxOutcome};
 use crate::datapath::tap_io::TapControl;
 use crate::datapath::tx::{TxLoop, TxOutcome};
@@ -162,7 +163,7 @@ impl<T: TapControl> PairLoop<T> {
         let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &mem)
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
-        let polls = !PollWindow::new(setup.policy.poll).is_off();
+        let polls = setup.policy.poll != PollPolicy::Off;
         PairLoop {
             tx,
             rx,
@@ -324,7 +325,7 @@ impl<T: TapControl> PairLoop<T> {
             return false;
         }
         let queue = &self.setup.tx.queue;
-        let posted = queue.avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire).is_ok_and(|idx| idx.0 != queue.next_avail());
+        let posted = queue.avail_idx(&self.mem, Ordering::Acquire).is_ok_and(|idx| idx.0 != queue.next_avail());
         if posted {
             self.state.tx.on_kick();
         }
