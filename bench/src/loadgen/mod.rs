@@ -982,9 +982,8 @@ fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>> {
     let mut fe = connect(socket, fe_opts(1, Dir::Rx, 64, "mrg"))?;
     std::thread::sleep(Duration::from_millis(200));
     let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
-    let _refl = wire::reflector(sock, far.backend_mac);
     let budget = cfg.duration.max(Duration::from_secs(1));
-    vhost::ping_pong(&mut fe, &ping_frame(far), cfg.latency_samples, budget)
+    vhost::ping_pong(&mut fe, &sock, far.backend_mac, &ping_frame(far), cfg.latency_samples, budget)
 }
 
 fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far, place: Option<&Placement>) -> Result<Vec<u64>> {

@@ -12,7 +12,9 @@ use vutap_frontend::features::NET_F_MRG_RXBUF;
 use vutap_frontend::{rx_queue, tx_queue, NetFrontend, Segment, VirtioNetHdr};
 
 use super::error::{LoadgenError, Result};
-use super::wire::{is_test_frame, Counters};
+use vutap_testbed::packet::PacketSocket;
+
+use super::wire::{is_test_frame, reflect_one, Counters, Reflected};
 
 /// A driver thread owning the frontend; `stop` returns it (or the error that ended it).
 pub struct Driver {
@@ -214,32 +216,46 @@ fn wait_calls(fe: &NetFrontend, queues: impl Iterator<Item = u16>) {
     }
 }
 
-/// 64 B ping-pong on pair 0: send one frame, poll RX (yielding the CPU between looks) until a
-/// test frame comes back.
-pub fn ping_pong(fe: &mut NetFrontend, frame: &[u8], samples: usize, budget: Duration) -> Result<Vec<u64>> {
+/// 64 B ping-pong on pair 0: send one frame, reflect it on the far side, then poll RX until
+/// it comes back.
+///
+/// The far side's reflector runs on this thread, between the frontend's looks: the two stand in
+/// for a guest and a far host on a CPU each, both polling, but share the load CPU here, and
+/// with one frame in flight only one of them has anything to do at a time. As two threads they
+/// would hand that CPU to each other twice per round trip (~1 us on this host,
+/// `scripts/probes/handoff.c`), which a raw loop, whose reflector has the load CPU to itself,
+/// does not pay.
+pub fn ping_pong(
+    fe: &mut NetFrontend,
+    far: &PacketSocket,
+    reply_to: [u8; 6],
+    frame: &[u8],
+    samples: usize,
+    budget: Duration,
+) -> Result<Vec<u64>> {
     let hdr = VirtioNetHdr::default();
     let mut rtts = Vec::with_capacity(samples);
+    let mut buf = vec![0u8; 65536];
     let end = Instant::now() + budget;
     while rtts.len() < samples && Instant::now() < end {
         fe.reclaim_tx(0)?;
         let t0 = Instant::now();
         fe.send_frame(0, &hdr, frame)?;
+        let mut reflected = false;
         loop {
-            let mut got = false;
-            fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p))?;
-            if got {
-                rtts.push(t0.elapsed().as_nanos() as u64);
-                break;
+            if !reflected {
+                reflected = reflect_one(far, &mut buf, reply_to) == Reflected::TestFrame;
+            } else {
+                let mut got = false;
+                fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p))?;
+                if got {
+                    rtts.push(t0.elapsed().as_nanos() as u64);
+                    break;
+                }
             }
             if t0.elapsed() > Duration::from_millis(200) {
                 break;
             }
-            // This thread stands in for a guest on a CPU of its own, but shares the load CPU
-            // with the far side's reflector. Spinning through its time slice, it would keep the
-            // reflector, woken by the ping, waiting for the CPU (the scheduler lets a running
-            // task finish its slice): yielding hands the CPU over at once, as a reflector on
-            // its own CPU would have it.
-            std::thread::yield_now();
         }
     }
     Ok(rtts)

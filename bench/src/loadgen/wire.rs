@@ -259,24 +259,44 @@ pub fn source(sock: PacketSocket, counters: Arc<Counters>, frame: Vec<u8>) -> Fa
     })
 }
 
-/// Sends every test frame arriving on `sock` back with the MACs set to `dst` / [`PEER_MAC`],
-/// polling the socket (yielding the CPU between looks) until stopped.
+/// What one look at the far side's socket found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reflected {
+    /// Nothing was waiting.
+    Nothing,
+    /// A frame that is not a test frame, dropped.
+    Other,
+    /// A test frame, sent back.
+    TestFrame,
+}
+
+/// Takes one frame from `sock` and, if it is a test frame, sends it back with the MACs set to
+/// `dst` / [`PEER_MAC`]. `buf` must hold the largest frame.
+pub fn reflect_one(sock: &PacketSocket, buf: &mut [u8], dst: [u8; 6]) -> Reflected {
+    match sock.try_recv(buf) {
+        Some(n) if is_test_frame(&buf[..n]) => {
+            buf[..6].copy_from_slice(&dst);
+            buf[6..12].copy_from_slice(&PEER_MAC);
+            let _ = sock.send(&buf[..n]);
+            Reflected::TestFrame
+        }
+        Some(_) => Reflected::Other,
+        None => Reflected::Nothing,
+    }
+}
+
+/// Sends every test frame arriving on `sock` back (see [`reflect_one`]), polling the socket
+/// (yielding the CPU between looks) until stopped.
 pub fn reflector(sock: PacketSocket, dst: [u8; 6]) -> FarThread {
     FarThread::spawn("bench-reflect", move |st| {
         let mut buf = vec![0u8; 65536];
         while !st.load(Ordering::Relaxed) {
-            match sock.try_recv(&mut buf) {
-                Some(n) if is_test_frame(&buf[..n]) => {
-                    buf[..6].copy_from_slice(&dst);
-                    buf[6..12].copy_from_slice(&PEER_MAC);
-                    let _ = sock.send(&buf[..n]);
-                }
-                Some(_) => {}
-                // Polls, as the sink and source do: a reflector sleeping in poll(2) would leave
-                // its CPU idle, and waking an idle CPU of this VM takes 20-40 us, which only the
-                // raw loop's round trips would pay (in a vhost-user backend's, the frontend keeps
-                // that CPU busy).
-                None => std::thread::yield_now(),
+            // Polls, as the sink and source do: a reflector sleeping in poll(2) would leave its
+            // CPU idle, and waking an idle CPU of this VM takes 20-40 us, which only the raw
+            // loop's round trips would pay (in a vhost-user backend's, the frontend keeps that
+            // CPU busy).
+            if reflect_one(&sock, &mut buf, dst) == Reflected::Nothing {
+                std::thread::yield_now();
             }
         }
     })
