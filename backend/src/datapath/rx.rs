@@ -154,6 +154,10 @@ pub struct RxLoop {
     /// Tells a lost guest memory from other EFAULTs.
     faults: Option<FaultWatch>,
     warned_reused_head: bool,
+    /// Publish a pass's first frame as soon as it is delivered (the rest at the pass's end, with
+    /// the one interrupt): a polling worker's guest is waiting for that frame, and the pass's
+    /// next read, which usually finds the tap empty, would hold it back by a system call.
+    publish_first_frame: bool,
 }
 
 impl RxLoop {
@@ -184,7 +188,15 @@ impl RxLoop {
             warned_bad_chain: false,
             faults: None,
             warned_reused_head: false,
+            publish_first_frame: false,
         }
+    }
+
+    /// Publishes each pass's first frame at once (see [`RxLoop::publish_first_frame`]'s field):
+    /// at most two used-ring updates per pass, still at most one interrupt.
+    pub fn publishing_first_frame(mut self, early: bool) -> Self {
+        self.publish_first_frame = early;
+        self
     }
 
     /// Sorts EFAULT on reads into lost guest memory and the rest.
@@ -343,6 +355,8 @@ impl RxLoop {
         let mut outcome = RxOutcome::MoreWork;
         let mut chains_left = self.chain_budget;
         let mut reads = 0;
+        // Whether the first frame went out ahead of the rest (and its interrupt is due).
+        let (mut published_early, mut notify) = (false, false);
         while reads < self.budget {
             let batch = if batch_capacity >= MIN_BATCH_READS { self.batch_reads.min(batch_capacity).min(self.budget - reads) } else { 0 };
             match self.fill(queue, mem, counts, &mut chains_left, batch) {
@@ -370,17 +384,23 @@ impl RxLoop {
                 outcome = stop;
                 break;
             }
+            if reads == 1 && self.publish_first_frame && !self.used.is_empty() {
+                match self.used.publish(queue, mem, self.log.as_deref()) {
+                    Ok(n) => (published_early, notify) = (true, n),
+                    Err(e) => return (RxOutcome::RingBroken(RingError::PublishUsed(e)), false),
+                }
+            }
         }
-        if !self.used.is_empty() {
+        if published_early || !self.used.is_empty() {
             counts.rx_batches += 1;
         }
-        let notify = match self.used.publish(queue, mem, self.log.as_deref()) {
-            Ok(n) => n,
+        match self.used.publish(queue, mem, self.log.as_deref()) {
+            Ok(n) => notify |= n,
             Err(e) => {
                 outcome = RxOutcome::RingBroken(RingError::PublishUsed(e));
-                false
+                notify = false;
             }
-        };
+        }
         (outcome, notify)
     }
 
@@ -743,6 +763,56 @@ mod tests {
         tap.read_script.borrow_mut().extend([TapStep::Frame(frame(100, 3)), TapStep::Frame(frame(100, 4))]);
         let (_, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
         assert!(notify, "used_event 2 is crossed by this batch");
+    }
+
+    /// A tap that notes the used index the guest can see at each read.
+    struct UsedIdxAtRead<'a> {
+        tap: MockTap,
+        mem: &'a FlatMem,
+        used_idx: u64,
+        seen: std::cell::RefCell<Vec<u16>>,
+    }
+
+    impl TapIo for UsedIdxAtRead<'_> {
+        fn write_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+            self.tap.write_frame(iovs)
+        }
+        fn read_frame(&self, iovs: &[IoVec]) -> io::Result<usize> {
+            self.seen.borrow_mut().push(self.mem.read_obj(GuestAddress(self.used_idx)).unwrap());
+            self.tap.read_frame(iovs)
+        }
+    }
+
+    fn used_idx_at_reads(publish_first_frame: bool, frames: u8, used_event: u16) -> (Vec<u16>, bool, PairCounts) {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        post(&mq, 0, 8, 2000);
+        mem.write_obj(used_event, GuestAddress(mq.avail_addr().0 + 4 + 2 * u64::from(SIZE))).unwrap();
+        let mut q = queue(&mq, true);
+        let tap = UsedIdxAtRead { tap: MockTap::default(), mem: &mem, used_idx: used_addr(&mq, SIZE) + 2, seen: Default::default() };
+        tap.tap.read_script.borrow_mut().extend((0..frames).map(|i| TapStep::Frame(frame(100, i))));
+        let mut counts = PairCounts::default();
+        let mut rx = RxLoop::new(64, SIZE, features(false, false), 1500, &mem).publishing_first_frame(publish_first_frame);
+        let (outcome, notify) = rx.process(&mut q, &mem, &tap, &mut counts);
+        assert!(matches!(outcome, RxOutcome::Idle));
+        assert_eq!(used_entries(&mq, &mem, SIZE).len(), usize::from(frames), "every frame is used in the end");
+        (tap.seen.into_inner(), notify, counts)
+    }
+
+    #[test]
+    fn test_rx_first_frame_is_published_before_the_next_read_when_asked() {
+        // The read after each frame sees only the frames of earlier passes, unless asked.
+        assert_eq!(used_idx_at_reads(false, 1, 0).0, vec![0, 0]);
+        assert_eq!(used_idx_at_reads(true, 1, 0).0, vec![0, 1], "the guest sees its frame before the empty read");
+        assert_eq!(used_idx_at_reads(true, 3, 0).0, vec![0, 1, 1, 1], "the rest go out together at the end");
+        // Still one interrupt per pass, asked for by either update, and one batch counted.
+        let (_, notify, counts) = used_idx_at_reads(true, 3, 0);
+        assert!(notify, "used_event 0 is crossed by the early update");
+        assert_eq!((counts.rx_frames, counts.rx_batches), (3, 1));
+        let (_, notify, _) = used_idx_at_reads(true, 3, 2);
+        assert!(notify, "used_event 2 is crossed by the final update");
+        let (_, notify, _) = used_idx_at_reads(true, 3, 7);
+        assert!(!notify, "used_event 7 is not reached");
     }
 
     #[test]

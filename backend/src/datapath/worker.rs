@@ -160,10 +160,11 @@ impl<T: TapControl> PairLoop<T> {
             .with_log(setup.log.clone())
             .with_fault_watch(Some(setup.faults));
         let mem = FlatMem::new(setup.mem.clone());
+        let polls = setup.policy.poll != PollPolicy::Off;
         let rx = RxLoop::new(BATCH_BUDGET, setup.rx.queue.size(), setup.features, setup.mtu, &mem)
             .with_log(setup.log.clone())
-            .with_fault_watch(Some(setup.faults));
-        let polls = setup.policy.poll != PollPolicy::Off;
+            .with_fault_watch(Some(setup.faults))
+            .publishing_first_frame(polls);
         PairLoop {
             tx,
             rx,
