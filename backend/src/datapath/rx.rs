@@ -212,7 +212,7 @@ impl RxLoop {
     }
 
     /// Whether enough buffers are held for the largest frame (one chain without MRG_RXBUF).
-    fn has_room(&self) -> bool {
+    pub fn has_room(&self) -> bool {
         if self.mergeable {
             self.held.capacity() >= self.max_frame
         } else {
