@@ -82,6 +82,8 @@ struct Rig {
     far: PacketSocket,
     dir: std::path::PathBuf,
     sent: u32,
+    /// The metrics socket, if started with one.
+    metrics: Option<std::path::PathBuf>,
 }
 
 impl Rig {
@@ -95,7 +97,22 @@ impl Rig {
         sh("ip", &["link", "set", &name, "up"]);
         let far = PacketSocket::bind(&name);
         let fe = NetFrontend::connect(&sock, FrontendOptions::default()).expect("handshake");
-        Rig { v, fe, far, dir, sent: 0 }
+        Rig { v, fe, far, dir, sent: 0, metrics: None }
+    }
+
+    /// As [`Rig::start`], with `--busy-poll-us 300000` and a metrics socket.
+    fn start_polling_with_metrics() -> Rig {
+        let metrics = std::env::temp_dir().join(format!("vbp-metrics-{}.sock", unique()));
+        let mut rig = Rig::start(&["--busy-poll-us", "300000", "--metrics-unix", metrics.to_str().unwrap()]);
+        rig.metrics = Some(metrics);
+        rig
+    }
+
+    /// A pair counter (`vutap_<name>_total`) since the start, from the metrics socket.
+    fn counter(&self, name: &str) -> u64 {
+        let metrics = self.metrics.as_ref().expect("started with a metrics socket");
+        let text = vutap::operations::stats::fetch(metrics.to_str().unwrap()).expect("metrics");
+        vutap_testbed::scrape::metric_sum(&text, &format!("vutap_{name}_total"), "")
     }
 
     /// Sends one frame and checks it arrives byte for byte.
@@ -133,6 +150,9 @@ impl Drop for Rig {
         self.v.signal(libc::SIGTERM);
         let _ = self.v.wait_exit(Duration::from_secs(5));
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(metrics) = &self.metrics {
+            let _ = std::fs::remove_file(metrics);
+        }
     }
 }
 
@@ -186,17 +206,6 @@ fn test_adaptive_poll_polls_only_while_the_gaps_are_short() {
     );
 }
 
-/// A pair counter (`vutap_<name>_total`) since the start, from the metrics socket.
-fn counter(metrics: &Path, name: &str) -> u64 {
-    let text = vutap::operations::stats::fetch(metrics.to_str().unwrap()).expect("metrics");
-    vutap_testbed::scrape::metric_sum(&text, &format!("vutap_{name}_total"), "")
-}
-
-/// Kicks (and passes that ran without one) since the start.
-fn kicks(metrics: &Path) -> u64 {
-    counter(metrics, "kicks")
-}
-
 /// While its poll window is open a polling worker looks at the TX ring itself, as vhost-net's
 /// busyloop does, so the guest sends frames without kicking (an eventfd write, a system call on
 /// the guest's side and a wake-up of the worker); once the window has closed it asks for kicks
@@ -204,26 +213,24 @@ fn kicks(metrics: &Path) -> u64 {
 #[test]
 fn test_busy_poll_takes_frames_from_the_ring_without_kicks() {
     let _g = serial();
-    let metrics = std::env::temp_dir().join(format!("vbp-metrics-{}.sock", unique()));
-    let mut rig = Rig::start(&["--busy-poll-us", "300000", "--metrics-unix", metrics.to_str().unwrap()]);
+    let mut rig = Rig::start_polling_with_metrics();
+    let kicks = |rig: &Rig| rig.counter("kicks");
     // The first frame finds the worker asleep and kicks it; each pass re-opens the window.
     // (The worker adds up its counters after the pass that sent the frame: wait for them.)
     rig.send_one();
-    assert!(wait_until(Duration::from_secs(5), || kicks(&metrics) >= 1), "the first frame kicked");
-    let before = kicks(&metrics);
+    assert!(wait_until(Duration::from_secs(5), || kicks(&rig) >= 1), "the first frame kicked");
+    let before = kicks(&rig);
     for _ in 0..20 {
         rig.send_one();
     }
-    let polled = kicks(&metrics) - before;
+    let polled = kicks(&rig) - before;
     assert_eq!(polled, 0, "20 frames sent while the worker polled: {polled} kicks");
     // After the window: the worker asked for kicks before it slept, and the next frame wakes it.
     std::thread::sleep(Duration::from_millis(600));
-    let before = kicks(&metrics);
+    let before = kicks(&rig);
     rig.send_one();
-    assert!(wait_until(Duration::from_secs(5), || kicks(&metrics) > before), "a frame after the window kicks the sleeping worker");
-    assert_eq!(kicks(&metrics) - before, 1);
-    drop(rig);
-    let _ = std::fs::remove_file(&metrics);
+    assert!(wait_until(Duration::from_secs(5), || kicks(&rig) > before), "a frame after the window kicks the sleeping worker");
+    assert_eq!(kicks(&rig) - before, 1);
 }
 
 /// While its poll window is open a polling worker looks at the tap by reading it, which takes a
@@ -233,12 +240,11 @@ fn test_busy_poll_takes_frames_from_the_ring_without_kicks() {
 #[test]
 fn test_busy_poll_reads_frames_from_the_tap_without_epoll() {
     let _g = serial();
-    let metrics = std::env::temp_dir().join(format!("vbp-metrics-{}.sock", unique()));
-    let mut rig = Rig::start(&["--busy-poll-us", "300000", "--metrics-unix", metrics.to_str().unwrap()]);
+    let mut rig = Rig::start_polling_with_metrics();
     // A frame out opens the window (and shows the worker is there).
     rig.send_one();
-    assert!(wait_until(Duration::from_secs(5), || counter(&metrics, "tx_frames") == 1), "the first frame counted");
-    let before = counter(&metrics, "poll_finds");
+    assert!(wait_until(Duration::from_secs(5), || rig.counter("tx_frames") == 1), "the first frame counted");
+    let before = rig.counter("poll_finds");
     const FRAMES: u32 = 20;
     for seq in 1..=FRAMES {
         let frame = test_frame([0x52, 0x54, 0, 0, 0, 1], [0x02, 0x77, 0, 0, 0, 1], 200, seq);
@@ -251,11 +257,9 @@ fn test_busy_poll_reads_frames_from_the_tap_without_epoll() {
         };
         assert_eq!(got, frame, "byte for byte");
     }
-    assert!(wait_until(Duration::from_secs(5), || counter(&metrics, "rx_frames") >= u64::from(FRAMES)), "RX counted");
-    let found = counter(&metrics, "poll_finds") - before;
+    assert!(wait_until(Duration::from_secs(5), || rig.counter("rx_frames") >= u64::from(FRAMES)), "RX counted");
+    let found = rig.counter("poll_finds") - before;
     // One look in five goes through epoll_wait, and a frame can land in one of those.
     assert!(found >= u64::from(FRAMES) / 2, "{found} of {FRAMES} frames found by a read of the tap");
     eprintln!("{found} of {FRAMES} frames found by a read of the tap");
-    drop(rig);
-    let _ = std::fs::remove_file(&metrics);
 }
