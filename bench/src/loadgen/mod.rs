@@ -974,6 +974,12 @@ fn wait_gone(name: &str) {
     }
 }
 
+/// Round trips a ping-pong makes before it records any: every buffer of a 256-entry ring used
+/// twice over. A backend's first touch of each guest page it maps costs a page fault (~4 us
+/// here, once per page for the life of a connection), which in the first few hundred round
+/// trips of a fresh connection lands on every second or third one.
+const PING_WARMUP_ROUND_TRIPS: usize = 512;
+
 fn ping_frame(far: &Far) -> Vec<u8> {
     wire::udp_frame(60, OTHER_MAC, far.backend_mac, 4000, 0)
 }
@@ -983,7 +989,7 @@ fn vhost_latency(cfg: &Config, socket: &Path, far: &Far) -> Result<Vec<u64>> {
     std::thread::sleep(Duration::from_millis(200));
     let sock = wire::far_socket(far.netns.as_deref(), &far.ifname)?;
     let budget = cfg.duration.max(Duration::from_secs(1));
-    vhost::ping_pong(&mut fe, &sock, far.backend_mac, &ping_frame(far), cfg.latency_samples, budget)
+    vhost::ping_pong(&mut fe, &sock, far.backend_mac, &ping_frame(far), PING_WARMUP_ROUND_TRIPS, cfg.latency_samples, budget)
 }
 
 fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far, place: Option<&Placement>) -> Result<Vec<u64>> {
@@ -993,7 +999,7 @@ fn raw_latency(cfg: &Config, fd: &vutap::tap::TapQueue, far: &Far, place: Option
     let budget = cfg.duration.max(Duration::from_secs(1));
     // The raw loop's ping-pong runs on this thread: on the backend's CPUs, like its other loops.
     let _on_backend = place.map(|p| PinnedFor::new(&p.backend, &p.load));
-    Ok(raw::ping_pong(fd, &ping_frame(far), cfg.latency_samples, budget))
+    Ok(raw::ping_pong(fd, &ping_frame(far), PING_WARMUP_ROUND_TRIPS, cfg.latency_samples, budget))
 }
 
 /// Pins this thread (and so what it spawns from now on) for the cases of one pair count: the

@@ -160,15 +160,18 @@ pub fn rx(fds: Vec<TapQueue>, counters: Arc<Counters>) -> RawLoop {
     })
 }
 
-/// 64 B ping-pong on fd 0: write a frame, busy-read until it comes back. Returns RTTs in ns.
-pub fn ping_pong(fd: &TapQueue, frame: &[u8], samples: usize, budget: std::time::Duration) -> Vec<u64> {
+/// 64 B ping-pong on fd 0: write a frame, busy-read until it comes back. Returns RTTs in ns,
+/// leaving out the first `warmup` round trips.
+pub fn ping_pong(fd: &TapQueue, frame: &[u8], warmup: usize, samples: usize, budget: std::time::Duration) -> Vec<u64> {
     let raw = fd.as_raw_fd();
     let mut out = vec![0u8; 12];
     out.extend_from_slice(frame);
     let mut buf = vec![0u8; 65536 + 12];
     let mut rtts = Vec::with_capacity(samples);
     let end = std::time::Instant::now() + budget;
+    let mut trips = 0;
     while rtts.len() < samples && std::time::Instant::now() < end {
+        trips += 1;
         let t0 = std::time::Instant::now();
         // SAFETY: out is valid for out.len() bytes.
         if unsafe { libc::write(raw, out.as_ptr().cast(), out.len()) } < 0 {
@@ -178,7 +181,9 @@ pub fn ping_pong(fd: &TapQueue, frame: &[u8], samples: usize, budget: std::time:
             // SAFETY: buf is valid for writes of buf.len() bytes.
             let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
             if r > 12 && is_test_frame(&buf[12..r as usize]) {
-                rtts.push(t0.elapsed().as_nanos() as u64);
+                if trips > warmup {
+                    rtts.push(t0.elapsed().as_nanos() as u64);
+                }
                 break;
             }
             if t0.elapsed() > std::time::Duration::from_millis(200) {

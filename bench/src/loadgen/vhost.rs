@@ -217,7 +217,7 @@ fn wait_calls(fe: &NetFrontend, queues: impl Iterator<Item = u16>) {
 }
 
 /// 64 B ping-pong on pair 0: send one frame, reflect it on the far side, then poll RX until
-/// it comes back.
+/// it comes back. The first `warmup` round trips are not recorded.
 ///
 /// The far side's reflector runs on this thread, between the frontend's looks: the two stand in
 /// for a guest and a far host on a CPU each, both polling, but share the load CPU here, and
@@ -230,6 +230,7 @@ pub fn ping_pong(
     far: &PacketSocket,
     reply_to: [u8; 6],
     frame: &[u8],
+    warmup: usize,
     samples: usize,
     budget: Duration,
 ) -> Result<Vec<u64>> {
@@ -237,7 +238,9 @@ pub fn ping_pong(
     let mut rtts = Vec::with_capacity(samples);
     let mut buf = vec![0u8; 65536];
     let end = Instant::now() + budget;
+    let mut trips = 0;
     while rtts.len() < samples && Instant::now() < end {
+        trips += 1;
         fe.reclaim_tx(0)?;
         let t0 = Instant::now();
         fe.send_frame(0, &hdr, frame)?;
@@ -249,7 +252,9 @@ pub fn ping_pong(
                 let mut got = false;
                 fe.recv_batch(0, 16, |_, p| got |= is_test_frame(p))?;
                 if got {
-                    rtts.push(t0.elapsed().as_nanos() as u64);
+                    if trips > warmup {
+                        rtts.push(t0.elapsed().as_nanos() as u64);
+                    }
                     break;
                 }
             }
