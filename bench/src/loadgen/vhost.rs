@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 
 use vutap_frontend::features::NET_F_MRG_RXBUF;
 use vutap_frontend::{rx_queue, tx_queue, NetFrontend, Segment, VirtioNetHdr};
-
-use super::error::{LoadgenError, Result};
 use vutap_testbed::packet::PacketSocket;
 
+use super::error::{LoadgenError, Result};
 use super::wire::{is_test_frame, reflect_one, Counters, Reflected};
 
 /// A driver thread owning the frontend; `stop` returns it (or the error that ended it).
