@@ -18,16 +18,19 @@
 //! initramfs elsewhere than `.deps/l1` (scripts/build-l1.sh reads it too).
 //!
 //! TCG's nested SVM sometimes fails under L1 or L2, not through anything vutap does: L1's kernel
-//! crashes or locks up (`softlockup_panic=1` makes a lockup a crash) or L1 resets (QEMU exits
-//! before L1 printed `CH_DONE`), an L2's vCPU stops running (its console heartbeat falls silent
-//! and L1 reports `l2_stalled`), or an L2 triple-faults (cloud-hypervisor: "Guest likely
+//! crashes or locks up (`softlockup_panic=1` makes a lockup a crash), L1 resets (QEMU exits
+//! before L1 printed `CH_DONE`) or L1 hangs without a word (L1 prints `CH_BEAT` every 5 s; the
+//! test ends an L1 whose console is silent for a minute: CI once saw an L1 hang through the
+//! rest of its 11-minute deadline), an L2's vCPU stops running (its console heartbeat falls
+//! silent and L1 reports `l2_stalled`), or an L2 triple-faults (cloud-hypervisor: "Guest likely
 //! triple-faulted", L1 reports `l2_resets`; seen under CH's built-in virtio-net as under vutap,
 //! most often with two vCPUs) and the L2 that CH reboots does not then pass its traffic checks.
 //! The scenario groups such a failure cut short (each baseline is a group of its own) run again
 //! in a fresh L1, up to five times while the L1 runs so far took under 9 minutes (CI once met a
-//! stall, a triple fault and a kernel crash in a row); a failure past that fails the test.
-//! `VUTAP_CH_CRASH_L1=GROUP` crashes the first L1 as GROUP starts, `VUTAP_CH_STALL_L2=SCENARIO`
-//! freezes that scenario's cloud-hypervisor, to exercise those paths.
+//! stall, a triple fault and a kernel crash in a row), and every L1 ends within 14 minutes of
+//! the first's start; a failure past that fails the test. `VUTAP_CH_CRASH_L1=GROUP` crashes the
+//! first L1 as GROUP starts, `VUTAP_CH_HANG_L1=GROUP` silences it there for good, and
+//! `VUTAP_CH_STALL_L2=SCENARIO` freezes that scenario's cloud-hypervisor, to exercise those paths.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -41,6 +44,14 @@ const VIRTIO_NET_F_MQ: u32 = 22;
 
 /// The whole nested run (seven L2 boots) takes ~4 minutes on a quiet 2-core host.
 const L1_DEADLINE: Duration = Duration::from_secs(11 * 60);
+
+/// L1 prints `CH_BEAT` every 5 s (scripts/l1-init): a console silent this long is an L1 that hung.
+const L1_SILENCE: Duration = Duration::from_secs(60);
+
+/// What the test appends to the console of an L1 it ended: silent for [`L1_SILENCE`] (a hang of
+/// nested SVM, rerun), or still running at its deadline (a failure).
+const L1_HUNG: &str = "TEST: L1 hung, its console silent for";
+const L1_TIMED_OUT: &str = "TEST: L1 still running at its deadline of";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests crate lives inside the workspace").to_path_buf()
@@ -65,9 +76,11 @@ fn l1_dir() -> PathBuf {
     std::env::var_os("VUTAP_L1_DIR").map_or_else(|| repo_root().join(".deps/l1"), PathBuf::from)
 }
 
-/// Boots L1 and waits for it to power off; returns its serial console and how long it ran.
-/// `faults` goes on L1's command line as is (`ch_crash_in=...`, `ch_stall_in=...`).
-fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> (String, Duration) {
+/// Boots L1 and waits for it to power off, for its console to fall silent for [`L1_SILENCE`] or
+/// for `deadline`, whichever comes first; returns its serial console, with [`L1_HUNG`] or
+/// [`L1_TIMED_OUT`] appended when the test ended it, and how long it ran. `faults` goes on L1's
+/// command line as is (`ch_crash_in=...`, `ch_stall_in=...`).
+fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str, deadline: Duration) -> (String, Duration) {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
     let console = log_dir.join(if only.is_empty() { "l1-console.log".to_string() } else { format!("l1-console-{only}.log") });
@@ -98,15 +111,29 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str) -> (St
         .expect("spawn QEMU 10 (.deps/qemu10: run scripts/install-deps.sh)");
     let mut l1 = L1(child);
     let start = Instant::now();
-    let status = loop {
+    let (mut printed, mut last_output) = (0, start);
+    let ended = loop {
         if let Some(status) = l1.0.try_wait().expect("wait for QEMU") {
-            break status;
+            break format!("{status}");
         }
-        assert!(start.elapsed() < L1_DEADLINE, "L1 still running after {L1_DEADLINE:?}; console: {}", console.display());
+        let len = std::fs::metadata(&console).map_or(0, |m| m.len());
+        if len != printed {
+            (printed, last_output) = (len, Instant::now());
+        }
+        if last_output.elapsed() >= L1_SILENCE {
+            break format!("{L1_HUNG} {} s", last_output.elapsed().as_secs());
+        }
+        if start.elapsed() >= deadline {
+            break format!("{L1_TIMED_OUT} {} s", deadline.as_secs());
+        }
         std::thread::sleep(Duration::from_millis(500));
     };
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
-    eprintln!("L1 ran {:.0} s ({status})", start.elapsed().as_secs_f64());
+    drop(l1);
+    let mut text = std::fs::read_to_string(&console).unwrap_or_default();
+    if ended.starts_with("TEST: ") {
+        text.push_str(&format!("\n{ended}\n"));
+    }
+    eprintln!("L1 ran {:.0} s ({ended}); console: {}", start.elapsed().as_secs_f64(), console.display());
     (text, start.elapsed())
 }
 
@@ -130,6 +157,19 @@ fn group_of(scenario: &str) -> Option<&'static str> {
 /// or triple-faulted and did not finish cleanly after CH rebooted it. None of these is anything
 /// running in L1 can cause; any other unfinished group is a failure.
 fn nested_failure(console: &str) -> Option<String> {
+    if let Some(hang) = console.lines().find(|l| l.starts_with(L1_HUNG)) {
+        let last = console.lines().rfind(|l| l.starts_with("CH_") && !l.starts_with("CH_BEAT"));
+        let beat = console.lines().rfind(|l| l.starts_with("CH_BEAT"));
+        return Some(format!(
+            "{} (last beat: {}; last line: {})",
+            hang.trim_start_matches("TEST: "),
+            beat.unwrap_or("none").trim_end(),
+            last.unwrap_or("none").trim_end()
+        ));
+    }
+    if console.contains(L1_TIMED_OUT) {
+        return None;
+    }
     if !console.contains("CH_DONE") {
         let oops: Vec<&str> = console.lines().filter(|l| is_kernel_crash_line(l)).take(3).collect();
         return Some(if oops.is_empty() {
@@ -212,14 +252,19 @@ const L1_ATTEMPTS: u32 = 6;
 /// test inside CI's time (a rerun of one group takes ~1-2 minutes, the whole set ~5).
 const RERUN_BUDGET: Duration = Duration::from_secs(9 * 60);
 
+/// All L1 runs of one test end within this: each L1's deadline is what is left of it, at most
+/// [`L1_DEADLINE`]. CI's other tests take ~11 minutes of its 30.
+const TIME_BUDGET: Duration = Duration::from_secs(14 * 60);
+
 /// What [`run_groups`] gives: the kept console and the failures survived, or the test failure.
 type Outcome = Result<(String, Vec<String>), String>;
 
 /// Runs every scenario group; groups cut short by a failure of nested SVM (`nested_failure`)
-/// run again in a fresh L1 while [`L1_ATTEMPTS`] and [`RERUN_BUDGET`] allow. `boot(only, faults)`
-/// runs one L1 and returns its console and how long it ran. Returns the `CH_*` lines of each
-/// group's finished run and the failures survived, or why a group could not be finished.
-fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> Outcome {
+/// run again in a fresh L1 while [`L1_ATTEMPTS`] and [`RERUN_BUDGET`] allow.
+/// `boot(only, faults, deadline)` runs one L1 and returns its console and how long it ran.
+/// Returns the `CH_*` lines of each group's finished run and the failures survived, or why a
+/// group could not be finished.
+fn run_groups(mut boot: impl FnMut(&str, &str, Duration) -> (String, Duration)) -> Outcome {
     let mut kept = String::new();
     let mut survived = Vec::new();
     let mut pending: Vec<&str> = GROUPS.to_vec();
@@ -229,11 +274,16 @@ fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> Outcome
         // The forced faults apply to the first L1 only: they show the rerun path works.
         let faults = if attempt == 0 {
             let var = |name| std::env::var(name).unwrap_or_default();
-            format!("ch_crash_in={} ch_stall_in={}", var("VUTAP_CH_CRASH_L1"), var("VUTAP_CH_STALL_L2"))
+            format!(
+                "ch_crash_in={} ch_hang_in={} ch_stall_in={}",
+                var("VUTAP_CH_CRASH_L1"),
+                var("VUTAP_CH_HANG_L1"),
+                var("VUTAP_CH_STALL_L2")
+            )
         } else {
             String::new()
         };
-        let (console, took) = boot(&only, &faults);
+        let (console, took) = boot(&only, &faults, L1_DEADLINE.min(TIME_BUDGET.saturating_sub(spent)));
         spent += took;
         let cut_short = cut_short_scenarios(&console);
         let cut_short_group = |g: &str| cut_short.iter().any(|s| group_of(s) == Some(g));
@@ -264,13 +314,14 @@ fn run_groups(mut boot: impl FnMut(&str, &str) -> (String, Duration)) -> Outcome
                 survived.push(failure);
             }
             failure => {
+                let console: String = console.lines().filter(|l| !l.starts_with("CH_BEAT")).map(|l| format!("{l}\n")).collect();
                 return Err(format!(
                     "L1 did not finish its scenarios (unfinished groups: {pending:?}; {}; {} L1 run(s) in {:.0} s, \
                      failures survived before: {survived:?}); console:\n{console}",
-                    failure.as_deref().unwrap_or("no crash, reset or stall seen"),
+                    failure.as_deref().unwrap_or("no crash, reset, stall or hang seen"),
                     attempt + 1,
                     spent.as_secs_f64()
-                ))
+                ));
             }
         }
     }
@@ -522,7 +573,8 @@ fn test_cloud_hypervisor_nested() {
     }
     let secs: u32 = std::env::var("VUTAP_CH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let reps: u32 = std::env::var("VUTAP_CH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let (console, survived) = run_groups(|only, faults| run_l1(&log_dir, secs, reps, only, faults)).unwrap_or_else(|e| panic!("{e}"));
+    let (console, survived) =
+        run_groups(|only, faults, deadline| run_l1(&log_dir, secs, reps, only, faults, deadline)).unwrap_or_else(|e| panic!("{e}"));
     let r = Results::parse(&console);
     for failure in &survived {
         eprintln!("survived by rerunning the groups it cut short (TCG's nested SVM): {failure}");
@@ -584,6 +636,11 @@ fn test_cloud_hypervisor_nested() {
     for p in pairs {
         let frames: u64 = ["rx_frames", "tx_frames"].iter().filter_map(|k| p.get(k)?.parse::<u64>().ok()).sum();
         assert!(frames > 0, "pair {:?} carried no frames:\n{console}", p.get("pair"));
+    }
+
+    // vutap ends on SIGTERM: L1 sends SIGKILL only to what is still running 10 s later.
+    for s in ["vutap-restart", "vutap-2q"] {
+        assert_eq!(r.get(s, "", "vutap_stop_timeout"), None, "{s}: vutap outlived SIGTERM:\n{console}");
     }
 
     // Baselines ran in the same L1, so the comparison is fair.
@@ -663,13 +720,20 @@ fn finished_console(groups: &[&str], extra: &str, done: bool) -> String {
 /// Drives `run_groups` with scripted L1 consoles; returns what each L1 was asked to run, and the
 /// outcome.
 fn replay(consoles: Vec<String>, each: Duration) -> (Vec<String>, Outcome) {
-    let mut asked = Vec::new();
+    let (asked, _, outcome) = replay_with_deadlines(consoles, each);
+    (asked, outcome)
+}
+
+/// [`replay`], also returning the deadline each L1 was given.
+fn replay_with_deadlines(consoles: Vec<String>, each: Duration) -> (Vec<String>, Vec<Duration>, Outcome) {
+    let (mut asked, mut deadlines) = (Vec::new(), Vec::new());
     let mut script = consoles.into_iter();
-    let outcome = run_groups(|only, _| {
+    let outcome = run_groups(|only, _, deadline| {
         asked.push(only.to_string());
+        deadlines.push(deadline);
         (script.next().expect("an L1 more than the script has"), each)
     });
-    (asked, outcome)
+    (asked, deadlines, outcome)
 }
 
 #[test]
@@ -715,5 +779,34 @@ fn test_rerun_ends_at_the_time_budget_and_on_a_backend_failure() {
     // A group that did not finish in an L1 that did, with no stall or reset: no rerun.
     let (asked, outcome) = replay(vec![finished_console(&["1q", "restart"], "", true)], Duration::from_secs(30));
     assert_eq!(asked, [""]);
-    assert!(outcome.is_err_and(|m| m.contains("no crash, reset or stall seen") && m.contains("2q")));
+    assert!(outcome.is_err_and(|m| m.contains("no crash, reset, stall or hang seen") && m.contains("2q")));
+}
+
+#[test]
+fn test_a_hung_l1_is_rerun_and_an_l1_past_its_deadline_fails() {
+    // Modelled on the CI run whose first L1 saw L2 stall in ch-vhost-user-net, and whose rerun of
+    // that group hung until the deadline without a word.
+    let stall = "CH_RESULT ch-vhost-user-net l2_stalled=1 silent_s=90\n";
+    let first = finished_console(&["1q", "restart", "2q", "ch-tap", "ch-fd"], stall, true);
+    let hung = format!(
+        "CH_RESULT l1 kvm=ok\nCH_BEAT uptime=5.01\nCH_RESULT ch-vhost-user-net ch_start uptime=5.07\nCH_BEAT uptime=10.02\n\n{L1_HUNG} 60 s\n"
+    );
+    let why = nested_failure(&hung).expect("a hung L1 is a failure of nested SVM");
+    assert!(why.contains("hung") && why.contains("uptime=10.02") && why.contains("ch_start uptime=5.07"), "{why}");
+    let third = finished_console(&["ch-vhost-user-net"], "", true);
+    let (asked, deadlines, outcome) = replay_with_deadlines(vec![first, hung.clone(), third], Duration::from_secs(4 * 60));
+    assert_eq!(asked, ["", "ch-vhost-user-net", "ch-vhost-user-net"]);
+    let (kept, survived) = outcome.expect("the third L1 finishes");
+    assert!(survived.len() == 2 && survived[1].contains("hung"), "{survived:?}");
+    assert!(!kept.contains("CH_BEAT"), "{kept}");
+    // Each L1's deadline is what is left of the test's time budget, at most L1_DEADLINE.
+    assert_eq!(deadlines, [L1_DEADLINE, TIME_BUDGET - Duration::from_secs(4 * 60), TIME_BUDGET - Duration::from_secs(8 * 60)]);
+
+    // An L1 still printing at its deadline is stuck in its own scenarios: no rerun.
+    let stuck = format!("{}{L1_TIMED_OUT} 660 s\n", finished_console(&["1q"], "CH_BEAT uptime=650.1\n", false));
+    assert_eq!(nested_failure(&stuck), None);
+    let (asked, outcome) = replay(vec![stuck], L1_DEADLINE);
+    assert_eq!(asked, [""]);
+    let err = outcome.expect_err("an L1 past its deadline fails the test");
+    assert!(err.contains("still running at its deadline") && !err.contains("CH_BEAT"), "{err}");
 }
