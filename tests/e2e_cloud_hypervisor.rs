@@ -79,7 +79,7 @@ fn l1_dir() -> PathBuf {
 /// Boots L1 and waits for it to power off, for its console to fall silent for [`L1_SILENCE`] or
 /// for `deadline`, whichever comes first; returns its serial console, with [`L1_HUNG`] or
 /// [`L1_TIMED_OUT`] appended when the test ended it, and how long it ran. `faults` goes on L1's
-/// command line as is (`ch_crash_in=...`, `ch_stall_in=...`).
+/// command line as is (`ch_crash_in=...`, `ch_hang_in=...`, `ch_stall_in=...`).
 fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str, deadline: Duration) -> (String, Duration) {
     let root = repo_root();
     let qemu = root.join(".deps/qemu10");
@@ -112,28 +112,33 @@ fn run_l1(log_dir: &Path, secs: u32, reps: u32, only: &str, faults: &str, deadli
     let mut l1 = L1(child);
     let start = Instant::now();
     let (mut printed, mut last_output) = (0, start);
+    // Ok(QEMU's exit status), or Err(why the test ended L1).
     let ended = loop {
         if let Some(status) = l1.0.try_wait().expect("wait for QEMU") {
-            break format!("{status}");
+            break Ok(status);
         }
         let len = std::fs::metadata(&console).map_or(0, |m| m.len());
         if len != printed {
             (printed, last_output) = (len, Instant::now());
         }
         if last_output.elapsed() >= L1_SILENCE {
-            break format!("{L1_HUNG} {} s", last_output.elapsed().as_secs());
+            break Err(format!("{L1_HUNG} {} s", last_output.elapsed().as_secs()));
         }
         if start.elapsed() >= deadline {
-            break format!("{L1_TIMED_OUT} {} s", deadline.as_secs());
+            break Err(format!("{L1_TIMED_OUT} {} s", deadline.as_secs()));
         }
         std::thread::sleep(Duration::from_millis(500));
     };
     drop(l1);
     let mut text = std::fs::read_to_string(&console).unwrap_or_default();
-    if ended.starts_with("TEST: ") {
-        text.push_str(&format!("\n{ended}\n"));
-    }
-    eprintln!("L1 ran {:.0} s ({ended}); console: {}", start.elapsed().as_secs_f64(), console.display());
+    let how = match ended {
+        Ok(status) => status.to_string(),
+        Err(why) => {
+            text.push_str(&format!("\n{why}\n"));
+            why
+        }
+    };
+    eprintln!("L1 ran {:.0} s ({how}); console: {}", start.elapsed().as_secs_f64(), console.display());
     (text, start.elapsed())
 }
 
@@ -153,9 +158,10 @@ fn group_of(scenario: &str) -> Option<&'static str> {
 /// Why a run of L1 did not finish every group it ran, when the cause is TCG's nested SVM:
 /// L1's kernel crashed or L1 reset (QEMU exited before `CH_DONE`: seen in CI as a silent exit
 /// 20 s into the first L2 boot, and as "stack guard page was hit" in cloud-hypervisor's vcpu
-/// thread while CH's own backend served L2), or an L2 stalled (see scripts/l1-init `watch_l2`)
-/// or triple-faulted and did not finish cleanly after CH rebooted it. None of these is anything
-/// running in L1 can cause; any other unfinished group is a failure.
+/// thread while CH's own backend served L2), L1 hung (the test ended it, [`L1_HUNG`]), or an L2
+/// stalled (see scripts/l1-init `watch_l2`) or triple-faulted and did not finish cleanly after
+/// CH rebooted it. None of these is anything running in L1 can cause; any other unfinished
+/// group is a failure, and so is an L1 still running at its deadline ([`L1_TIMED_OUT`]).
 fn nested_failure(console: &str) -> Option<String> {
     if let Some(hang) = console.lines().find(|l| l.starts_with(L1_HUNG)) {
         let last = console.lines().rfind(|l| l.starts_with("CH_") && !l.starts_with("CH_BEAT"));
@@ -794,7 +800,7 @@ fn test_a_hung_l1_is_rerun_and_an_l1_past_its_deadline_fails() {
     let why = nested_failure(&hung).expect("a hung L1 is a failure of nested SVM");
     assert!(why.contains("hung") && why.contains("uptime=10.02") && why.contains("ch_start uptime=5.07"), "{why}");
     let third = finished_console(&["ch-vhost-user-net"], "", true);
-    let (asked, deadlines, outcome) = replay_with_deadlines(vec![first, hung.clone(), third], Duration::from_secs(4 * 60));
+    let (asked, deadlines, outcome) = replay_with_deadlines(vec![first, hung, third], Duration::from_secs(4 * 60));
     assert_eq!(asked, ["", "ch-vhost-user-net", "ch-vhost-user-net"]);
     let (kept, survived) = outcome.expect("the third L1 finishes");
     assert!(survived.len() == 2 && survived[1].contains("hung"), "{survived:?}");
