@@ -52,6 +52,9 @@ struct Args {
     /// Skip the ping-pong latency runs.
     #[arg(long)]
     no_latency: bool,
+    /// Round trips each backend's ping-pong records (after its warm-up).
+    #[arg(long)]
+    latency_samples: Option<usize>,
     /// Record each backend with `perf` during its windows and split its CPU per frame by where
     /// it went (tap copy, tap path, own code, wake-ups, eventfd, io_uring, ...). Sampling costs
     /// a little CPU: use a profiled run to explain cells, an unprofiled one to measure them.
@@ -119,6 +122,9 @@ fn main() {
     cfg.nomrg &= !a.no_nomrg;
     cfg.latency &= !a.no_latency;
     cfg.pin &= !a.no_pin;
+    if let Some(n) = a.latency_samples {
+        cfg.latency_samples = n.max(1);
+    }
     if let Some(r) = a.rounds {
         cfg.rounds = r.max(1);
     }
