@@ -1,6 +1,8 @@
 //! Host CPU time of processes and threads, from /proc: what a backend cost while a benchmark or
 //! an end-to-end run moved traffic through it.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::guest::Guest;
@@ -31,14 +33,40 @@ impl Thread {
 /// The threads of process `pid` (a number, or "self"); one that exits while they are read is
 /// left out, and a process that is gone has none.
 pub fn threads(pid: &str) -> Vec<Thread> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    dir.flatten()
-        .filter_map(|t| {
-            let tid = t.file_name().to_str()?.parse().ok()?;
-            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim_end().to_string();
+    thread_ids(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?.trim_end().to_string();
             Some(Thread { pid: pid.to_string(), tid, name })
         })
         .collect()
+}
+
+/// Reads of `/proc/<pid>/task` that [`thread_ids`] merges at most.
+const LISTINGS: usize = 8;
+
+/// The thread ids of process `pid` (a number, or "self"). The kernel lists a process's threads
+/// oldest first and stops at one that exits while it is being listed, leaving out every younger
+/// thread, so the directory is read until two reads in a row agree (at most [`LISTINGS`] times)
+/// and the reads are merged.
+pub fn thread_ids(pid: &str) -> BTreeSet<i32> {
+    let mut all = BTreeSet::new();
+    let mut last = None;
+    for _ in 0..LISTINGS {
+        let ids = list_threads(pid);
+        all.extend(ids.iter().copied());
+        if last.as_ref() == Some(&ids) {
+            break;
+        }
+        last = Some(ids);
+    }
+    all
+}
+
+/// One read of `/proc/<pid>/task`.
+fn list_threads(pid: &str) -> BTreeSet<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return BTreeSet::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// The calling thread's CPU time in ns, from its own clock (exact, unlike `/proc`'s ticks).
@@ -163,6 +191,60 @@ mod tests {
         done_tx.send(()).unwrap();
         helper.join().unwrap();
         assert!(threads("0").is_empty(), "no /proc/0");
+    }
+
+    #[test]
+    fn test_thread_ids_list_every_thread_while_older_ones_exit() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{mpsc, Arc};
+        use std::time::Duration;
+
+        // 20000 exits: a single read of the directory is cut short 3-5 times in such a run here,
+        // so listing by one read fails this test nearly always.
+        let (mut listings, mut missed, mut single_reads_cut_short) = (0, 0, 0);
+        for _ in 0..200 {
+            // Threads older than the one checked, ending one after another while this thread
+            // lists them all, as other tests' threads do alongside a test.
+            let go = Arc::new(AtomicBool::new(false));
+            let ending: Vec<_> = (0..100u64)
+                .map(|i| {
+                    let go = go.clone();
+                    std::thread::spawn(move || {
+                        while !go.load(Ordering::Relaxed) {
+                            std::thread::yield_now();
+                        }
+                        std::thread::sleep(Duration::from_micros(20 * i));
+                    })
+                })
+                .collect();
+            // A thread alive throughout, younger than those, like the load side's.
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let steady = {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            };
+            let alive = tid_rx.recv().unwrap();
+            go.store(true, Ordering::Relaxed);
+            while ending.iter().any(|t| !t.is_finished()) {
+                single_reads_cut_short += usize::from(!list_threads("self").contains(&alive));
+                missed += usize::from(!thread_ids("self").contains(&alive));
+                listings += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+            ending.into_iter().chain([steady]).for_each(|t| t.join().unwrap());
+        }
+        assert_eq!(
+            missed, 0,
+            "listings (of {listings}) that left out a thread alive throughout; single reads that did: {single_reads_cut_short}"
+        );
+        eprintln!("{listings} listings; single reads cut short: {single_reads_cut_short}");
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! read from their per-thread CPU clocks, so a cell can say whether the load generator, not the
 //! backend, was the limit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use vutap_testbed::host_cpu::thread_ids;
 
 /// Each thread's CPU time in ns, by thread id.
 pub type ThreadTimes = BTreeMap<i32, u64>;
@@ -12,33 +13,7 @@ pub type ThreadTimes = BTreeMap<i32, u64>;
 /// CPU time of every thread of this process: the first field of `/proc/self/task/TID/schedstat`
 /// (ns on CPU), or utime + stime where schedstat is missing.
 pub fn thread_times() -> ThreadTimes {
-    thread_ids().into_iter().map(|tid| (tid, thread_ns(tid))).collect()
-}
-
-/// Reads of `/proc/self/task` that [`thread_ids`] merges at most.
-const LISTINGS: usize = 8;
-
-/// This process's thread ids. The kernel lists them oldest first and stops at a thread that
-/// exits while it is being listed, leaving out every younger one, so the directory is read
-/// until two reads in a row agree (at most [`LISTINGS`] times) and the reads are merged.
-fn thread_ids() -> BTreeSet<i32> {
-    let mut all = BTreeSet::new();
-    let mut last = None;
-    for _ in 0..LISTINGS {
-        let ids = list_threads();
-        all.extend(ids.iter().copied());
-        if last.as_ref() == Some(&ids) {
-            break;
-        }
-        last = Some(ids);
-    }
-    all
-}
-
-/// One read of `/proc/self/task`.
-fn list_threads() -> BTreeSet<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return BTreeSet::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).collect()
+    thread_ids("self").into_iter().map(|tid| (tid, thread_ns(tid))).collect()
 }
 
 fn thread_ns(tid: i32) -> u64 {
@@ -151,60 +126,7 @@ mod tests {
             std::hint::spin_loop();
         }
         let t1 = thread_times();
-        assert!(t1.get(&me) > t0.get(&me), "{:?} -> {:?}", t0.get(&me), t1.get(&me));
-    }
-
-    #[test]
-    fn test_thread_ids_list_every_thread_while_older_ones_exit() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{mpsc, Arc};
-        use std::time::Duration;
-
-        // 20000 exits: a single read of the directory is cut short 3-5 times in such a run here,
-        // so listing by one read fails this test nearly always.
-        let (mut listings, mut missed, mut single_reads_cut_short) = (0, 0, 0);
-        for _ in 0..200 {
-            // Threads older than the one checked, ending one after another while this thread
-            // lists them all, as other tests' threads do alongside a test.
-            let go = Arc::new(AtomicBool::new(false));
-            let ending: Vec<_> = (0..100u64)
-                .map(|i| {
-                    let go = go.clone();
-                    std::thread::spawn(move || {
-                        while !go.load(Ordering::Relaxed) {
-                            std::thread::yield_now();
-                        }
-                        std::thread::sleep(Duration::from_micros(20 * i));
-                    })
-                })
-                .collect();
-            // A thread alive throughout, younger than those, like the load side's.
-            let stop = Arc::new(AtomicBool::new(false));
-            let (tid_tx, tid_rx) = mpsc::channel();
-            let steady = {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                })
-            };
-            let alive = tid_rx.recv().unwrap();
-            go.store(true, Ordering::Relaxed);
-            while ending.iter().any(|t| !t.is_finished()) {
-                single_reads_cut_short += usize::from(!list_threads().contains(&alive));
-                missed += usize::from(!thread_ids().contains(&alive));
-                listings += 1;
-            }
-            stop.store(true, Ordering::Relaxed);
-            ending.into_iter().chain([steady]).for_each(|t| t.join().unwrap());
-        }
-        assert_eq!(
-            missed, 0,
-            "listings (of {listings}) that left out a thread alive throughout; single reads that did: {single_reads_cut_short}"
-        );
-        eprintln!("{listings} listings; single reads cut short: {single_reads_cut_short}");
+        let (before, after) = (t0.get(&me), t1.get(&me));
+        assert!(matches!((before, after), (Some(b), Some(a)) if a > b), "{before:?} -> {after:?}");
     }
 }
