@@ -38,7 +38,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use vutap_frontend::features::{NET_F_CSUM, NET_F_GUEST_CSUM, NET_F_GUEST_TSO4, NET_F_GUEST_TSO6, NET_F_HOST_TSO4, NET_F_MRG_RXBUF};
 use vutap_frontend::hdr::{GSO_TCPV4, HDR_F_NEEDS_CSUM};
-use vutap_frontend::{mergeable, FrontendOptions, NetFrontend, VirtioNetHdr};
+use vutap_frontend::{mergeable, FrontendOptions, NetFrontend, QueueLayout, VirtioNetHdr};
 use vutap_testbed::{frames, host_cpu, link, MacvtapMode, Topology};
 
 use backend_counters::BackendCounters;
@@ -622,6 +622,14 @@ fn fe_opts(pairs: u16, dir: Dir, size: u32, rxbuf: &str) -> FrontendOptions {
     o
 }
 
+/// The bytes between consecutive guest buffers of the case's queue (TX, or RX in mergeable
+/// buffers, what a Linux guest posts), which the raw loop's buffers are laid out by.
+fn guest_slot_len(k: &CaseKey) -> usize {
+    let o = fe_opts(k.pairs, k.dir, k.size, "mrg");
+    let len = if k.dir == Dir::Tx { o.tx_buf_len } else { o.rx_buf_len };
+    QueueLayout::new(0, o.queue_size, o.indirect_max, len).slot_len as usize
+}
+
 /// One vhost-user case against the backend at `socket`.
 /// One round of a vhost case against a running vutap process.
 fn vutap_case(cfg: &Config, k: &CaseKey, socket: &Path, far: &Far, p: &procs::Proc, place: Option<&Placement>) -> Result<Window> {
@@ -682,7 +690,7 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
             let _sink = wire::sink(sock, counters.clone(), expect);
             let lp = {
                 let _on = on_backend();
-                raw::tx(fds, h, frame, counters.clone())
+                raw::tx(fds, h, frame, guest_slot_len(k), counters.clone())
             };
             let (cpu, tids) = (|| tid_cpu(&lp.tids), || tid_list(&lp.tids));
             let w = measure(cfg, &counters, k.dir, &BackendSide::raw_loop(&cpu, &tids, k.pairs, place));
@@ -693,7 +701,7 @@ fn ceiling_case(cfg: &Config, k: &CaseKey, fds: Vec<vutap::tap::TapQueue>, far: 
             let frame = wire::udp_frame(frame_len(k.size), far.backend_mac, PEER_MAC, 10000, 0);
             let lp = {
                 let _on = on_backend();
-                raw::rx(fds, counters.clone())
+                raw::rx(fds, guest_slot_len(k), counters.clone())
             };
             let _src = wire::source(sock, counters.clone(), frame);
             let (cpu, tids) = (|| tid_cpu(&lp.tids), || tid_list(&lp.tids));
@@ -1074,6 +1082,17 @@ mod tests {
         assert!((paired_ratio(&a, &b, cpu).unwrap() - 1.5).abs() < 1e-9);
         let dead = cell(0.0, 0.0, &[]);
         assert_eq!(paired_ratio(&a, &dead, cpu), None);
+    }
+
+    #[test]
+    fn test_ceiling_buffers_sit_as_far_apart_as_the_guest_buffers_of_the_case() {
+        let key = |dir, size| CaseKey { arrangement: Arrangement::Tap, backend: Backend::Ceiling, dir, size, pairs: 1, rxbuf: "-" };
+        // TX: the next power of two of header + frame (a guest's kmalloc chunk), a TSO frame's
+        // 64 KiB slot rounded to a cache line; RX: Linux's mergeable buffers.
+        let tx: Vec<usize> = [64, 1500, 9000, TSO_SIZE].iter().map(|&s| guest_slot_len(&key(Dir::Tx, s))).collect();
+        assert_eq!(tx, vec![128, 2048, 16384, 65600]);
+        let rx: Vec<usize> = [64, 1500, 9000].iter().map(|&s| guest_slot_len(&key(Dir::Rx, s))).collect();
+        assert_eq!(rx, vec![1536, 1536, 4096]);
     }
 
     #[test]

@@ -92,20 +92,55 @@ fn poll(fd: RawFd, events: i16) {
 /// buffers are. With one buffer, always in L1, the "ceiling" measured the cache, not the tap.
 pub const BUFFERS: usize = 256;
 
-/// TX ceiling: each thread writes `vnet_hdr ++ frame` to its fd in a tight loop.
-pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Counters>) -> RawLoop {
+/// Bytes a read may fill past the last slot: the largest frame a tap hands out, with its header.
+const READ_TAIL: usize = 65536 + 12;
+
+/// A raw loop's buffers laid out as the bench frontend lays out a queue's guest buffers
+/// (`QueueLayout`): `BUFFERS` slots of `slot_len` bytes one after another from a page boundary.
+/// What a frame's copy costs depends on where its bytes sit in the caches: packed tighter than the
+/// guest's slots (the loop's own 256 allocations did that), the same copy was cheaper, and the
+/// ceiling measured its layout rather than the tap.
+struct Slots {
+    mem: Vec<u8>,
+    base: usize,
+    slot_len: usize,
+}
+
+impl Slots {
+    /// `tail` bytes past the last slot stay writable, for a read that starts in a late slot.
+    fn new(slot_len: usize, tail: usize) -> Slots {
+        let mem = vec![0u8; 4096 + BUFFERS * slot_len + tail];
+        let base = mem.as_ptr().align_offset(4096);
+        Slots { mem, base, slot_len }
+    }
+
+    fn offset(&self, i: usize) -> usize {
+        self.base + i * self.slot_len
+    }
+}
+
+/// TX ceiling: each thread writes `vnet_hdr ++ frame` to its fd in a tight loop, from `slot_len`
+/// byte slots.
+pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, slot_len: usize, counters: Arc<Counters>) -> RawLoop {
     let mut out = hdr.to_vec();
     out.extend_from_slice(&frame);
+    assert!(out.len() <= slot_len, "a {}-byte frame in {slot_len}-byte slots", out.len());
     let len = frame.len() as u64;
     RawLoop::spawn(fds, |fd| {
-        let (c, bufs) = (counters.clone(), vec![out.clone(); BUFFERS]);
+        let c = counters.clone();
+        let mut slots = Slots::new(slot_len, 0);
+        for i in 0..BUFFERS {
+            let at = slots.offset(i);
+            slots.mem[at..at + out.len()].copy_from_slice(&out);
+        }
+        let n_out = out.len();
         move |st: &AtomicBool| {
             let raw = fd.as_raw_fd();
             let mut next = 0;
             while !st.load(Ordering::Relaxed) {
                 let mut n = 0u64;
                 for _ in 0..32 {
-                    let buf = &bufs[next];
+                    let buf = &slots.mem[slots.offset(next)..][..n_out];
                     // SAFETY: buf is valid for buf.len() bytes.
                     let r = unsafe { libc::write(raw, buf.as_ptr().cast(), buf.len()) };
                     if r < 0 {
@@ -125,24 +160,27 @@ pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, counters: Arc<Count
     })
 }
 
-/// RX ceiling: each thread reads its fd until EAGAIN, verifying and counting our frames.
-pub fn rx(fds: Vec<TapQueue>, counters: Arc<Counters>) -> RawLoop {
+/// RX ceiling: each thread reads its fd until EAGAIN, verifying and counting our frames. A frame
+/// goes into `slot_len` byte slots from the next free one on, taking as many as it fills, as a
+/// frame takes consecutive mergeable buffers of a guest that posts them in order.
+pub fn rx(fds: Vec<TapQueue>, slot_len: usize, counters: Arc<Counters>) -> RawLoop {
     RawLoop::spawn(fds, |fd| {
         let c = counters.clone();
+        let mut slots = Slots::new(slot_len, READ_TAIL);
         move |st: &AtomicBool| {
             let raw = fd.as_raw_fd();
-            let mut bufs = vec![vec![0u8; 65536 + 12]; BUFFERS];
             let mut next = 0;
             while !st.load(Ordering::Relaxed) {
                 let (mut frames, mut bytes) = (0u64, 0u64);
                 for _ in 0..32 {
-                    let buf = &mut bufs[next];
+                    let at = slots.offset(next);
+                    let buf = &mut slots.mem[at..];
                     // SAFETY: buf is valid for writes of buf.len() bytes.
                     let r = unsafe { libc::read(raw, buf.as_mut_ptr().cast(), buf.len()) };
                     if r <= 12 {
                         break;
                     }
-                    next = (next + 1) % BUFFERS;
+                    next = (next + (r as usize).div_ceil(slot_len)) % BUFFERS;
                     let f = &buf[12..r as usize];
                     if is_test_frame(f) {
                         frames += 1;
@@ -192,4 +230,19 @@ pub fn ping_pong(fd: &TapQueue, frame: &[u8], warmup: usize, samples: usize, bud
         }
     }
     rtts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_slots_start_on_a_page_sit_slot_len_apart_and_a_read_in_the_last_takes_any_frame() {
+        let s = Slots::new(1536, READ_TAIL);
+        assert_eq!((s.mem.as_ptr() as usize + s.offset(0)) % 4096, 0);
+        assert_eq!(s.offset(3) - s.offset(0), 3 * 1536);
+        assert!(s.mem.len() - s.offset(BUFFERS - 1) >= READ_TAIL);
+        let t = Slots::new(16384, 0);
+        assert_eq!(t.mem.len() - t.offset(BUFFERS - 1), 16384 + 4096 - t.base);
+    }
 }
