@@ -1,13 +1,16 @@
-// What a raw tap RX loop pays for reading as vutap must, on this host: one `read` into one buffer,
-// or a two-entry `readv` (a read window and a spill tail, as vutap's RX path) under a seccomp
-// filter (as vutap's workers run), with the frames checked by the reader itself or by a thread
-// on the other CPU (as a guest reads what the backend wrote). Prints the reader's CPU per frame.
+// What a raw tap RX loop pays for reading as vutap must, on this host: one `read` into one
+// contiguous buffer, or a `readv` over the guest buffers a frame fills plus a spill tail (vutap's
+// read window and spill tail) under a seccomp filter (as vutap's workers run), with the frames
+// checked by the reader itself or by a thread on the other CPU (as a guest reads what the backend
+// wrote). Prints the reader's CPU per frame.
 //
 //   gcc -O2 -pthread scripts/probes/tap-read-path.c -o /tmp/tap-read-path
-//   /tmp/tap-read-path TAPNAME READV(0|1) SECCOMP(0|1) REMOTE(0|1)    # as root; 5 s
+//   /tmp/tap-read-path TAPNAME READV(0|1) SECCOMP(0|1) REMOTE(0|1) [FRAME_LEN [BUF_LEN]]  # root; 5 s
 //
 // It creates the tap TAPNAME (gone when the probe exits); a source thread on CPU 1 floods it with
-// 60-byte frames through an AF_PACKET socket bound to it, the reader runs on CPU 0.
+// FRAME_LEN-byte frames (default 60) through an AF_PACKET socket bound to it, the reader runs on
+// CPU 0. Buffers are BUF_LEN bytes (default 2048) one after another, as a guest's mergeable RX
+// buffers; a frame takes as many consecutive ones as it fills (one iovec each with READV=1).
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -33,11 +36,12 @@
 #include <unistd.h>
 
 #define BUFFERS 256 // a ring's worth of guest buffers
-#define BUF_LEN 2048
-#define HDR_LEN 12 // virtio_net_hdr_mrg_rxbuf, as vutap sets
+#define HDR_LEN 12  // virtio_net_hdr_mrg_rxbuf, as vutap sets
 #define BATCH 32
+#define MAX_SEGS 64
 
-static unsigned char bufs[BUFFERS][BUF_LEN] __attribute__((aligned(64)));
+static unsigned char *bufs; // BUFFERS slots of buf_len bytes, and room for a frame past the last
+static size_t buf_len = 2048, frame_len = 60, per = 1; // per: buffers a frame fills
 static unsigned char spill[65536];
 static atomic_uint_fast64_t filled, consumed;
 static atomic_int stop;
@@ -57,6 +61,8 @@ static uint64_t now_ns(clockid_t clock) {
 }
 
 // Reads the header and the first bytes of a frame, as a guest checking it would.
+static unsigned char *slot(uint64_t i) { return bufs + (i % BUFFERS) * buf_len; }
+
 static uint64_t check(const unsigned char *b) {
     uint64_t x = 0;
     for (int i = 0; i < HDR_LEN + 60; i += 8) x += *(const uint64_t *)(b + i);
@@ -68,12 +74,12 @@ static void *source(void *arg) {
     pin(1);
     int s = socket(AF_PACKET, SOCK_RAW, htons(ETH_P_ALL));
     struct sockaddr_ll to = {.sll_family = AF_PACKET, .sll_ifindex = ifindex, .sll_halen = 6};
-    unsigned char f[60] = {0};
+    unsigned char f[65536] = {0};
     memcpy(f, "\x02\0\0\0\0\x02", 6);
     memcpy(f + 6, "\x02\0\0\0\0\x01", 6);
     f[12] = 0x88, f[13] = 0xb5; // local experimental ethertype
     while (!stop) {
-        for (int i = 0; i < 64; i++) sendto(s, f, sizeof f, 0, (void *)&to, sizeof to);
+        for (int i = 0; i < 64; i++) sendto(s, f, frame_len, 0, (void *)&to, sizeof to);
         sched_yield(); // leaves the CPU to the consumer now and then, as the bench's source does
     }
     return NULL;
@@ -85,7 +91,7 @@ static void *consumer(void *arg) {
     uint64_t next = 0, sum = 0;
     while (!stop) {
         uint64_t upto = atomic_load_explicit(&filled, memory_order_acquire);
-        for (; next < upto; next++) sum += check(bufs[next % BUFFERS]);
+        for (; next < upto; next++) sum += check(slot(next * per));
         atomic_store_explicit(&consumed, next, memory_order_release);
         sched_yield();
     }
@@ -93,11 +99,21 @@ static void *consumer(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s TAPNAME READV SECCOMP REMOTE\n", argv[0]);
+    if (argc < 5 || argc > 7) {
+        fprintf(stderr, "usage: %s TAPNAME READV SECCOMP REMOTE [FRAME_LEN [BUF_LEN]]\n", argv[0]);
         return 2;
     }
     int use_readv = atoi(argv[2]), use_seccomp = atoi(argv[3]), remote = atoi(argv[4]);
+    if (argc > 5) frame_len = atoi(argv[5]);
+    if (argc > 6) buf_len = atoi(argv[6]);
+    // Slots per frame: the buffers the frame (and its header) fills, as a guest's mergeable RX.
+    per = (HDR_LEN + frame_len + buf_len - 1) / buf_len;
+    if (frame_len < 60 || frame_len > 65535 - HDR_LEN || buf_len < 64 || per >= MAX_SEGS || per > BUFFERS / 4) {
+        fprintf(stderr, "FRAME_LEN 60..65523 in at most %d buffers of BUF_LEN\n", MAX_SEGS - 1);
+        return 2;
+    }
+    bufs = aligned_alloc(4096, ((BUFFERS + per) * buf_len + 4095) & ~(size_t)4095);
+    memset(bufs, 0, (BUFFERS + per) * buf_len);
     pin(0);
     int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK);
     struct ifreq req = {0};
@@ -109,7 +125,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     char cmd[64];
-    snprintf(cmd, sizeof cmd, "ip link set %s up", argv[1]);
+    snprintf(cmd, sizeof cmd, "ip link set %s mtu %zu up", argv[1], frame_len < 1514 ? 1500 : frame_len - 14);
     if (system(cmd) != 0) return 1;
     ifindex = if_nametoindex(argv[1]);
     usleep(300000);
@@ -127,15 +143,18 @@ int main(int argc, char **argv) {
     usleep(300000);
     uint64_t frames = 0, sum = 0, cpu0 = now_ns(CLOCK_THREAD_CPUTIME_ID), t0 = now_ns(CLOCK_MONOTONIC);
     while (now_ns(CLOCK_MONOTONIC) - t0 < 5000000000ull) {
-        if (remote && frames - atomic_load_explicit(&consumed, memory_order_acquire) > BUFFERS - BATCH) {
+        if (remote && (frames - atomic_load_explicit(&consumed, memory_order_acquire)) * per > BUFFERS - BATCH * per) {
             sched_yield(); // every buffer is still the consumer's
             continue;
         }
         int n = 0;
         for (; n < BATCH; n++) {
-            unsigned char *b = bufs[frames % BUFFERS];
-            struct iovec iov[2] = {{b, BUF_LEN}, {spill, sizeof spill}};
-            ssize_t got = use_readv ? readv(fd, iov, 2) : read(fd, b, BUF_LEN);
+            // A frame's buffers are consecutive from slot frames * per; past the last slot come spares.
+            unsigned char *b = slot(frames * per);
+            struct iovec iov[MAX_SEGS];
+            for (size_t i = 0; i < per; i++) iov[i] = (struct iovec){b + i * buf_len, buf_len};
+            iov[per] = (struct iovec){spill, sizeof spill};
+            ssize_t got = use_readv ? readv(fd, iov, per + 1) : read(fd, b, per * buf_len);
             if (got <= HDR_LEN) break;
             if (!remote) sum += check(b);
             frames++;
@@ -148,7 +167,8 @@ int main(int argc, char **argv) {
     }
     uint64_t cpu = now_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0, wall = now_ns(CLOCK_MONOTONIC) - t0;
     stop = 1;
-    printf("readv=%d seccomp=%d remote=%d: %.3f Mpps, reader %.0f ns CPU per frame (%.2f cores)\n", use_readv,
-           use_seccomp, remote, frames * 1e3 / wall, (double)cpu / frames, (double)cpu / wall);
+    printf("readv=%d seccomp=%d remote=%d frame=%zu buf=%zu (%zu a frame): %.3f Mpps, reader %.0f ns CPU per frame (%.2f cores)\n",
+           use_readv, use_seccomp, remote, frame_len, buf_len, per, frames * 1e3 / wall, (double)cpu / frames,
+           (double)cpu / wall);
     return sum == 1; // keeps the checks from being optimised away
 }
