@@ -97,9 +97,9 @@ const READ_TAIL: usize = 65536 + 12;
 
 /// A raw loop's buffers laid out as the bench frontend lays out a queue's guest buffers
 /// (`QueueLayout`): `BUFFERS` slots of `slot_len` bytes one after another from a page boundary.
-/// What a frame's copy costs depends on where its bytes sit in the caches: packed tighter than the
-/// guest's slots (the loop's own 256 allocations did that), the same copy was cheaper, and the
-/// ceiling measured its layout rather than the tap.
+/// What a frame's copy costs depends on where its bytes sit in the caches: in buffers packed
+/// tighter than the guest's slots the same copy is cheaper, and the ceiling would measure its
+/// layout rather than the tap.
 struct Slots {
     mem: Vec<u8>,
     base: usize,
