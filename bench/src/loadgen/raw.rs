@@ -92,8 +92,8 @@ fn poll(fd: RawFd, events: i16) {
 /// buffers are. With one buffer, always in L1, the "ceiling" measured the cache, not the tap.
 pub const BUFFERS: usize = 256;
 
-/// Bytes a read may fill past the last slot: the largest frame a tap hands out, with its header.
-const READ_TAIL: usize = 65536 + 12;
+/// The most a read can return: the largest frame a tap hands out, with its header.
+const LARGEST_READ: usize = 65536 + 12;
 
 /// A raw loop's buffers laid out as the bench frontend lays out a queue's guest buffers
 /// (`QueueLayout`): `BUFFERS` slots of `slot_len` bytes one after another from a page boundary.
@@ -166,7 +166,7 @@ pub fn tx(fds: Vec<TapQueue>, hdr: [u8; 12], frame: Vec<u8>, slot_len: usize, co
 pub fn rx(fds: Vec<TapQueue>, slot_len: usize, counters: Arc<Counters>) -> RawLoop {
     RawLoop::spawn(fds, |fd| {
         let c = counters.clone();
-        let mut slots = Slots::new(slot_len, READ_TAIL);
+        let mut slots = Slots::new(slot_len, LARGEST_READ);
         move |st: &AtomicBool| {
             let raw = fd.as_raw_fd();
             let mut next = 0;
@@ -204,7 +204,7 @@ pub fn ping_pong(fd: &TapQueue, frame: &[u8], warmup: usize, samples: usize, bud
     let raw = fd.as_raw_fd();
     let mut out = vec![0u8; 12];
     out.extend_from_slice(frame);
-    let mut buf = vec![0u8; 65536 + 12];
+    let mut buf = vec![0u8; LARGEST_READ];
     let mut rtts = Vec::with_capacity(samples);
     let end = std::time::Instant::now() + budget;
     let mut trips = 0;
@@ -238,10 +238,10 @@ mod tests {
 
     #[test]
     fn test_slots_start_on_a_page_sit_slot_len_apart_and_a_read_in_the_last_takes_any_frame() {
-        let s = Slots::new(1536, READ_TAIL);
+        let s = Slots::new(1536, LARGEST_READ);
         assert_eq!((s.mem.as_ptr() as usize + s.offset(0)) % 4096, 0);
         assert_eq!(s.offset(3) - s.offset(0), 3 * 1536);
-        assert!(s.mem.len() - s.offset(BUFFERS - 1) >= READ_TAIL);
+        assert!(s.mem.len() - s.offset(BUFFERS - 1) >= LARGEST_READ);
         let t = Slots::new(16384, 0);
         assert_eq!(t.mem.len() - t.offset(BUFFERS - 1), 16384 + 4096 - t.base);
     }
