@@ -3,10 +3,8 @@
 //! count, length, overflow) and every address resolved through the memory map: a chain that
 //! points outside guest memory is rejected, never followed.
 
-use std::ops::Deref;
-
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{GuestAddress, GuestMemory, Permissions, VolatileSlice};
 use vutap_virtio::{ChainCheck, ChainError, ChainLimits, Direction};
 
@@ -100,7 +98,8 @@ impl IoVec {
     }
 }
 
-/// Appends the chain's buffers to `iovs` (and, if asked, their guest-physical ranges to
+/// Appends the buffers of a chain's descriptors (a [`Chain`](crate::datapath::avail_chains::Chain)
+/// or virtio-queue's `DescriptorChain`) to `iovs` (and, if asked, their guest-physical ranges to
 /// `ranges`, for the dirty log) and returns the chain's byte count. A chain of more than
 /// `max_segments` descriptors or iovecs is refused, which also bounds the walk of a hostile one.
 /// On error both are restored to their lengths on entry.
@@ -109,18 +108,15 @@ impl IoVec {
 ///
 /// The appended iovecs point into `mem`'s mappings, with no lifetime to say so: the caller must
 /// keep those mappings alive (hold `mem` or a clone of it) for as long as it uses them.
-pub unsafe fn collect_iovecs<M>(
-    chain: DescriptorChain<M>,
+pub unsafe fn collect_iovecs(
+    chain: impl IntoIterator<Item = Descriptor>,
     mem: &FlatMem,
     direction: Direction,
     limits: ChainLimits,
     max_segments: usize,
     iovs: &mut Vec<IoVec>,
     mut ranges: Option<&mut Vec<(u64, u32)>>,
-) -> Result<u32, BadChain>
-where
-    M: Deref<Target = FlatMem>,
-{
+) -> Result<u32, BadChain> {
     let start = iovs.len();
     let ranges_start = ranges.as_ref().map_or(0, |r| r.len());
     let result = (|| {

@@ -66,6 +66,18 @@ impl FlatMem {
         &self.mem
     }
 
+    /// The host address of the `len` bytes from guest `addr`, if they lie inside one region:
+    /// for what is read at every frame (a queue's avail ring and descriptor table), translated
+    /// once per pass instead of at every access. Valid while this table (its mappings) lives.
+    #[inline]
+    pub fn host_range(&self, addr: u64, len: usize) -> Option<*mut u8> {
+        let region = self.region_of(addr)?;
+        let end = addr.checked_add(len as u64)?;
+        // SAFETY: `addr - start` is inside the region's mapping (region_of), so the pointer stays
+        // within the allocation `host` points into.
+        (end <= region.end).then(|| unsafe { region.host.add((addr - region.start) as usize) })
+    }
+
     /// The region holding `addr`.
     #[inline]
     fn region_of(&self, addr: u64) -> Option<&FlatRegion> {

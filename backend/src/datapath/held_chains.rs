@@ -11,10 +11,10 @@
 //!   mapped for as long as any chain is held.
 
 use std::collections::VecDeque;
-use std::ops::{Deref, Range};
+use std::ops::Range;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 use vutap_virtio::{ChainLimits, Direction};
 
@@ -104,14 +104,16 @@ impl HeldChains {
         self.iovs.make_contiguous()
     }
 
-    /// Checks `chain` as a device-writable chain of at most `max_segments` iovecs and holds it
-    /// behind the others. On error nothing changes.
+    /// Checks the chain of `head`, given as its descriptors, as a device-writable chain of at
+    /// most `max_segments` iovecs and holds it behind the others. On error nothing changes.
     #[inline]
-    pub fn hold<M>(&mut self, chain: DescriptorChain<M>, limits: ChainLimits, max_segments: usize) -> Result<(), HoldError>
-    where
-        M: Deref<Target = FlatMem>,
-    {
-        let head = chain.head_index();
+    pub fn hold(
+        &mut self,
+        head: u16,
+        descriptors: impl IntoIterator<Item = Descriptor>,
+        limits: ChainLimits,
+        max_segments: usize,
+    ) -> Result<(), HoldError> {
         if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
             return Err(HoldError::AlreadyHeld(head));
         }
@@ -121,7 +123,7 @@ impl HeldChains {
         // as they are held; they leave `self` only as a borrowed slice (`iovs`).
         let capacity = unsafe {
             collect_iovecs(
-                chain,
+                descriptors,
                 &self.mem,
                 Direction::DeviceWrites,
                 limits,
@@ -255,7 +257,7 @@ mod tests {
     /// Pops the next chain of `q` and tries to hold it.
     fn hold_next(held: &mut HeldChains, q: &mut Queue, mem: &FlatMem) -> Result<(), HoldError> {
         let chain = q.iter(mem).unwrap().next().expect("a chain is posted");
-        held.hold(chain, LIMITS, 64)
+        held.hold(chain.head_index(), chain, LIMITS, 64)
     }
 
     fn iov_lens(held: &mut HeldChains) -> Vec<usize> {

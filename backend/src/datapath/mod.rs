@@ -7,9 +7,11 @@
 //!   [`ring_error::RingError`].
 //! - [`tap_io`]: the two syscalls the loops make, behind a trait so they can be mocked;
 //!   [`tap_ring`]: TX and RX batches through an io_uring instead (`--io-uring`).
-//! - [`chain_iov`]: a checked chain as iovecs into guest memory; [`used_ring`]: one used-ring
-//!   update per batch; [`dirty_log`]: the migration log.
+//! - [`avail_chains`]: the posted chains, one-descriptor ones read straight from the ring (any
+//!   other through virtio-queue); [`chain_iov`]: a checked chain as iovecs into guest memory;
+//!   [`used_ring`]: one used-ring update per batch; [`dirty_log`]: the migration log.
 
+pub(crate) mod avail_chains;
 pub(crate) mod chain_iov;
 pub(crate) mod dirty_log;
 pub mod flat_mem;

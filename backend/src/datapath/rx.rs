@@ -15,12 +15,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use log::{trace, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vutap_virtio::hdr::{num_buffers_bytes, NUM_BUFFERS_OFFSET};
 use vutap_virtio::mergeable::{chains_needed, used_len};
 use vutap_virtio::{ChainLimits, Features};
 
 use crate::control::memory_guard::FaultWatch;
+use crate::datapath::avail_chains::AvailChains;
 use crate::datapath::chain_iov::{BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
@@ -226,7 +227,7 @@ impl RxLoop {
     fn fill(
         &mut self,
         queue: &mut Queue,
-        mem: &FlatMem,
+        chains: &mut AvailChains<'_>,
         counts: &mut PairCounts,
         chains_left: &mut usize,
         want_chains: usize,
@@ -235,11 +236,11 @@ impl RxLoop {
             if *chains_left == 0 {
                 return Ok(if self.has_room() { Fill::Room } else { Fill::BudgetSpent });
             }
-            let chain = queue.iter(mem).map_err(RingError::PopAvail)?.next();
-            let Some(chain) = chain else { return Ok(if self.has_room() { Fill::Room } else { Fill::NoBuffers }) };
+            let Some((head, chain)) = chains.pop(queue).map_err(RingError::PopAvail)? else {
+                return Ok(if self.has_room() { Fill::Room } else { Fill::NoBuffers });
+            };
             *chains_left -= 1;
-            let head = chain.head_index();
-            match self.held.hold(chain, self.limits, MAX_RX_SEGMENTS) {
+            match self.held.hold(head, chain, self.limits, MAX_RX_SEGMENTS) {
                 Ok(()) => {}
                 Err(HoldError::AlreadyHeld(_)) => {
                     counts.rx_bad_chains += 1;
@@ -354,12 +355,13 @@ impl RxLoop {
         let batch_capacity = tap.read_batch_capacity().min(MAX_BATCH_READS);
         let mut outcome = RxOutcome::MoreWork;
         let mut chains_left = self.chain_budget;
+        let mut chains = AvailChains::new(queue, mem);
         let mut reads = 0;
         // Whether the first frame went out ahead of the rest (and its interrupt is due).
         let (mut published_early, mut notify) = (false, false);
         while reads < self.budget {
             let batch = if batch_capacity >= MIN_BATCH_READS { self.batch_reads.min(batch_capacity).min(self.budget - reads) } else { 0 };
-            match self.fill(queue, mem, counts, &mut chains_left, batch) {
+            match self.fill(queue, &mut chains, counts, &mut chains_left, batch) {
                 Ok(Fill::Room) => {}
                 Ok(Fill::NoBuffers) => {
                     counts.rx_no_buffers += 1;
@@ -375,7 +377,7 @@ impl RxLoop {
             let stop = if batch >= MIN_BATCH_READS && self.plan_batch(batch) {
                 tap.read_batch(&self.read_iovs, &self.batch_spans, &mut self.batch_results);
                 reads += self.batch_results.len().max(1);
-                self.settle_batch(queue, mem, counts, &mut chains_left)
+                self.settle_batch(queue, &mut chains, counts, &mut chains_left)
             } else {
                 reads += 1;
                 self.read_one(tap, counts)
@@ -461,7 +463,13 @@ impl RxLoop {
     /// spill tail, or a read before it got no frame or one that was dropped) the remaining frames
     /// are copied aside and laid out again over the front chains, as frame-by-frame reads would
     /// have. Returns why the pass stops, if it does.
-    fn settle_batch(&mut self, queue: &mut Queue, mem: &FlatMem, counts: &mut PairCounts, chains_left: &mut usize) -> Option<RxOutcome> {
+    fn settle_batch(
+        &mut self,
+        queue: &mut Queue,
+        chains: &mut AvailChains<'_>,
+        counts: &mut PairCounts,
+        chains_left: &mut usize,
+    ) -> Option<RxOutcome> {
         let results = std::mem::take(&mut self.batch_results);
         let got = results.iter().filter(|r| matches!(r, Ok(n) if *n > 0)).count();
         self.batch_reads = if got == results.len() { (got * 2).min(MAX_BATCH_READS) } else { (got + 1).max(MIN_BATCH_READS) };
@@ -481,7 +489,7 @@ impl RxLoop {
         }
         let mut stop = None;
         if in_place < results.len() {
-            stop = self.settle_rest(&results[in_place..], in_place, queue, mem, counts, chains_left);
+            stop = self.settle_rest(&results[in_place..], in_place, queue, chains, counts, chains_left);
         }
         self.batch_results = results;
         stop
@@ -494,7 +502,7 @@ impl RxLoop {
         results: &[io::Result<usize>],
         first: usize,
         queue: &mut Queue,
-        mem: &FlatMem,
+        chains: &mut AvailChains<'_>,
         counts: &mut PairCounts,
         chains_left: &mut usize,
     ) -> Option<RxOutcome> {
@@ -519,7 +527,7 @@ impl RxLoop {
                     let frame = &moved[i];
                     trace!("rx frame len={} (laid out again)", frame.len());
                     // Room for one frame, as before each frame-by-frame read.
-                    if let Err(e) = self.fill(queue, mem, counts, chains_left, 0) {
+                    if let Err(e) = self.fill(queue, chains, counts, chains_left, 0) {
                         stop = Some(RxOutcome::RingBroken(e));
                     } else if !self.deliver(frame.len(), 0, frame, counts) {
                         counts.rx_dropped += 1;

@@ -5,11 +5,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use log::{trace, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vutap_virtio::features::{HDR_LEN, MAX_GSO_FRAME};
 use vutap_virtio::{ChainLimits, Direction};
 
 use crate::control::memory_guard::FaultWatch;
+use crate::datapath::avail_chains::AvailChains;
 use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
@@ -128,16 +129,14 @@ impl TxLoop {
     fn pop_batch(&mut self, queue: &mut Queue, mem: &FlatMem) -> TxOutcome {
         self.popped.clear();
         self.iovs.clear();
+        let mut chains = AvailChains::new(queue, mem);
         for _ in 0..pass_budget(self.budget, completions_until_event(queue, mem)) {
             let before = queue.next_avail();
-            let chain = match queue.iter(mem) {
-                Ok(mut avail) => avail.next(),
+            let (head, chain) = match chains.pop(queue) {
+                Ok(Some(popped)) => popped,
+                Ok(None) => return TxOutcome::Idle,
                 Err(e) => return TxOutcome::RingBroken(RingError::PopAvail(e)),
             };
-            let Some(chain) = chain else {
-                return TxOutcome::Idle;
-            };
-            let head = chain.head_index();
             let start = self.iovs.len();
             // SAFETY: the iovecs are used only in this pass, while `mem` is borrowed, and are
             // dropped before it returns.
