@@ -6,15 +6,20 @@
 //           notified, nothing else;
 //   virtio  a backend that does only what any virtio-net RX backend must, and nothing vutap
 //           does beyond it: a split ring of 256 one-descriptor mergeable buffers that a "guest"
-//           thread on CPU 1 posts, checks and reposts (in batches past half its NAPI budget, as
-//           a Linux guest and the benchmark's frontend do), sleeping on a call eventfd under
-//           EVENT_IDX; the backend reads the avail index once per run of buffers, each buffer's
-//           ring entry and descriptor (checked: in range, device-writable, no next or indirect),
-//           takes a frame with one `readv` over the buffers it fills plus a spill tail, under a
-//           seccomp filter, writes `num_buffers` and the used entries, and per pass of at most
-//           128 frames publishes the used index once and writes the call eventfd if the
-//           guest's `used_event` asks for it. It knows the frame size (the window is exact),
+//           thread on CPU 1 posts, checks and reposts (in batches past half its NAPI budget,
+//           last freed first, each descriptor written again, as a Linux guest and the
+//           benchmark's frontend do), sleeping on a call eventfd under EVENT_IDX; the backend
+//           reads the avail index once per run of buffers, each buffer's ring entry and
+//           descriptor (checked: in range, device-writable, no next or indirect), takes a frame
+//           with one `readv` over the buffers it fills plus a spill tail, under a seccomp
+//           filter, writes `num_buffers` and the used entries, and per pass of at most 128
+//           frames or 3/4 of the ring publishes the used index once and writes the call eventfd
+//           if the guest's `used_event` asks for it; out of buffers, it asks for a kick
+//           (`avail_event`) and waits for it. It knows the frame size (the window is exact),
 //           keeps no counters beyond its own, and never validates more than that.
+//
+// FLOOR_NO_SECCOMP=1 leaves the filter out, FLOOR_READ=1 reads a frame that fits one buffer with
+// a `read` into it (no spill tail): each sizes its part of the floor.
 //
 //   gcc -O2 -pthread scripts/probes/virtio-rx-floor.c -o /tmp/virtio-rx-floor
 //   /tmp/virtio-rx-floor TAPNAME raw|virtio [FRAME_LEN [BUF_LEN]]   # root; 5 s
