@@ -12,6 +12,7 @@
 // CPU 0. Buffers are BUF_LEN bytes (default 2048) one after another, as a guest's mergeable RX
 // buffers; a frame takes as many consecutive ones as it fills (one iovec each with READV=1).
 #define _GNU_SOURCE
+#include "tap-probe.h"
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/filter.h>
@@ -46,19 +47,6 @@ static unsigned char spill[65536];
 static atomic_uint_fast64_t filled, consumed;
 static atomic_int stop;
 static int ifindex;
-
-static void pin(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
-
-static uint64_t now_ns(clockid_t clock) {
-    struct timespec t;
-    clock_gettime(clock, &t);
-    return t.tv_sec * 1000000000ull + t.tv_nsec;
-}
 
 // Reads the header and the first bytes of a frame, as a guest checking it would.
 static unsigned char *slot(uint64_t i) { return bufs + (i % BUFFERS) * buf_len; }
@@ -115,28 +103,9 @@ int main(int argc, char **argv) {
     bufs = aligned_alloc(4096, ((BUFFERS + per) * buf_len + 4095) & ~(size_t)4095);
     memset(bufs, 0, (BUFFERS + per) * buf_len);
     pin(0);
-    int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK);
-    struct ifreq req = {0};
-    snprintf(req.ifr_name, IFNAMSIZ, "%s", argv[1]);
-    req.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    int hdr_len = HDR_LEN;
-    if (fd < 0 || ioctl(fd, TUNSETIFF, &req) < 0 || ioctl(fd, TUNSETVNETHDRSZ, &hdr_len) < 0) {
-        perror("tap");
-        return 1;
-    }
-    char cmd[64];
-    snprintf(cmd, sizeof cmd, "ip link set %s mtu %zu up", argv[1], frame_len < 1514 ? 1500 : frame_len - 14);
-    if (system(cmd) != 0) return 1;
-    ifindex = if_nametoindex(argv[1]);
-    usleep(300000);
-    if (use_seccomp) { // allow everything: the cost measured is the filtered syscall path itself
-        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-        struct sock_fprog prog = {1, allow};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
-            perror("seccomp");
-            return 1;
-        }
-    }
+    int fd = open_probe_tap(argv[1], HDR_LEN, frame_len, &ifindex);
+    if (fd < 0) return 1;
+    if (use_seccomp && allow_all_seccomp() < 0) return 1;
     pthread_t src, con;
     pthread_create(&src, NULL, source, NULL);
     if (remote) pthread_create(&con, NULL, consumer, NULL);

@@ -29,6 +29,7 @@
 // (default 1536; 4096 for 9000 B frames, as a Linux guest posts them), sharing that CPU with the
 // guest thread as the benchmark's source shares it with its frontend.
 #define _GNU_SOURCE
+#include "tap-probe.h"
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/filter.h>
@@ -96,19 +97,6 @@ static atomic_uint_fast64_t guest_frames, kicks;
 // Parts of the floor that can be left out, to size each one (environment, 1 = leave out):
 // FLOOR_NO_SECCOMP, FLOOR_READ (a `read` into the one buffer of a frame that fits one, no spill).
 static int no_seccomp, plain_read;
-
-static void pin(int cpu) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(cpu, &set);
-    pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-}
-
-static uint64_t now_ns(clockid_t clock) {
-    struct timespec t;
-    clock_gettime(clock, &t);
-    return t.tv_sec * 1000000000ull + t.tv_nsec;
-}
 
 // virtio's vring_need_event: has the used index passed `event` going from `old` to `new`?
 static int need_event(uint16_t event, uint16_t new, uint16_t old) {
@@ -312,28 +300,9 @@ int main(int argc, char **argv) {
     call_fd = eventfd(0, EFD_NONBLOCK);
     kick_fd = eventfd(0, EFD_NONBLOCK);
     pin(0);
-    tap_fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK);
-    struct ifreq req = {0};
-    snprintf(req.ifr_name, IFNAMSIZ, "%s", argv[1]);
-    req.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    int hdr_len = HDR_LEN;
-    if (tap_fd < 0 || ioctl(tap_fd, TUNSETIFF, &req) < 0 || ioctl(tap_fd, TUNSETVNETHDRSZ, &hdr_len) < 0) {
-        perror("tap");
-        return 1;
-    }
-    char cmd[64];
-    snprintf(cmd, sizeof cmd, "ip link set %s mtu %zu up", argv[1], frame_len < 1514 ? 1500 : frame_len - 14);
-    if (system(cmd) != 0) return 1;
-    ifindex = if_nametoindex(argv[1]);
-    usleep(300000);
-    if (virtio && !no_seccomp) { // allow everything: the cost measured is the filtered system-call path itself
-        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-        struct sock_fprog prog = {1, allow};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) {
-            perror("seccomp");
-            return 1;
-        }
-    }
+    tap_fd = open_probe_tap(argv[1], HDR_LEN, frame_len, &ifindex);
+    if (tap_fd < 0) return 1;
+    if (virtio && !no_seccomp && allow_all_seccomp() < 0) return 1;
     pthread_t src, gst;
     pthread_create(&src, NULL, source, NULL);
     if (virtio) pthread_create(&gst, NULL, guest, NULL);
