@@ -4,8 +4,9 @@
 //! A Linux guest posts each mergeable RX buffer, and most TX frames, as a chain of one
 //! descriptor. Popping one through virtio-queue builds an `AvailIter` (reading the avail index
 //! again) and a `DescriptorChain`, and reads each ring field through the memory map: 20-30 ns
-//! of a worker's CPU per chain in a profile, where a loop reading the same fields through
-//! pointers translated once spends a few (`scripts/probes/virtio-rx-floor.c`). [`AvailChains`]
+//! more of a worker's CPU per chain, in a profiled A/B, than reading the same fields through
+//! pointers translated once (a minimal backend's whole ring work is 5-7 ns per frame,
+//! `scripts/probes/virtio-rx-floor.c`). [`AvailChains`]
 //! reads the avail index once per run of posted chains, and the ring entry and the descriptor
 //! through pointers translated once per pass. A chain it does not take whole (a descriptor with
 //! NEXT or INDIRECT set, a head out of range, an avail index too far ahead) it leaves in the
