@@ -6,9 +6,9 @@
 //! again) and a `DescriptorChain`, and reads each ring field through the memory map: 20-30 ns
 //! more of a worker's CPU per chain, in a profiled A/B, than reading the same fields through
 //! pointers translated once (a minimal backend's whole ring work is 5-7 ns per frame,
-//! `scripts/probes/virtio-rx-floor.c`). [`AvailChains`]
-//! reads the avail index once per run of posted chains, and the ring entry and the descriptor
-//! through pointers translated once per pass. A chain it does not take whole (a descriptor with
+//! `scripts/probes/virtio-rx-floor.c`). [`AvailChains`] reads the avail index once per run of
+//! posted chains, and the ring entry and the descriptor through pointers translated once per
+//! pass. A chain it does not take whole (a descriptor with
 //! NEXT or INDIRECT set, a head out of range, an avail index too far ahead) it leaves in the
 //! ring and pops through virtio-queue, with all its checks, as before. Either way the caller
 //! checks the descriptors it gets (`collect_iovecs`) the same.
