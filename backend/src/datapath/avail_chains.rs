@@ -40,6 +40,11 @@ impl Iterator for Chain<'_> {
     }
 }
 
+/// How many chains ahead of the one popped [`DirectRing`] prefetches a descriptor: far enough
+/// that the load is done when that chain is popped (one frame's system call apart), near
+/// enough that a Linux guest's refills (runs of 32 or more) cover it.
+const PREFETCH_AHEAD: u16 = 4;
+
 /// The chains posted on one queue, for one pass.
 pub struct AvailChains<'a> {
     mem: &'a FlatMem,
@@ -53,6 +58,9 @@ impl<'a> AvailChains<'a> {
     }
 
     /// Pops `queue`'s next chain: its head and descriptors, or None if none is posted.
+    /// Inlined: returned by value, the chain otherwise goes through the stack in pieces whose
+    /// reloads stall (store forwarding), ~10 ns per chain in a profile.
+    #[inline(always)]
     pub fn pop(&mut self, queue: &mut Queue) -> Result<Option<(u16, Chain<'a>)>, virtio_queue::Error> {
         match self.direct.as_mut().map_or(Direct::Other, |d| d.pop(queue)) {
             Direct::Empty => Ok(None),
@@ -114,6 +122,7 @@ impl DirectRing {
 
     /// Pops `queue`'s next chain if it is one descriptor. The memory the pointers are into must
     /// still be mapped (the caller's borrow).
+    #[inline]
     fn pop(&mut self, queue: &mut Queue) -> Direct {
         let next = queue.next_avail();
         let known = self.posted_to.wrapping_sub(next);
@@ -129,11 +138,12 @@ impl DirectRing {
             }
             self.posted_to = idx;
         }
-        let entry = usize::from(next % self.size);
-        // SAFETY: entry < size, inside the ring (new()); aligned, still mapped.
-        let head = u16::from_le(unsafe { &*self.avail_entries.add(entry) }.load(Ordering::Acquire));
+        let head = self.head_at(next);
         if head >= self.size {
             return Direct::Other;
+        }
+        if self.posted_to.wrapping_sub(next) > PREFETCH_AHEAD {
+            self.prefetch_descriptor(self.head_at(next.wrapping_add(PREFETCH_AHEAD)));
         }
         // SAFETY: head < size, so its 16 bytes are inside the table (new()), still mapped, and
         // 8-aligned (the table is 16-aligned). The driver may be rewriting them (a misbehaving
@@ -149,6 +159,33 @@ impl DirectRing {
         }
         queue.set_next_avail(next.wrapping_add(1));
         Direct::Single(head, descriptor)
+    }
+
+    /// The head the avail ring holds for chain number `index`.
+    #[inline]
+    fn head_at(&self, index: u16) -> u16 {
+        let entry = usize::from(index % self.size);
+        // SAFETY: entry < size, inside the ring (new()); aligned, still mapped.
+        u16::from_le(unsafe { &*self.avail_entries.add(entry) }.load(Ordering::Acquire))
+    }
+
+    /// Starts loading descriptor `head` into the cache (no-op if out of range). The driver
+    /// wrote it on its own CPU, so the first read here misses (~15 ns per frame at 64 B on RX,
+    /// in a profile); started a few chains ahead, the miss overlaps that chain's frame.
+    #[inline]
+    fn prefetch_descriptor(&self, head: u16) {
+        if head >= self.size {
+            return;
+        }
+        // Within the table (head < size): the pointer is only formed, a prefetch never faults.
+        let desc = self.desc_table.wrapping_add(2 * usize::from(head));
+        // SAFETY: SSE, which the intrinsic needs, is part of every x86_64 CPU.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(desc.cast())
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = desc;
     }
 }
 
@@ -203,6 +240,26 @@ mod tests {
         }
         assert_eq!(pop(&mut chains, &mut q), None);
         assert_eq!(q.next_avail(), 3);
+    }
+
+    #[test]
+    fn pops_the_same_chains_while_it_prefetches_ahead_including_a_bad_head() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        for i in 0..10u16 {
+            add_chain(&mq, i, &[(DATA_BASE + 0x1000 * u64::from(i), 1536, true)]);
+        }
+        // The ring entry of chain 5 names no descriptor: popping chain 1 prefetches for it.
+        mem.write_obj(SIZE + 3, GuestAddress(mq.avail_addr().0 + 4 + 2 * 5)).unwrap();
+        let (mut q, mut walked_q) = (queue(&mq, true), queue(&mq, true));
+        let mut chains = AvailChains::new(&q, &mem);
+        for i in 0..10u16 {
+            let got = pop(&mut chains, &mut q).expect("posted");
+            assert_eq!(got.direct, i != 5, "chain {i}");
+            assert_eq!(pop_walked(&mut walked_q, &mem), Some(Got { direct: false, ..got }), "chain {i}");
+        }
+        assert_eq!(pop(&mut chains, &mut q), None);
+        assert_eq!(q.next_avail(), 10);
     }
 
     #[test]
