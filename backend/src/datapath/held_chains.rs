@@ -14,11 +14,11 @@ use std::collections::VecDeque;
 use std::ops::Range;
 
 use thiserror::Error;
-use virtio_queue::desc::split::Descriptor;
 use vm_memory::Bytes;
 use vutap_virtio::{ChainLimits, Direction};
 
-use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec};
+use crate::datapath::avail_chains::Chain;
+use crate::datapath::chain_iov::{collect_chain_iovecs, BadChain, IoVec};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
 
@@ -104,16 +104,10 @@ impl HeldChains {
         self.iovs.make_contiguous()
     }
 
-    /// Checks the chain of `head`, given as its descriptors, as a device-writable chain of at
-    /// most `max_segments` iovecs and holds it behind the others. On error nothing changes.
+    /// Checks the chain of `head` as a device-writable chain of at most `max_segments` iovecs
+    /// and holds it behind the others. On error nothing changes.
     #[inline]
-    pub fn hold(
-        &mut self,
-        head: u16,
-        descriptors: impl IntoIterator<Item = Descriptor>,
-        limits: ChainLimits,
-        max_segments: usize,
-    ) -> Result<(), HoldError> {
+    pub fn hold(&mut self, head: u16, chain: Chain<'_>, limits: ChainLimits, max_segments: usize) -> Result<(), HoldError> {
         if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
             return Err(HoldError::AlreadyHeld(head));
         }
@@ -122,8 +116,8 @@ impl HeldChains {
         // SAFETY: the iovecs point into `self.mem`, which lives as long as `self` and so as long
         // as they are held; they leave `self` only as a borrowed slice (`iovs`).
         let capacity = unsafe {
-            collect_iovecs(
-                descriptors,
+            collect_chain_iovecs(
+                chain,
                 &self.mem,
                 Direction::DeviceWrites,
                 limits,
@@ -257,7 +251,7 @@ mod tests {
     /// Pops the next chain of `q` and tries to hold it.
     fn hold_next(held: &mut HeldChains, q: &mut Queue, mem: &FlatMem) -> Result<(), HoldError> {
         let chain = q.iter(mem).unwrap().next().expect("a chain is posted");
-        held.hold(chain.head_index(), chain, LIMITS, 64)
+        held.hold(chain.head_index(), Chain::Walked(chain), LIMITS, 64)
     }
 
     fn iov_lens(held: &mut HeldChains) -> Vec<usize> {

@@ -11,7 +11,7 @@ use vutap_virtio::{ChainLimits, Direction};
 
 use crate::control::memory_guard::FaultWatch;
 use crate::datapath::avail_chains::AvailChains;
-use crate::datapath::chain_iov::{collect_iovecs, BadChain, IoVec, IOV_MAX};
+use crate::datapath::chain_iov::{collect_chain_iovecs, BadChain, IoVec, IOV_MAX};
 use crate::datapath::dirty_log::DirtyLog;
 use crate::datapath::flat_mem::FlatMem;
 use crate::datapath::ring_error::RingError;
@@ -140,7 +140,7 @@ impl TxLoop {
             let start = self.iovs.len();
             // SAFETY: the iovecs are used only in this pass, while `mem` is borrowed, and are
             // dropped before it returns.
-            let collected = unsafe { collect_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) };
+            let collected = unsafe { collect_chain_iovecs(chain, mem, Direction::DeviceReads, self.limits, IOV_MAX, &mut self.iovs, None) };
             self.popped.push(Popped { head, before, frame: collected.map(|len| (start..self.iovs.len(), len)) });
         }
         TxOutcome::MoreWork
