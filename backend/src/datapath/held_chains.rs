@@ -2,8 +2,9 @@
 //! `readv` and the `num_buffers` write) and their guest-physical ranges (for the dirty log).
 //!
 //! Invariants, kept by every method:
-//! - the iovecs (and the ranges) are the held chains' own, concatenated in hold order, so the
-//!   first chain's are always at the front and a release drops exactly them;
+//! - the iovecs (and the ranges) from `iov_start` (`range_start`) on are the held chains' own,
+//!   concatenated in hold order, so the first chain's are always at the front and a release
+//!   steps over exactly them; those before the start are released ones not yet dropped;
 //! - the byte capacity is the sum of the held chains' capacities;
 //! - a head is held at most once, and heads are below the queue size, so at most a ring's worth
 //!   of chains is ever held;
@@ -48,12 +49,14 @@ pub struct HeldChains {
     /// The memory every held iovec points into: holding it keeps them valid.
     mem: FlatMem,
     chains: VecDeque<HeldChain>,
-    iovs: VecDeque<IoVec>,
-    ranges: VecDeque<(u64, u32)>,
+    /// Plain vectors with a start, not deques: a chain's iovecs are collected straight into
+    /// them (no copy from a scratch vector) and read as one slice (no `make_contiguous`).
+    iovs: Vec<IoVec>,
+    iov_start: usize,
+    ranges: Vec<(u64, u32)>,
+    range_start: usize,
     capacity: usize,
     held_heads: Vec<bool>,
-    scratch_iovs: Vec<IoVec>,
-    scratch_ranges: Vec<(u64, u32)>,
 }
 
 impl HeldChains {
@@ -63,12 +66,12 @@ impl HeldChains {
         HeldChains {
             mem: mem.clone(),
             chains: VecDeque::with_capacity(n),
-            iovs: VecDeque::with_capacity(n),
-            ranges: VecDeque::with_capacity(n),
+            iovs: Vec::with_capacity(2 * n),
+            iov_start: 0,
+            ranges: Vec::with_capacity(2 * n),
+            range_start: 0,
             capacity: 0,
             held_heads: vec![false; n],
-            scratch_iovs: Vec::with_capacity(32),
-            scratch_ranges: Vec::with_capacity(32),
         }
     }
 
@@ -100,8 +103,8 @@ impl HeldChains {
 
     /// The held chains' iovecs, oldest chain first.
     #[inline]
-    pub fn iovs(&mut self) -> &[IoVec] {
-        self.iovs.make_contiguous()
+    pub fn iovs(&self) -> &[IoVec] {
+        &self.iovs[self.iov_start..]
     }
 
     /// Checks the chain of `head` as a device-writable chain of at most `max_segments` iovecs
@@ -111,29 +114,21 @@ impl HeldChains {
         if self.held_heads.get(usize::from(head)).copied().unwrap_or(false) {
             return Err(HoldError::AlreadyHeld(head));
         }
-        self.scratch_iovs.clear();
-        self.scratch_ranges.clear();
+        drop_released(&mut self.iovs, &mut self.iov_start);
+        drop_released(&mut self.ranges, &mut self.range_start);
+        let (iovs_before, ranges_before) = (self.iovs.len(), self.ranges.len());
         // SAFETY: the iovecs point into `self.mem`, which lives as long as `self` and so as long
         // as they are held; they leave `self` only as a borrowed slice (`iovs`).
         let capacity = unsafe {
-            collect_chain_iovecs(
-                chain,
-                &self.mem,
-                Direction::DeviceWrites,
-                limits,
-                max_segments,
-                &mut self.scratch_iovs,
-                Some(&mut self.scratch_ranges),
-            )
+            collect_chain_iovecs(chain, &self.mem, Direction::DeviceWrites, limits, max_segments, &mut self.iovs, Some(&mut self.ranges))
         }? as usize;
         // A head at or past the queue size cannot come out of the queue; were it to, it is held
         // untracked rather than refused.
         if let Some(slot) = self.held_heads.get_mut(usize::from(head)) {
             *slot = true;
         }
-        self.chains.push_back(HeldChain { head, capacity, iov_count: self.scratch_iovs.len(), range_count: self.scratch_ranges.len() });
-        self.iovs.extend(self.scratch_iovs.iter().copied());
-        self.ranges.extend(self.scratch_ranges.iter().copied());
+        let (iov_count, range_count) = (self.iovs.len() - iovs_before, self.ranges.len() - ranges_before);
+        self.chains.push_back(HeldChain { head, capacity, iov_count, range_count });
         self.capacity += capacity;
         Ok(())
     }
@@ -176,14 +171,14 @@ impl HeldChains {
     #[inline]
     pub fn write_to_front(&self, offset: usize, bytes: &[u8]) -> bool {
         let Some(front) = self.chains.front() else { return false };
-        Self::write_iovs(self.iovs.range(..front.iov_count), offset, bytes)
+        Self::write_iovs(self.iovs()[..front.iov_count].iter(), offset, bytes)
     }
 
     /// Writes `bytes` at `offset` into the held chains' buffers taken as one run, oldest first
     /// (the part of a frame that did not fit one read's window). Returns false if they are too
     /// short.
     pub fn write_across(&self, offset: usize, bytes: &[u8]) -> bool {
-        Self::write_iovs(self.iovs.iter(), offset, bytes)
+        Self::write_iovs(self.iovs().iter(), offset, bytes)
     }
 
     #[inline]
@@ -213,11 +208,18 @@ impl HeldChains {
     #[inline]
     pub fn release_front(&mut self, log: Option<&DirtyLog>) -> Option<HeldChain> {
         let chain = self.chains.pop_front()?;
-        self.iovs.drain(..chain.iov_count);
-        for (gpa, len) in self.ranges.drain(..chain.range_count) {
-            if let Some(log) = log {
+        let ranges = self.range_start..self.range_start + chain.range_count;
+        if let Some(log) = log {
+            for &(gpa, len) in &self.ranges[ranges.clone()] {
                 log.mark(gpa, u64::from(len));
             }
+        }
+        self.iov_start += chain.iov_count;
+        self.range_start = ranges.end;
+        if self.chains.is_empty() {
+            (self.iov_start, self.range_start) = (0, 0);
+            self.iovs.clear();
+            self.ranges.clear();
         }
         self.capacity -= chain.capacity;
         if let Some(slot) = self.held_heads.get_mut(usize::from(chain.head)) {
@@ -229,11 +231,22 @@ impl HeldChains {
     /// Lets go of every held chain, unwritten, and yields their heads oldest first (to rewind
     /// the ring over them or complete them empty).
     pub fn take_back(&mut self) -> impl Iterator<Item = u16> + '_ {
+        (self.iov_start, self.range_start) = (0, 0);
         self.iovs.clear();
         self.ranges.clear();
         self.capacity = 0;
         self.held_heads.fill(false);
         self.chains.drain(..).map(|c| c.head)
+    }
+}
+
+/// Drops the released entries before `start` once they are at least half of `v`: each entry is
+/// moved at most once per release, and `v` never grows past twice what is held.
+#[inline]
+fn drop_released<T>(v: &mut Vec<T>, start: &mut usize) {
+    if *start > 0 && *start >= v.len() / 2 {
+        v.drain(..*start);
+        *start = 0;
     }
 }
 
@@ -381,6 +394,45 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(DATA_BASE + 0x4000 + 2)).unwrap(), u16::from_le_bytes([1, 2]));
         held.release_front(None).unwrap();
         assert!(!held.write_to_front(0, &[1]), "nothing held");
+    }
+
+    #[test]
+    fn test_held_chains_hold_and_release_in_turn_keep_iovecs_and_ranges_in_step() {
+        let mem = guest_memory();
+        let mq = MockSplitQueue::new(&mem, SIZE);
+        add_chain(&mq, 0, &[(DATA_BASE, 100, true), (DATA_BASE + 0x1000, 200, true)]);
+        add_chain(&mq, 2, &[(DATA_BASE + 0x10_0000, 300, true)]);
+        add_chain(&mq, 3, &[(DATA_BASE + 0x20_0000, 400, true)]);
+        add_chain(&mq, 4, &[(DATA_BASE + 0x3000, 100, false)]); // read-only: bad in RX
+        let mut q = queue(&mq, false);
+        let mut held = HeldChains::new(SIZE, &mem);
+        let (file, log) = memfd_log(4096);
+        let page = |a: u64| a / crate::datapath::dirty_log::LOG_PAGE;
+        hold_next(&mut held, &mut q, &mem).unwrap();
+        hold_next(&mut held, &mut q, &mem).unwrap();
+        assert_eq!(held.release_front(None).map(|c| c.head), Some(0));
+        hold_next(&mut held, &mut q, &mem).unwrap();
+        assert_eq!(iov_lens(&mut held), vec![300, 400]);
+        assert!(matches!(hold_next(&mut held, &mut q, &mem), Err(HoldError::BadChain(_))));
+        assert_eq!(iov_lens(&mut held), vec![300, 400], "a bad chain leaves the held ones as they were");
+        assert!(held.write_to_front(0, &[7; 300]) && !held.write_to_front(0, &[7; 301]));
+        assert_eq!(held.release_front(Some(&log)).map(|c| c.head), Some(2));
+        assert!(page_marked(&file, page(DATA_BASE + 0x10_0000)));
+        assert!(!page_marked(&file, page(DATA_BASE + 0x20_0000)), "still held: not written yet");
+        // Many more rounds than the ring has entries, the oldest chain released after each hold.
+        for round in 0..3 * SIZE {
+            repost_heads(&mq, &mem, SIZE, &[if round % 2 == 0 { 0 } else { 2 }]);
+            hold_next(&mut held, &mut q, &mem).unwrap();
+            let expect = match round {
+                0 => vec![400, 100, 200],
+                _ if round % 2 == 0 => vec![300, 100, 200],
+                _ => vec![100, 200, 300],
+            };
+            assert_eq!(iov_lens(&mut held), expect, "round {round}");
+            held.release_front(Some(&log)).unwrap();
+            assert_eq!(held.capacity(), held.iovs().iter().map(IoVec::len).sum::<usize>());
+        }
+        assert!(page_marked(&file, page(DATA_BASE)) && page_marked(&file, page(DATA_BASE + 0x20_0000)));
     }
 
     #[test]
