@@ -121,8 +121,33 @@ pub unsafe fn collect_iovecs(
 ) -> Result<u32, BadChain> {
     let start = iovs.len();
     let ranges_start = ranges.as_ref().map_or(0, |r| r.len());
-    // SAFETY: our caller keeps `mem` mapped while it uses the iovecs (our own contract).
-    let result = unsafe { walk_chain(chain, mem, direction, limits, max_segments, iovs, ranges.as_deref_mut()) };
+    // A block, not a closure or a call: inlined whole, the chain stays in registers (passed by
+    // value through a call, its reload stalled once per chain in a profile).
+    let result = 'walk: {
+        let mut check = ChainCheck::new(direction, limits);
+        let (mut count, mut open) = (0usize, false);
+        for desc in chain {
+            count += 1;
+            open = desc.has_next();
+            if let Err(e) = check.push(desc.len(), desc.is_write_only()) {
+                break 'walk Err(e.into());
+            }
+            // SAFETY: our caller keeps `mem` mapped while it uses the iovecs (our own contract).
+            if let Err(e) = unsafe { push_region_iovecs(mem, desc.addr(), desc.len(), iovs) } {
+                break 'walk Err(e);
+            }
+            if count > max_segments || iovs.len() - start > max_segments {
+                break 'walk Err(BadChain::TooManySegments { max: max_segments });
+            }
+            if let Some(r) = ranges.as_mut() {
+                r.push((desc.addr().0, desc.len()));
+            }
+        }
+        if open {
+            break 'walk Err(BadChain::Truncated(count));
+        }
+        check.finish().map_err(BadChain::from)
+    };
     if result.is_err() {
         iovs.truncate(start);
         if let Some(r) = ranges {
@@ -156,44 +181,6 @@ pub unsafe fn collect_chain_iovecs(
             Chain::Walked(walked) => collect_iovecs(walked, mem, direction, limits, max_segments, iovs, ranges),
         }
     }
-}
-
-/// [`collect_iovecs`] without the restore on error. Inlined like it: the chain is taken by value,
-/// and a call copies it through the stack (a stalled reload per chain, in a profile).
-///
-/// # Safety
-///
-/// As for [`collect_iovecs`].
-#[inline(always)]
-unsafe fn walk_chain(
-    chain: impl IntoIterator<Item = Descriptor>,
-    mem: &FlatMem,
-    direction: Direction,
-    limits: ChainLimits,
-    max_segments: usize,
-    iovs: &mut Vec<IoVec>,
-    mut ranges: Option<&mut Vec<(u64, u32)>>,
-) -> Result<u32, BadChain> {
-    let start = iovs.len();
-    let mut check = ChainCheck::new(direction, limits);
-    let (mut count, mut open) = (0usize, false);
-    for desc in chain {
-        count += 1;
-        open = desc.has_next();
-        check.push(desc.len(), desc.is_write_only())?;
-        // SAFETY: our caller keeps `mem` mapped while it uses the iovecs (our own contract).
-        unsafe { push_region_iovecs(mem, desc.addr(), desc.len(), iovs)? };
-        if count > max_segments || iovs.len() - start > max_segments {
-            return Err(BadChain::TooManySegments { max: max_segments });
-        }
-        if let Some(r) = ranges.as_mut() {
-            r.push((desc.addr().0, desc.len()));
-        }
-    }
-    if open {
-        return Err(BadChain::Truncated(count));
-    }
-    Ok(check.finish()?)
 }
 
 /// Appends iovecs covering `addr..addr+len`, split where the range crosses memory regions.
