@@ -110,7 +110,7 @@ impl IoVec {
 /// The appended iovecs point into `mem`'s mappings, with no lifetime to say so: the caller must
 /// keep those mappings alive (hold `mem` or a clone of it) for as long as it uses them.
 #[inline(always)]
-pub unsafe fn collect_iovecs(
+unsafe fn collect_iovecs(
     chain: impl IntoIterator<Item = Descriptor>,
     mem: &FlatMem,
     direction: Direction,
