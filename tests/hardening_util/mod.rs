@@ -4,9 +4,10 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserU64};
@@ -15,8 +16,35 @@ use vutap_testbed::host_cpu::{threads, Thread};
 
 // ------------------------------------------------------------------------------- log capture
 
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Lines kept for `logged_since` and `log_since`: far more than any test's window needs, and
+/// bounded, so that a long soak's log does not grow the very process whose RSS it checks.
+const KEPT_LINES: usize = 10_000;
+
+struct Captured {
+    /// Lines logged so far, those no longer kept included: a mark is a position in this count.
+    total: usize,
+    /// The last `KEPT_LINES` lines.
+    recent: VecDeque<String>,
+    /// The position of every line that reports a panic, kept whatever the bound.
+    panics: Vec<usize>,
+}
+
+impl Captured {
+    /// The kept lines from position `mark` on. A mark older than the kept lines would hide what
+    /// was logged in between, so it fails the test instead.
+    fn since(&self, mark: usize) -> impl Iterator<Item = &String> {
+        let first_kept = self.total - self.recent.len();
+        assert!(mark >= first_kept, "log mark {mark} is older than the {KEPT_LINES} lines kept (from {first_kept})");
+        self.recent.iter().skip(mark - first_kept)
+    }
+}
+
+static LINES: Mutex<Captured> = Mutex::new(Captured { total: 0, recent: VecDeque::new(), panics: Vec::new() });
 static INIT: Once = Once::new();
+
+fn captured() -> MutexGuard<'static, Captured> {
+    LINES.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 struct Capture;
 
@@ -30,7 +58,16 @@ impl log::Log for Capture {
         }
         let line = format!("{} {}: {}", r.level(), r.target(), r.args());
         eprintln!("{line}");
-        LINES.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        let mut c = captured();
+        if line.contains("panicked") {
+            let at = c.total;
+            c.panics.push(at);
+        }
+        if c.recent.len() == KEPT_LINES {
+            c.recent.pop_front();
+        }
+        c.recent.push_back(line);
+        c.total += 1;
     }
     fn flush(&self) {}
 }
@@ -39,6 +76,7 @@ impl log::Log for Capture {
 /// quietly). Info and above are kept and echoed to stderr.
 pub fn capture_logs() {
     INIT.call_once(|| {
+        captured().recent.reserve_exact(KEPT_LINES);
         if log::set_logger(&Capture).is_ok() {
             log::set_max_level(log::LevelFilter::Info);
         }
@@ -47,14 +85,14 @@ pub fn capture_logs() {
 
 /// A position in the captured log.
 pub fn log_mark() -> usize {
-    LINES.lock().unwrap_or_else(|p| p.into_inner()).len()
+    captured().total
 }
 
 /// Whether a line containing `needle` was logged after `mark`, waiting up to `timeout`.
 pub fn logged_since(mark: usize, needle: &str, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains(needle)) {
+        if captured().since(mark).any(|l| l.contains(needle)) {
             return true;
         }
         if Instant::now() >= deadline {
@@ -66,12 +104,12 @@ pub fn logged_since(mark: usize, needle: &str, timeout: Duration) -> bool {
 
 /// The lines logged after `mark` (for failure messages).
 pub fn log_since(mark: usize) -> String {
-    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].join("\n")
+    captured().since(mark).map(String::as_str).collect::<Vec<_>>().join("\n")
 }
 
 /// Whether any captured line since `mark` reports a panic.
 pub fn panicked_since(mark: usize) -> bool {
-    LINES.lock().unwrap_or_else(|p| p.into_inner())[mark..].iter().any(|l| l.contains("panicked"))
+    captured().panics.iter().any(|&at| at >= mark)
 }
 
 // ------------------------------------------------------------------------------- raw messages
