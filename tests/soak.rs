@@ -121,6 +121,28 @@ fn test_soak_mixed_traffic_reconnects_and_flaps() {
     assert!(!panicked_since(mark), "a panic was logged");
 }
 
+/// The log capture the soak's panic check reads keeps a bounded tail, so a long soak's RSS
+/// check measures vutap rather than the log, and still finds a panic line the tail has dropped.
+#[test]
+fn test_log_capture_is_bounded_and_keeps_every_panic() {
+    capture_logs();
+    let _g = serial();
+    let start = log_mark();
+    log::error!("log capture test: thread 'x' panicked at nowhere");
+    for i in 0..KEPT_LINES + 10 {
+        log::info!("log capture test: line {i}");
+    }
+    assert_eq!(log_mark(), start + KEPT_LINES + 11, "every line counts towards the marks");
+    assert!(panicked_since(start), "the panic line has left the tail but is still found");
+    assert!(!panicked_since(start + 1));
+    let late = log_mark() - 3;
+    assert_eq!(
+        log_since(late).lines().collect::<Vec<_>>(),
+        (KEPT_LINES + 7..KEPT_LINES + 10).map(|i| format!("INFO soak: log capture test: line {i}")).collect::<Vec<_>>()
+    );
+    assert!(std::panic::catch_unwind(|| log_since(start)).is_err(), "a mark older than the kept lines fails instead of hiding lines");
+}
+
 /// Reads RX frames on both pairs until every outstanding frame arrived or `patience` passed with
 /// none arriving; checks each byte for byte against what the far end sent, once. Returns how
 /// many test frames it read.

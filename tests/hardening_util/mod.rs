@@ -18,7 +18,7 @@ use vutap_testbed::host_cpu::{threads, Thread};
 
 /// Lines kept for `logged_since` and `log_since`: far more than any test's window needs, and
 /// bounded, so that a long soak's log does not grow the very process whose RSS it checks.
-const KEPT_LINES: usize = 10_000;
+pub const KEPT_LINES: usize = 10_000;
 
 struct Captured {
     /// Lines logged so far, those no longer kept included: a mark is a position in this count.
